@@ -1,0 +1,262 @@
+"""Mamba-1 selective scan: one dispatcher over interchangeable implementations.
+
+    h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t u_t        (state h: (b, d, n))
+    y_t = C_t · h_t + D u_t ;   y ← y ⊙ silu(z)
+
+Implementations (all give the same values and gradients as `reference`):
+
+- ``reference``   — `lax.scan` over time; the truth every other implementation is tested against.
+- ``associative`` — `jax.lax.associative_scan` over (exp(ΔA), ΔBu) pairs; O(log l) depth, but it
+  materialises (b, l, d, n) in forward and backward.
+- ``chunked``     — sequential over chunks of `chunk_size`, associative inside each chunk, with the
+  chunk body rematerialised in backward: backward memory O(b·chunk·d·n + (l/chunk)·b·d·n).
+- ``pallas``      — reserved for the Pallas kernels (not available yet: a clear error).
+
+The state and the discretisation are computed in float32 for float32/bf16/fp16 inputs (float64 stays
+float64); only the output is cast back to the dtype of `u`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from mamba_jax.ops._checks import check_array, compute_dtype
+
+IMPLS = ("reference", "associative", "chunked")
+DEFAULT_CHUNK_SIZE = 256
+
+# impl="auto" per backend, from `mamba-jax bench scan` (see README, "Benchmarks"). CPU: lax.scan is
+# fastest at every measured length and `chunked` bounds the backward memory at long lengths.
+_AUTO_LONG_SEQ = 2048
+
+
+def resolve_impl(impl: str, seq_len: int, backend: Optional[str] = None) -> str:
+    """Map ``impl`` ("auto" or a name in IMPLS) to a concrete implementation name."""
+    if impl == "pallas":
+        raise ValueError(
+            "selective_scan: impl='pallas' is not available yet (the Pallas kernels are a separate "
+            f"package still to land); use one of {IMPLS} or 'auto'"
+        )
+    if impl == "auto":
+        backend = backend or jax.default_backend()
+        if backend == "cpu":
+            return "reference" if seq_len < _AUTO_LONG_SEQ else "chunked"
+        return "chunked"
+    if impl not in IMPLS:
+        raise ValueError(f"selective_scan: `impl` must be one of {IMPLS + ('auto', 'pallas')}; got {impl!r}")
+    return impl
+
+
+def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, chunk_size) -> int:
+    """Checks shapes/dtypes at trace time; returns the number of B/C groups."""
+    fn = "selective_scan"
+    check_array(fn, "u", u, ("b", "l", "d"))
+    b, l, d = u.shape
+    check_array(fn, "delta", delta, (b, l, d))
+    check_array(fn, "A", A, (d, "n"))
+    n = A.shape[1]
+    if B.ndim == 3:
+        check_array(fn, "B", B, (b, l, n))
+        groups = 1
+    else:
+        check_array(fn, "B", B, (b, l, "g", n))
+        groups = B.shape[2]
+        if d % groups:
+            raise ValueError(f"selective_scan: `B` has {groups} groups, which must divide d={d}")
+    check_array(fn, "C", C, B.shape)
+    if D is not None:
+        check_array(fn, "D", D, (d,))
+    if z is not None:
+        check_array(fn, "z", z, (b, l, d))
+    if delta_bias is not None:
+        check_array(fn, "delta_bias", delta_bias, (d,))
+    if initial_state is not None:
+        check_array(fn, "initial_state", initial_state, (b, d, n))
+    if seq_idx is not None:
+        check_array(fn, "seq_idx", seq_idx, (b, l), kind="int")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"selective_scan: `chunk_size` must be a positive int; got {chunk_size!r}")
+    return groups
+
+
+def selective_scan(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus: bool = False,
+    initial_state=None,
+    seq_idx=None,
+    return_last_state: bool = False,
+    impl: str = "auto",
+    chunk_size: Optional[int] = None,
+):
+    """Selective scan (Mamba-1 SSM) over a batch of sequences.
+
+    Args:
+      u: (b, l, d) input.
+      delta: (b, l, d) time steps Δ (before `delta_bias` and softplus).
+      A: (d, n) state matrix (negative for a stable system).
+      B, C: (b, l, n), or grouped (b, l, g, n) with g dividing d (channel c uses group c // (d/g)).
+      D: optional (d,) skip connection.
+      z: optional (b, l, d) gate: y ← y ⊙ silu(z).
+      delta_bias: optional (d,) added to Δ before softplus.
+      delta_softplus: apply softplus to Δ (+ bias).
+      initial_state: optional (b, d, n) state before the first step.
+      seq_idx: optional (b, l) integer ids of packed sequences; the state resets to zero wherever the
+        id changes from one position to the next (the first segment starts from `initial_state`).
+      return_last_state: also return the (b, d, n) state after the last step.
+      impl: "auto", "reference", "associative", "chunked" (or "pallas", reserved).
+      chunk_size: chunk length for impl="chunked" (default 256).
+
+    Returns:
+      y: (b, l, d) in the dtype of `u`; with `return_last_state`, (y, last_state) where last_state is
+      (b, d, n) in float32 (float64 for float64 inputs).
+    """
+    groups = _validate(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, chunk_size)
+    b, l, d = u.shape
+    n = A.shape[1]
+    impl = resolve_impl(impl, l)
+    cd = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
+
+    dt = delta.astype(cd)
+    if delta_bias is not None:
+        dt = dt + delta_bias.astype(cd)
+    if delta_softplus:
+        dt = jax.nn.softplus(dt)
+    if B.ndim == 3:
+        B, C = B[:, :, None, :], C[:, :, None, :]
+    dg = d // groups
+    # Grouped layout inside: channels (d,) -> (g, dg) so B/C broadcast over their group.
+    uf = u.astype(cd).reshape(b, l, groups, dg)
+    dt = dt.reshape(b, l, groups, dg)
+    Af = A.astype(cd).reshape(groups, dg, n)
+    Bf, Cf = B.astype(cd), C.astype(cd)
+    h0 = jnp.zeros((b, groups, dg, n), cd) if initial_state is None else (
+        initial_state.astype(cd).reshape(b, groups, dg, n))
+    keep = None
+    if seq_idx is not None:
+        changed = seq_idx[:, 1:] != seq_idx[:, :-1]
+        keep = jnp.concatenate([jnp.ones((b, 1), bool), ~changed], axis=1).astype(cd)
+
+    if impl == "reference":
+        y, h_last = _scan_reference(uf, dt, Af, Bf, Cf, h0, keep)
+    elif impl == "associative":
+        y, h_last = _scan_associative(uf, dt, Af, Bf, Cf, h0, keep)
+    else:
+        y, h_last = _scan_chunked(uf, dt, Af, Bf, Cf, h0, keep, chunk_size or DEFAULT_CHUNK_SIZE)
+
+    y = y.reshape(b, l, d)
+    if D is not None:
+        y = y + u.astype(cd) * D.astype(cd)
+    if z is not None:
+        y = y * jax.nn.silu(z.astype(cd))
+    y = y.astype(u.dtype)
+    if return_last_state:
+        return y, h_last.reshape(b, d, n)
+    return y
+
+
+# --- implementations, all on the grouped layout ------------------------------------------------
+# u, dt: (b, l, g, p)   A: (g, p, n)   B, C: (b, l, g, n)   h0: (b, g, p, n)   keep: (b, l) or None
+# return y: (b, l, g, p) and the last state (b, g, p, n), in the compute dtype.
+
+
+def _scan_reference(u, dt, A, B, C, h0, keep):
+    def step(h, xs):
+        u_t, dt_t, B_t, C_t, keep_t = xs
+        dA = jnp.exp(dt_t[..., None] * A)
+        if keep_t is not None:
+            dA = dA * keep_t[:, None, None, None]
+        h = dA * h + (dt_t * u_t)[..., None] * B_t[:, :, None, :]
+        y = jnp.einsum("bgpn,bgn->bgp", h, C_t)
+        return h, y
+
+    time_major = lambda x: None if x is None else jnp.moveaxis(x, 1, 0)
+    xs = tuple(time_major(x) for x in (u, dt, B, C, keep))
+    h_last, ys = jax.lax.scan(step, h0, xs)
+    return jnp.moveaxis(ys, 0, 1), h_last
+
+
+def _discretize(u, dt, A, B, keep):
+    """(exp(ΔA), ΔBu), each (b, l, g, p, n); exp(ΔA) is zeroed where a packed sequence starts."""
+    dA = jnp.exp(dt[..., None] * A)
+    if keep is not None:
+        dA = dA * keep[:, :, None, None, None]
+    dBu = (dt * u)[..., None] * B[:, :, :, None, :]
+    return dA, dBu
+
+
+def _combine(left, right):
+    a1, b1 = left
+    a2, b2 = right
+    return a1 * a2, a2 * b1 + b2
+
+
+def _scan_associative(u, dt, A, B, C, h0, keep):
+    dA, dBu = _discretize(u, dt, A, B, keep)
+    dBu = dBu.at[:, 0].add(dA[:, 0] * h0)
+    _, h = jax.lax.associative_scan(_combine, (dA, dBu), axis=1)
+    y = jnp.einsum("blgpn,blgn->blgp", h, C)
+    return y, h[:, -1]
+
+
+def _scan_chunked(u, dt, A, B, C, h0, keep, chunk_size):
+    b, l = u.shape[:2]
+    chunk = min(chunk_size, l)
+    n_chunks = -(-l // chunk)
+    pad = n_chunks * chunk - l
+    if keep is None:
+        keep = jnp.ones((b, l), u.dtype)
+    if pad:
+        # Padded steps have Δ = 0: exp(0·A) = 1 and ΔBu = 0, so the state passes through unchanged.
+        # `keep` is padded with ones so that no padded step looks like the start of a new sequence.
+        pad_time = lambda x, v=0: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=v)
+        u, dt, B, C = map(pad_time, (u, dt, B, C))
+        keep = pad_time(keep, 1)
+
+    def to_chunks(x):  # (b, L, ...) -> (n_chunks, b, chunk, ...)
+        return jnp.moveaxis(x.reshape(b, n_chunks, chunk, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def chunk_step(h, xs):
+        y, h_next = _scan_associative(*xs[:2], A, *xs[2:4], h, xs[4])
+        return h_next, y
+
+    h_last, ys = jax.lax.scan(chunk_step, h0, tuple(map(to_chunks, (u, dt, B, C, keep))))
+    y = jnp.moveaxis(ys, 0, 1).reshape(b, n_chunks * chunk, *ys.shape[3:])
+    return y[:, :l], h_last
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """One recurrent step of the selective scan (decoding).
+
+    Args:
+      state: (b, d, n) state before the step (float32; float64 stays float64).
+      x, dt: (b, d) input and time step of this token.  A: (d, n).
+      B, C: (b, n) or grouped (b, g, n).  D, dt_bias: optional (d,).  z: optional (b, d) gate.
+    Returns:
+      (y (b, d) in the dtype of `x`, new_state (b, d, n)).
+    Equal to `selective_scan` on a length-1 sequence with `initial_state=state`.
+    """
+    fn = "selective_state_update"
+    check_array(fn, "x", x, ("b", "d"))
+    b, d = x.shape
+    check_array(fn, "state", state, (b, d, "n"))
+    n = state.shape[2]
+    check_array(fn, "dt", dt, (b, d))
+    check_array(fn, "A", A, (d, n))
+    check_array(fn, "B", B, (b, n) if B.ndim == 2 else (b, "g", n))
+    check_array(fn, "C", C, B.shape)
+    y, new_state = selective_scan(
+        x[:, None], dt[:, None], A, B[:, None], C[:, None], D=D,
+        z=None if z is None else z[:, None], delta_bias=dt_bias, delta_softplus=dt_softplus,
+        initial_state=state, return_last_state=True, impl="reference",
+    )
+    return y[:, 0], new_state
