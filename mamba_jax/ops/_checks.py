@@ -11,7 +11,8 @@ import jax.numpy as jnp
 
 
 def fmt_shape(dims: Sequence[object]) -> str:
-    return "(" + ", ".join(str(d) for d in dims) + ")"
+    dims = tuple(dims)
+    return "(" + ", ".join(str(d) for d in dims) + ("," if len(dims) == 1 else "") + ")"
 
 
 def check_array(fn: str, name: str, x, expected: Sequence[object], *, kind: str = "float") -> None:
