@@ -8,8 +8,11 @@ Implementations (all give the same values and gradients as `reference`):
 - ``reference``   — `lax.scan` over time; the truth every other implementation is tested against.
 - ``associative`` — `jax.lax.associative_scan` over (exp(ΔA), ΔBu) pairs; O(log l) depth, but it
   materialises (b, l, d, n) in forward and backward.
-- ``chunked``     — sequential over chunks of `chunk_size`, associative inside each chunk, with the
-  chunk body rematerialised in backward: backward memory O(b·chunk·d·n + (l/chunk)·b·d·n).
+- ``chunked``     — sequential over chunks of `chunk_size` and sequential (`lax.scan`) inside each
+  chunk, with the chunk body rematerialised in backward: backward memory O(b·chunk·d·n + (l/chunk)·b·d·n)
+  instead of O(b·l·d·n).
+- ``chunked_associative`` — the same chunking with `associative_scan` inside each chunk (parallel depth
+  for accelerators).
 - ``pallas``      — reserved for the Pallas kernels (not available yet: a clear error).
 
 The state and the discretisation are computed in float32 for float32/bf16/fp16 inputs (float64 stays
@@ -24,7 +27,7 @@ import jax.numpy as jnp
 
 from mamba_jax.ops._checks import check_array, compute_dtype
 
-IMPLS = ("reference", "associative", "chunked")
+IMPLS = ("reference", "associative", "chunked", "chunked_associative")
 DEFAULT_CHUNK_SIZE = 256
 
 # impl="auto" per backend, from `mamba-jax bench scan` (see README, "Benchmarks"). CPU: lax.scan is
@@ -112,8 +115,8 @@ def selective_scan(
       seq_idx: optional (b, l) integer ids of packed sequences; the state resets to zero wherever the
         id changes from one position to the next (the first segment starts from `initial_state`).
       return_last_state: also return the (b, d, n) state after the last step.
-      impl: "auto", "reference", "associative", "chunked" (or "pallas", reserved).
-      chunk_size: chunk length for impl="chunked" (default 256).
+      impl: "auto", "reference", "associative", "chunked", "chunked_associative" (or "pallas", reserved).
+      chunk_size: chunk length for the chunked impls (default 256).
 
     Returns:
       y: (b, l, d) in the dtype of `u`; with `return_last_state`, (y, last_state) where last_state is
@@ -150,7 +153,8 @@ def selective_scan(
     elif impl == "associative":
         y, h_last = _scan_associative(uf, dt, Af, Bf, Cf, h0, keep)
     else:
-        y, h_last = _scan_chunked(uf, dt, Af, Bf, Cf, h0, keep, chunk_size or DEFAULT_CHUNK_SIZE)
+        inner = _scan_reference if impl == "chunked" else _scan_associative
+        y, h_last = _scan_chunked(uf, dt, Af, Bf, Cf, h0, keep, chunk_size or DEFAULT_CHUNK_SIZE, inner)
 
     y = y.reshape(b, l, d)
     if D is not None:
@@ -207,7 +211,7 @@ def _scan_associative(u, dt, A, B, C, h0, keep):
     return y, h[:, -1]
 
 
-def _scan_chunked(u, dt, A, B, C, h0, keep, chunk_size):
+def _scan_chunked(u, dt, A, B, C, h0, keep, chunk_size, inner):
     b, l = u.shape[:2]
     chunk = min(chunk_size, l)
     n_chunks = -(-l // chunk)
@@ -226,7 +230,7 @@ def _scan_chunked(u, dt, A, B, C, h0, keep, chunk_size):
 
     @jax.checkpoint
     def chunk_step(h, xs):
-        y, h_next = _scan_associative(*xs[:2], A, *xs[2:4], h, xs[4])
+        y, h_next = inner(*xs[:2], A, *xs[2:4], h, xs[4])
         return h_next, y
 
     h_last, ys = jax.lax.scan(chunk_step, h0, tuple(map(to_chunks, (u, dt, B, C, keep))))

@@ -86,7 +86,7 @@ def test_reference_matches_numpy_loop(case_and_chunk):
     assert_close(h, h_np, 2e-5, 2e-5, "last_state")
 
 
-@settings(max_examples=20)
+@settings(max_examples=15)
 @given(scan_cases())
 def test_impls_match_reference_values_and_gradients(case_and_chunk):
     """Values, last state, and the vjp of one shared random cotangent w.r.t. every input."""
@@ -182,11 +182,12 @@ def test_initial_state_continues_a_split_sequence(impl):
     assert_close(h2, h_all, 1e-5, 1e-5)
 
 
+@pytest.mark.parametrize("impl", ["chunked", "chunked_associative"])
 @pytest.mark.parametrize("l,chunk", [(1, 4), (7, 3), (16, 16), (17, 16), (5, 64)])
-def test_chunked_any_length(l, chunk):
+def test_chunked_any_length(impl, l, chunk):
     args = make_case(17, 2, l, 5, 3, with_seq_idx=True)
     y_ref, h_ref = run_scan(args, "reference")
-    y, h = run_scan(args, "chunked", chunk)
+    y, h = run_scan(args, impl, chunk)
     assert_close(y, y_ref, 1e-5, 1e-5)
     assert_close(h, h_ref, 1e-5, 1e-5)
 
@@ -230,11 +231,12 @@ def test_backward_memory_is_bounded_for_chunked():
 
     l_short, l_long = 2048, 8192
     per_step = {impl: (temp_bytes(impl, l_long) - temp_bytes(impl, l_short)) / (l_long - l_short)
-                for impl in ("reference", "chunked")}
+                for impl in ("reference", "chunked", "chunked_associative")}
     state_bytes_per_step = b * d * n * 4
     io_bytes_per_step = b * (2 * d + 2 * n) * 4  # u, delta, B, C (and as many gradients)
     assert per_step["reference"] >= state_bytes_per_step  # keeps every state for backward
     assert per_step["chunked"] <= 4 * io_bytes_per_step < state_bytes_per_step, per_step
+    assert per_step["chunked_associative"] <= 4 * io_bytes_per_step, per_step
 
 
 # --- input validation ----------------------------------------------------------------------------
