@@ -121,7 +121,9 @@ def test_float64_check_grads(impl, shape, with_seq_idx):
                                   return_last_state=True, impl=impl, chunk_size=4)
             return y, h
 
-        check_grads(f, tuple(args[k] for k in names), order=1, modes=("fwd", "rev"), eps=1e-6)
+        # `chunked` has a custom VJP (hand-written backward), so reverse mode only.
+        modes = ("rev",) if impl == "chunked" else ("fwd", "rev")
+        check_grads(f, tuple(args[k] for k in names), order=1, modes=modes, eps=1e-6)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
