@@ -1,0 +1,1 @@
+"""The `lm` experiment: Mamba on synthetic selective copying / MQAR."""

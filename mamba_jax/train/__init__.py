@@ -1,0 +1,26 @@
+"""Training: optimiser, train state, step functions, loop, checkpointing, metrics."""
+from mamba_jax.train.checkpoint import Checkpointer
+from mamba_jax.train.loop import LoopConfig, train_loop
+from mamba_jax.train.metrics import MetricsWriter, read_jsonl
+from mamba_jax.train.optim import (
+    OptimizerConfig,
+    decays,
+    learning_rate_schedule,
+    make_optimizer,
+    path_names,
+    weight_decay_mask,
+)
+from mamba_jax.train.step import (
+    TrainState,
+    create_train_state,
+    evaluate,
+    make_eval_step,
+    make_train_step,
+    masked_cross_entropy,
+    masked_token_stats,
+)
+
+__all__ = ["Checkpointer", "LoopConfig", "MetricsWriter", "OptimizerConfig", "TrainState", "create_train_state",
+           "decays", "evaluate", "learning_rate_schedule", "make_eval_step", "make_optimizer", "make_train_step",
+           "masked_cross_entropy", "masked_token_stats", "path_names", "read_jsonl", "train_loop",
+           "weight_decay_mask"]

@@ -1,0 +1,108 @@
+"""Train state, masked cross-entropy, the jitted train step and answer-position evaluation."""
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+
+Batch = Mapping[str, jax.Array]  # inputs/targets (b, l) int32, loss_mask (b, l) bool
+TrainState = train_state.TrainState
+
+
+def create_train_state(apply_fn: Callable, params, tx: optax.GradientTransformation) -> TrainState:
+    """A flax TrainState: step (int32 scalar array), params, opt_state; apply_fn and tx are static fields.
+
+    The step starts as an int32 array (not a Python int) so that the first jitted step, later steps and
+    a restored state all trace the same way.
+    """
+    state = TrainState.create(apply_fn=apply_fn, params=params, tx=tx)
+    return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+def masked_token_stats(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> Dict[str, jax.Array]:
+    """Sums over the masked (answer) positions.
+
+    Args:
+      logits: (b, l, v) float; targets: (b, l) int; loss_mask: (b, l) bool.
+    Returns float32 scalars: ``nll_sum`` (summed cross-entropy), ``correct`` (argmax == target),
+    ``tokens`` (masked positions), ``exact`` (sequences whose answer positions are all correct) and
+    ``sequences`` (b).
+    """
+    mask = loss_mask.astype(jnp.float32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    hit = jnp.argmax(logits, axis=-1) == targets
+    all_hit = jnp.all(hit | ~loss_mask.astype(bool), axis=-1)
+    return {"nll_sum": jnp.sum(nll * mask), "correct": jnp.sum(hit * mask), "tokens": jnp.sum(mask),
+            "exact": jnp.sum(all_hit.astype(jnp.float32)),
+            "sequences": jnp.asarray(targets.shape[0], jnp.float32)}
+
+
+def masked_cross_entropy(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array):
+    """Mean cross-entropy over the masked positions, and metrics.
+
+    Args: logits (b, l, v), targets (b, l) int, loss_mask (b, l) bool.
+    Returns ``(loss, metrics)``: loss a float32 scalar (0 when nothing is masked); metrics holds
+    ``loss``, ``accuracy`` (argmax accuracy on masked positions) and ``exact_match`` (fraction of
+    sequences with every masked position right).
+    """
+    s = masked_token_stats(logits, targets, loss_mask)
+    tokens = jnp.maximum(s["tokens"], 1.0)
+    loss = s["nll_sum"] / tokens
+    return loss, {"loss": loss, "accuracy": s["correct"] / tokens, "exact_match": s["exact"] / s["sequences"]}
+
+
+def make_train_step(learning_rate_fn: Optional[Callable] = None, *, donate: bool = True):
+    """A jitted ``train_step(state, batch) -> (state, metrics)``.
+
+    `batch`: inputs/targets (b, l) int32, loss_mask (b, l) bool. metrics (float32 scalars): loss,
+    accuracy, exact_match, grad_norm (before clipping) and, when `learning_rate_fn` is given, the
+    learning rate used at this step. With `donate` the input state's buffers are reused (do not touch
+    the old state afterwards).
+    """
+
+    def train_step(state: TrainState, batch: Batch):
+        def loss_fn(params):
+            logits = state.apply_fn({"params": params}, batch["inputs"])
+            return masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+        if learning_rate_fn is not None:
+            metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
+        return state.apply_gradients(grads=grads), metrics
+
+    return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(apply_fn: Callable):
+    """A jitted ``eval_step(params, batch) -> dict`` of summed answer-position stats (`masked_token_stats`)."""
+
+    def eval_step(params, batch: Batch):
+        logits = apply_fn({"params": params}, batch["inputs"])
+        return masked_token_stats(logits, batch["targets"], batch["loss_mask"])
+
+    return jax.jit(eval_step)
+
+
+def evaluate(eval_step: Callable, params, batches: Iterable[Batch]) -> Dict[str, float]:
+    """Answer-position metrics over all `batches`, pooled (not averaged per batch).
+
+    Returns floats: ``eval_loss`` (mean cross-entropy per answer token), ``eval_accuracy`` (fraction of
+    answer tokens right), ``eval_exact_match`` (fraction of sequences with every answer token right) and
+    ``eval_tokens`` (answer tokens counted).
+    """
+    totals: Dict[str, float] = {}
+    for batch in batches:
+        stats = jax.device_get(eval_step(params, batch))
+        for name, value in stats.items():
+            totals[name] = totals.get(name, 0.0) + float(np.asarray(value, np.float64))
+    if not totals or totals["tokens"] == 0:
+        raise ValueError("evaluate: `batches` held no answer positions (empty or all-False loss_mask)")
+    return {"eval_loss": totals["nll_sum"] / totals["tokens"],
+            "eval_accuracy": totals["correct"] / totals["tokens"],
+            "eval_exact_match": totals["exact"] / totals["sequences"],
+            "eval_tokens": totals["tokens"]}
