@@ -1,0 +1,1 @@
+"""`mamba-jax bench hf`: throughput of MambaLM vs HF transformers on CPU (see README.md)."""
