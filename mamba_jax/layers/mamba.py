@@ -64,7 +64,7 @@ class MambaConfig:
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(f"MambaConfig: `{name}` must be one of {_DTYPES}; got {getattr(self, name)!r}")
         if self.scan_impl not in IMPLS + ("auto", "pallas"):
-            raise ValueError(f"MambaConfig: `scan_impl` must be one of {IMPLS + ('auto',)}; got {self.scan_impl!r}")
+            raise ValueError(f"MambaConfig: `scan_impl` must be one of {IMPLS + ('auto', 'pallas')}; got {self.scan_impl!r}")
 
     @property
     def d_inner(self) -> int:
