@@ -210,8 +210,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"error: --host-devices {args.host_devices} needs XLA_FLAGS={flag} before jax starts; "
                   f"it already started with {len(jax.devices())} device(s)")
             return 2
-    import torch
-    import transformers
+    try:
+        import torch
+        import transformers
+    except ImportError as err:
+        print(f"error: `mamba-jax bench hf` needs torch and transformers (the test extras: "
+              f"pip install -e '.[test]'); {err}")
+        return 2
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
