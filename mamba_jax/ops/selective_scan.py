@@ -57,6 +57,14 @@ def resolve_impl(impl: str, seq_len: int, backend: Optional[str] = None) -> str:
     return impl
 
 
+def time_step(delta, bias, softplus: bool, dtype):
+    """Δ in `dtype`: delta (+ bias broadcast over the last axis), then softplus if asked."""
+    dt = delta.astype(dtype)
+    if bias is not None:
+        dt = dt + bias.astype(dtype)
+    return jax.nn.softplus(dt) if softplus else dt
+
+
 def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, chunk_size) -> int:
     """Checks shapes/dtypes at trace time; returns the number of B/C groups."""
     fn = "selective_scan"
@@ -133,11 +141,7 @@ def selective_scan(
     impl = resolve_impl(impl, l)
     cd = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
 
-    dt = delta.astype(cd)
-    if delta_bias is not None:
-        dt = dt + delta_bias.astype(cd)
-    if delta_softplus:
-        dt = jax.nn.softplus(dt)
+    dt = time_step(delta, delta_bias, delta_softplus, cd)
     if B.ndim == 3:
         B, C = B[:, :, None, :], C[:, :, None, :]
     dg = d // groups

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from mamba_jax.ops._checks import check_array, compute_dtype
-from mamba_jax.ops.selective_scan import selective_scan
+from mamba_jax.ops.selective_scan import selective_scan, time_step
 
 SSD_IMPLS = ("reference", "chunked")
 
@@ -77,11 +77,7 @@ def ssd(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bias=None, dt_
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     cd = compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states)
-    delta = dt.astype(cd)
-    if dt_bias is not None:
-        delta = delta + dt_bias.astype(cd)
-    if dt_softplus:
-        delta = jax.nn.softplus(delta)
+    delta = time_step(dt, dt_bias, dt_softplus, cd)
 
     if impl == "reference":
         y, final = _ssd_reference(x.astype(cd), delta, A.astype(cd), B.astype(cd), C.astype(cd),
