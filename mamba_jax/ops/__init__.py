@@ -1,8 +1,8 @@
 """Pure jnp functions (no Flax): scans, convolutions, norms."""
 from mamba_jax.ops.conv import causal_conv1d
-from mamba_jax.ops.norms import rms_norm
+from mamba_jax.ops.norms import gated_rms_norm, rms_norm
 from mamba_jax.ops.selective_scan import IMPLS, resolve_impl, selective_scan, selective_state_update
 from mamba_jax.ops.ssd import SSD_IMPLS, segsum, ssd
 
-__all__ = ["IMPLS", "SSD_IMPLS", "causal_conv1d", "resolve_impl", "rms_norm", "segsum", "selective_scan",
+__all__ = ["IMPLS", "SSD_IMPLS", "causal_conv1d", "gated_rms_norm", "resolve_impl", "rms_norm", "segsum", "selective_scan",
            "selective_state_update", "ssd"]

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mamba_jax.ops import causal_conv1d, rms_norm
+from mamba_jax.ops import causal_conv1d, gated_rms_norm, rms_norm
 
 
 def numpy_causal_conv(x, w, bias=None, history=None):
@@ -94,3 +94,27 @@ def test_rms_norm_matches_numpy():
     ref = xn / np.sqrt((xn ** 2).mean(-1, keepdims=True) + 1e-5) * np.asarray(w)
     np.testing.assert_allclose(rms_norm(x, w, 1e-5), ref, rtol=1e-5, atol=1e-6)
     assert rms_norm(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("norm_before_gate", [False, True])
+@pytest.mark.parametrize("group_size", [12, 4, 3])
+def test_gated_rms_norm_matches_numpy(norm_before_gate, group_size):
+    x, z, w = rand(16, 2, 5, 12), rand(17, 2, 5, 12), rand(18, 12)
+    xn, zn = np.asarray(x, np.float64), np.asarray(z, np.float64)
+    gate = zn / (1 + np.exp(-zn))
+    v = xn if norm_before_gate else xn * gate
+    groups = v.reshape(2, 5, 12 // group_size, group_size)
+    normed = (groups / np.sqrt((groups ** 2).mean(-1, keepdims=True) + 1e-5)).reshape(2, 5, 12) * np.asarray(w)
+    expected = normed * gate if norm_before_gate else normed
+    out = gated_rms_norm(x, z, w, group_size, 1e-5, norm_before_gate)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gated_rms_norm_bad_inputs():
+    x = jnp.zeros((2, 12))
+    with pytest.raises(ValueError, match="`group_size` must be a positive int dividing d=12"):
+        gated_rms_norm(x, x, jnp.ones(12), 5)
+    with pytest.raises(ValueError, match=r"`weight` must have shape \(12,\)"):
+        gated_rms_norm(x, x, jnp.ones(11), 4)
+    with pytest.raises(ValueError, match="`z` must have the shape of `x`"):
+        gated_rms_norm(x, jnp.zeros((2, 11)), jnp.ones(12), 4)
