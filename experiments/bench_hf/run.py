@@ -148,9 +148,9 @@ def bench_ours_sharded(model, params, fwd_ids: np.ndarray, args) -> float:
     import jax
     import jax.numpy as jnp
 
-    # A Mesh built directly has Auto axes (jax.make_mesh defaults to Explicit axes, under which the
-    # embedding gather needs an explicit out_sharding).
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:args.host_devices]), ("data",))
+    from mamba_jax.sharding import make_mesh
+
+    mesh = make_mesh((args.host_devices,), ("data",))
     batch_sharded = jax.NamedSharding(mesh, jax.P("data"))
     replicated = jax.NamedSharding(mesh, jax.P())
     apply = jax.jit(lambda p, ids: model.apply({"params": p}, ids), out_shardings=batch_sharded)

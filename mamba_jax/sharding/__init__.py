@@ -22,3 +22,29 @@ DEFAULT_RULES = (
     (VOCAB, "tensor"),
     (CONV, None),
 )
+
+
+def make_mesh(axis_shapes, axis_names, devices=None):
+    """A device mesh with **Auto** axes (classic GSPMD), the one sharding model of this project.
+
+    `jax.make_mesh` in jax ≥ 0.10 makes Explicit axes, under which e.g. an embedding gather on
+    batch-sharded ids needs an explicit `out_sharding`; with Auto axes `jax.jit(..., in_shardings=...,
+    out_shardings=...)` works on the unmodified modules and needs no mesh context.
+
+    axis_shapes: sizes, e.g. (2, 4); axis_names: names, e.g. ("data", "tensor"); devices: default
+    `jax.devices()` (the first prod(axis_shapes) are used).
+    """
+    import math
+
+    import jax
+    import numpy as np
+
+    axis_shapes, axis_names = tuple(axis_shapes), tuple(axis_names)
+    if len(axis_shapes) != len(axis_names):
+        raise ValueError(f"make_mesh: `axis_shapes` {axis_shapes} and `axis_names` {axis_names} differ in length")
+    devices = list(jax.devices() if devices is None else devices)
+    needed = math.prod(axis_shapes)
+    if needed > len(devices):
+        raise ValueError(f"make_mesh: mesh {axis_shapes} needs {needed} devices; {len(devices)} available")
+    return jax.sharding.Mesh(np.asarray(devices[:needed]).reshape(axis_shapes), axis_names,
+                             axis_types=(jax.sharding.AxisType.Auto,) * len(axis_names))
