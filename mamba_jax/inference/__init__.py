@@ -1,4 +1,5 @@
-"""Recurrent inference for MambaLM: prefill (chunkable), single-token step, batched generation."""
+"""Inference for every DecoderLM (Mamba, Mamba-2, Transformer, hybrids): prefill (chunkable), one-token
+step, batched generation — one API over the `ModelCache` pytree (recurrent states and KV caches)."""
 from __future__ import annotations
 
 import functools
@@ -8,38 +9,40 @@ import jax
 import jax.numpy as jnp
 
 from mamba_jax.inference.sampling import check_sampling_args, filter_logits, sample_logits
-from mamba_jax.models.mamba import MambaCache, MambaLM, init_cache
+from mamba_jax.models.lm import DecoderLM, ModelCache, init_cache
 from mamba_jax.ops._checks import check_array
 
 __all__ = ["filter_logits", "generate", "init_cache", "prefill", "sample_logits", "step"]
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def prefill(model: MambaLM, params, input_ids, cache: Optional[MambaCache] = None, mask=None):
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("max_len",))
+def prefill(model: DecoderLM, params, input_ids, cache: Optional[ModelCache] = None, mask=None, *,
+            max_len: Optional[int] = None):
     """Run a prompt (or the next chunk of one) through the model.
 
-    input_ids: (b, l) int; cache: a MambaCache to continue from (zeros when None); mask: optional (b, l)
-    with 0 at left padding. Returns (logits (b, l, vocab) float32, the cache after the last position).
+    input_ids: (b, l) int; cache: a ModelCache to continue from (a fresh one when None, sized for
+    `max_len` tokens when the model has attention — default l); mask: optional (b, l) with 0 at left
+    padding. Returns (logits (b, l, vocab) float32, the cache after the last position).
     Prefilling two chunks one after the other equals prefilling their concatenation.
     """
     if cache is None:
-        cache = init_cache(model.config, input_ids.shape[0])
+        cache = init_cache(model.config, input_ids.shape[0], input_ids.shape[1] if max_len is None else max_len)
     out = model.apply({"params": params}, input_ids, mask=mask, cache=cache)
     return out.logits, out.cache
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def step(model: MambaLM, params, token_ids, cache: MambaCache):
+def step(model: DecoderLM, params, token_ids, cache: ModelCache):
     """Advance every sequence by one token. token_ids: (b,) int -> (logits (b, vocab), new cache)."""
     check_array("step", "token_ids", token_ids, ("b",), kind="int")
     out = model.apply({"params": params}, token_ids[:, None], cache=cache)
     return out.logits[:, 0], out.cache
 
 
-def generate(model: MambaLM, params, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0,
+def generate(model: DecoderLM, params, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, eos_id: Optional[int] = None,
              rng=None, prompt_mask=None):
-    """Batched autoregressive generation with the recurrent cache, compiled once per shape.
+    """Batched autoregressive generation with the model's cache, compiled once per shape.
 
     Args:
       prompt_ids: (b, l) int prompts, left-padded when their lengths differ.
@@ -71,7 +74,8 @@ def generate(model: MambaLM, params, prompt_ids, max_new_tokens: int, *, tempera
                    static_argnames=("max_new_tokens", "temperature", "top_k", "top_p", "eos_id"))
 def _generate(model, params, prompt_ids, prompt_mask, rng, *, max_new_tokens, temperature, top_k, top_p,
               eos_id):
-    logits, cache = prefill(model, params, prompt_ids, None, prompt_mask)
+    logits, cache = prefill(model, params, prompt_ids, None, prompt_mask,
+                            max_len=prompt_ids.shape[1] + max_new_tokens)
     done = jnp.zeros(prompt_ids.shape[:1], bool)
 
     def body(carry, _):

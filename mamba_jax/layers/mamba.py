@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple, Optional, Union
+from typing import ClassVar, NamedTuple, Optional, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -15,23 +15,19 @@ import jax.numpy as jnp
 
 from mamba_jax.ops import causal_conv1d, selective_scan, selective_state_update
 from mamba_jax.ops.selective_scan import IMPLS
+from mamba_jax.layers.config import MAMBA, BaseLMConfig, check_choice, check_positive_int
 from mamba_jax.sharding import CONV, EMBED, MLP, STATE
 
-_DTYPES = ("float32", "bfloat16", "float16", "float64")
-
-
 @dataclasses.dataclass(frozen=True)
-class MambaConfig:
+class MambaConfig(BaseLMConfig):
     """Hyper-parameters of a Mamba-1 language model (defaults: the official ones).
 
-    d_inner = expand · d_model; dt_rank "auto" = ceil(d_model / 16); the embedding table has
-    `padded_vocab_size` rows (vocab padded to a multiple of `pad_vocab_size_multiple`), and logits are
-    returned for the first `vocab_size` entries only.
+    d_inner = expand · d_model; dt_rank "auto" = ceil(d_model / 16). The common fields (vocabulary,
+    width, depth, norms, dtypes, optional MLP) are those of `BaseLMConfig`.
     """
 
-    vocab_size: int = 256
-    d_model: int = 64
-    n_layer: int = 2
+    family: ClassVar[str] = "mamba"
+
     d_state: int = 16
     d_conv: int = 4
     expand: int = 2
@@ -42,29 +38,20 @@ class MambaConfig:
     dt_scale: float = 1.0
     conv_bias: bool = True
     bias: bool = False
-    rms_norm_eps: float = 1e-5
-    residual_in_fp32: bool = True
-    tie_embeddings: bool = True
-    pad_vocab_size_multiple: int = 8
-    initializer_range: float = 0.02
-    dtype: str = "float32"
-    param_dtype: str = "float32"
     scan_impl: str = "auto"
     scan_chunk_size: int = 256
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_layer", "d_state", "d_conv", "expand",
-                     "pad_vocab_size_multiple", "scan_chunk_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"MambaConfig: `{name}` must be a positive int; got {value!r}")
+        super().__post_init__()
+        for name in ("d_state", "d_conv", "expand", "scan_chunk_size"):
+            check_positive_int("MambaConfig", name, getattr(self, name))
         if self.dt_rank != "auto" and (not isinstance(self.dt_rank, int) or self.dt_rank < 1):
             raise ValueError(f"MambaConfig: `dt_rank` must be 'auto' or a positive int; got {self.dt_rank!r}")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in _DTYPES:
-                raise ValueError(f"MambaConfig: `{name}` must be one of {_DTYPES}; got {getattr(self, name)!r}")
-        if self.scan_impl not in IMPLS + ("auto", "pallas"):
-            raise ValueError(f"MambaConfig: `scan_impl` must be one of {IMPLS + ('auto', 'pallas')}; got {self.scan_impl!r}")
+        check_choice("MambaConfig", "scan_impl", self.scan_impl, IMPLS + ("auto", "pallas"))
+
+    @property
+    def layer_kinds(self) -> Tuple[str, ...]:
+        return (MAMBA,) * self.n_layer
 
     @property
     def d_inner(self) -> int:
@@ -73,22 +60,6 @@ class MambaConfig:
     @property
     def dt_rank_value(self) -> int:
         return math.ceil(self.d_model / 16) if self.dt_rank == "auto" else self.dt_rank
-
-    @property
-    def padded_vocab_size(self) -> int:
-        m = self.pad_vocab_size_multiple
-        return -(-self.vocab_size // m) * m
-
-    @property
-    def jnp_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    @property
-    def jnp_param_dtype(self):
-        return jnp.dtype(self.param_dtype)
-
-    def replace(self, **changes) -> "MambaConfig":
-        return dataclasses.replace(self, **changes)
 
 
 class LayerCache(NamedTuple):
@@ -143,7 +114,8 @@ class MambaMixer(nn.Module):
     config: MambaConfig
 
     @nn.compact
-    def __call__(self, x, *, seq_idx=None, mask=None, cache: Optional[LayerCache] = None):
+    def __call__(self, x, *, positions=None, seq_idx=None, mask=None, cache: Optional[LayerCache] = None):
+        del positions  # the recurrence carries position implicitly
         cfg = self.config
         di, n, r, k = cfg.d_inner, cfg.d_state, cfg.dt_rank_value, cfg.d_conv
         pdt, dt_ = cfg.jnp_param_dtype, cfg.jnp_dtype
@@ -190,13 +162,19 @@ class MambaMixer(nn.Module):
                 x_conv, delta, A, B, C, D=D, z=z, initial_state=initial_state, seq_idx=seq_idx,
                 return_last_state=True, impl=cfg.scan_impl, chunk_size=cfg.scan_chunk_size)
 
-        out = dense(cfg.d_model, cfg.bias, (MLP, EMBED), "out_proj", scale=1 / math.sqrt(cfg.n_layer))(y)
+        out = dense(cfg.d_model, cfg.bias, (MLP, EMBED), "out_proj", scale=residual_out_scale(cfg))(y)
         new_cache = None if cache is None else LayerCache(conv_state, ssm_state)
         return out, new_cache
 
 
-def init_layer_cache(config: MambaConfig, batch_size: int) -> LayerCache:
-    """A zero LayerCache for `batch_size` sequences."""
+def residual_out_scale(config: BaseLMConfig) -> float:
+    """The official rescaling of the output projections: 1/sqrt(residual branches per layer · n_layer)."""
+    return 1.0 / math.sqrt(config.n_layer * (2 if config.d_intermediate else 1))
+
+
+def init_layer_cache(config: MambaConfig, batch_size: int, max_len: Optional[int] = None) -> LayerCache:
+    """A zero LayerCache for `batch_size` sequences (`max_len` is unused: the state has a fixed size)."""
+    del max_len
     return LayerCache(
         conv_state=jnp.zeros((batch_size, config.d_conv - 1, config.d_inner), config.jnp_dtype),
         ssm_state=jnp.zeros((batch_size, config.d_inner, config.d_state),

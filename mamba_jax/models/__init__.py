@@ -1,6 +1,14 @@
-"""Language models built from `mamba_jax.layers`."""
-from mamba_jax.layers import MambaConfig
-from mamba_jax.models.mamba import LMOutput, MambaBlock, MambaCache, MambaLM, init_cache, init_params, param_axes
+"""Language models: one decoder shell (`DecoderLM`) over the Mamba-1, Mamba-2, attention mixers."""
+from mamba_jax.layers.attention import TransformerConfig
+from mamba_jax.layers.mamba import MambaConfig
+from mamba_jax.layers.mamba2 import Mamba2Config
+from mamba_jax.models.hybrid import HybridConfig, HybridLM, parse_pattern
+from mamba_jax.models.lm import (DecoderBlock, DecoderLM, LMOutput, ModelCache, init_cache, init_params,
+                                 param_axes, token_positions)
+from mamba_jax.models.mamba import MambaCache, MambaLM
+from mamba_jax.models.mamba2 import Mamba2LM
+from mamba_jax.models.transformer import TransformerLM
 
-__all__ = ["LMOutput", "MambaBlock", "MambaCache", "MambaConfig", "MambaLM", "init_cache", "init_params",
-           "param_axes"]
+__all__ = ["DecoderBlock", "DecoderLM", "HybridConfig", "HybridLM", "LMOutput", "Mamba2Config", "Mamba2LM",
+           "MambaCache", "MambaConfig", "MambaLM", "ModelCache", "TransformerConfig", "TransformerLM",
+           "init_cache", "init_params", "param_axes", "parse_pattern", "token_positions"]

@@ -112,5 +112,5 @@ def test_bad_model_inputs(params):
         model.apply({"params": params}, jnp.zeros((4,), jnp.int32))
     with pytest.raises(ValueError, match=r"`mask` must have shape \(1, 4\)"):
         model.apply({"params": params}, jnp.zeros((1, 4), jnp.int32), mask=jnp.ones((1, 5)))
-    with pytest.raises(ValueError, match="`cache` must hold 3 LayerCache"):
+    with pytest.raises(ValueError, match="`cache` must be a ModelCache with 3 layer caches"):
         model.apply({"params": params}, jnp.zeros((1, 4), jnp.int32), cache=())

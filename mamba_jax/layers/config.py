@@ -1,0 +1,118 @@
+"""Fields every language-model config shares, and the helpers the family configs build on.
+
+Each model family has one frozen dataclass: `MambaConfig` (Mamba-1), `Mamba2Config`, `TransformerConfig`
+and `HybridConfig` (a layer pattern over the three). They all inherit `BaseLMConfig`, so the model shell
+(`mamba_jax.models.lm.DecoderLM`) reads the same fields from any of them, and each answers
+`layer_kinds` (the mixer of every layer) and `mixer_config(kind)` (the config that mixer is built from).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple
+
+import jax.numpy as jnp
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+# Mixer kinds, as written in layer patterns.
+MAMBA, MAMBA2, ATTENTION = "M", "M2", "A"
+MIXER_KINDS = (MAMBA, MAMBA2, ATTENTION)
+
+# The fields of BaseLMConfig: a HybridConfig hands these to the config of each of its mixers.
+COMMON_FIELDS = ("vocab_size", "d_model", "n_layer", "rms_norm_eps", "residual_in_fp32", "tie_embeddings",
+                 "pad_vocab_size_multiple", "initializer_range", "dtype", "param_dtype")
+
+
+def check_positive_int(owner: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}: `{name}` must be a positive int; got {value!r}")
+
+
+def check_choice(owner: str, name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{owner}: `{name}` must be one of {tuple(choices)}; got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseLMConfig:
+    """Embedding, residual stream, norms, head and dtypes: the part of a config that is not the mixer.
+
+    d_intermediate: width of the SwiGLU MLP after each mixer (0: no MLP, the Mamba default).
+    The embedding table has `padded_vocab_size` rows (vocab padded to a multiple of
+    `pad_vocab_size_multiple`); logits are returned for the first `vocab_size` entries only.
+    """
+
+    family: ClassVar[str] = "base"
+
+    vocab_size: int = 256
+    d_model: int = 64
+    n_layer: int = 2
+    rms_norm_eps: float = 1e-5
+    residual_in_fp32: bool = True
+    tie_embeddings: bool = True
+    pad_vocab_size_multiple: int = 8
+    initializer_range: float = 0.02
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    d_intermediate: int = 0
+    mlp_bias: bool = False
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        for name in ("vocab_size", "d_model", "n_layer", "pad_vocab_size_multiple"):
+            check_positive_int(owner, name, getattr(self, name))
+        if isinstance(self.d_intermediate, bool) or not isinstance(self.d_intermediate, int) or self.d_intermediate < 0:
+            raise ValueError(f"{owner}: `d_intermediate` must be an int >= 0 (0: no MLP); got {self.d_intermediate!r}")
+        for name in ("dtype", "param_dtype"):
+            check_choice(owner, name, getattr(self, name), DTYPES)
+
+    # -- what the model shell asks every config --
+    @property
+    def layer_kinds(self) -> Tuple[str, ...]:
+        """The mixer kind ("M", "M2" or "A") of every layer."""
+        raise NotImplementedError
+
+    def mixer_config(self, kind: str) -> "BaseLMConfig":
+        """The config the mixer (and MLP) of a `kind` layer is built from."""
+        if kind not in set(self.layer_kinds):
+            raise ValueError(f"{type(self).__name__}: has no {kind!r} layers")
+        return self
+
+    @property
+    def learned_positions(self) -> Optional[int]:
+        """The number of learned absolute position embeddings, or None when the model has none."""
+        return None
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_size_multiple
+        return -(-self.vocab_size // m) * m
+
+    @property
+    def jnp_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def jnp_param_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    # -- serialisation (config.json of our own checkpoints) --
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-able dict: {"family": ..., field: value, ...} (nested configs as dicts)."""
+        return {"family": self.family, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]):
+        """The inverse of `to_dict` (unknown keys raise, naming them)."""
+        raw = dict(raw)
+        family = raw.pop("family", cls.family)
+        if family != cls.family:
+            raise ValueError(f"{cls.__name__}.from_dict: `family` is {family!r}; expected {cls.family!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__}.from_dict: unknown field(s) {unknown}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})

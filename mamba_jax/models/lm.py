@@ -1,0 +1,233 @@
+"""The decoder shell every language model shares.
+
+    embeddings (+ learned positions) → per layer: h += mixer(RMSNorm(h)); h += MLP(RMSNorm(h)) if the
+    layer's config has d_intermediate > 0 → RMSNorm → head (tied to the embeddings or `lm_head`)
+
+The mixer of layer i is `config.layer_kinds[i]`: "M" Mamba-1, "M2" Mamba-2, "A" attention, each built
+from `config.mixer_config(kind)`. `MambaLM`, `Mamba2LM`, `TransformerLM` and `HybridLM` are this shell
+with their family's config, so one cache pytree (`ModelCache`) and one `generate` serve them all.
+
+Parameters: `embeddings.embedding` (Vp, d), `position_embeddings.embedding` (learned positions only),
+`layers_{i}.{norm, mixer, mlp_norm, mlp}`, `norm_f.weight`, `lm_head.kernel` (untied only).
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mamba_jax.layers.config import ATTENTION, MAMBA, MAMBA2, BaseLMConfig
+from mamba_jax.layers.mlp import GatedMLP
+from mamba_jax.layers.norm import RMSNorm
+from mamba_jax.ops._checks import check_array
+from mamba_jax.sharding import EMBED, VOCAB
+
+
+def mixer_module(kind: str):
+    """(Flax module class, cache initialiser) of a mixer kind."""
+    if kind == MAMBA:
+        from mamba_jax.layers.mamba import MambaMixer, init_layer_cache
+        return MambaMixer, init_layer_cache
+    if kind == MAMBA2:
+        from mamba_jax.layers.mamba2 import Mamba2Mixer, init_mamba2_cache
+        return Mamba2Mixer, init_mamba2_cache
+    if kind == ATTENTION:
+        from mamba_jax.layers.attention import Attention, init_kv_cache
+        return Attention, init_kv_cache
+    raise ValueError(f"unknown mixer kind {kind!r}; expected one of 'M', 'M2', 'A'")
+
+
+class ModelCache(NamedTuple):
+    """Everything decoding needs to continue a batch of sequences.
+
+    layers: one cache per layer — `LayerCache` (Mamba-1: conv_state, ssm_state), `Mamba2Cache`
+      (conv_state, ssm_state per head) or `KVCache` (keys and values preallocated to `max_len`).
+    positions: (b,) int32, the number of real (unpadded) tokens each row has consumed — the position id
+      of its next token.
+    """
+
+    layers: Tuple[Any, ...]
+    positions: jax.Array
+
+
+class LMOutput(NamedTuple):
+    """logits: (b, l, vocab_size) float32; cache: the new ModelCache (when one was passed);
+    hidden_states: n_layer + 1 residual-stream tensors (b, l, d_model) — the embeddings, then the
+    output of each layer (before the final norm) — when `return_hidden_states`."""
+
+    logits: jax.Array
+    cache: Optional[ModelCache]
+    hidden_states: Optional[Tuple[jax.Array, ...]]
+
+
+def token_positions(mask, seq_idx, start, batch: int, length: int):
+    """Position ids (b, l) int32 of the tokens of a chunk.
+
+    Positions count real tokens only (left padding, `mask` == 0, does not advance them; a pad gets the
+    position of the next real token), restart at 0 where `seq_idx` changes (packed sequences), and
+    continue from `start` (b,) — the tokens consumed before this chunk — in the first sequence of a row.
+    """
+    if mask is not None:
+        pos = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+    else:
+        pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    if start is None:
+        start = jnp.zeros((batch,), jnp.int32)
+    if seq_idx is None:
+        return pos + start[:, None]
+    idx = jnp.arange(length, dtype=jnp.int32)
+    new_segment = jnp.concatenate([jnp.ones((batch, 1), bool), seq_idx[:, 1:] != seq_idx[:, :-1]], axis=1)
+    segment_start = jax.lax.cummax(jnp.where(new_segment, idx, 0), axis=1)
+    first = seq_idx == seq_idx[:, :1]
+    return pos - jnp.take_along_axis(pos, segment_start, axis=1) + jnp.where(first, start[:, None], 0)
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm residual block: h += mixer(norm(h)); h += mlp(mlp_norm(h)) when the config has an MLP.
+
+    h: (b, l, d_model) residual stream (float32 when residual_in_fp32). Returns (h, new layer cache).
+    """
+
+    config: BaseLMConfig
+    kind: str
+
+    @nn.compact
+    def __call__(self, h, *, positions, seq_idx=None, mask=None, cache=None):
+        cfg = self.config.mixer_config(self.kind)
+        mixer_cls, _ = mixer_module(self.kind)
+        normed = RMSNorm(cfg.rms_norm_eps, cfg.jnp_param_dtype, name="norm")(h)
+        out, new_cache = mixer_cls(cfg, name="mixer")(
+            normed.astype(cfg.jnp_dtype), positions=positions, seq_idx=seq_idx, mask=mask, cache=cache)
+        h = h + out.astype(h.dtype)
+        if cfg.d_intermediate:
+            normed = RMSNorm(cfg.rms_norm_eps, cfg.jnp_param_dtype, name="mlp_norm")(h)
+            h = h + GatedMLP(cfg, name="mlp")(normed.astype(cfg.jnp_dtype)).astype(h.dtype)
+        return h, new_cache
+
+
+class DecoderLM(nn.Module):
+    """A decoder-only language model over any `BaseLMConfig` (see the module docstring).
+
+    `model.apply({"params": params}, input_ids)` → logits (b, l, vocab_size), float32.
+
+    Args:
+      input_ids: (b, l) int tokens — or `inputs_embeds` (b, l, d_model) float vectors in their place.
+      positions: optional (b, l) int position ids (default: counted from `mask`, `seq_idx` and the cache).
+      seq_idx: optional (b, l) int; packed sequences: no mixing across a change of id.
+      mask: optional (b, l), 1 for real tokens and 0 for left padding; a padded row gives exactly what
+        the unpadded row gives alone.
+      cache: a ModelCache (`init_cache`) to continue from; the result then carries the new cache.
+      return_hidden_states: also return the residual stream after the embeddings and after each layer.
+    Returns:
+      logits, or an `LMOutput` when a cache or hidden states are requested.
+    """
+
+    config: BaseLMConfig
+    config_type = BaseLMConfig
+
+    def __post_init__(self):
+        if not isinstance(self.config, self.config_type):
+            raise ValueError(f"{type(self).__name__}: `config` must be a {self.config_type.__name__}; "
+                             f"got {type(self.config).__name__}")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, input_ids=None, *, inputs_embeds=None, positions=None, seq_idx=None, mask=None,
+                 cache: Optional[ModelCache] = None, return_hidden_states: bool = False):
+        cfg = self.config
+        name = type(self).__name__
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError(f"{name}: pass exactly one of `input_ids` (b, l) and `inputs_embeds` (b, l, d_model)")
+        if input_ids is not None:
+            check_array(name, "input_ids", input_ids, ("b", "l"), kind="int")
+            b, l = input_ids.shape
+        else:
+            check_array(name, "inputs_embeds", inputs_embeds, ("b", "l", cfg.d_model))
+            b, l = inputs_embeds.shape[:2]
+        if mask is not None:
+            check_array(name, "mask", mask, (b, l), kind="any")
+        if seq_idx is not None:
+            check_array(name, "seq_idx", seq_idx, (b, l), kind="int")
+        if positions is not None:
+            check_array(name, "positions", positions, (b, l), kind="int")
+        kinds = cfg.layer_kinds
+        if cache is not None:
+            if not isinstance(cache, ModelCache) or len(cache.layers) != len(kinds):
+                raise ValueError(f"{name}: `cache` must be a ModelCache with {len(kinds)} layer caches "
+                                 f"(from `init_cache(config, batch_size, max_len)`); got {type(cache).__name__}")
+            check_array(name, "cache.positions", cache.positions, (b,), kind="int")
+
+        embed = nn.Embed(
+            cfg.padded_vocab_size, cfg.d_model, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(cfg.initializer_range), (VOCAB, EMBED)),
+            name="embeddings")
+        h = embed(input_ids) if input_ids is not None else inputs_embeds.astype(cfg.jnp_dtype)
+        if positions is None:
+            positions = token_positions(mask, seq_idx, None if cache is None else cache.positions, b, l)
+        if cfg.learned_positions:
+            h = h + nn.Embed(
+                cfg.learned_positions, cfg.d_model, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+                embedding_init=nn.with_logical_partitioning(
+                    nn.initializers.normal(cfg.initializer_range), (None, EMBED)),
+                name="position_embeddings")(positions)
+        h = h.astype(jnp.promote_types(jnp.float32, h.dtype) if cfg.residual_in_fp32 else h.dtype)
+        hidden_states = [h]
+        new_layers = []
+        for i, kind in enumerate(kinds):
+            h, layer_cache = DecoderBlock(cfg, kind, name=f"layers_{i}")(
+                h, positions=positions, seq_idx=seq_idx, mask=mask,
+                cache=None if cache is None else cache.layers[i])
+            hidden_states.append(h)
+            new_layers.append(layer_cache)
+        h = RMSNorm(cfg.rms_norm_eps, cfg.jnp_param_dtype, name="norm_f")(h).astype(cfg.jnp_dtype)
+        if cfg.tie_embeddings:
+            logits = embed.attend(h)
+        else:
+            logits = nn.Dense(cfg.padded_vocab_size, use_bias=False, dtype=cfg.jnp_dtype,
+                              param_dtype=cfg.jnp_param_dtype, name="lm_head",
+                              kernel_init=nn.with_logical_partitioning(
+                                  nn.initializers.normal(cfg.initializer_range), (EMBED, VOCAB)))(h)
+        logits = logits[..., :cfg.vocab_size].astype(jnp.promote_types(jnp.float32, logits.dtype))
+        if cache is None and not return_hidden_states:
+            return logits
+        new_cache = None
+        if cache is not None:
+            consumed = l if mask is None else jnp.sum(mask.astype(jnp.int32), axis=1)
+            new_cache = ModelCache(tuple(new_layers), cache.positions + consumed)
+        return LMOutput(logits, new_cache, tuple(hidden_states) if return_hidden_states else None)
+
+
+def needs_max_len(config: BaseLMConfig) -> bool:
+    """True when the model has attention layers, whose KV cache is preallocated to a maximum length."""
+    return ATTENTION in config.layer_kinds
+
+
+def init_cache(config: BaseLMConfig, batch_size: int, max_len: Optional[int] = None) -> ModelCache:
+    """A fresh ModelCache for `batch_size` sequences.
+
+    max_len: the most tokens (prompt + generated, padding included) a KV cache must hold; required when
+    the model has attention layers, ignored otherwise (recurrent state has a fixed size).
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"init_cache: `batch_size` must be a positive int; got {batch_size!r}")
+    if needs_max_len(config) and (not isinstance(max_len, int) or max_len < 1):
+        raise ValueError(f"init_cache: the model has attention layers, so `max_len` (the KV cache length, a "
+                         f"positive int) is required; got {max_len!r}")
+    layers = tuple(mixer_module(kind)[1](config.mixer_config(kind), batch_size, max_len)
+                   for kind in config.layer_kinds)
+    return ModelCache(layers, jnp.zeros((batch_size,), jnp.int32))
+
+
+def init_params(model: DecoderLM, rng, seq_len: int = 8):
+    """Initialise and unbox the parameters (the logical axis names are read with `param_axes`)."""
+    boxed = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+    return nn.meta.unbox(boxed)
+
+
+def param_axes(model: DecoderLM):
+    """The logical axis names of every parameter, as a pytree of PartitionSpec-like tuples."""
+    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))["params"]
+    return nn.get_partition_spec(boxed)
