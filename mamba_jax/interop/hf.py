@@ -1,4 +1,7 @@
-"""Load and save Mamba-1 checkpoints in the HF transformers and official (state-spaces) layouts.
+"""Load and save checkpoints in the HF transformers layouts (Mamba, Mamba-2, Llama) and the official
+state-spaces Mamba-1 layout. `load_hf` picks the family from config.json's `model_type` (an `HFFamily`
+per family: this module holds Mamba-1's, `hf_mamba2` and `hf_llama` the others); our own format
+(`native.save_pretrained`, for hybrids) is read too.
 
 Only safetensors files are read or written (no pickle). A checkpoint directory holds `config.json` and
 either `model.safetensors` or shards listed in `model.safetensors.index.json`.
@@ -33,6 +36,7 @@ the extra rows zero.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Callable, Dict, Mapping, NamedTuple, Tuple
@@ -47,8 +51,8 @@ from safetensors.numpy import save_file
 from mamba_jax.layers import MambaConfig
 from mamba_jax.models.mamba import MambaLM
 
-__all__ = ["TensorSpec", "config_from_dict", "config_to_hf_dict", "load_hf", "params_from_torch_tensors",
-           "params_to_torch_tensors", "read_safetensors", "save_hf", "tensor_specs"]
+__all__ = ["HFFamily", "TensorSpec", "config_from_dict", "config_to_hf_dict", "families", "load_hf",
+           "params_from_torch_tensors", "params_to_torch_tensors", "read_safetensors", "save_hf", "tensor_specs"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -56,6 +60,7 @@ INDEX_NAME = "model.safetensors.index.json"
 EMBED_HF = "backbone.embeddings.weight"
 EMBED_OFFICIAL = "backbone.embedding.weight"
 LM_HEAD = "lm_head.weight"
+NATIVE_MODEL_TYPE = "mamba_jax"
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -273,7 +278,7 @@ def _pad_rows(table: np.ndarray, rows: int) -> np.ndarray:
     return np.concatenate([table, np.zeros((rows - table.shape[0],) + table.shape[1:], table.dtype)], axis=0)
 
 
-def _vocab_table(tensors: Mapping[str, np.ndarray], name: str, config: MambaConfig) -> np.ndarray:
+def _vocab_table(tensors: Mapping[str, np.ndarray], name: str, config) -> np.ndarray:
     """Check a (V, d) embedding/head table, V ∈ {vocab_size, padded_vocab_size}, and pad it to (Vp, d)."""
     table = tensors[name]
     allowed = sorted({config.vocab_size, config.padded_vocab_size})
@@ -283,28 +288,86 @@ def _vocab_table(tensors: Mapping[str, np.ndarray], name: str, config: MambaConf
     return _pad_rows(np.asarray(table), config.padded_vocab_size)
 
 
-def params_from_torch_tensors(tensors: Mapping[str, np.ndarray], config: MambaConfig,
-                              param_dtype: Any = np.float32) -> Dict[str, Any]:
-    """Our MambaLM parameter tree (numpy arrays in `param_dtype`) from torch-named tensors.
+class HFFamily(NamedTuple):
+    """How one model family maps to an HF transformers checkpoint.
 
-    Accepts either embedding name (`backbone.embeddings.weight` or `backbone.embedding.weight`).
-    Raises ValueError naming every missing tensor, a tensor with the wrong shape (got vs expected),
-    or every unused tensor. With tied embeddings a present `lm_head.weight` must equal the embedding.
+    model_type: config.json `model_type` read and written; model_cls: our model class (its
+    `config_type` is the config class); config_from_hf: config.json dict -> keyword arguments of the
+    config class (ValueError for unsupported settings); config_to_hf: our config -> config.json dict;
+    tensor_specs: every tensor except the embedding and the head; embed_name / head_name: those two
+    (written with `embed_name`; `embed_aliases` are also accepted when reading).
+    """
+
+    model_type: str
+    model_cls: type
+    config_from_hf: Callable[[Mapping[str, Any]], Dict[str, Any]]
+    config_to_hf: Callable[[Any], Dict[str, Any]]
+    tensor_specs: Callable[[Any], Tuple[TensorSpec, ...]]
+    embed_name: str
+    head_name: str = LM_HEAD
+    embed_aliases: Tuple[str, ...] = ()
+
+
+def _mamba_config_kwargs(raw: Mapping[str, Any]) -> Dict[str, Any]:
+    return dataclasses.asdict(config_from_dict(raw))
+
+
+MAMBA_FAMILY = HFFamily("mamba", MambaLM, _mamba_config_kwargs, config_to_hf_dict, tensor_specs, EMBED_HF,
+                        LM_HEAD, (EMBED_OFFICIAL,))
+
+
+_OTHER_FAMILIES = ("mamba_jax.interop.hf_mamba2", "mamba_jax.interop.hf_llama")
+
+
+def families() -> Tuple[HFFamily, ...]:
+    """Every HF family load_hf/save_hf understand (imported lazily: their modules import this one)."""
+    import importlib
+    return (MAMBA_FAMILY,) + tuple(importlib.import_module(name).FAMILY for name in _OTHER_FAMILIES)
+
+
+def family_for_config(raw: Mapping[str, Any]) -> HFFamily:
+    """The family of a parsed config.json: by `model_type`; a dict with `d_model` and no model_type is an
+    official state-spaces (Mamba-1) config."""
+    model_type = raw.get("model_type")
+    if (model_type is None and "d_model" in raw) or model_type == MAMBA_FAMILY.model_type:
+        return MAMBA_FAMILY
+    for family in families():
+        if family.model_type == model_type:
+            return family
+    known = [f.model_type for f in families()] + [NATIVE_MODEL_TYPE]
+    raise ValueError(f"load_hf: config.json `model_type` is {model_type!r}; supported: {known}")
+
+
+def family_for_model(model, fn: str) -> HFFamily:
+    if type(model) is MambaLM:
+        return MAMBA_FAMILY
+    for family in families():
+        if type(model) is family.model_cls:
+            return family
+    raise ValueError(f"{fn}: no HF format for {type(model).__name__}; use mamba_jax.interop.save_pretrained")
+
+
+def params_from_torch_tensors(tensors: Mapping[str, np.ndarray], config, param_dtype: Any = np.float32,
+                              family: HFFamily = MAMBA_FAMILY) -> Dict[str, Any]:
+    """Our parameter tree (numpy arrays in `param_dtype`) from torch-named tensors of `family`.
+
+    Accepts the family's embedding name or an alias. Raises ValueError naming every missing tensor, a
+    tensor with the wrong shape (got vs expected), or every unused tensor. With tied embeddings a present
+    head must equal the embedding.
     """
     names = set(tensors)
-    embed_names = [x for x in (EMBED_HF, EMBED_OFFICIAL) if x in names]
+    embed_names = [x for x in (family.embed_name,) + family.embed_aliases if x in names]
     if len(embed_names) > 1:
-        raise ValueError(f"load_hf: the checkpoint has both `{EMBED_HF}` and `{EMBED_OFFICIAL}`; expected one")
-    specs = tensor_specs(config)
-    required = [s.name for s in specs] + (embed_names or [EMBED_HF])
+        raise ValueError(f"load_hf: the checkpoint has more than one embedding tensor {embed_names}; expected one")
+    specs = family.tensor_specs(config)
+    required = [s.name for s in specs] + (embed_names or [family.embed_name])
     if not config.tie_embeddings:
-        required.append(LM_HEAD)
+        required.append(family.head_name)
     missing = [x for x in required if x not in names]
     if missing:
-        raise ValueError(f"load_hf: the checkpoint is missing tensor(s) {missing} "
-                         f"(config: n_layer={config.n_layer}, bias={config.bias}, conv_bias={config.conv_bias}, "
-                         f"tie_embeddings={config.tie_embeddings})")
-    optional = [LM_HEAD] if config.tie_embeddings else []
+        raise ValueError(f"load_hf: the checkpoint is missing tensor(s) {missing} (config: n_layer={config.n_layer}, "
+                         f"tie_embeddings={config.tie_embeddings}, {type(config).__name__})")
+    optional = [family.head_name] if config.tie_embeddings else []
     unused = sorted(names - set(required) - set(optional))
     if unused:
         raise ValueError(f"load_hf: the checkpoint has tensor(s) the model does not use: {unused}")
@@ -321,28 +384,29 @@ def params_from_torch_tensors(tensors: Mapping[str, np.ndarray], config: MambaCo
     embedding = _vocab_table(tensors, embed_names[0], config)
     _set_path(params, ("embeddings", "embedding"), cast(embedding))
     if config.tie_embeddings:
-        if LM_HEAD in names:
-            head = _vocab_table(tensors, LM_HEAD, config)
+        if family.head_name in names:
+            head = _vocab_table(tensors, family.head_name, config)
             if not np.array_equal(head, embedding):
-                raise ValueError(f"load_hf: config says the embeddings are tied but `{LM_HEAD}` differs from "
-                                 f"`{embed_names[0]}`; set tie_word_embeddings/tie_embeddings to false")
+                raise ValueError(f"load_hf: config says the embeddings are tied but `{family.head_name}` differs "
+                                 f"from `{embed_names[0]}`; set tie_word_embeddings/tie_embeddings to false")
     else:
-        _set_path(params, ("lm_head", "kernel"), cast(_transpose(_vocab_table(tensors, LM_HEAD, config))))
+        _set_path(params, ("lm_head", "kernel"), cast(_transpose(_vocab_table(tensors, family.head_name, config))))
     return params
 
 
-def params_to_torch_tensors(params: Mapping[str, Any], config: MambaConfig) -> Dict[str, np.ndarray]:
+def params_to_torch_tensors(params: Mapping[str, Any], config, family: HFFamily = MAMBA_FAMILY
+                            ) -> Dict[str, np.ndarray]:
     """HF-named numpy tensors (torch layout, vocab rows unpadded, dtype kept) from our parameter tree."""
     out = {}
-    for spec in tensor_specs(config):
+    for spec in family.tensor_specs(config):
         out[spec.name] = spec.to_torch(np.asarray(_get_path(params, spec.path)))
-    out[EMBED_HF] = np.ascontiguousarray(np.asarray(params["embeddings"]["embedding"])[:config.vocab_size])
+    out[family.embed_name] = np.ascontiguousarray(np.asarray(params["embeddings"]["embedding"])[:config.vocab_size])
     if not config.tie_embeddings:
-        out[LM_HEAD] = np.ascontiguousarray(np.asarray(params["lm_head"]["kernel"]).T[:config.vocab_size])
+        out[family.head_name] = np.ascontiguousarray(np.asarray(params["lm_head"]["kernel"]).T[:config.vocab_size])
     return out
 
 
-def _check_tree(params, model: MambaLM, fn: str) -> None:
+def check_param_tree(params, model, fn: str) -> None:
     """Raise ValueError unless `params` has exactly the structure and shapes that `model.init` gives."""
     expected = jax.eval_shape(lambda: nn.meta.unbox(
         model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"]))
@@ -396,54 +460,80 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
     return tensors
 
 
-def load_hf(path, *, dtype: str = "float32", param_dtype: str = "float32",
-            scan_impl: str = "auto") -> Tuple[MambaLM, Dict[str, Any]]:
-    """Load an HF transformers or official Mamba-1 checkpoint directory.
+def read_config(path, fn: str = "load_hf") -> Dict[str, Any]:
+    """The parsed config.json of a checkpoint directory (ValueError when there is none)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"{fn}: `path` must be a checkpoint directory; {path!r} is not a directory")
+    config_file = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(config_file):
+        raise ValueError(f"{fn}: {path} has no {CONFIG_NAME}")
+    with open(config_file) as f:
+        return json.load(f)
+
+
+def unbox_params(params):
+    """Accept params, boxed params, or {"params": params}; return the plain tree."""
+    params = nn.meta.unbox(params)
+    if isinstance(params, Mapping) and set(params) == {"params"}:
+        params = params["params"]
+    return params
+
+
+def load_hf(path, *, dtype: str = "float32", param_dtype: str = "float32", **config_overrides):
+    """Load a checkpoint directory: HF transformers Mamba, Mamba-2 or Llama, an official state-spaces
+    Mamba-1 checkpoint, or one of ours (`save_pretrained`, e.g. a hybrid).
 
     Args:
       path: directory with config.json and model.safetensors (or model.safetensors.index.json + shards).
       dtype: computation dtype of the returned model ("float32", "bfloat16", "float16", "float64").
       param_dtype: dtype the parameters are cast to.
-      scan_impl: MambaConfig.scan_impl of the returned model.
+      config_overrides: other config fields to set, e.g. `scan_impl="reference"` (Mamba-1) or
+        `ssd_impl="chunked"` (Mamba-2).
     Returns:
-      (model, params): a MambaLM and its parameter tree (jax arrays) for `model.apply({"params": params}, ids)`.
-      Embedding (and untied head) rows are zero-padded to `padded_vocab_size`; logits keep `vocab_size`.
+      (model, params): a MambaLM / Mamba2LM / TransformerLM / HybridLM and its parameter tree (jax arrays)
+      for `model.apply({"params": params}, ids)`. Embedding (and untied head) rows are zero-padded to
+      `padded_vocab_size`; logits keep `vocab_size`.
     Raises:
       ValueError for a missing directory/config, pickle-only checkpoints, unsupported configs, missing,
       misshapen or unused tensors (the message names the tensor).
     """
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise ValueError(f"load_hf: `path` must be a checkpoint directory; {path!r} is not a directory")
-    config_file = os.path.join(path, CONFIG_NAME)
-    if not os.path.isfile(config_file):
-        raise ValueError(f"load_hf: {path} has no {CONFIG_NAME}")
-    with open(config_file) as f:
-        raw = json.load(f)
-    config = config_from_dict(raw, dtype=dtype, param_dtype=param_dtype, scan_impl=scan_impl)
-    host = params_from_torch_tensors(read_safetensors(path), config, param_dtype=config.jnp_param_dtype)
-    model = MambaLM(config)
-    _check_tree(host, model, "load_hf")
+    raw = read_config(path)
+    if raw.get("model_type") == NATIVE_MODEL_TYPE:
+        from mamba_jax.interop.native import load_pretrained
+        return load_pretrained(path, dtype=dtype, param_dtype=param_dtype, **config_overrides)
+    family = family_for_config(raw)
+    config_cls = family.model_cls.config_type
+    kwargs = family.config_from_hf(raw)
+    kwargs.update(dtype=dtype, param_dtype=param_dtype, **config_overrides)
+    config = config_cls(**kwargs)
+    host = params_from_torch_tensors(read_safetensors(os.fspath(path)), config,
+                                     param_dtype=config.jnp_param_dtype, family=family)
+    model = family.model_cls(config)
+    check_param_tree(host, model, "load_hf")
     return model, jax.tree_util.tree_map(jnp.asarray, host)
 
 
-def save_hf(model: MambaLM, params, path) -> None:
-    """Write `path`/config.json (HF `MambaForCausalLM`) and `path`/model.safetensors.
+def save_hf(model, params, path) -> None:
+    """Write `path`/config.json and `path`/model.safetensors in the HF transformers layout of the model's
+    family (MambaLM → MambaForCausalLM, Mamba2LM → Mamba2ForCausalLM, TransformerLM → LlamaForCausalLM).
 
     Tensors keep the parameter dtype, use torch layouts and HF names, and have `vocab_size` rows (the
-    padding rows are dropped); a tied head is not written. `transformers.MambaForCausalLM.from_pretrained`
-    and `load_hf` both read the result.
+    padding rows are dropped); a tied head is not written. transformers' `from_pretrained` and
+    `load_hf` both read the result. A HybridLM has no HF layout: use `save_pretrained`.
     """
-    if not isinstance(model, MambaLM):
-        raise ValueError(f"save_hf: `model` must be a MambaLM; got {type(model).__name__}")
-    params = nn.meta.unbox(params)
-    if isinstance(params, Mapping) and set(params) == {"params"}:
-        params = params["params"]
-    _check_tree(params, model, "save_hf")
+    family = family_for_model(model, "save_hf")
+    params = unbox_params(params)
+    check_param_tree(params, model, "save_hf")
     host = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), params)
-    tensors = params_to_torch_tensors(host, model.config)
+    tensors = params_to_torch_tensors(host, model.config, family)
+    write_checkpoint(path, family.config_to_hf(model.config), tensors)
+
+
+def write_checkpoint(path, config_dict: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> None:
+    """config.json + model.safetensors (metadata format "pt", as transformers expects) in `path`."""
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(config_to_hf_dict(model.config), f, indent=2, sort_keys=True)
-    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+        json.dump(config_dict, f, indent=2, sort_keys=True)
+    save_file(dict(tensors), os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})

@@ -6,9 +6,16 @@ Parameter names follow HF transformers' `LlamaAttention` (q_proj, k_proj, v_proj
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Optional, Tuple
+from typing import ClassVar, NamedTuple, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 from mamba_jax.layers.config import ATTENTION, BaseLMConfig, check_choice, check_positive_int
+from mamba_jax.ops._checks import check_array
+from mamba_jax.ops.attention import attention_mask, dot_product_attention, rotary_embedding, segment_ids
+from mamba_jax.sharding import EMBED, HEADS
 
 POSITION_EMBEDDINGS = ("rope", "learned", "none")
 
@@ -66,3 +73,135 @@ class TransformerConfig(BaseLMConfig):
     @property
     def learned_positions(self) -> Optional[int]:
         return self.max_position_embeddings if self.position_embedding == "learned" else None
+
+
+class KVCache(NamedTuple):
+    """Keys and values of one attention layer, preallocated to `max_len` slots.
+
+    key, value: (b, max_len, kv_heads, head_dim) in the model dtype (keys after the rotary embedding).
+    valid: (b, max_len) bool, True where a slot holds a real token (False: unwritten, or left padding).
+    segment: (b, max_len) int32, the packed-sequence segment of each slot (see `ops.segment_ids`); a
+      query only attends to slots of its own segment. All zeros unless `seq_idx` was given.
+    index: () int32, the next slot to write. Every row writes the same slots (left padding keeps the
+      rows aligned), so a chunk of l tokens fills slots [index, index + l).
+
+    Writing past `max_len` cannot be detected while tracing (`index` is traced): size the cache for the
+    prompt (padding included) plus every generated token. A chunk that would overflow it yields NaN
+    outputs instead of silently wrong ones.
+    """
+
+    key: jax.Array
+    value: jax.Array
+    valid: jax.Array
+    segment: jax.Array
+    index: jax.Array
+
+
+def init_kv_cache(config: TransformerConfig, batch_size: int, max_len: Optional[int] = None) -> KVCache:
+    """An empty KVCache for `batch_size` sequences of up to `max_len` tokens (required: the cache is
+    preallocated; count the prompt, its padding and every token to be generated)."""
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+        raise ValueError(f"init_kv_cache: `max_len` (the number of KV cache slots: prompt + padding + new "
+                         f"tokens) must be a positive int for attention layers; got {max_len!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"init_kv_cache: `batch_size` must be a positive int; got {batch_size!r}")
+    shape = (batch_size, max_len, config.kv_heads, config.head_dim_value)
+    return KVCache(key=jnp.zeros(shape, config.jnp_dtype), value=jnp.zeros(shape, config.jnp_dtype),
+                   valid=jnp.zeros((batch_size, max_len), bool),
+                   segment=jnp.zeros((batch_size, max_len), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention (HF `LlamaAttention`). x: (b, l, d_model) -> (b, l, d_model).
+
+    positions: (b, l) int rotary position ids (used when position_embedding == "rope").
+    mask: optional (b, l), 1 real token / 0 left padding; pads are never attended to as keys, so a padded
+      row gives exactly what its unpadded row gives alone (the outputs at pads are finite but meaningless).
+    seq_idx: optional (b, l) int, packed sequences: a token attends only within its segment (a new
+      segment starts wherever seq_idx changes; with a cache, the first segment of a chunk continues the
+      last segment of the cache).
+    cache: optional KVCache; the chunk's keys/values are written at slots [index, index + l), its queries
+      attend to every valid slot up to their own, and the new cache (index + l) is returned. l == 1 is a
+      decode step, l > 1 a (chunked) prefill. Without a cache: causal attention within the chunk.
+    Returns (out, new cache or None).
+    """
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x, *, positions=None, seq_idx=None, mask=None, cache: Optional[KVCache] = None):
+        cfg, fn = self.config, "Attention"
+        h, kv, dh = cfg.n_heads, cfg.kv_heads, cfg.head_dim_value
+        check_array(fn, "x", x, ("b", "l", cfg.d_model))
+        b, l, _ = x.shape
+        for name, arr, kind in (("positions", positions, "int"), ("mask", mask, "any"), ("seq_idx", seq_idx, "int")):
+            if arr is not None:
+                check_array(fn, name, arr, (b, l), kind=kind)
+        if cfg.position_embedding == "rope" and positions is None:
+            raise ValueError(f"{fn}: rotary position embeddings need `positions` (b, l) int")
+
+        dense = lambda features, axes, name: nn.Dense(
+            features, use_bias=cfg.attention_bias, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, name=name,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), axes),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
+        q = dense(h * dh, (EMBED, HEADS), "q_proj")(x).reshape(b, l, h, dh)
+        k = dense(kv * dh, (EMBED, HEADS), "k_proj")(x).reshape(b, l, kv, dh)
+        v = dense(kv * dh, (EMBED, HEADS), "v_proj")(x).reshape(b, l, kv, dh)
+        if cfg.position_embedding == "rope":
+            q = rotary_embedding(q, positions, cfg.rope_theta)
+            k = rotary_embedding(k, positions, cfg.rope_theta)
+        valid = jnp.ones((b, l), bool) if mask is None else mask.astype(bool)
+
+        if cache is None:
+            slots = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+            seg = None if seq_idx is None else segment_ids(seq_idx)
+            allowed = attention_mask(slots, slots, key_valid=valid, q_segments=seg, k_segments=seg)
+            out = dot_product_attention(q, k, v, allowed)
+            new_cache = None
+        else:
+            out, new_cache = _attend_with_cache(q, k, v, valid, seq_idx, cache, cfg)
+        out = dense(cfg.d_model, (HEADS, EMBED), "o_proj")(out.reshape(b, l, h * dh))
+        return out, new_cache
+
+
+def _check_cache(cache, cfg: TransformerConfig, b: int, l: int) -> int:
+    """Validate a KVCache for a chunk of b x l tokens; returns max_len."""
+    fn = "Attention"
+    if not isinstance(cache, KVCache):
+        raise ValueError(f"{fn}: `cache` must be a KVCache (from `init_kv_cache(config, batch_size, max_len)`); "
+                         f"got {type(cache).__name__}")
+    kv, dh = cfg.kv_heads, cfg.head_dim_value
+    check_array(fn, "cache.key", cache.key, (b, "max_len", kv, dh))
+    max_len = cache.key.shape[1]
+    check_array(fn, "cache.value", cache.value, (b, max_len, kv, dh))
+    check_array(fn, "cache.valid", cache.valid, (b, max_len), kind="any")
+    check_array(fn, "cache.segment", cache.segment, (b, max_len), kind="int")
+    check_array(fn, "cache.index", cache.index, (), kind="int")
+    if l > max_len:
+        raise ValueError(f"{fn}: a chunk of {l} tokens does not fit a KV cache of max_len={max_len} slots")
+    return max_len
+
+
+def _attend_with_cache(q, k, v, valid, seq_idx, cache: KVCache, cfg: TransformerConfig):
+    """Write the chunk into the cache at slots [index, index + l) and attend over the whole cache.
+
+    q: (b, l, h, dh); k, v: (b, l, kv, dh); valid: (b, l) bool. Returns (out (b, l, h, dh), new KVCache).
+    """
+    b, l = valid.shape
+    max_len = _check_cache(cache, cfg, b, l)
+    index = cache.index.astype(jnp.int32)
+    # The segment of the last written slot (0 for an empty cache): the chunk's first segment continues it.
+    last = jax.lax.dynamic_index_in_dim(cache.segment, jnp.maximum(index - 1, 0), axis=1, keepdims=False)
+    last = jnp.where(index > 0, last, 0)
+    seg = jnp.broadcast_to(last[:, None], (b, l)) if seq_idx is None else segment_ids(seq_idx, last)
+    write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), index, axis=1)
+    new_cache = KVCache(key=write(cache.key, k), value=write(cache.value, v), valid=write(cache.valid, valid),
+                        segment=write(cache.segment, seg), index=index + l)
+    q_slots = jnp.broadcast_to(index + jnp.arange(l, dtype=jnp.int32), (b, l))
+    k_slots = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (b, max_len))
+    allowed = attention_mask(q_slots, k_slots, key_valid=new_cache.valid, q_segments=seg,
+                             k_segments=new_cache.segment)
+    out = dot_product_attention(q, new_cache.key, new_cache.value, allowed)
+    # Overflow (index + l > max_len) cannot raise inside jit: dynamic_update_slice would clamp the write
+    # onto the last slots. Make it visible instead: NaN outputs.
+    return jnp.where(index + l <= max_len, out, jnp.nan).astype(out.dtype), new_cache

@@ -1,15 +1,30 @@
 """The Mamba-2 mixer (state-spaces/mamba's `Mamba2` block) as a Flax Linen module.
 
 Parameter names follow HF transformers' `Mamba2Mixer` (in_proj, conv1d, dt_bias, A_log, D, norm,
-out_proj); torch (out, in) weights are stored transposed (in, out).
+out_proj); torch (out, in) weights are stored transposed (in, out): `in_proj.kernel`, `conv1d_kernel`
+(k, conv_dim), `conv1d_bias`, `dt_bias`, `A_log`, `D` (nheads,), `norm_weight` (d_inner,), `out_proj.kernel`.
+
+The gated RMSNorm uses `rms_norm_eps` (HF: `layer_norm_epsilon` for every norm; the official block: a
+fixed 1e-5, which is the default). Δ is clamped to [dt_limit_min, dt_limit_max] in the parallel forward
+and in the decoding step alike (the official and HF steps skip the clamp; with the default limits
+(0, inf) the two agree).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Optional, Tuple
+import math
+from typing import ClassVar, NamedTuple, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 from mamba_jax.layers.config import MAMBA2, BaseLMConfig, check_choice, check_positive_int
-from mamba_jax.ops.ssd import SSD_IMPLS
+from mamba_jax.layers.mamba import _param, dt_bias_init, residual_out_scale, torch_linear_init, uniform_init
+from mamba_jax.ops import causal_conv1d, gated_rms_norm, selective_state_update
+from mamba_jax.ops._checks import check_array
+from mamba_jax.ops.ssd import SSD_IMPLS, ssd
+from mamba_jax.sharding import CONV, EMBED, HEADS, MLP
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,3 +87,130 @@ class Mamba2Config(BaseLMConfig):
     @property
     def conv_dim(self) -> int:
         return self.d_inner + 2 * self.ngroups * self.d_state
+
+
+class Mamba2Cache(NamedTuple):
+    """Recurrent state of one Mamba-2 layer.
+
+    conv_state: (b, d_conv - 1, conv_dim), the last inputs (xBC) of the causal conv (model dtype).
+    ssm_state:  (b, nheads, headdim, d_state), float32 (float64 for float64 models).
+    """
+
+    conv_state: jax.Array
+    ssm_state: jax.Array
+
+
+def a_log_uniform_init(a_min: float, a_max: float):
+    """The official Mamba-2 init: A_log = log(A), A ~ U[a_min, a_max] per head (so A = -exp(A_log))."""
+    def init(key, shape, dtype=jnp.float32):
+        return jnp.log(jax.random.uniform(key, shape, jnp.float32, a_min, a_max)).astype(dtype)
+    return init
+
+
+def _check_inputs(cfg: Mamba2Config, x, mask, cache) -> None:
+    """Trace-time checks of the mixer's inputs; errors name the argument and the expected shape."""
+    fn = "Mamba2Mixer"
+    check_array(fn, "x", x, ("b", "l", cfg.d_model))
+    b, l = x.shape[:2]
+    if mask is not None:
+        check_array(fn, "mask", mask, (b, l), kind="any")
+    if cache is not None:
+        if not isinstance(cache, Mamba2Cache):
+            raise ValueError(f"{fn}: `cache` must be a Mamba2Cache (from `init_mamba2_cache`); got {type(cache).__name__}")
+        check_array(fn, "cache.conv_state", cache.conv_state, (b, cfg.d_conv - 1, cfg.conv_dim))
+        check_array(fn, "cache.ssm_state", cache.ssm_state, (b, cfg.nheads, cfg.headdim, cfg.d_state))
+
+
+def _decode_step(state, x, delta, A, B, C, D):
+    """One recurrent step with heads flattened into channels (`selective_state_update`).
+
+    state: (b, h, p, n); x: (b, h, p); delta: (b, h) (already Δ: bias, softplus, clamp, mask applied);
+    A, D: (h,); B, C: (b, g, n). Returns (y (b, h, p) in the dtype of `x`, new state (b, h, p, n)):
+    state ← exp(Δ A) state + Δ x ⊗ B ;  y = state · C + D x.
+    """
+    b, h, p, n = state.shape
+    y, new_state = selective_state_update(
+        state.reshape(b, h * p, n), x.reshape(b, h * p), jnp.repeat(delta, p, axis=-1),
+        jnp.broadcast_to(jnp.repeat(A, p)[:, None], (h * p, n)), B, C, D=jnp.repeat(D, p))
+    return y.reshape(b, h, p), new_state.reshape(b, h, p, n)
+
+
+class Mamba2Mixer(nn.Module):
+    """Mamba-2 mixer. x: (b, l, d_model) -> (b, l, d_model), plus the new Mamba2Cache when one is given.
+
+        in_proj → [z (d_inner), xBC (conv_dim), dt (nheads)];  xBC ← silu(conv(xBC)) → [x, B, C]
+        Δ = clamp(softplus(dt + dt_bias));  y = SSD(x, Δ, A = -exp(A_log), B, C) + D x
+        out = out_proj(gated_rms_norm(y, z), one norm per group of d_inner / ngroups channels)
+
+    `mask` (b, l) marks real tokens (1) and left padding (0): xBC is zeroed before and after the conv and
+    Δ = 0 at pads, so they leave the state exactly as it was. `seq_idx` (b, l) resets the conv and the
+    state where it changes (packed sequences). With `cache` and l == 1 the single-step recurrence is used
+    (decoding); with l > 1 the sequence continues from the cache (chunked prefill).
+    """
+
+    config: Mamba2Config
+
+    @nn.compact
+    def __call__(self, x, *, positions=None, seq_idx=None, mask=None, cache: Optional[Mamba2Cache] = None):
+        del positions  # the recurrence carries position implicitly
+        cfg = self.config
+        _check_inputs(cfg, x, mask, cache)
+        b, l, _ = x.shape
+        di, n, g, h, p, k = cfg.d_inner, cfg.d_state, cfg.ngroups, cfg.nheads, cfg.headdim, cfg.d_conv
+        pdt, dt_ = cfg.jnp_param_dtype, cfg.jnp_dtype
+        cd = jnp.promote_types(jnp.float32, dt_)
+        dense = lambda features, use_bias, axes, name, scale=1.0: nn.Dense(
+            features, use_bias=use_bias, dtype=dt_, param_dtype=pdt, name=name,
+            kernel_init=nn.with_logical_partitioning(torch_linear_init(scale), axes),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
+
+        zxbcdt = dense(2 * di + 2 * g * n + h, cfg.bias, (EMBED, MLP), "in_proj")(x)
+        z, xBC, dt = jnp.split(zxbcdt, [di, di + cfg.conv_dim], axis=-1)
+        keep = None if mask is None else mask[..., None].astype(xBC.dtype)
+        if keep is not None:
+            xBC = xBC * keep
+
+        conv_w = _param(self, "conv1d_kernel", uniform_init(1 / math.sqrt(k)), (CONV, MLP), (k, cfg.conv_dim), pdt)
+        conv_b = (_param(self, "conv1d_bias", uniform_init(1 / math.sqrt(k)), (MLP,), (cfg.conv_dim,), pdt)
+                  if cfg.conv_bias else None)
+        xBC, conv_state = causal_conv1d(
+            xBC, conv_w.astype(dt_), None if conv_b is None else conv_b.astype(dt_),
+            conv_state=None if cache is None else cache.conv_state, seq_idx=seq_idx, activation="silu")
+        if keep is not None:
+            xBC = xBC * keep
+        xs, B, C = jnp.split(xBC, [di, di + g * n], axis=-1)
+        xs, B, C = xs.reshape(b, l, h, p), B.reshape(b, l, g, n), C.reshape(b, l, g, n)
+
+        dt_bias = _param(self, "dt_bias", dt_bias_init(cfg.dt_min, cfg.dt_max, cfg.dt_init_floor), (HEADS,), (h,), pdt)
+        A_log = _param(self, "A_log", a_log_uniform_init(cfg.A_init_min, cfg.A_init_max), (HEADS,), (h,), pdt)
+        D = _param(self, "D", nn.initializers.ones, (HEADS,), (h,), pdt)
+        # Δ (b, l, h) in float32: clamp(softplus(dt + dt_bias)), exactly 0 at padding.
+        delta = jnp.clip(jax.nn.softplus(dt.astype(cd) + dt_bias.astype(cd)), cfg.dt_limit_min, cfg.dt_limit_max)
+        if mask is not None:
+            delta = delta * mask[..., None].astype(cd)
+        A = -jnp.exp(A_log.astype(cd))
+
+        if cache is not None and l == 1:
+            y, ssm_state = _decode_step(cache.ssm_state, xs[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], D)
+            y = y[:, None]
+        else:
+            out = ssd(xs, delta, A, B, C, cfg.chunk_size, D=D, seq_idx=seq_idx,
+                      initial_states=None if cache is None else cache.ssm_state,
+                      return_final_states=cache is not None, impl=cfg.ssd_impl)
+            y, ssm_state = out if cache is not None else (out, None)
+
+        norm_w = _param(self, "norm_weight", nn.initializers.ones, (MLP,), (di,), pdt)
+        y = gated_rms_norm(y.reshape(b, l, di), z, norm_w, di // g, cfg.rms_norm_eps, cfg.norm_before_gate)
+        out = dense(cfg.d_model, cfg.bias, (MLP, EMBED), "out_proj", scale=residual_out_scale(cfg))(y)
+        new_cache = None if cache is None else Mamba2Cache(conv_state, ssm_state)
+        return out, new_cache
+
+
+def init_mamba2_cache(config: Mamba2Config, batch_size: int, max_len: Optional[int] = None) -> Mamba2Cache:
+    """A zero Mamba2Cache for `batch_size` sequences (`max_len` is unused: the state has a fixed size)."""
+    del max_len
+    return Mamba2Cache(
+        conv_state=jnp.zeros((batch_size, config.d_conv - 1, config.conv_dim), config.jnp_dtype),
+        ssm_state=jnp.zeros((batch_size, config.nheads, config.headdim, config.d_state),
+                            jnp.promote_types(jnp.float32, config.jnp_dtype)),
+    )

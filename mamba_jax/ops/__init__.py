@@ -1,4 +1,5 @@
 """Pure jnp functions (no Flax): scans, convolutions, norms."""
+from mamba_jax.ops.attention import attention_mask, dot_product_attention, rotary_embedding, segment_ids
 from mamba_jax.ops.conv import causal_conv1d
 from mamba_jax.ops.norms import gated_rms_norm, rms_norm
 from mamba_jax.ops.selective_scan import IMPLS, resolve_impl, selective_scan, selective_state_update

@@ -320,7 +320,7 @@ def test_pickle_only_directory_is_refused(small_dir, tmp_path):
 
 @pytest.mark.parametrize("key,value,pattern", [
     ("hidden_act", "gelu", "hidden_act"),
-    ("model_type", "mamba2", "model_type"),
+    ("model_type", "gpt2", "model_type"),
     ("intermediate_size", 50, "intermediate_size"),
 ])
 def test_unsupported_hf_config_is_refused(small_dir, tmp_path, key, value, pattern):

@@ -1,0 +1,182 @@
+"""HF transformers Mamba-2 (`model_type: "mamba2"`, `Mamba2ForCausalLM`) <-> Mamba2LM.
+
+`FAMILY` is what `mamba_jax.interop.hf.load_hf/save_hf` dispatch to for Mamba-2 checkpoints.
+
+config.json (transformers `Mamba2Config`) -> Mamba2Config:
+
+    hidden_size → d_model, num_hidden_layers → n_layer, state_size → d_state, conv_kernel → d_conv,
+    expand, head_dim → headdim, num_heads (must equal expand·hidden_size / head_dim), n_groups → ngroups,
+    use_bias → bias, use_conv_bias → conv_bias, layer_norm_epsilon → rms_norm_eps (every norm, the gated
+    one included), time_step_{min,max,floor} → dt_{min,max,init_floor}, time_step_limit → dt_limit_{min,max}
+    (an infinite upper limit is None), chunk_size, residual_in_fp32, tie_word_embeddings → tie_embeddings.
+    HF normalises after gating (norm_before_gate=False) and has no MLP: other settings are refused.
+
+Tensor names (torch layout; our layout in brackets), conv_dim = d_inner + 2·ngroups·d_state:
+
+    backbone.embeddings.weight (HF) / backbone.embedding.weight (official)  (V, d)  [embeddings.embedding (Vp, d)]
+    backbone.layers.{i}.norm.weight              (d,)                              [layers_{i}.norm.weight]
+    backbone.layers.{i}.mixer.in_proj.weight     (2·di + 2·g·n + h, d)             [in_proj.kernel, transposed]
+    backbone.layers.{i}.mixer.in_proj.bias       (2·di + 2·g·n + h,)  if use_bias
+    backbone.layers.{i}.mixer.conv1d.weight      (conv_dim, 1, k)                  [conv1d_kernel (k, conv_dim)]
+    backbone.layers.{i}.mixer.conv1d.bias        (conv_dim,)          if conv bias [conv1d_bias]
+    backbone.layers.{i}.mixer.dt_bias / A_log / D  (h,)
+    backbone.layers.{i}.mixer.norm.weight        (di,)                             [norm_weight]
+    backbone.layers.{i}.mixer.out_proj.weight    (d, di)                           [out_proj.kernel (di, d)]
+    backbone.layers.{i}.mixer.out_proj.bias      (d,)                 if use_bias
+    backbone.norm_f.weight                       (d,)
+    lm_head.weight                               (V, d)   untied only              [lm_head.kernel (d, Vp)]
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Mapping, Tuple
+
+from mamba_jax.interop.hf import (EMBED_HF, EMBED_OFFICIAL, LM_HEAD, HFFamily, TensorSpec, _conv_to_ours,
+                                  _conv_to_torch, _same, _transpose)
+from mamba_jax.layers.mamba2 import Mamba2Config
+from mamba_jax.models.mamba2 import Mamba2LM
+
+__all__ = ["FAMILY", "config_from_hf", "config_to_hf", "tensor_specs"]
+
+MODEL_TYPE = "mamba2"
+
+
+def _require(raw: Mapping[str, Any], key: str):
+    if key not in raw:
+        raise ValueError(f"load_hf: Mamba-2 config.json has no `{key}`")
+    return raw[key]
+
+
+def _dt_limit(raw: Mapping[str, Any]) -> Tuple[float, Any]:
+    """(dt_limit_min, dt_limit_max or None) from `time_step_limit` [min, max] (default (0, inf))."""
+    limit = raw.get("time_step_limit", (0.0, math.inf))
+    if not isinstance(limit, (list, tuple)) or len(limit) != 2:
+        raise ValueError(f"load_hf: config.json `time_step_limit` must be a pair [min, max]; got {limit!r}")
+    lo, hi = float(limit[0]), float(limit[1])
+    if not 0.0 <= lo < hi:
+        raise ValueError(f"load_hf: config.json `time_step_limit` must satisfy 0 <= min < max; got {limit!r}")
+    return lo, (None if math.isinf(hi) else hi)
+
+
+def config_from_hf(raw: Mapping[str, Any]) -> Dict[str, Any]:
+    """Keyword arguments of Mamba2Config from an HF transformers `Mamba2Config` dict (config.json).
+
+    Missing optional keys take transformers' defaults. Raises ValueError naming the key for settings
+    Mamba2LM cannot reproduce (e.g. num_heads·head_dim != expand·hidden_size, hidden_act != silu).
+    """
+    if raw.get("model_type", MODEL_TYPE) != MODEL_TYPE:
+        raise ValueError(f"load_hf: config.json `model_type` must be 'mamba2'; got {raw['model_type']!r}")
+    act = raw.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"load_hf: config.json `hidden_act` must be 'silu' (the only Mamba-2 activation); got {act!r}")
+    if raw.get("norm_before_gate", False):
+        raise ValueError("load_hf: config.json `norm_before_gate` is true; HF Mamba-2 always normalises after gating")
+    d_model = int(_require(raw, "hidden_size"))
+    expand = int(raw.get("expand", 2))
+    head_dim = int(raw.get("head_dim", 64))
+    num_heads = int(raw.get("num_heads", 128))
+    if num_heads * head_dim != expand * d_model:
+        raise ValueError(f"load_hf: config.json `num_heads`·`head_dim` = {num_heads}·{head_dim} must equal "
+                         f"expand·hidden_size = {expand}·{d_model}")
+    n_groups = int(raw.get("n_groups", 8))
+    if n_groups < 1 or num_heads % n_groups:
+        raise ValueError(f"load_hf: config.json `n_groups`={n_groups} must divide `num_heads`={num_heads}")
+    if "intermediate_size" in raw and int(raw["intermediate_size"]) != expand * d_model:
+        raise ValueError(f"load_hf: config.json `intermediate_size`={raw['intermediate_size']} must equal "
+                         f"expand·hidden_size = {expand}·{d_model}")
+    dt_limit_min, dt_limit_max = _dt_limit(raw)
+    return dict(
+        vocab_size=int(_require(raw, "vocab_size")),
+        d_model=d_model,
+        n_layer=int(_require(raw, "num_hidden_layers")),
+        d_state=int(raw.get("state_size", 128)),
+        d_conv=int(raw.get("conv_kernel", 4)),
+        expand=expand,
+        headdim=head_dim,
+        ngroups=n_groups,
+        dt_min=float(raw.get("time_step_min", 1e-3)),
+        dt_max=float(raw.get("time_step_max", 0.1)),
+        dt_init_floor=float(raw.get("time_step_floor", 1e-4)),
+        dt_limit_min=dt_limit_min,
+        dt_limit_max=dt_limit_max,
+        conv_bias=bool(raw.get("use_conv_bias", True)),
+        bias=bool(raw.get("use_bias", False)),
+        norm_before_gate=False,
+        chunk_size=int(raw.get("chunk_size", 256)),
+        rms_norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)),
+        residual_in_fp32=bool(raw.get("residual_in_fp32", True)),
+        tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        pad_vocab_size_multiple=int(raw.get("pad_vocab_size_multiple", 8)),
+        initializer_range=float(raw.get("initializer_range", 0.1)),
+    )
+
+
+def config_to_hf(config: Mamba2Config) -> Dict[str, Any]:
+    """The HF transformers config.json dict (model_type "mamba2", Mamba2ForCausalLM) for `config`.
+
+    Raises ValueError for configs transformers' Mamba2 cannot express (norm_before_gate, an MLP).
+    """
+    if config.norm_before_gate:
+        raise ValueError("save_hf: `norm_before_gate`=True has no HF Mamba-2 equivalent (HF normalises after gating)")
+    if config.d_intermediate:
+        raise ValueError(f"save_hf: `d_intermediate`={config.d_intermediate} (an MLP per layer) has no HF Mamba-2 "
+                         "equivalent; use mamba_jax.interop.save_pretrained")
+    return {
+        "architectures": ["Mamba2ForCausalLM"],
+        "model_type": MODEL_TYPE,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "state_size": config.d_state,
+        "num_hidden_layers": config.n_layer,
+        "expand": config.expand,
+        "num_heads": config.nheads,
+        "head_dim": config.headdim,
+        "n_groups": config.ngroups,
+        "conv_kernel": config.d_conv,
+        "use_bias": config.bias,
+        "use_conv_bias": config.conv_bias,
+        "hidden_act": "silu",
+        "time_step_min": config.dt_min,
+        "time_step_max": config.dt_max,
+        "time_step_floor": config.dt_init_floor,
+        "time_step_limit": [config.dt_limit_min, math.inf if config.dt_limit_max is None else config.dt_limit_max],
+        "chunk_size": config.chunk_size,
+        "layer_norm_epsilon": config.rms_norm_eps,
+        "residual_in_fp32": config.residual_in_fp32,
+        "tie_word_embeddings": config.tie_embeddings,
+        "initializer_range": config.initializer_range,
+        "rescale_prenorm_residual": False,
+        "use_cache": True,
+        "dtype": config.param_dtype,
+    }
+
+
+def tensor_specs(config: Mamba2Config) -> Tuple[TensorSpec, ...]:
+    """Every tensor of the HF Mamba-2 layout except the embedding and the head (the generic code's)."""
+    d, di, h, k, cdim = config.d_model, config.d_inner, config.nheads, config.d_conv, config.conv_dim
+    proj = 2 * di + 2 * config.ngroups * config.d_state + h
+    specs = []
+    for i in range(config.n_layer):
+        t, o = f"backbone.layers.{i}.", (f"layers_{i}",)
+        m, om = t + "mixer.", o + ("mixer",)
+        specs.append(TensorSpec(t + "norm.weight", (d,), o + ("norm", "weight"), _same, _same))
+        specs.append(TensorSpec(m + "in_proj.weight", (proj, d), om + ("in_proj", "kernel"), _transpose, _transpose))
+        if config.bias:
+            specs.append(TensorSpec(m + "in_proj.bias", (proj,), om + ("in_proj", "bias"), _same, _same))
+        specs.append(TensorSpec(m + "conv1d.weight", (cdim, 1, k), om + ("conv1d_kernel",),
+                                _conv_to_ours, _conv_to_torch))
+        if config.conv_bias:
+            specs.append(TensorSpec(m + "conv1d.bias", (cdim,), om + ("conv1d_bias",), _same, _same))
+        for name in ("dt_bias", "A_log", "D"):
+            specs.append(TensorSpec(m + name, (h,), om + (name,), _same, _same))
+        specs.append(TensorSpec(m + "norm.weight", (di,), om + ("norm_weight",), _same, _same))
+        specs.append(TensorSpec(m + "out_proj.weight", (d, di), om + ("out_proj", "kernel"), _transpose, _transpose))
+        if config.bias:
+            specs.append(TensorSpec(m + "out_proj.bias", (d,), om + ("out_proj", "bias"), _same, _same))
+    specs.append(TensorSpec("backbone.norm_f.weight", (d,), ("norm_f", "weight"), _same, _same))
+    return tuple(specs)
+
+
+FAMILY = HFFamily(model_type=MODEL_TYPE, model_cls=Mamba2LM, config_from_hf=config_from_hf,
+                  config_to_hf=config_to_hf, tensor_specs=tensor_specs, embed_name=EMBED_HF, head_name=LM_HEAD,
+                  embed_aliases=(EMBED_OFFICIAL,))

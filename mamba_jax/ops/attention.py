@@ -1,0 +1,120 @@
+"""Attention math (pure jnp): rotary position embeddings, grouped-query dot-product attention, masks.
+
+Conventions (batch-first, heads before head_dim, as the Flax layers produce them):
+
+    q: (b, lq, h, dh)      k, v: (b, lk, kv, dh) with h a multiple of kv (query head i reads kv head i // (h/kv))
+    allowed: (b, lq, lk) bool — True where query i may attend to key j
+
+Rotary embeddings follow HF Llama (`rotate_half`: the two halves of head_dim are the real and imaginary
+parts, not interleaved pairs). Softmax and rotary are computed in float32 (float64 inputs stay float64).
+Masked logits get a large finite negative value, so a fully masked query row stays finite (it averages
+the values uniformly) instead of turning into NaN.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax.numpy as jnp
+
+from mamba_jax.ops._checks import check_array, compute_dtype
+
+__all__ = ["attention_mask", "dot_product_attention", "rotary_embedding", "segment_ids"]
+
+# A large finite negative logit for masked keys (finite in float32 and bfloat16 after the max shift).
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def rotary_inverse_frequencies(head_dim: int, theta: float, dtype=jnp.float32):
+    """(head_dim // 2,) inverse frequencies 1 / theta^(2i / head_dim), as HF's default rope."""
+    return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=dtype) / head_dim))
+
+
+def rotary_embedding(x, positions, theta: float = 10000.0):
+    """Rotate `x` by its positions (HF Llama's `apply_rotary_pos_emb` with `rotate_half`).
+
+    x: (b, l, h, dh) with dh even; positions: (b, l) int. Returns (b, l, h, dh) in x's dtype:
+    out[..., :dh/2] = x1·cos - x2·sin, out[..., dh/2:] = x2·cos + x1·sin with angle positions · inv_freq.
+    """
+    check_array("rotary_embedding", "x", x, ("b", "l", "h", "dh"))
+    b, l, _, dh = x.shape
+    check_array("rotary_embedding", "positions", positions, (b, l), kind="int")
+    if dh % 2:
+        raise ValueError(f"rotary_embedding: the last axis of `x` (head_dim) must be even; got {dh}")
+    cd = compute_dtype(x)
+    angles = positions.astype(cd)[..., None] * rotary_inverse_frequencies(dh, theta, cd)  # (b, l, dh/2)
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(cd), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def dot_product_attention(q, k, v, allowed, scale: Optional[float] = None):
+    """softmax(q·kᵀ · scale, masked by `allowed`) · v with grouped-query heads.
+
+    q: (b, lq, h, dh); k: (b, lk, kv, dh); v: (b, lk, kv, dv); allowed: (b, lq, lk) bool; h % kv == 0.
+    scale defaults to 1/sqrt(dh). Logits and softmax in float32 (float64 inputs: float64).
+    Returns (b, lq, h, dv) in q's dtype.
+    """
+    fn = "dot_product_attention"
+    check_array(fn, "q", q, ("b", "lq", "h", "dh"))
+    b, lq, h, dh = q.shape
+    check_array(fn, "k", k, (b, "lk", "kv", dh))
+    lk, kv = k.shape[1], k.shape[2]
+    check_array(fn, "v", v, (b, lk, kv, "dv"))
+    check_array(fn, "allowed", allowed, (b, lq, lk), kind="any")
+    if h % kv:
+        raise ValueError(f"{fn}: the number of query heads ({h}, axis 2 of `q`) must be a multiple of the "
+                         f"number of key/value heads ({kv}, axis 2 of `k`)")
+    cd = compute_dtype(q, k, v)
+    scale = dh ** -0.5 if scale is None else scale
+    qg = q.reshape(b, lq, kv, h // kv, dh)  # head i -> (kv head i // g, member i % g), as HF's repeat_kv
+    logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=cd) * scale
+    logits = jnp.where(allowed[:, None, None].astype(bool), logits.astype(cd), MASK_VALUE)
+    logits = logits - jnp.max(logits, axis=-1, keepdims=True)
+    probs = jnp.exp(logits)
+    probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(cd), preferred_element_type=cd)
+    return out.reshape(b, lq, h, v.shape[-1]).astype(q.dtype)
+
+
+def segment_ids(seq_idx, start=None):
+    """Segment numbers (b, l) int32 that grow by one wherever `seq_idx` changes along a row.
+
+    seq_idx: (b, l) int (packed sequences; only changes matter, as in the scans: [0, 0, 1, 1, 0] is three
+    sequences); start: optional (b,) int, the segment of the first token (default 0) — a chunk continues
+    the last segment of the chunks before it.
+    """
+    check_array("segment_ids", "seq_idx", seq_idx, ("b", "l"), kind="int")
+    b, _ = seq_idx.shape
+    changes = jnp.concatenate([jnp.zeros((b, 1), jnp.int32),
+                               (seq_idx[:, 1:] != seq_idx[:, :-1]).astype(jnp.int32)], axis=1)
+    seg = jnp.cumsum(changes, axis=1)
+    if start is not None:
+        check_array("segment_ids", "start", start, (b,), kind="int")
+        seg = seg + start.astype(jnp.int32)[:, None]
+    return seg
+
+
+def attention_mask(q_slots, k_slots, *, key_valid=None, q_segments=None, k_segments=None):
+    """The causal `allowed` mask (b, lq, lk): key slot <= query slot, key valid, same segment.
+
+    q_slots: (b, lq) int, the sequence (cache) slot of each query; k_slots: (b, lk) int, of each key.
+    key_valid: optional (b, lk) bool/int, False (0) for keys that must never be attended to (padding,
+    unwritten cache slots). q_segments (b, lq) / k_segments (b, lk): optional int segment numbers (give
+    both or neither); a query only sees keys of its own segment.
+    """
+    fn = "attention_mask"
+    check_array(fn, "q_slots", q_slots, ("b", "lq"), kind="int")
+    b, lq = q_slots.shape
+    check_array(fn, "k_slots", k_slots, (b, "lk"), kind="int")
+    lk = k_slots.shape[1]
+    allowed = k_slots[:, None, :] <= q_slots[:, :, None]
+    if key_valid is not None:
+        check_array(fn, "key_valid", key_valid, (b, lk), kind="any")
+        allowed = allowed & key_valid.astype(bool)[:, None, :]
+    if (q_segments is None) != (k_segments is None):
+        raise ValueError(f"{fn}: pass both `q_segments` (b, lq) and `k_segments` (b, lk), or neither")
+    if q_segments is not None:
+        check_array(fn, "q_segments", q_segments, (b, lq), kind="int")
+        check_array(fn, "k_segments", k_segments, (b, lk), kind="int")
+        allowed = allowed & (q_segments[:, :, None] == k_segments[:, None, :])
+    return allowed
