@@ -16,6 +16,8 @@ EXPERIMENTS = {
 BENCHMARKS = {
     "scan": "experiments.bench_scan.run",
     "hf": "experiments.bench_hf.run",
+    "decode": "experiments.bench_models.decode",
+    "prefill": "experiments.bench_models.prefill",
 }
 
 
