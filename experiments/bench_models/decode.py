@@ -32,7 +32,7 @@ def cache_after(model, batch: int, context: int, steps: int, key) -> ModelCache:
                   for k, x in zip(keys, layer)]
         layer = type(layer)(*filled)
         if hasattr(layer, "valid"):
-            layer = layer._replace(valid=jnp.arange(context + steps)[None, :] < context,
+            layer = layer._replace(valid=jnp.broadcast_to(jnp.arange(context + steps) < context, layer.valid.shape),
                                    index=jnp.asarray(context, layer.index.dtype))
         layers.append(layer)
     return ModelCache(tuple(layers), jnp.full((batch,), context, jnp.int32))
