@@ -47,12 +47,22 @@ def _require(raw: Mapping[str, Any], key: str):
     return raw[key]
 
 
+def _json_float(value) -> float:
+    """A float from config.json: a number, or transformers 5's {"__float__": "Infinity"} for non-finite ones."""
+    if isinstance(value, Mapping) and set(value) == {"__float__"}:
+        value = value["__float__"]
+    return float(value)
+
+
 def _dt_limit(raw: Mapping[str, Any]) -> Tuple[float, Any]:
     """(dt_limit_min, dt_limit_max or None) from `time_step_limit` [min, max] (default (0, inf))."""
     limit = raw.get("time_step_limit", (0.0, math.inf))
     if not isinstance(limit, (list, tuple)) or len(limit) != 2:
         raise ValueError(f"load_hf: config.json `time_step_limit` must be a pair [min, max]; got {limit!r}")
-    lo, hi = float(limit[0]), float(limit[1])
+    try:
+        lo, hi = _json_float(limit[0]), _json_float(limit[1])
+    except (TypeError, ValueError):
+        raise ValueError(f"load_hf: config.json `time_step_limit` must be a pair of numbers; got {limit!r}") from None
     if not 0.0 <= lo < hi:
         raise ValueError(f"load_hf: config.json `time_step_limit` must satisfy 0 <= min < max; got {limit!r}")
     return lo, (None if math.isinf(hi) else hi)
@@ -121,7 +131,7 @@ def config_to_hf(config: Mamba2Config) -> Dict[str, Any]:
     if config.d_intermediate:
         raise ValueError(f"save_hf: `d_intermediate`={config.d_intermediate} (an MLP per layer) has no HF Mamba-2 "
                          "equivalent; use mamba_jax.interop.save_pretrained")
-    return {
+    out = {
         "architectures": ["Mamba2ForCausalLM"],
         "model_type": MODEL_TYPE,
         "vocab_size": config.vocab_size,
@@ -139,7 +149,6 @@ def config_to_hf(config: Mamba2Config) -> Dict[str, Any]:
         "time_step_min": config.dt_min,
         "time_step_max": config.dt_max,
         "time_step_floor": config.dt_init_floor,
-        "time_step_limit": [config.dt_limit_min, math.inf if config.dt_limit_max is None else config.dt_limit_max],
         "chunk_size": config.chunk_size,
         "layer_norm_epsilon": config.rms_norm_eps,
         "residual_in_fp32": config.residual_in_fp32,
@@ -149,6 +158,12 @@ def config_to_hf(config: Mamba2Config) -> Dict[str, Any]:
         "use_cache": True,
         "dtype": config.param_dtype,
     }
+    if (config.dt_limit_min, config.dt_limit_max) != (0.0, None):
+        # Omitted at the default (0, inf), so the file stays strict JSON; otherwise an infinite upper limit is
+        # written as `Infinity`, which Python's json (and so transformers) reads.
+        out["time_step_limit"] = [config.dt_limit_min,
+                                  math.inf if config.dt_limit_max is None else config.dt_limit_max]
+    return out
 
 
 def tensor_specs(config: Mamba2Config) -> Tuple[TensorSpec, ...]:

@@ -116,7 +116,8 @@ def _check_inputs(cfg: Mamba2Config, x, mask, cache) -> None:
         check_array(fn, "mask", mask, (b, l), kind="any")
     if cache is not None:
         if not isinstance(cache, Mamba2Cache):
-            raise ValueError(f"{fn}: `cache` must be a Mamba2Cache (from `init_mamba2_cache`); got {type(cache).__name__}")
+            raise ValueError(f"{fn}: `cache` must be a Mamba2Cache (from `init_mamba2_cache`); "
+                             f"got {type(cache).__name__}")
         check_array(fn, "cache.conv_state", cache.conv_state, (b, cfg.d_conv - 1, cfg.conv_dim))
         check_array(fn, "cache.ssm_state", cache.ssm_state, (b, cfg.nheads, cfg.headdim, cfg.d_state))
 
