@@ -22,6 +22,7 @@ from mamba_jax.layers.config import ATTENTION, MAMBA, MAMBA2, BaseLMConfig
 from mamba_jax.layers.mlp import GatedMLP
 from mamba_jax.layers.norm import RMSNorm
 from mamba_jax.ops._checks import check_array
+from mamba_jax.ops.attention import segment_ids
 from mamba_jax.sharding import EMBED, VOCAB
 
 
@@ -77,11 +78,11 @@ def token_positions(mask, seq_idx, start, batch: int, length: int):
         start = jnp.zeros((batch,), jnp.int32)
     if seq_idx is None:
         return pos + start[:, None]
+    segment = segment_ids(seq_idx)
     idx = jnp.arange(length, dtype=jnp.int32)
-    new_segment = jnp.concatenate([jnp.ones((batch, 1), bool), seq_idx[:, 1:] != seq_idx[:, :-1]], axis=1)
+    new_segment = jnp.concatenate([jnp.ones((batch, 1), bool), segment[:, 1:] != segment[:, :-1]], axis=1)
     segment_start = jax.lax.cummax(jnp.where(new_segment, idx, 0), axis=1)
-    first = seq_idx == seq_idx[:, :1]
-    return pos - jnp.take_along_axis(pos, segment_start, axis=1) + jnp.where(first, start[:, None], 0)
+    return pos - jnp.take_along_axis(pos, segment_start, axis=1) + jnp.where(segment == 0, start[:, None], 0)
 
 
 class DecoderBlock(nn.Module):
@@ -195,8 +196,10 @@ class DecoderLM(nn.Module):
             return logits
         new_cache = None
         if cache is not None:
-            consumed = l if mask is None else jnp.sum(mask.astype(jnp.int32), axis=1)
-            new_cache = ModelCache(tuple(new_layers), cache.positions + consumed)
+            # the next position follows the last token's (packed chunks restart positions per sequence)
+            consumed = jnp.full((b,), l) if mask is None else jnp.sum(mask.astype(jnp.int32), axis=1)
+            next_positions = jnp.where(consumed > 0, positions[:, -1] + 1, cache.positions)
+            new_cache = ModelCache(tuple(new_layers), next_positions.astype(jnp.int32))
         return LMOutput(logits, new_cache, tuple(hidden_states) if return_hidden_states else None)
 
 

@@ -218,3 +218,23 @@ def test_token_positions_count_real_tokens_and_restart_per_segment():
     seq_idx = jnp.array([[0, 0, 1, 1, 1], [3, 3, 3, 5, 5]])
     start = jnp.array([4, 7])
     np.testing.assert_array_equal(token_positions(None, seq_idx, start, 2, 5), [[4, 5, 0, 1, 2], [7, 8, 9, 0, 1]])
+    # ids may repeat: only changes matter, as in the scans ([0, 0, 1, 1, 0, 0] is three sequences)
+    np.testing.assert_array_equal(token_positions(None, jnp.array([[0, 0, 1, 1, 0, 0]]), jnp.array([5]), 1, 6),
+                                  [[5, 6, 0, 1, 0, 1]])
+
+
+def test_cache_positions_continue_after_a_packed_chunk():
+    """After a packed prefill the next token continues the last sequence: decoding equals the forward of
+    that sequence alone (rotary positions would differ otherwise)."""
+    model = TransformerLM(TransformerConfig(**COMMON, n_layer=1, n_heads=4, d_intermediate=48))
+    params = init_params(model, jax.random.PRNGKey(12))
+    first, last = _ids(13, 1, 5), _ids(14, 1, 4)
+    packed = jnp.concatenate([first, last], axis=1)
+    seq_idx = jnp.array([[0] * 5 + [1] * 4])
+    cache = init_cache(model.config, 1, max_len=12)
+    cache = model.apply({"params": params}, packed, seq_idx=seq_idx, cache=cache).cache
+    np.testing.assert_array_equal(cache.positions, [4])
+    nxt = _ids(15, 1, 1)
+    decoded, _ = step(model, params, nxt[:, 0], cache)
+    alone = model.apply({"params": params}, jnp.concatenate([last, nxt], axis=1))
+    np.testing.assert_allclose(decoded, alone[:, -1], atol=1e-5)

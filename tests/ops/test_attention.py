@@ -1,0 +1,193 @@
+"""Attention ops vs independent numpy references (float64 loops), HF Llama's rotary, and bad inputs."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from mamba_jax.ops import attention_mask, dot_product_attention, rotary_embedding, segment_ids
+
+
+def _rng(seed):
+    return np.random.RandomState(seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# rotary
+# --------------------------------------------------------------------------------------------------
+
+def rotary_numpy(x, positions, theta):
+    """Complex-number rotary in float64: (x1 + i·x2) · exp(i · pos · theta^(-2j/dh)), halves not interleaved."""
+    x = np.asarray(x, np.float64)
+    dh = x.shape[-1]
+    half = dh // 2
+    freqs = theta ** (-np.arange(half, dtype=np.float64) * 2.0 / dh)
+    angle = np.asarray(positions, np.float64)[:, :, None, None] * freqs  # (b, l, 1, half)
+    z = (x[..., :half] + 1j * x[..., half:]) * np.exp(1j * angle)
+    return np.concatenate([z.real, z.imag], axis=-1)
+
+
+@pytest.mark.parametrize("dh,theta", [(8, 10000.0), (2, 500.0), (12, 1e6)])
+def test_rotary_matches_numpy(dh, theta):
+    r = _rng(dh)
+    x = r.randn(2, 7, 3, dh).astype(np.float32)
+    pos = r.randint(0, 300, (2, 7)).astype(np.int32)
+    out = rotary_embedding(jnp.asarray(x), jnp.asarray(pos), theta)
+    assert out.shape == x.shape and out.dtype == jnp.float32
+    np.testing.assert_allclose(out, rotary_numpy(x, pos, theta), rtol=1e-5, atol=2e-5)
+
+
+def test_rotary_matches_transformers_apply_rotary_pos_emb():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama import modeling_llama as ml
+
+    config = transformers.LlamaConfig(hidden_size=48, num_attention_heads=4, head_dim=12,
+                                      rope_parameters={"rope_type": "default", "rope_theta": 321.0})
+    r = _rng(1)
+    q = r.randn(2, 9, 4, 12).astype(np.float32)
+    k = r.randn(2, 9, 2, 12).astype(np.float32)
+    pos = np.stack([np.arange(9), np.arange(40, 49)]).astype(np.int64)
+    with torch.no_grad():
+        rope = ml.LlamaRotaryEmbedding(config)
+        qt = torch.from_numpy(q).transpose(1, 2)  # HF layout (b, h, l, dh)
+        kt = torch.from_numpy(k).transpose(1, 2)
+        cos, sin = rope(qt, torch.from_numpy(pos))
+        q_hf, k_hf = ml.apply_rotary_pos_emb(qt, kt, cos, sin)
+    pos_j = jnp.asarray(pos, jnp.int32)
+    np.testing.assert_allclose(rotary_embedding(jnp.asarray(q), pos_j, 321.0), q_hf.transpose(1, 2).numpy(),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rotary_embedding(jnp.asarray(k), pos_j, 321.0), k_hf.transpose(1, 2).numpy(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_rotary_scores_depend_on_relative_position_only():
+    r = _rng(2)
+    q, k = r.randn(1, 1, 1, 16).astype(np.float32), r.randn(1, 1, 1, 16).astype(np.float32)
+    score = lambda pq, pk: float(jnp.sum(rotary_embedding(jnp.asarray(q), jnp.full((1, 1), pq, jnp.int32))
+                                         * rotary_embedding(jnp.asarray(k), jnp.full((1, 1), pk, jnp.int32))))
+    np.testing.assert_allclose(score(5, 2), score(105, 102), rtol=1e-4)
+    assert abs(score(5, 2) - score(5, 4)) > 1e-3
+
+
+def test_rotary_keeps_bfloat16_and_position_zero_is_identity():
+    x = jnp.asarray(_rng(3).randn(1, 4, 2, 8), jnp.bfloat16)
+    out = rotary_embedding(x, jnp.zeros((1, 4), jnp.int32))
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(x, np.float32))
+
+
+# --------------------------------------------------------------------------------------------------
+# dot-product attention
+# --------------------------------------------------------------------------------------------------
+
+def attention_numpy(q, k, v, allowed, scale):
+    """A float64 loop: per batch row, query head i reads kv head i // (h / kv); softmax over allowed keys,
+    uniform over all keys when none is allowed."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    b, lq, h, _ = q.shape
+    kv = k.shape[2]
+    out = np.zeros((b, lq, h, v.shape[-1]))
+    for bi in range(b):
+        for hi in range(h):
+            kh = hi // (h // kv)
+            for i in range(lq):
+                keys = np.flatnonzero(allowed[bi, i])
+                if keys.size == 0:
+                    out[bi, i, hi] = v[bi, :, kh].mean(axis=0)
+                    continue
+                s = np.array([q[bi, i, hi] @ k[bi, j, kh] * scale for j in keys])
+                p = np.exp(s - s.max())
+                p /= p.sum()
+                out[bi, i, hi] = p @ v[bi, keys, kh]
+    return out
+
+
+@pytest.mark.parametrize("h,kv", [(4, 4), (6, 2), (6, 3), (4, 1)])
+def test_attention_matches_numpy_loop_with_gqa_and_masks(h, kv):
+    r = _rng(h * 10 + kv)
+    b, lq, lk, dh, dv = 2, 5, 9, 8, 6
+    q = r.randn(b, lq, h, dh).astype(np.float32)
+    k = r.randn(b, lk, kv, dh).astype(np.float32)
+    v = r.randn(b, lk, kv, dv).astype(np.float32)
+    allowed = r.rand(b, lq, lk) < 0.6
+    allowed[0, 1] = False  # one fully masked row
+    out = dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(allowed))
+    assert out.shape == (b, lq, h, dv) and out.dtype == jnp.float32
+    np.testing.assert_allclose(out, attention_numpy(q, k, v, allowed, dh ** -0.5), rtol=1e-5, atol=1e-5)
+    custom = dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(allowed), scale=0.3)
+    np.testing.assert_allclose(custom, attention_numpy(q, k, v, allowed, 0.3), rtol=1e-5, atol=1e-5)
+
+
+def test_fully_masked_rows_stay_finite_with_huge_logits():
+    q = jnp.full((1, 3, 2, 4), 1e4, jnp.float32)
+    k = jnp.full((1, 5, 1, 4), 1e4, jnp.float32)
+    v = jnp.asarray(_rng(4).randn(1, 5, 1, 4), jnp.float32)
+    out = dot_product_attention(q, k, v, jnp.zeros((1, 3, 5), bool))
+    assert bool(jnp.all(jnp.isfinite(out)))
+    grads = jax.grad(lambda q: jnp.sum(dot_product_attention(q, k, v, jnp.zeros((1, 3, 5), bool))))(q)
+    assert bool(jnp.all(jnp.isfinite(grads)))
+    bf = dot_product_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16),
+                               jnp.eye(3, 5, dtype=bool)[None])
+    assert bf.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(bf)))
+
+
+def test_attention_gradients_float64():
+    with jax.enable_x64(True):
+        r = _rng(5)
+        q, k, v = (jnp.asarray(r.randn(*s)) for s in [(1, 3, 4, 4), (1, 4, 2, 4), (1, 4, 2, 4)])
+        allowed = jnp.asarray(r.rand(1, 3, 4) < 0.7).at[:, :, 0].set(True)
+        check_grads(lambda q, k, v: dot_product_attention(q, k, v, allowed), (q, k, v), order=1,
+                    modes=("rev",), atol=1e-6, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# masks and segments
+# --------------------------------------------------------------------------------------------------
+
+def test_attention_mask_matches_loop():
+    r = _rng(6)
+    b, lq, lk = 2, 4, 7
+    q_slots = np.stack([np.arange(3, 7)] * b).astype(np.int32)
+    k_slots = np.stack([np.arange(lk)] * b).astype(np.int32)
+    valid = r.rand(b, lk) < 0.7
+    q_seg, k_seg = r.randint(0, 2, (b, lq)).astype(np.int32), r.randint(0, 2, (b, lk)).astype(np.int32)
+    got = np.asarray(attention_mask(jnp.asarray(q_slots), jnp.asarray(k_slots), key_valid=jnp.asarray(valid),
+                                    q_segments=jnp.asarray(q_seg), k_segments=jnp.asarray(k_seg)))
+    for bi in range(b):
+        for i in range(lq):
+            for j in range(lk):
+                expected = k_slots[bi, j] <= q_slots[bi, i] and valid[bi, j] and q_seg[bi, i] == k_seg[bi, j]
+                assert got[bi, i, j] == expected
+    plain = np.asarray(attention_mask(jnp.asarray(q_slots), jnp.asarray(k_slots)))
+    np.testing.assert_array_equal(plain, k_slots[:, None, :] <= q_slots[:, :, None])
+
+
+def test_segment_ids_count_changes():
+    seq_idx = jnp.asarray([[0, 0, 1, 1, 0], [5, 5, 5, 2, 2]], jnp.int32)
+    np.testing.assert_array_equal(segment_ids(seq_idx), [[0, 0, 1, 1, 2], [0, 0, 0, 1, 1]])
+    np.testing.assert_array_equal(segment_ids(seq_idx, jnp.asarray([3, 0], jnp.int32)),
+                                  [[3, 3, 4, 4, 5], [0, 0, 0, 1, 1]])
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: rotary_embedding(jnp.zeros((1, 2, 3, 5)), jnp.zeros((1, 2), jnp.int32)), "head_dim.*even.*5"),
+    (lambda: rotary_embedding(jnp.zeros((1, 2, 4)), jnp.zeros((1, 2), jnp.int32)), r"`x` must have shape \(b, l, h, dh\)"),
+    (lambda: rotary_embedding(jnp.zeros((1, 2, 3, 4)), jnp.zeros((1, 2))), "`positions` must be an integer"),
+    (lambda: rotary_embedding(jnp.zeros((1, 2, 3, 4)), jnp.zeros((2, 2), jnp.int32)), r"`positions` must have shape \(1, 2\)"),
+    (lambda: dot_product_attention(jnp.zeros((1, 2, 6, 4)), jnp.zeros((1, 3, 4, 4)), jnp.zeros((1, 3, 4, 4)),
+                                   jnp.ones((1, 2, 3), bool)), "multiple of the number of key/value heads"),
+    (lambda: dot_product_attention(jnp.zeros((1, 2, 4, 4)), jnp.zeros((1, 3, 2, 8)), jnp.zeros((1, 3, 2, 4)),
+                                   jnp.ones((1, 2, 3), bool)), r"`k` must have shape \(1, lk, kv, 4\)"),
+    (lambda: dot_product_attention(jnp.zeros((1, 2, 4, 4)), jnp.zeros((1, 3, 2, 4)), jnp.zeros((1, 5, 2, 4)),
+                                   jnp.ones((1, 2, 3), bool)), r"`v` must have shape \(1, 3, 2, dv\)"),
+    (lambda: dot_product_attention(jnp.zeros((1, 2, 4, 4)), jnp.zeros((1, 3, 2, 4)), jnp.zeros((1, 3, 2, 4)),
+                                   jnp.ones((1, 3, 2), bool)), r"`allowed` must have shape \(1, 2, 3\)"),
+    (lambda: attention_mask(jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 3), jnp.int32),
+                            q_segments=jnp.zeros((1, 2), jnp.int32)), "both `q_segments`"),
+    (lambda: attention_mask(jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 3), jnp.int32),
+                            key_valid=jnp.ones((1, 2), bool)), r"`key_valid` must have shape \(1, 3\)"),
+])
+def test_bad_inputs_name_the_argument(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
