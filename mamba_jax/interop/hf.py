@@ -214,19 +214,19 @@ class TensorSpec(NamedTuple):
     to_torch: Callable[[np.ndarray], np.ndarray]
 
 
-def _same(x):
+def keep(x):
     return x
 
 
-def _transpose(x):
+def transpose(x):
     return np.ascontiguousarray(x.T)
 
 
-def _conv_to_ours(w):  # (di, 1, k) -> (k, di)
+def conv_to_ours(w):  # (di, 1, k) -> (k, di)
     return np.ascontiguousarray(w[:, 0, :].T)
 
 
-def _conv_to_torch(w):  # (k, di) -> (di, 1, k)
+def conv_to_torch(w):  # (k, di) -> (di, 1, k)
     return np.ascontiguousarray(w.T[:, None, :])
 
 
@@ -237,25 +237,25 @@ def tensor_specs(config: MambaConfig) -> Tuple[TensorSpec, ...]:
     for i in range(config.n_layer):
         t, o = f"backbone.layers.{i}.", (f"layers_{i}",)
         m, om = t + "mixer.", o + ("mixer",)
-        specs.append(TensorSpec(t + "norm.weight", (d,), o + ("norm", "weight"), _same, _same))
+        specs.append(TensorSpec(t + "norm.weight", (d,), o + ("norm", "weight"), keep, keep))
         specs.append(TensorSpec(m + "in_proj.weight", (2 * di, d), om + ("in_proj", "kernel"),
-                                _transpose, _transpose))
+                                transpose, transpose))
         if config.bias:
-            specs.append(TensorSpec(m + "in_proj.bias", (2 * di,), om + ("in_proj", "bias"), _same, _same))
+            specs.append(TensorSpec(m + "in_proj.bias", (2 * di,), om + ("in_proj", "bias"), keep, keep))
         specs.append(TensorSpec(m + "conv1d.weight", (di, 1, k), om + ("conv1d_kernel",),
-                                _conv_to_ours, _conv_to_torch))
+                                conv_to_ours, conv_to_torch))
         if config.conv_bias:
-            specs.append(TensorSpec(m + "conv1d.bias", (di,), om + ("conv1d_bias",), _same, _same))
+            specs.append(TensorSpec(m + "conv1d.bias", (di,), om + ("conv1d_bias",), keep, keep))
         specs.append(TensorSpec(m + "x_proj.weight", (r + 2 * n, di), om + ("x_proj", "kernel"),
-                                _transpose, _transpose))
-        specs.append(TensorSpec(m + "dt_proj.weight", (di, r), om + ("dt_proj_kernel",), _transpose, _transpose))
-        specs.append(TensorSpec(m + "dt_proj.bias", (di,), om + ("dt_proj_bias",), _same, _same))
-        specs.append(TensorSpec(m + "A_log", (di, n), om + ("A_log",), _same, _same))
-        specs.append(TensorSpec(m + "D", (di,), om + ("D",), _same, _same))
-        specs.append(TensorSpec(m + "out_proj.weight", (d, di), om + ("out_proj", "kernel"), _transpose, _transpose))
+                                transpose, transpose))
+        specs.append(TensorSpec(m + "dt_proj.weight", (di, r), om + ("dt_proj_kernel",), transpose, transpose))
+        specs.append(TensorSpec(m + "dt_proj.bias", (di,), om + ("dt_proj_bias",), keep, keep))
+        specs.append(TensorSpec(m + "A_log", (di, n), om + ("A_log",), keep, keep))
+        specs.append(TensorSpec(m + "D", (di,), om + ("D",), keep, keep))
+        specs.append(TensorSpec(m + "out_proj.weight", (d, di), om + ("out_proj", "kernel"), transpose, transpose))
         if config.bias:
-            specs.append(TensorSpec(m + "out_proj.bias", (d,), om + ("out_proj", "bias"), _same, _same))
-    specs.append(TensorSpec("backbone.norm_f.weight", (d,), ("norm_f", "weight"), _same, _same))
+            specs.append(TensorSpec(m + "out_proj.bias", (d,), om + ("out_proj", "bias"), keep, keep))
+    specs.append(TensorSpec("backbone.norm_f.weight", (d,), ("norm_f", "weight"), keep, keep))
     return tuple(specs)
 
 
@@ -327,8 +327,11 @@ def families() -> Tuple[HFFamily, ...]:
 
 def family_for_config(raw: Mapping[str, Any]) -> HFFamily:
     """The family of a parsed config.json: by `model_type`; a dict with `d_model` and no model_type is an
-    official state-spaces (Mamba-1) config."""
+    official state-spaces config (Mamba-2 when `ssm_cfg.layer` is "Mamba2", else Mamba-1)."""
     model_type = raw.get("model_type")
+    from mamba_jax.interop.hf_mamba2 import FAMILY as MAMBA2_FAMILY, is_official_mamba2
+    if is_official_mamba2(raw):
+        return MAMBA2_FAMILY
     if (model_type is None and "d_model" in raw) or model_type == MAMBA_FAMILY.model_type:
         return MAMBA_FAMILY
     for family in families():
@@ -390,7 +393,7 @@ def params_from_torch_tensors(tensors: Mapping[str, np.ndarray], config, param_d
                 raise ValueError(f"load_hf: config says the embeddings are tied but `{family.head_name}` differs "
                                  f"from `{embed_names[0]}`; set tie_word_embeddings/tie_embeddings to false")
     else:
-        _set_path(params, ("lm_head", "kernel"), cast(_transpose(_vocab_table(tensors, family.head_name, config))))
+        _set_path(params, ("lm_head", "kernel"), cast(transpose(_vocab_table(tensors, family.head_name, config))))
     return params
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Tuple
 
-from mamba_jax.interop.hf import LM_HEAD, HFFamily, TensorSpec, _same, _transpose
+from mamba_jax.interop.hf import LM_HEAD, HFFamily, TensorSpec, keep, transpose
 from mamba_jax.layers.attention import TransformerConfig
 from mamba_jax.models.transformer import TransformerLM
 
@@ -171,9 +171,9 @@ def config_to_hf(config: TransformerConfig) -> Dict[str, Any]:
 
 
 def _linear(specs, name: str, out_features: int, in_features: int, path: Tuple[str, ...], bias: bool) -> None:
-    specs.append(TensorSpec(name + ".weight", (out_features, in_features), path + ("kernel",), _transpose, _transpose))
+    specs.append(TensorSpec(name + ".weight", (out_features, in_features), path + ("kernel",), transpose, transpose))
     if bias:
-        specs.append(TensorSpec(name + ".bias", (out_features,), path + ("bias",), _same, _same))
+        specs.append(TensorSpec(name + ".bias", (out_features,), path + ("bias",), keep, keep))
 
 
 def tensor_specs(config: TransformerConfig) -> Tuple[TensorSpec, ...]:
@@ -184,15 +184,15 @@ def tensor_specs(config: TransformerConfig) -> Tuple[TensorSpec, ...]:
     specs = []
     for i in range(config.n_layer):
         t, o = f"model.layers.{i}.", (f"layers_{i}",)
-        specs.append(TensorSpec(t + "input_layernorm.weight", (d,), o + ("norm", "weight"), _same, _same))
+        specs.append(TensorSpec(t + "input_layernorm.weight", (d,), o + ("norm", "weight"), keep, keep))
         for proj, out_f, in_f in (("q_proj", h * dh, d), ("k_proj", kv * dh, d), ("v_proj", kv * dh, d),
                                   ("o_proj", d, h * dh)):
             _linear(specs, t + "self_attn." + proj, out_f, in_f, o + ("mixer", proj), ab)
         specs.append(TensorSpec(t + "post_attention_layernorm.weight", (d,), o + ("mlp_norm", "weight"),
-                                _same, _same))
+                                keep, keep))
         for proj, out_f, in_f in (("gate_proj", f, d), ("up_proj", f, d), ("down_proj", d, f)):
             _linear(specs, t + "mlp." + proj, out_f, in_f, o + ("mlp", proj), mb)
-    specs.append(TensorSpec("model.norm.weight", (d,), ("norm_f", "weight"), _same, _same))
+    specs.append(TensorSpec("model.norm.weight", (d,), ("norm_f", "weight"), keep, keep))
     return tuple(specs)
 
 

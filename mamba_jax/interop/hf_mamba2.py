@@ -31,8 +31,8 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, Mapping, Tuple
 
-from mamba_jax.interop.hf import (EMBED_HF, EMBED_OFFICIAL, LM_HEAD, HFFamily, TensorSpec, _conv_to_ours,
-                                  _conv_to_torch, _same, _transpose)
+from mamba_jax.interop.hf import (EMBED_HF, EMBED_OFFICIAL, LM_HEAD, HFFamily, TensorSpec, conv_to_ours,
+                                  conv_to_torch, keep, transpose)
 from mamba_jax.layers.mamba2 import Mamba2Config
 from mamba_jax.models.mamba2 import Mamba2LM
 
@@ -68,12 +68,66 @@ def _dt_limit(raw: Mapping[str, Any]) -> Tuple[float, Any]:
     return lo, (None if math.isinf(hi) else hi)
 
 
+# ssm_cfg keys of the official Mamba2 block that do not change the forward computation.
+_OFFICIAL_IGNORED = ("layer", "conv_init", "use_mem_eff_path", "layer_idx", "process_group", "sequence_parallel",
+                     "device", "dtype", "dt_init")
+
+
+def is_official_mamba2(raw: Mapping[str, Any]) -> bool:
+    """True for an official state-spaces config.json whose `ssm_cfg.layer` is "Mamba2"."""
+    return "model_type" not in raw and "d_model" in raw and (raw.get("ssm_cfg") or {}).get("layer") == "Mamba2"
+
+
+def config_from_official(raw: Mapping[str, Any]) -> Dict[str, Any]:
+    """Keyword arguments of Mamba2Config from an official state-spaces config.json (ssm_cfg.layer "Mamba2").
+
+    Missing ssm_cfg keys take the official `Mamba2` defaults. Refused (naming the key): attention layers
+    (`attn_layer_idx`), MLPs (`d_intermediate`), LayerNorm (`rms_norm` false), `d_ssm` other than the
+    inner width, `D_has_hdim`, an ungated norm (`rmsnorm` false).
+    """
+    ssm = dict(raw.get("ssm_cfg") or {})
+    used = ("d_state", "d_conv", "expand", "headdim", "ngroups", "A_init_range", "dt_min", "dt_max",
+            "dt_init_floor", "dt_limit", "bias", "conv_bias", "chunk_size", "norm_before_gate", "d_ssm",
+            "D_has_hdim", "rmsnorm")
+    unknown = sorted(set(ssm) - set(used) - set(_OFFICIAL_IGNORED))
+    if unknown:
+        raise ValueError(f"load_hf: config.json `ssm_cfg` has keys this loader does not understand: {unknown}")
+    if raw.get("attn_layer_idx"):
+        raise ValueError("load_hf: official hybrid checkpoints (non-empty `attn_layer_idx`) are not supported")
+    if raw.get("d_intermediate", 0):
+        raise ValueError("load_hf: official checkpoints with MLP blocks (`d_intermediate` > 0) are not supported")
+    if not raw.get("rms_norm", True):
+        raise ValueError("load_hf: config.json `rms_norm` is false (LayerNorm); Mamba2LM supports RMSNorm only")
+    d_model, expand = int(_require(raw, "d_model")), int(ssm.get("expand", 2))
+    if ssm.get("d_ssm") not in (None, expand * d_model):
+        raise ValueError(f"load_hf: `ssm_cfg.d_ssm`={ssm['d_ssm']} must be None or expand·d_model = {expand * d_model}")
+    if ssm.get("D_has_hdim", False) or not ssm.get("rmsnorm", True):
+        raise ValueError("load_hf: `ssm_cfg.D_has_hdim` true or `ssm_cfg.rmsnorm` false is not supported")
+    a_min, a_max = (float(x) for x in ssm.get("A_init_range", (1.0, 16.0)))
+    dt_limit_min, dt_limit_max = _dt_limit({"time_step_limit": ssm.get("dt_limit", (0.0, math.inf))})
+    return dict(
+        vocab_size=int(_require(raw, "vocab_size")), d_model=d_model, n_layer=int(_require(raw, "n_layer")),
+        d_state=int(ssm.get("d_state", 128)), d_conv=int(ssm.get("d_conv", 4)), expand=expand,
+        headdim=int(ssm.get("headdim", 64)), ngroups=int(ssm.get("ngroups", 1)), A_init_min=a_min,
+        A_init_max=a_max, dt_min=float(ssm.get("dt_min", 1e-3)), dt_max=float(ssm.get("dt_max", 0.1)),
+        dt_init_floor=float(ssm.get("dt_init_floor", 1e-4)), dt_limit_min=dt_limit_min,
+        dt_limit_max=dt_limit_max, conv_bias=bool(ssm.get("conv_bias", True)), bias=bool(ssm.get("bias", False)),
+        norm_before_gate=bool(ssm.get("norm_before_gate", False)), chunk_size=int(ssm.get("chunk_size", 256)),
+        rms_norm_eps=float(raw.get("norm_epsilon", 1e-5)), residual_in_fp32=bool(raw.get("residual_in_fp32", True)),
+        tie_embeddings=bool(raw.get("tie_embeddings", True)),
+        pad_vocab_size_multiple=int(raw.get("pad_vocab_size_multiple", 8)),
+    )
+
+
 def config_from_hf(raw: Mapping[str, Any]) -> Dict[str, Any]:
-    """Keyword arguments of Mamba2Config from an HF transformers `Mamba2Config` dict (config.json).
+    """Keyword arguments of Mamba2Config from an HF transformers `Mamba2Config` dict (config.json), or from
+    an official state-spaces one (see `config_from_official`).
 
     Missing optional keys take transformers' defaults. Raises ValueError naming the key for settings
     Mamba2LM cannot reproduce (e.g. num_heads·head_dim != expand·hidden_size, hidden_act != silu).
     """
+    if is_official_mamba2(raw):
+        return config_from_official(raw)
     if raw.get("model_type", MODEL_TYPE) != MODEL_TYPE:
         raise ValueError(f"load_hf: config.json `model_type` must be 'mamba2'; got {raw['model_type']!r}")
     act = raw.get("hidden_act", "silu")
@@ -174,21 +228,21 @@ def tensor_specs(config: Mamba2Config) -> Tuple[TensorSpec, ...]:
     for i in range(config.n_layer):
         t, o = f"backbone.layers.{i}.", (f"layers_{i}",)
         m, om = t + "mixer.", o + ("mixer",)
-        specs.append(TensorSpec(t + "norm.weight", (d,), o + ("norm", "weight"), _same, _same))
-        specs.append(TensorSpec(m + "in_proj.weight", (proj, d), om + ("in_proj", "kernel"), _transpose, _transpose))
+        specs.append(TensorSpec(t + "norm.weight", (d,), o + ("norm", "weight"), keep, keep))
+        specs.append(TensorSpec(m + "in_proj.weight", (proj, d), om + ("in_proj", "kernel"), transpose, transpose))
         if config.bias:
-            specs.append(TensorSpec(m + "in_proj.bias", (proj,), om + ("in_proj", "bias"), _same, _same))
+            specs.append(TensorSpec(m + "in_proj.bias", (proj,), om + ("in_proj", "bias"), keep, keep))
         specs.append(TensorSpec(m + "conv1d.weight", (cdim, 1, k), om + ("conv1d_kernel",),
-                                _conv_to_ours, _conv_to_torch))
+                                conv_to_ours, conv_to_torch))
         if config.conv_bias:
-            specs.append(TensorSpec(m + "conv1d.bias", (cdim,), om + ("conv1d_bias",), _same, _same))
+            specs.append(TensorSpec(m + "conv1d.bias", (cdim,), om + ("conv1d_bias",), keep, keep))
         for name in ("dt_bias", "A_log", "D"):
-            specs.append(TensorSpec(m + name, (h,), om + (name,), _same, _same))
-        specs.append(TensorSpec(m + "norm.weight", (di,), om + ("norm_weight",), _same, _same))
-        specs.append(TensorSpec(m + "out_proj.weight", (d, di), om + ("out_proj", "kernel"), _transpose, _transpose))
+            specs.append(TensorSpec(m + name, (h,), om + (name,), keep, keep))
+        specs.append(TensorSpec(m + "norm.weight", (di,), om + ("norm_weight",), keep, keep))
+        specs.append(TensorSpec(m + "out_proj.weight", (d, di), om + ("out_proj", "kernel"), transpose, transpose))
         if config.bias:
-            specs.append(TensorSpec(m + "out_proj.bias", (d,), om + ("out_proj", "bias"), _same, _same))
-    specs.append(TensorSpec("backbone.norm_f.weight", (d,), ("norm_f", "weight"), _same, _same))
+            specs.append(TensorSpec(m + "out_proj.bias", (d,), om + ("out_proj", "bias"), keep, keep))
+    specs.append(TensorSpec("backbone.norm_f.weight", (d,), ("norm_f", "weight"), keep, keep))
     return tuple(specs)
 
 

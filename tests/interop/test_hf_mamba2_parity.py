@@ -276,3 +276,29 @@ def test_hf_defaults_fill_missing_keys():
         defaults.state_size, defaults.head_dim, defaults.n_groups, defaults.chunk_size)
     assert kwargs["tie_embeddings"] == defaults.tie_word_embeddings
     assert kwargs["rms_norm_eps"] == defaults.layer_norm_epsilon
+
+
+def test_official_layout_loads_to_same_logits(tmp_path):
+    """An official state-spaces Mamba-2 checkpoint (d_model/n_layer/ssm_cfg config, `backbone.embedding`,
+    vocab padded to a multiple of 8) of the same weights gives transformers' logits."""
+    kwargs = CONFIGS["g1_d24_tied_k2_n4_1layer"]
+    hf = _hf_model(kwargs, seed=11)
+    tensors = {k: v.detach().numpy() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    embedding = tensors.pop("backbone.embeddings.weight")
+    padded = -(-embedding.shape[0] // 8) * 8
+    tensors["backbone.embedding.weight"] = np.concatenate(
+        [embedding, np.zeros((padded - embedding.shape[0], embedding.shape[1]), embedding.dtype)])
+    official = dict(d_model=24, d_intermediate=0, n_layer=1, vocab_size=kwargs["vocab_size"], rms_norm=True,
+                    residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=8, tie_embeddings=True,
+                    attn_layer_idx=[], attn_cfg={},
+                    ssm_cfg=dict(layer="Mamba2", d_state=4, d_conv=2, expand=2, headdim=12, ngroups=1,
+                                 bias=False, conv_bias=True, chunk_size=5))
+    write_checkpoint(tmp_path, official, tensors)
+    model, params = load_hf(tmp_path)
+    assert isinstance(model, Mamba2LM) and model.config.headdim == 12
+    ids = _token_ids(kwargs["vocab_size"], seed=11, length=12)
+    np.testing.assert_allclose(_our_logits(model, params, ids), _hf_logits(hf, ids), atol=ATOL)
+    official["ssm_cfg"]["D_has_hdim"] = True
+    write_checkpoint(tmp_path, official, tensors)
+    with pytest.raises(ValueError, match="D_has_hdim"):
+        load_hf(tmp_path)
