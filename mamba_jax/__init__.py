@@ -1,6 +1,7 @@
-"""mamba-jax: selective state-space models (Mamba) in JAX/Flax.
+"""mamba-jax: selective state-space models (Mamba, Mamba-2), Transformers and hybrids in JAX/Flax.
 
-Layout: `ops` (pure functions: selective_scan, causal_conv1d, rms_norm) ← `layers` (Flax modules) ←
-`models` (MambaLM) ← `inference` (prefill/step/generate), `train`, `interop` (HF checkpoints).
+Layout: `ops` (pure functions: selective_scan, ssd, causal_conv1d, norms, attention) ← `layers` (family
+configs, Flax mixers) ← `models` (DecoderLM: MambaLM, Mamba2LM, TransformerLM, HybridLM) ← `inference`
+(prefill/step/generate), `train`, `interop` (HF and official checkpoints).
 """
 __version__ = "0.1.0"
