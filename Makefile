@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PYTEST_ARGS ?=
+# Tests run in parallel (pytest-xdist, one worker per core, at most 4); `make test PYTEST_ARGS=` runs serially.
+PYTEST_ARGS ?= -n auto --maxprocesses=4
 
 .PHONY: demo test install install-test bench clean
 
@@ -28,6 +29,8 @@ test: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	$(VENV)/bin/mamba-jax bench scan
 	$(VENV)/bin/mamba-jax bench hf
+	$(VENV)/bin/mamba-jax bench decode
+	$(VENV)/bin/mamba-jax bench prefill
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .hypothesis
