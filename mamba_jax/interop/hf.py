@@ -114,20 +114,27 @@ def _config_from_hf(raw: Mapping[str, Any]) -> Dict[str, Any]:
     )
 
 
-def _config_from_official(raw: Mapping[str, Any]) -> Dict[str, Any]:
-    """Keyword arguments of MambaConfig from a state-spaces `MambaConfig` dict."""
+def official_ssm_cfg(raw: Mapping[str, Any], known_keys, model_name: str) -> Dict[str, Any]:
+    """The `ssm_cfg` of an official state-spaces config.json, after refusing what `model_name` cannot
+    reproduce: unknown ssm_cfg keys, attention layers (`attn_layer_idx`), MLPs (`d_intermediate`), LayerNorm."""
     ssm = dict(raw.get("ssm_cfg") or {})
-    unknown = sorted(set(ssm) - set(_OFFICIAL_SSM_IGNORED) - set(_OFFICIAL_SSM_USED))
+    unknown = sorted(set(ssm) - set(known_keys))
     if unknown:
         raise ValueError(f"load_hf: config.json `ssm_cfg` has keys this loader does not understand: {unknown}")
+    if raw.get("attn_layer_idx"):
+        raise ValueError(f"load_hf: hybrid checkpoints (non-empty `attn_layer_idx`) are not supported by {model_name}")
+    if raw.get("d_intermediate", 0):
+        raise ValueError(f"load_hf: checkpoints with MLP blocks (`d_intermediate` > 0) are not supported by {model_name}")
+    if not raw.get("rms_norm", True):
+        raise ValueError(f"load_hf: config.json `rms_norm` is false (LayerNorm); {model_name} supports RMSNorm only")
+    return ssm
+
+
+def _config_from_official(raw: Mapping[str, Any]) -> Dict[str, Any]:
+    """Keyword arguments of MambaConfig from a state-spaces `MambaConfig` dict."""
+    ssm = official_ssm_cfg(raw, _OFFICIAL_SSM_USED + _OFFICIAL_SSM_IGNORED, "MambaLM")
     if ssm.get("layer", "Mamba1") != "Mamba1":
         raise ValueError(f"load_hf: only Mamba-1 checkpoints are supported; `ssm_cfg.layer` is {ssm['layer']!r}")
-    if raw.get("attn_layer_idx"):
-        raise ValueError("load_hf: hybrid checkpoints (non-empty `attn_layer_idx`) are not supported by MambaLM")
-    if raw.get("d_intermediate", 0):
-        raise ValueError("load_hf: checkpoints with MLP blocks (`d_intermediate` > 0) are not supported by MambaLM")
-    if not raw.get("rms_norm", True):
-        raise ValueError("load_hf: config.json `rms_norm` is false (LayerNorm); MambaLM supports RMSNorm only")
     return dict(
         vocab_size=int(_require(raw, "vocab_size", "official")),
         d_model=int(_require(raw, "d_model", "official")),

@@ -32,7 +32,7 @@ import math
 from typing import Any, Dict, Mapping, Tuple
 
 from mamba_jax.interop.hf import (EMBED_HF, EMBED_OFFICIAL, LM_HEAD, HFFamily, TensorSpec, conv_to_ours,
-                                  conv_to_torch, keep, transpose)
+                                  conv_to_torch, keep, official_ssm_cfg, transpose)
 from mamba_jax.layers.mamba2 import Mamba2Config
 from mamba_jax.models.mamba2 import Mamba2LM
 
@@ -85,19 +85,10 @@ def config_from_official(raw: Mapping[str, Any]) -> Dict[str, Any]:
     (`attn_layer_idx`), MLPs (`d_intermediate`), LayerNorm (`rms_norm` false), `d_ssm` other than the
     inner width, `D_has_hdim`, an ungated norm (`rmsnorm` false).
     """
-    ssm = dict(raw.get("ssm_cfg") or {})
     used = ("d_state", "d_conv", "expand", "headdim", "ngroups", "A_init_range", "dt_min", "dt_max",
             "dt_init_floor", "dt_limit", "bias", "conv_bias", "chunk_size", "norm_before_gate", "d_ssm",
             "D_has_hdim", "rmsnorm")
-    unknown = sorted(set(ssm) - set(used) - set(_OFFICIAL_IGNORED))
-    if unknown:
-        raise ValueError(f"load_hf: config.json `ssm_cfg` has keys this loader does not understand: {unknown}")
-    if raw.get("attn_layer_idx"):
-        raise ValueError("load_hf: official hybrid checkpoints (non-empty `attn_layer_idx`) are not supported")
-    if raw.get("d_intermediate", 0):
-        raise ValueError("load_hf: official checkpoints with MLP blocks (`d_intermediate` > 0) are not supported")
-    if not raw.get("rms_norm", True):
-        raise ValueError("load_hf: config.json `rms_norm` is false (LayerNorm); Mamba2LM supports RMSNorm only")
+    ssm = official_ssm_cfg(raw, used + _OFFICIAL_IGNORED, "Mamba2LM")
     d_model, expand = int(_require(raw, "d_model")), int(ssm.get("expand", 2))
     if ssm.get("d_ssm") not in (None, expand * d_model):
         raise ValueError(f"load_hf: `ssm_cfg.d_ssm`={ssm['d_ssm']} must be None or expand·d_model = {expand * d_model}")

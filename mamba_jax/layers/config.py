@@ -69,8 +69,9 @@ class BaseLMConfig:
     # -- what the model shell asks every config --
     @property
     def layer_kinds(self) -> Tuple[str, ...]:
-        """The mixer kind ("M", "M2" or "A") of every layer."""
-        raise NotImplementedError
+        """The mixer kind ("M", "M2" or "A") of every layer (each family config defines it)."""
+        raise TypeError("BaseLMConfig holds the shared fields only; build a model from MambaConfig, Mamba2Config, "
+                        "TransformerConfig or HybridConfig")
 
     def mixer_config(self, kind: str) -> "BaseLMConfig":
         """The config the mixer (and MLP) of a `kind` layer is built from."""
