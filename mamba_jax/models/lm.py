@@ -123,9 +123,14 @@ class DecoderLM(nn.Module):
       return_hidden_states: also return the residual stream after the embeddings and after each layer.
     Returns:
       logits, or an `LMOutput` when a cache or hidden states are requested.
+
+    `head=False` builds the stack alone — no token embeddings, final norm or head — for models that
+    bring their own read-in and read-out (e.g. `InContextRegressor`): it takes `inputs_embeds` only and
+    returns the residual stream after the last layer (b, l, d_model) in place of the logits.
     """
 
     config: BaseLMConfig
+    head: bool = True
     config_type = BaseLMConfig
 
     def __post_init__(self):
@@ -141,6 +146,8 @@ class DecoderLM(nn.Module):
         name = type(self).__name__
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError(f"{name}: pass exactly one of `input_ids` (b, l) and `inputs_embeds` (b, l, d_model)")
+        if not self.head and input_ids is not None:
+            raise ValueError(f"{name}: a model built with head=False has no token embeddings; pass `inputs_embeds`")
         if input_ids is not None:
             check_array(name, "input_ids", input_ids, ("b", "l"), kind="int")
             b, l = input_ids.shape
@@ -160,11 +167,12 @@ class DecoderLM(nn.Module):
                                  f"(from `init_cache(config, batch_size, max_len)`); got {type(cache).__name__}")
             check_array(name, "cache.positions", cache.positions, (b,), kind="int")
 
-        embed = nn.Embed(
-            cfg.padded_vocab_size, cfg.d_model, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-            embedding_init=nn.with_logical_partitioning(
-                nn.initializers.normal(cfg.initializer_range), (VOCAB, EMBED)),
-            name="embeddings")
+        if self.head:
+            embed = nn.Embed(
+                cfg.padded_vocab_size, cfg.d_model, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+                embedding_init=nn.with_logical_partitioning(
+                    nn.initializers.normal(cfg.initializer_range), (VOCAB, EMBED)),
+                name="embeddings")
         h = embed(input_ids) if input_ids is not None else inputs_embeds.astype(cfg.jnp_dtype)
         if positions is None:
             positions = token_positions(mask, seq_idx, None if cache is None else cache.positions, b, l)
@@ -183,15 +191,17 @@ class DecoderLM(nn.Module):
                 cache=None if cache is None else cache.layers[i])
             hidden_states.append(h)
             new_layers.append(layer_cache)
-        h = RMSNorm(cfg.rms_norm_eps, cfg.jnp_param_dtype, name="norm_f")(h).astype(cfg.jnp_dtype)
-        if cfg.tie_embeddings:
-            logits = embed.attend(h)
-        else:
-            logits = nn.Dense(cfg.padded_vocab_size, use_bias=False, dtype=cfg.jnp_dtype,
-                              param_dtype=cfg.jnp_param_dtype, name="lm_head",
-                              kernel_init=nn.with_logical_partitioning(
-                                  nn.initializers.normal(cfg.initializer_range), (EMBED, VOCAB)))(h)
-        logits = logits[..., :cfg.vocab_size].astype(jnp.promote_types(jnp.float32, logits.dtype))
+        if self.head:
+            h = RMSNorm(cfg.rms_norm_eps, cfg.jnp_param_dtype, name="norm_f")(h).astype(cfg.jnp_dtype)
+            if cfg.tie_embeddings:
+                h = embed.attend(h)
+            else:
+                h = nn.Dense(cfg.padded_vocab_size, use_bias=False, dtype=cfg.jnp_dtype,
+                             param_dtype=cfg.jnp_param_dtype, name="lm_head",
+                             kernel_init=nn.with_logical_partitioning(
+                                 nn.initializers.normal(cfg.initializer_range), (EMBED, VOCAB)))(h)
+            h = h[..., :cfg.vocab_size]
+        logits = h.astype(jnp.promote_types(jnp.float32, h.dtype))
         if cache is None and not return_hidden_states:
             return logits
         new_cache = None
