@@ -1,0 +1,106 @@
+"""Training an `InContextRegressor` on the Garg et al. function classes, with their curriculum.
+
+Pure pieces the run entry composes: the curriculum schedule, the loss (squared error at the x tokens,
+averaged over every position, as Garg et al.), a jitted train step, the per-position evaluation, and a
+`train` loop with a tqdm bar. Each step's prompts are a pure function of (seed, step).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, List, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from experiments.icl.baselines import squared_error
+from mamba_jax.data.function_classes import sample_prompts
+from mamba_jax.models.icl import InContextRegressor
+from mamba_jax.train import create_train_state
+
+LINEAR_TASKS = ("linear_regression", "skewed_linear_regression", "sparse_linear_regression")
+
+
+@dataclasses.dataclass(frozen=True)
+class Curriculum:
+    """A value that starts at `start` and grows by `increment` every `interval` steps up to `end`."""
+
+    start: int
+    end: int
+    increment: int
+    interval: int
+
+    def __post_init__(self):
+        if not 1 <= self.start <= self.end or self.increment < 0 or self.interval < 1:
+            raise ValueError(f"Curriculum: need 1 <= start <= end, increment >= 0, interval >= 1; got {self}")
+
+    def value(self, step: int) -> int:
+        return min(self.end, self.start + self.increment * (step // self.interval))
+
+
+def paper_curricula(task: str, d: int = 20, interval: int = 2000):
+    """(dimensions, points) curricula of Garg et al.: dimension 5 → d (+1), points 11 → 41 (+2) for the
+    linear tasks and 26 → 101 (+5) for ReLU nets and trees, each step every `interval` steps."""
+    dims = Curriculum(min(5, d), d, 1, interval)
+    points = Curriculum(11, 41, 2, interval) if task in LINEAR_TASKS else Curriculum(26, 101, 5, interval)
+    return dims, points
+
+
+def icl_loss(preds, ys):
+    """Mean squared error over every prompt and position: preds, ys (b, n) -> scalar."""
+    return jnp.mean(jnp.square(preds.astype(jnp.float32) - ys.astype(jnp.float32)))
+
+
+def make_train_step(donate: bool = True) -> Callable:
+    """A jitted ``step(state, xs, ys) -> (state, loss)`` (one compilation per prompt length)."""
+
+    def step(state, xs, ys):
+        def loss_fn(params):
+            return icl_loss(state.apply_fn({"params": params}, xs, ys), ys)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(grads=grads), loss
+
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def init_state(model: InContextRegressor, key, d: int, learning_rate: float, n_points: int = 4):
+    """A TrainState with Adam (Garg et al.: Adam, 1e-4) and freshly initialised parameters."""
+    xs, ys = jnp.zeros((1, n_points, d)), jnp.zeros((1, n_points))
+    params = nn.meta.unbox(jax.jit(model.init)(key, xs, ys)["params"])
+    return create_train_state(model.apply, params, optax.adam(learning_rate))
+
+
+def model_errors(model, params, xs, ys, task: str, d: int, k: int = 3) -> np.ndarray:
+    """Normalised squared error (n,) of the model at every position (1 = predicting 0)."""
+    preds = jax.jit(model.apply)({"params": params}, xs, ys)
+    return squared_error(np.asarray(preds), np.asarray(ys), task, d, k)
+
+
+def train(model: InContextRegressor, *, task: str, d: int, num_steps: int, batch_size: int,
+          dims: Curriculum, points: Curriculum, learning_rate: float = 1e-4, seed: int = 0,
+          log_every: int = 50, progress: bool = True, state=None, start_step: int = 0,
+          task_kwargs: Optional[Dict] = None):
+    """Train for steps [start_step, num_steps); returns (state, history: list of {step, loss, dims, points})."""
+    key = jax.random.PRNGKey(seed)
+    if state is None:
+        state = init_state(model, jax.random.fold_in(key, -1 % 2 ** 31), d, learning_rate)
+    step_fn = make_train_step()
+    history: List[Dict] = []
+    window: List[jax.Array] = []
+    bar = tqdm(range(start_step, num_steps), desc=f"icl {task}", disable=not progress)
+    for step in bar:
+        d_active, n_points = dims.value(step), points.value(step)
+        xs, ys = sample_prompts(jax.random.fold_in(key, step), task, batch_size, n_points, d, d_active=d_active,
+                                **(task_kwargs or {}))
+        state, loss = step_fn(state, xs, ys)
+        window.append(loss)
+        if (step + 1) % log_every == 0 or step + 1 == num_steps:
+            mean = float(np.mean(jax.device_get(window)))
+            history.append(dict(step=step + 1, loss=mean, dims=d_active, points=n_points))
+            bar.set_postfix(loss=f"{mean:.3f}", dims=d_active, points=n_points)
+            window = []
+    return state, history
