@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 EXPERIMENTS = {
     "lm": "experiments.lm.run",
+    "icl": "experiments.icl.run",
 }
 BENCHMARKS = {
     "scan": "experiments.bench_scan.run",

@@ -161,12 +161,13 @@ def parse_overrides(items: Sequence[str]) -> Dict[str, str]:
     return out
 
 
-def apply_overrides(config: LMConfig, overrides: Mapping[str, str]) -> LMConfig:
-    """A copy of `config` with ``{key: text}`` overrides converted to each field's type.
+def apply_overrides(config, overrides: Mapping[str, str]):
+    """A copy of the dataclass `config` (LMConfig or another experiment's flat config) with
+    ``{key: text}`` overrides converted to each field's type.
 
     Raises ValueError naming the key for an unknown key (with the closest valid keys) or a bad value.
     """
-    hints = typing.get_type_hints(LMConfig)
+    hints = typing.get_type_hints(type(config))
     changes = {}
     for key, text in overrides.items():
         if key not in hints:

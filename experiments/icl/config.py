@@ -1,0 +1,115 @@
+"""Configuration of the `icl` experiment (Garg et al. function classes; Grazzi et al.'s Mamba vs Transformer).
+
+One flat frozen dataclass (``key=value`` overrides), three presets:
+
+* ``smoke`` — seconds; used by the tests.
+* ``cpu``   — the default: linear regression at d = 8, tiny Mamba vs tiny Transformer vs the exact
+  baselines, minutes on a 2-core CPU.
+* ``paper`` — d = 20 and the papers' sizes (Mamba 24 × 256, Transformer 12 × 256 with 8 heads), the
+  Garg et al. curriculum and 500k steps: a GPU job.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Tuple
+
+from experiments.icl.train import Curriculum, LINEAR_TASKS
+from mamba_jax.data.function_classes import TASKS
+from mamba_jax.models import HybridConfig, Mamba2Config, MambaConfig, TransformerConfig
+from mamba_jax.models.icl import InContextRegressor
+
+PRESETS = ("smoke", "cpu", "paper")
+MODEL_NAMES = ("mamba", "mamba2", "transformer", "hybrid")
+
+
+@dataclasses.dataclass(frozen=True)
+class ICLConfig:
+    """Every knob of one run; the defaults are the `cpu` preset."""
+
+    preset: str = "cpu"
+    task: str = "linear_regression"
+    seed: int = 0
+    d: int = 8
+    models: str = "mamba,transformer"     # comma-separated subset of MODEL_NAMES
+    d_model: int = 64
+    mamba_layers: int = 6                 # Mamba layers have no MLP: twice the Transformer's, as the papers
+    transformer_layers: int = 3
+    n_heads: int = 2
+    hybrid_pattern: str = "M A M M"
+    # curriculum (Garg et al.): dimensions d_start → d (+1), points points_start → points_end (+points_increment)
+    d_start: int = 3
+    points_start: int = 5
+    points_end: int = 17
+    points_increment: int = 2
+    curriculum_interval: int = 200
+    num_steps: int = 1500
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    eval_prompts: int = 512
+    eval_points: int = 25                 # > points_end: the tail is out of distribution (more examples)
+    log_every: int = 50
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"ICLConfig: `preset` must be one of {PRESETS}; got {self.preset!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"ICLConfig: `task` must be one of {TASKS}; got {self.task!r}")
+        for name in ("d", "d_model", "mamba_layers", "transformer_layers", "n_heads", "num_steps", "batch_size",
+                     "eval_prompts", "eval_points", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ICLConfig: `{name}` must be a positive int; got {value!r}")
+        if self.eval_points < self.points_end:
+            raise ValueError(f"ICLConfig: `eval_points`={self.eval_points} must be >= `points_end`={self.points_end}")
+        self.curricula()
+        self.model_configs()
+
+    def model_names(self) -> Tuple[str, ...]:
+        names = tuple(x.strip() for x in self.models.split(",") if x.strip())
+        bad = sorted(set(names) - set(MODEL_NAMES))
+        if bad or not names:
+            raise ValueError(f"ICLConfig: `models` must be a comma-separated subset of {MODEL_NAMES}; got {self.models!r}")
+        return names
+
+    def curricula(self) -> Tuple[Curriculum, Curriculum]:
+        dims = Curriculum(min(self.d_start, self.d), self.d, 1, self.curriculum_interval)
+        points = Curriculum(self.points_start, self.points_end, self.points_increment, self.curriculum_interval)
+        return dims, points
+
+    def model_configs(self):
+        """{name: family config}; the Transformer has no positional embedding, as in the papers."""
+        common = dict(vocab_size=1, d_model=self.d_model)
+        attention = TransformerConfig(**common, n_layer=self.transformer_layers, n_heads=self.n_heads,
+                                      d_intermediate=4 * self.d_model, position_embedding="none")
+        mamba = MambaConfig(**common, n_layer=self.mamba_layers)
+        mamba2 = Mamba2Config(**common, n_layer=self.mamba_layers, headdim=min(64, 2 * self.d_model),
+                              d_state=64, chunk_size=64)
+        configs = dict(mamba=mamba, mamba2=mamba2, transformer=attention,
+                       hybrid=HybridConfig(pattern=self.hybrid_pattern, **common, mamba=mamba, mamba2=mamba2,
+                                           attention=attention))
+        return {name: configs[name] for name in self.model_names()}
+
+    def build_models(self):
+        return {name: InContextRegressor(cfg) for name, cfg in self.model_configs().items()}
+
+
+_PRESETS = {
+    "smoke": dict(d=3, d_model=16, mamba_layers=2, transformer_layers=1, d_start=2, points_start=4, points_end=7,
+                  curriculum_interval=10, num_steps=30, batch_size=8, eval_prompts=32, eval_points=9, log_every=10,
+                  progress=False),
+    "cpu": {},
+    "paper": dict(d=20, d_model=256, mamba_layers=24, transformer_layers=12, n_heads=8, d_start=5, points_start=11,
+                  points_end=41, curriculum_interval=2000, num_steps=500_000, learning_rate=1e-4, eval_prompts=1280,
+                  eval_points=81, log_every=500),
+}
+
+
+def preset_config(preset: str = "cpu", task: str = "linear_regression") -> ICLConfig:
+    """The config of `preset` for `task` (ReLU nets and trees get Garg et al.'s longer prompts at paper scale)."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset_config: `preset` must be one of {PRESETS}; got {preset!r}")
+    values = dict(_PRESETS[preset])
+    if preset == "paper" and task not in LINEAR_TASKS:
+        values.update(points_start=26, points_end=101, points_increment=5, eval_points=141)
+    return ICLConfig(preset=preset, task=task, **values)
