@@ -21,6 +21,7 @@ from mamba_jax.data.function_classes import sample_prompts
 from mamba_jax.models.icl import InContextRegressor
 from mamba_jax.train import create_train_state
 
+INIT_STREAM = 2 ** 31 - 1  # the parameters' key: fold_in ids below it are the training steps'
 LINEAR_TASKS = ("linear_regression", "skewed_linear_regression", "sparse_linear_regression")
 
 
@@ -87,7 +88,7 @@ def train(model: InContextRegressor, *, task: str, d: int, num_steps: int, batch
     """Train for steps [start_step, num_steps); returns (state, history: list of {step, loss, dims, points})."""
     key = jax.random.PRNGKey(seed)
     if state is None:
-        state = init_state(model, jax.random.fold_in(key, -1 % 2 ** 31), d, learning_rate)
+        state = init_state(model, jax.random.fold_in(key, INIT_STREAM), d, learning_rate)
     step_fn = make_train_step()
     history: List[Dict] = []
     window: List[jax.Array] = []
