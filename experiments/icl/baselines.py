@@ -283,14 +283,14 @@ BASELINES_FOR_TASK: Dict[str, List[Tuple[str, Baseline]]] = {
 assert set(BASELINES_FOR_TASK) == set(TASKS)
 
 
-def squared_error(preds, ys, task: str, d: int, k: int = 3) -> np.ndarray:
+def squared_error(preds, ys, task: str, d: int, k: int = 3, x_scale: float = 1.0) -> np.ndarray:
     """Normalised squared error per position: (b, n) preds and ys -> (n,) float64,
-    ``mean_b (preds - ys)² / error_scale(task, d, k)`` (1 = the error of always predicting 0)."""
+    ``mean_b (preds - ys)² / error_scale(task, d, k, x_scale)`` (1 = the error of always predicting 0)."""
     preds, ys = np.asarray(preds), np.asarray(ys)
     if preds.ndim != 2 or min(preds.shape) < 1:
         raise ValueError(f"squared_error: `preds` must be a non-empty (b, n) array; got shape {preds.shape}")
     if ys.shape != preds.shape:
         raise ValueError(f"squared_error: `ys` must have the shape of `preds` {preds.shape}; got {ys.shape}")
-    scale = error_scale(task, d, k)
+    scale = error_scale(task, d, k, x_scale)
     diff = preds.astype(np.float64) - ys.astype(np.float64)
     return np.mean(diff ** 2, axis=0) / scale

@@ -35,6 +35,7 @@ class ICLConfig:
     mamba_layers: int = 6                 # Mamba layers have no MLP: twice the Transformer's, as the papers
     transformer_layers: int = 3
     n_heads: int = 2
+    transformer_positions: str = "none"   # none | learned | rope (Garg et al.'s GPT-2 has learned positions)
     hybrid_pattern: str = "M A M M"
     # curriculum (Garg et al.): dimensions d_start → d (+1), points points_start → points_end (+points_increment)
     d_start: int = 3
@@ -47,6 +48,8 @@ class ICLConfig:
     learning_rate: float = 1e-3
     eval_prompts: int = 512
     eval_points: int = 25                 # > points_end: the tail is out of distribution (more examples)
+    ood_scales: str = "0.5,2"             # out of distribution: inputs scaled by these factors (comma-separated)
+    probe: bool = True                    # per-layer probes and gradient-descent iterations (linear tasks)
     log_every: int = 50
     progress: bool = True
 
@@ -64,6 +67,17 @@ class ICLConfig:
             raise ValueError(f"ICLConfig: `eval_points`={self.eval_points} must be >= `points_end`={self.points_end}")
         self.curricula()
         self.model_configs()
+        self.x_scales()
+
+    def x_scales(self) -> Tuple[float, ...]:
+        """The out-of-distribution input scales, parsed from `ood_scales` ("" for none)."""
+        try:
+            scales = tuple(float(x) for x in self.ood_scales.split(",") if x.strip())
+        except ValueError:
+            scales = (0.0,)
+        if any(not s > 0 for s in scales):
+            raise ValueError(f"ICLConfig: `ood_scales` must be comma-separated positive floats; got {self.ood_scales!r}")
+        return scales
 
     def model_names(self) -> Tuple[str, ...]:
         names = tuple(x.strip() for x in self.models.split(",") if x.strip())
@@ -81,7 +95,9 @@ class ICLConfig:
         """{name: family config}; the Transformer has no positional embedding, as in the papers."""
         common = dict(vocab_size=1, d_model=self.d_model)
         attention = TransformerConfig(**common, n_layer=self.transformer_layers, n_heads=self.n_heads,
-                                      d_intermediate=4 * self.d_model, position_embedding="none")
+                                      d_intermediate=4 * self.d_model,
+                                      position_embedding=self.transformer_positions,
+                                      max_position_embeddings=2 * self.eval_points)
         mamba = MambaConfig(**common, n_layer=self.mamba_layers)
         mamba2 = Mamba2Config(**common, n_layer=self.mamba_layers, headdim=min(64, 2 * self.d_model),
                               d_state=64, chunk_size=64)

@@ -2,9 +2,11 @@
 
 Trains each model of the config (curriculum of Garg et al.) on prompts drawn fresh every step, then
 scores models and baselines on the same held-out prompts at full dimension, `eval_points` examples long
-(past the trained length: out of distribution). Writes `results/icl/<timestamp>/`: config.json,
-metrics.jsonl (training loss), results.json, results.md (the table, printed at the end) and
-errors.png (normalised squared error against the number of in-context examples).
+(past the trained length: out of distribution) and with scaled inputs, and probes every layer (affine
+probe of the logit lens, beside gradient-descent iterations). Writes `results/icl/<timestamp>/`:
+config.json, metrics.jsonl (training loss), models/<name>/ (`save_pretrained`; `load_pretrained` reads
+it back), results.json, results.md (the tables, printed at the end), errors.png (normalised squared
+error against the number of in-context examples) and probes.png (error against layer depth).
 """
 from __future__ import annotations
 
@@ -20,10 +22,12 @@ import numpy as np
 
 from experiments.icl.baselines import BASELINES_FOR_TASK, squared_error
 from experiments.icl.config import PRESETS, ICLConfig, preset_config
-from experiments.icl.train import model_errors, train
+from experiments.icl import probe
+from experiments.icl.train import LINEAR_TASKS, model_errors, train
 from experiments.lm.config import apply_overrides, parse_overrides
 from mamba_jax.bench_utils import hardware_description, markdown_table
 from mamba_jax.data.function_classes import TASKS, sample_prompts
+from mamba_jax.interop import save_pretrained
 
 RESULTS_ROOT = os.path.join("results", "icl")
 EVAL_SEED_OFFSET = 10_000  # evaluation prompts come from a key no training step uses
@@ -52,16 +56,39 @@ def report_positions(n: int, trained: int):
     return sorted({1, 2, 4, max(1, trained // 2), trained - 1, n - 1} & set(range(n)))
 
 
-def evaluate_all(config: ICLConfig, trained: Dict[str, Any]) -> Dict[str, list]:
+def eval_prompts(config: ICLConfig, x_scale: float = 1.0, stream: int = 0):
+    """Held-out prompts at full dimension, `eval_points` long, from a key no training step uses; the same
+    functions and inputs for every `x_scale` (only the inputs are scaled). `stream` 1 = the probes' fit set."""
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed + EVAL_SEED_OFFSET), stream)
+    return sample_prompts(key, config.task, config.eval_prompts, config.eval_points, config.d, x_scale=x_scale)
+
+
+def evaluate_all(config: ICLConfig, trained: Dict[str, Any], x_scale: float = 1.0) -> Dict[str, list]:
     """{name: per-position normalised error} for every model and baseline, on the same prompts."""
-    xs, ys = sample_prompts(jax.random.PRNGKey(config.seed + EVAL_SEED_OFFSET), config.task, config.eval_prompts,
-                            config.eval_points, config.d)
+    xs, ys = eval_prompts(config, x_scale)
     errors = {}
     for name, (model, params) in trained.items():
-        errors[name] = model_errors(model, params, xs, ys, config.task, config.d).tolist()
+        errors[name] = model_errors(model, params, xs, ys, config.task, config.d, x_scale=x_scale).tolist()
     for name, baseline in BASELINES_FOR_TASK[config.task]:
-        errors[name] = squared_error(baseline(xs, ys), ys, config.task, config.d).tolist()
+        errors[name] = squared_error(baseline(xs, ys), ys, config.task, config.d, x_scale=x_scale).tolist()
     return errors
+
+
+def probe_all(config: ICLConfig, trained: Dict[str, Any]) -> Dict[str, Any]:
+    """Per-layer affine-probe errors {model: (n_layer + 1, n)} (probes fitted on a second held-out set) and,
+    for the linear tasks, gradient descent's per-iteration errors on the evaluation prompts."""
+    fit_xs, fit_ys = eval_prompts(config, stream=1)
+    xs, ys = eval_prompts(config)
+    layers = {name: probe.probe_errors(probe.layer_predictions(model, params, fit_xs, fit_ys), fit_ys,
+                                       probe.layer_predictions(model, params, xs, ys), ys, config.task, config.d)
+              for name, (model, params) in trained.items()}
+    out = dict(layers={name: e.tolist() for name, e in layers.items()})
+    if config.task in LINEAR_TASKS:
+        depth = max(e.shape[0] - 1 for e in layers.values())
+        gd = probe.gradient_descent_errors(xs, ys, config.task, config.d, num_steps=max(depth, 8),
+                                           fit=(fit_xs, fit_ys))
+        out["gradient_descent"] = dict(step_size=gd["step_size"], errors=gd["errors"].tolist())
+    return out
 
 
 def plot_errors(errors: Dict[str, list], path: str, *, title: str, trained_points: int) -> None:
@@ -84,14 +111,66 @@ def plot_errors(errors: Dict[str, list], path: str, *, title: str, trained_point
     plt.close(fig)
 
 
-def results_markdown(config: ICLConfig, errors: Dict[str, list]) -> str:
+def probe_positions(config: ICLConfig):
+    """The example counts the probe figure shows: d (where least squares becomes exact) and the trained length."""
+    return sorted({min(config.d, config.points_end - 1), config.points_end - 1})
+
+
+def plot_probes(probes: Dict[str, Any], path: str, *, title: str, positions) -> None:
+    """Per-layer probe error against depth beside gradient descent's error against iterations."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(positions), figsize=(5.2 * len(positions), 3.8), squeeze=False)
+    for ax, pos in zip(axes[0], positions):
+        for name, errors in probes["layers"].items():
+            curve = [row[pos] for row in errors]
+            ax.plot(range(len(curve)), curve, marker="o", lw=2, label=f"{name} (layer)")
+        if "gradient_descent" in probes:
+            gd = probes["gradient_descent"]
+            curve = [row[pos] for row in gd["errors"]]
+            ax.plot(range(len(curve)), curve, ls="--", marker="x", color="black",
+                    label=f"gradient descent (η={gd['step_size']:g}, iteration)")
+        ax.set_xlabel("layer / gradient-descent iteration")
+        ax.set_ylabel("squared error / d (affine probe)")
+        ax.set_title(f"{title}: {pos} in-context examples")
+        ax.set_ylim(0, 1.25)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def results_markdown(config: ICLConfig, errors: Dict[str, list], scaled: Dict[float, Dict[str, list]] = None,
+                     probes: Dict[str, Any] = None) -> str:
     positions = report_positions(config.eval_points, config.points_end)
     rows = [[name] + [errors[name][i] for i in positions] for name in errors]
     header = ["model / baseline"] + [f"{i} examples" for i in positions]
-    return (f"### ICL `{config.task}`, d = {config.d}, preset `{config.preset}`\n\n"
+    text = (f"### ICL `{config.task}`, d = {config.d}, preset `{config.preset}`\n\n"
             f"Normalised squared error (1 = predicting 0), {config.eval_prompts} held-out prompts; trained on "
             f"up to {config.points_end} examples (later columns are out of distribution).\n\n"
-            + markdown_table(header, rows) + f"\n\n{hardware_description()}\n")
+            + markdown_table(header, rows) + "\n")
+    at = config.points_end - 1
+    if scaled:
+        columns = sorted(set(scaled) | {1.0})
+        by_scale = {**scaled, 1.0: errors}
+        rows = [[name] + [by_scale[s][name][at] for s in columns] for name in errors]
+        text += (f"\nOut of distribution, inputs scaled (x → s·x, same functions), at {at} examples; error "
+                 f"normalised by E[y²] at that scale:\n\n"
+                 + markdown_table(["model / baseline"] + [f"s = {s:g}" for s in columns], rows) + "\n")
+    if probes:
+        depth = max(len(e) for e in probes["layers"].values())
+        rows = [[name] + [e[i][at] if i < len(e) else "" for i in range(depth)]
+                for name, e in probes["layers"].items()]
+        if "gradient_descent" in probes:
+            gd = probes["gradient_descent"]
+            rows.append([f"gradient descent, η = {gd['step_size']:g}"] + [gd["errors"][i][at] for i in range(depth)])
+        text += (f"\nProbes at {at} examples: each layer's residual stream through the final norm and read-out, "
+                 f"then a 1-D affine probe fitted on other held-out prompts (column i = after layer i, or after "
+                 f"i gradient-descent iterations from w = 0):\n\n"
+                 + markdown_table(["model"] + [str(i) for i in range(depth)], rows) + "\n")
+    return text + f"\n{hardware_description()}\n"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -107,21 +186,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                learning_rate=config.learning_rate, seed=config.seed + i,
                                log_every=config.log_every, progress=config.progress)
         trained[name], histories[name] = (model, state.params), history
+    for name, (model, params) in trained.items():
+        save_pretrained(model, params, os.path.join(out, "models", name))
     with open(os.path.join(out, "metrics.jsonl"), "w") as f:
         for name, history in histories.items():
             for record in history:
                 f.write(json.dumps(dict(model=name, **record)) + "\n")
     errors = evaluate_all(config, trained)
-    table = results_markdown(config, errors)
+    scaled = {s: evaluate_all(config, trained, x_scale=s) for s in config.x_scales()}
+    probes = probe_all(config, trained) if config.probe else None
+    table = results_markdown(config, errors, scaled, probes)
     results = dict(config=dataclasses.asdict(config), errors=errors,
+                   ood_scaled={f"{s:g}": e for s, e in scaled.items()}, probes=probes,
                    final_train_loss={name: h[-1]["loss"] for name, h in histories.items()},
                    hardware=hardware_description())
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table)
-    plot_errors(errors, os.path.join(out, "errors.png"), title=f"{config.task}, d = {config.d}",
-                trained_points=config.points_end)
+    title = f"{config.task}, d = {config.d}"
+    plot_errors(errors, os.path.join(out, "errors.png"), title=title, trained_points=config.points_end)
+    if probes:
+        plot_probes(probes, os.path.join(out, "probes.png"), title=title, positions=probe_positions(config))
     print(table)
-    print(f"wrote {out}/results.md, results.json, errors.png")
+    print(f"wrote {out}/results.md, results.json, errors.png" + (", probes.png" if probes else ""))
     return 0

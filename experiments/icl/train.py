@@ -75,10 +75,10 @@ def init_state(model: InContextRegressor, key, d: int, learning_rate: float, n_p
     return create_train_state(model.apply, params, optax.adam(learning_rate))
 
 
-def model_errors(model, params, xs, ys, task: str, d: int, k: int = 3) -> np.ndarray:
+def model_errors(model, params, xs, ys, task: str, d: int, k: int = 3, x_scale: float = 1.0) -> np.ndarray:
     """Normalised squared error (n,) of the model at every position (1 = predicting 0)."""
     preds = jax.jit(model.apply)({"params": params}, xs, ys)
-    return squared_error(np.asarray(preds), np.asarray(ys), task, d, k)
+    return squared_error(np.asarray(preds), np.asarray(ys), task, d, k, x_scale)
 
 
 def train(model: InContextRegressor, *, task: str, d: int, num_steps: int, batch_size: int,

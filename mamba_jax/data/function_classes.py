@@ -82,19 +82,19 @@ def _resolve_d_active(d: int, d_active: Optional[int]) -> int:
     return int(d_active)
 
 
-def error_scale(task: str, d: int, k: int = 3) -> float:
+def error_scale(task: str, d: int, k: int = 3, x_scale: float = 1.0) -> float:
     """The squared-error normaliser: ``E[y²]`` of the task, i.e. the error of always predicting 0.
 
     ``d`` for the dense regression tasks (linear, skewed, relu_2nn), ``k`` for sparse linear regression,
-    1 for decision trees (leaf values ~ N(0, 1)).
+    1 for decision trees (leaf values ~ N(0, 1)); times ``x_scale²`` for inputs scaled by ``x_scale``
+    (every task but the trees is positively homogeneous of degree 1 in x).
     """
     _check_task(task)
     _positive_int("d", d)
-    if task == "sparse_linear_regression":
-        return float(_positive_int("k", k))
     if task == "decision_tree":
         return 1.0
-    return float(d)
+    scale = float(_positive_int("k", k)) if task == "sparse_linear_regression" else float(d)
+    return scale * float(x_scale) ** 2
 
 
 def skewed_eigenvalues(d: int) -> jax.Array:
@@ -176,20 +176,24 @@ def evaluate(task: str, params: Params, xs: jax.Array) -> jax.Array:
 
 
 def sample_prompts(key: jax.Array, task: str, batch: int, n_points: int, d: int, *,
-                   d_active: Optional[int] = None, noise_std: float = 0.0,
+                   d_active: Optional[int] = None, noise_std: float = 0.0, x_scale: float = 1.0,
                    **task_kwargs) -> Tuple[jax.Array, jax.Array]:
     """``batch`` prompts of ``n_points`` (x, y) pairs, a deterministic function of ``key``.
 
     Returns ``xs`` (batch, n_points, d) float32 and ``ys`` (batch, n_points) float32, with
-    ``ys = f(xs) + noise_std * N(0, 1)``. ``task_kwargs``: ``k`` (sparse), ``hidden`` (relu_2nn),
+    ``ys = f(xs) + noise_std * N(0, 1)``. ``x_scale`` multiplies the inputs (Garg et al.'s out-of-distribution
+    "scaled x" test; the functions are the same for every scale, so ``y`` scales with it for the linear
+    tasks and ReLU nets and not at all for trees). ``task_kwargs``: ``k`` (sparse), ``hidden`` (relu_2nn),
     ``depth`` (decision_tree).
     """
     _check_task(task)
     if not isinstance(noise_std, (int, float, np.floating)) or isinstance(noise_std, bool) or noise_std < 0:
         raise ValueError(f"function_classes: `noise_std` must be a float >= 0; got {noise_std!r}")
+    if not isinstance(x_scale, (int, float, np.floating)) or isinstance(x_scale, bool) or not x_scale > 0:
+        raise ValueError(f"function_classes: `x_scale` must be a float > 0; got {x_scale!r}")
     kx, kf, kn = jax.random.split(key, 3)
     params = sample_functions(kf, task, batch, d, d_active=d_active, **task_kwargs)
-    xs = sample_xs(kx, task, batch, n_points, d, d_active)
+    xs = sample_xs(kx, task, batch, n_points, d, d_active) * x_scale
     ys = evaluate(task, params, xs)
     if noise_std > 0:
         ys = ys + noise_std * jax.random.normal(kn, ys.shape, dtype=jnp.float32)

@@ -416,10 +416,11 @@ def params_to_torch_tensors(params: Mapping[str, Any], config, family: HFFamily 
     return out
 
 
-def check_param_tree(params, model, fn: str) -> None:
-    """Raise ValueError unless `params` has exactly the structure and shapes that `model.init` gives."""
-    expected = jax.eval_shape(lambda: nn.meta.unbox(
-        model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"]))
+def check_param_tree(params, model, fn: str, example_inputs=None) -> None:
+    """Raise ValueError unless `params` has exactly the structure and shapes that `model.init` gives
+    (on `example_inputs`, default one row of two token ids)."""
+    example_inputs = (jnp.zeros((1, 2), jnp.int32),) if example_inputs is None else tuple(example_inputs)
+    expected = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.PRNGKey(0), *example_inputs)["params"]))
     flat_exp = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(expected)}
     flat_got = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
     if set(flat_exp) != set(flat_got):

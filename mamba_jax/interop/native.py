@@ -3,6 +3,8 @@
 A directory with config.json — {"model_type": "mamba_jax", "config": config.to_dict()}, so the layer
 pattern of a hybrid is part of the checkpoint — and model.safetensors holding our parameter tree in our
 layout, one tensor per leaf named by its path ("layers_0.mixer.in_proj.kernel").
+An `InContextRegressor` (in-context regression on any backbone) adds {"task": "in_context_regression",
+"d": input width} to config.json.
 """
 from __future__ import annotations
 
@@ -16,8 +18,14 @@ import numpy as np
 from mamba_jax.interop.hf import (NATIVE_MODEL_TYPE, check_param_tree, read_config, read_safetensors,
                                   unbox_params, write_checkpoint)
 from mamba_jax.models import HybridLM, Mamba2LM, MambaLM, TransformerLM
+from mamba_jax.models.icl import InContextRegressor
 
 MODEL_CLASSES = {cls.config_type.family: cls for cls in (MambaLM, Mamba2LM, TransformerLM, HybridLM)}
+ICL_TASK = "in_context_regression"
+
+
+def _icl_example_inputs(d: int):
+    return jnp.zeros((1, 2, d), jnp.float32), jnp.zeros((1, 2), jnp.float32)
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, np.ndarray]:
@@ -43,13 +51,25 @@ def _unflatten(tensors: Mapping[str, np.ndarray]) -> Dict[str, Any]:
 
 
 def save_pretrained(model, params, path) -> None:
-    """Write `model`'s config and `params` to the directory `path` (created if needed)."""
-    if type(model) not in MODEL_CLASSES.values():
-        raise ValueError(f"save_pretrained: `model` must be one of {sorted(c.__name__ for c in MODEL_CLASSES.values())}; "
-                         f"got {type(model).__name__}")
+    """Write `model`'s config and `params` to the directory `path` (created if needed).
+
+    model: a MambaLM, Mamba2LM, TransformerLM, HybridLM or InContextRegressor.
+    """
     params = unbox_params(params)
-    check_param_tree(params, model, "save_pretrained")
-    write_checkpoint(path, {"model_type": NATIVE_MODEL_TYPE, "config": model.config.to_dict()}, _flatten(params))
+    if isinstance(model, InContextRegressor):
+        kernel = params.get("read_in", {}).get("kernel") if isinstance(params, Mapping) else None
+        if kernel is None or np.ndim(kernel) != 2:
+            raise ValueError("save_pretrained: InContextRegressor params need `read_in.kernel` of shape (d, d_model)")
+        d = int(np.shape(kernel)[0])
+        check_param_tree(params, model, "save_pretrained", _icl_example_inputs(d))
+        meta = {"model_type": NATIVE_MODEL_TYPE, "task": ICL_TASK, "d": d, "config": model.config.to_dict()}
+    elif type(model) in MODEL_CLASSES.values():
+        check_param_tree(params, model, "save_pretrained")
+        meta = {"model_type": NATIVE_MODEL_TYPE, "config": model.config.to_dict()}
+    else:
+        names = sorted(c.__name__ for c in MODEL_CLASSES.values()) + [InContextRegressor.__name__]
+        raise ValueError(f"save_pretrained: `model` must be one of {names}; got {type(model).__name__}")
+    write_checkpoint(path, meta, _flatten(params))
 
 
 def load_pretrained(path, *, dtype: str = "float32", param_dtype: str = "float32", **config_overrides):
@@ -65,6 +85,12 @@ def load_pretrained(path, *, dtype: str = "float32", param_dtype: str = "float32
     config = model_cls.config_type.from_dict(raw["config"]).replace(
         dtype=dtype, param_dtype=param_dtype, **config_overrides)
     host = _unflatten(read_safetensors(os.fspath(path)))
-    model = model_cls(config)
-    check_param_tree(host, model, "load_pretrained")
+    task = raw.get("task")
+    if task is None:
+        model, example = model_cls(config), None
+    elif task == ICL_TASK:
+        model, example = InContextRegressor(config), _icl_example_inputs(int(raw["d"]))
+    else:
+        raise ValueError(f"load_pretrained: config.json `task` is {task!r}; expected {ICL_TASK!r} or none")
+    check_param_tree(host, model, "load_pretrained", example)
     return model, jax.tree_util.tree_map(lambda x: jnp.asarray(x, config.jnp_param_dtype), host)

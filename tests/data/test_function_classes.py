@@ -260,6 +260,21 @@ def test_error_scale():
     assert error_scale("skewed_linear_regression", 20) == 20
     assert error_scale("relu_2nn", 20) == 20
     assert error_scale("sparse_linear_regression", 20, k=3) == 3
+    assert error_scale("linear_regression", 20, x_scale=2.0) == 80
+    assert error_scale("sparse_linear_regression", 20, k=3, x_scale=0.5) == 0.75
+    assert error_scale("decision_tree", 20, x_scale=3.0) == 1.0
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_x_scale_scales_the_inputs_of_the_same_functions(task):
+    """Scaled prompts have the same functions: xs scale by s, ys by s (positively homogeneous tasks) or not
+    at all (trees split on signs)."""
+    s = 2.5
+    xs, ys = _np(*sample_prompts(KEY, task, 6, 9, 5))
+    xs_s, ys_s = _np(*sample_prompts(KEY, task, 6, 9, 5, x_scale=s))
+    np.testing.assert_allclose(xs_s, s * xs, rtol=1e-6)
+    np.testing.assert_allclose(ys_s, ys if task == "decision_tree" else s * ys, rtol=1e-5, atol=1e-5)
+    assert error_scale(task, 5, x_scale=s) == (1.0 if task == "decision_tree" else s * s * error_scale(task, 5))
 
 
 @pytest.mark.parametrize("call,name", [
@@ -271,6 +286,7 @@ def test_error_scale():
     (lambda: sample_prompts(KEY, "linear_regression", 2, 3, 4, d_active=5), "d_active"),
     (lambda: sample_prompts(KEY, "linear_regression", 2, 3, 4, d_active=0), "d_active"),
     (lambda: sample_prompts(KEY, "linear_regression", 2, 3, 4, noise_std=-1.0), "noise_std"),
+    (lambda: sample_prompts(KEY, "linear_regression", 2, 3, 4, x_scale=0.0), "x_scale"),
     (lambda: sample_prompts(KEY, "sparse_linear_regression", 2, 3, 4, k=5), "`k`"),
     (lambda: sample_prompts(KEY, "sparse_linear_regression", 2, 3, 8, d_active=2, k=3), "`k`"),
     (lambda: sample_prompts(KEY, "sparse_linear_regression", 2, 3, 4, k=0), "`k`"),

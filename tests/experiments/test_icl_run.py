@@ -5,14 +5,17 @@ import numpy as np
 import pytest
 
 from experiments.icl.config import ICLConfig, preset_config
+from experiments.icl.run import eval_prompts
+from experiments.icl.train import model_errors
 from mamba_jax.cli import main as cli_main
+from mamba_jax.interop import load_pretrained
 
 
 def test_smoke_run_writes_results(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli_main(["run", "icl", "--preset", "smoke", "--out", str(out), "models=mamba,transformer,hybrid",
                      "hybrid_pattern=M A"]) == 0
-    for name in ("config.json", "metrics.jsonl", "results.json", "results.md", "errors.png"):
+    for name in ("config.json", "metrics.jsonl", "results.json", "results.md", "errors.png", "probes.png"):
         assert (out / name).stat().st_size > 0, name
     results = json.loads((out / "results.json").read_text())
     config = ICLConfig(**results["config"])
@@ -28,7 +31,28 @@ def test_smoke_run_writes_results(tmp_path, capsys):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {r["model"] for r in records} == {"mamba", "transformer", "hybrid"}
     assert records[-1]["step"] == config.num_steps and records[-1]["points"] == config.points_end
-    assert "| model / baseline |" in capsys.readouterr().out
+    model, params = load_pretrained(out / "models" / "mamba")
+    xs, ys = eval_prompts(config)
+    np.testing.assert_allclose(model_errors(model, params, xs, ys, config.task, config.d), errors["mamba"], rtol=1e-5)
+    printed = capsys.readouterr().out
+    assert "| model / baseline |" in printed and "Probes at" in printed and "s = 0.5" in printed
+    # out of distribution (scaled inputs): least squares stays exact, errors are finite for every model
+    for scale, scaled in results["ood_scaled"].items():
+        assert set(scaled) == set(errors), scale
+        assert np.asarray(scaled["least_squares"])[config.d:].max() < 1e-6
+        assert all(np.isfinite(v).all() for v in scaled.values())
+    # probes: one row per residual stream (read-in + each layer); gradient descent from w = 0 starts at
+    # the error of predicting 0, which is mean(y²)/d on the evaluation prompts, recomputed here
+    probes = results["probes"]
+    depths = {"mamba": config.mamba_layers, "transformer": config.transformer_layers, "hybrid": 2}
+    for name, rows in probes["layers"].items():
+        rows = np.asarray(rows)
+        assert rows.shape == (depths[name] + 1, config.eval_points) and np.isfinite(rows).all(), name
+    gd = np.asarray(probes["gradient_descent"]["errors"])
+    _, ys = eval_prompts(config)
+    np.testing.assert_allclose(gd[0], np.mean(np.asarray(ys, np.float64) ** 2, axis=0) / config.d, rtol=1e-6)
+    late = slice(config.d + 1, None)
+    assert gd[-1][late].mean() < gd[1][late].mean() < gd[0][late].mean()
 
 
 @pytest.mark.parametrize("override,pattern", [
@@ -36,6 +60,8 @@ def test_smoke_run_writes_results(tmp_path, capsys):
     (dict(eval_points=3), "`eval_points`"),
     (dict(task="nope"), "`task`"),
     (dict(d=0), "`d`"),
+    (dict(ood_scales="2,-1"), "`ood_scales`"),
+    (dict(ood_scales="big"), "`ood_scales`"),
 ])
 def test_bad_config_is_named(override, pattern):
     with pytest.raises(ValueError, match=pattern):

@@ -73,3 +73,31 @@ def test_bad_inputs_are_named():
         model.init(jax.random.PRNGKey(0), xs, ys[:, :6])
     with pytest.raises(ValueError, match="head=False has no token embeddings"):
         DecoderLM(CONFIGS["mamba"], head=False).init(jax.random.PRNGKey(0), jnp.zeros((1, 3), jnp.int32))
+
+
+@pytest.mark.parametrize("name", ["transformer", "hybrid"])
+def test_save_and_load_pretrained_round_trip(name, tmp_path):
+    from mamba_jax.interop import load_hf, load_pretrained, save_pretrained
+
+    model = InContextRegressor(CONFIGS[name])
+    xs, ys = _prompt(3)
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(4), xs, ys)["params"])
+    save_pretrained(model, params, tmp_path)
+    for loader in (load_pretrained, load_hf):
+        loaded, loaded_params = loader(tmp_path)
+        assert isinstance(loaded, InContextRegressor) and loaded.config == model.config
+        np.testing.assert_array_equal(loaded.apply({"params": loaded_params}, xs, ys),
+                                      model.apply({"params": params}, xs, ys))
+
+
+def test_save_pretrained_rejects_foreign_params(tmp_path):
+    from mamba_jax.interop import save_pretrained
+
+    model = InContextRegressor(CONFIGS["mamba"])
+    xs, ys = _prompt(5)
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), xs, ys)["params"])
+    with pytest.raises(ValueError, match="read_in"):
+        save_pretrained(model, {"backbone": params["backbone"]}, tmp_path)
+    other = nn.meta.unbox(InContextRegressor(CONFIGS["mamba2"]).init(jax.random.PRNGKey(0), xs, ys)["params"])
+    with pytest.raises(ValueError, match="parameter"):
+        save_pretrained(model, other, tmp_path)
