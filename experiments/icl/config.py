@@ -3,8 +3,8 @@
 One flat frozen dataclass (``key=value`` overrides), three presets:
 
 * ``smoke`` — seconds; used by the tests.
-* ``cpu``   — the default: linear regression at d = 8, tiny Mamba vs tiny Transformer vs the exact
-  baselines, minutes on a 2-core CPU.
+* ``cpu``   — the default and `make demo`: linear regression at d = 4, Mamba (4 × 32) vs a Transformer
+  (3 × 32, 4 heads) vs the exact baselines, about 3 minutes on a 2-core CPU.
 * ``paper`` — d = 20 and the papers' sizes (Mamba 24 × 256, Transformer 12 × 256 with 8 heads), the
   Garg et al. curriculum and 500k steps: a GPU job.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Tuple
 
-from experiments.icl.train import Curriculum, LINEAR_TASKS
+from experiments.icl.train import LINEAR_TASKS, LR_SCHEDULES, Curriculum
 from mamba_jax.data.function_classes import TASKS
 from mamba_jax.models import HybridConfig, Mamba2Config, MambaConfig, TransformerConfig
 from mamba_jax.models.icl import InContextRegressor
@@ -29,25 +29,31 @@ class ICLConfig:
     preset: str = "cpu"
     task: str = "linear_regression"
     seed: int = 0
-    d: int = 8
+    d: int = 4
     models: str = "mamba,transformer"     # comma-separated subset of MODEL_NAMES
-    d_model: int = 64
-    mamba_layers: int = 6                 # Mamba layers have no MLP: twice the Transformer's, as the papers
+    d_model: int = 32
+    mamba_layers: int = 4                 # Mamba layers have no MLP; the papers give Mamba twice the layers
     transformer_layers: int = 3
-    n_heads: int = 2
-    transformer_positions: str = "none"   # none | learned | rope (Garg et al.'s GPT-2 has learned positions)
+    n_heads: int = 4
+    # Garg et al.'s and Grazzi et al.'s code use HF GPT-2, which adds learned absolute positions; "none" is
+    # the position-free variant (it learns too, more slowly: README, ICL section).
+    transformer_positions: str = "learned"   # learned | rope | none
+    # std of the attention projections' initialisation: GPT-2's 0.02 suits width 256; at width 32 it leaves
+    # q·k ≈ 0 for hundreds of steps, so the CPU preset uses ≈ 1/sqrt(d_model) (measured: README).
+    attention_init: float = 0.18
     hybrid_pattern: str = "M A M M"
     # curriculum (Garg et al.): dimensions d_start → d (+1), points points_start → points_end (+points_increment)
-    d_start: int = 3
+    d_start: int = 2
     points_start: int = 5
-    points_end: int = 17
+    points_end: int = 11
     points_increment: int = 2
-    curriculum_interval: int = 200
-    num_steps: int = 1500
-    batch_size: int = 64
+    curriculum_interval: int = 250
+    num_steps: int = 2000
+    batch_size: int = 32
     learning_rate: float = 1e-3
+    lr_schedule: str = "constant"         # constant (Garg et al.) | cosine (warm-up, decay to 1 %)
     eval_prompts: int = 512
-    eval_points: int = 25                 # > points_end: the tail is out of distribution (more examples)
+    eval_points: int = 15                 # > points_end: the tail is out of distribution (more examples)
     ood_scales: str = "0.5,2"             # out of distribution: inputs scaled by these factors (comma-separated)
     probe: bool = True                    # per-layer probes and gradient-descent iterations (linear tasks)
     log_every: int = 50
@@ -63,6 +69,8 @@ class ICLConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ICLConfig: `{name}` must be a positive int; got {value!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"ICLConfig: `lr_schedule` must be one of {LR_SCHEDULES}; got {self.lr_schedule!r}")
         if self.eval_points < self.points_end:
             raise ValueError(f"ICLConfig: `eval_points`={self.eval_points} must be >= `points_end`={self.points_end}")
         self.curricula()
@@ -97,6 +105,7 @@ class ICLConfig:
         attention = TransformerConfig(**common, n_layer=self.transformer_layers, n_heads=self.n_heads,
                                       d_intermediate=4 * self.d_model,
                                       position_embedding=self.transformer_positions,
+                                      initializer_range=self.attention_init,
                                       max_position_embeddings=2 * self.eval_points)
         mamba = MambaConfig(**common, n_layer=self.mamba_layers)
         mamba2 = Mamba2Config(**common, n_layer=self.mamba_layers, headdim=min(64, 2 * self.d_model),
@@ -115,9 +124,9 @@ _PRESETS = {
                   curriculum_interval=10, num_steps=30, batch_size=8, eval_prompts=32, eval_points=9, log_every=10,
                   progress=False),
     "cpu": {},
-    "paper": dict(d=20, d_model=256, mamba_layers=24, transformer_layers=12, n_heads=8, d_start=5, points_start=11,
-                  points_end=41, curriculum_interval=2000, num_steps=500_000, learning_rate=1e-4, eval_prompts=1280,
-                  eval_points=81, log_every=500),
+    "paper": dict(d=20, d_model=256, mamba_layers=24, transformer_layers=12, n_heads=8, attention_init=0.02,
+                  d_start=5, points_start=11, points_end=41, curriculum_interval=2000, num_steps=500_000,
+                  batch_size=64, learning_rate=1e-4, eval_prompts=1280, eval_points=81, log_every=500),
 }
 
 

@@ -183,8 +183,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for i, (name, model) in enumerate(config.build_models().items()):
         state, history = train(model, task=config.task, d=config.d, num_steps=config.num_steps,
                                batch_size=config.batch_size, dims=dims, points=points,
-                               learning_rate=config.learning_rate, seed=config.seed + i,
-                               log_every=config.log_every, progress=config.progress)
+                               learning_rate=config.learning_rate, lr_schedule=config.lr_schedule,
+                               seed=config.seed + i,
+                               log_every=config.log_every, progress=config.progress, name=name)
         trained[name], histories[name] = (model, state.params), history
     for name, (model, params) in trained.items():
         save_pretrained(model, params, os.path.join(out, "models", name))

@@ -68,8 +68,23 @@ def make_train_step(donate: bool = True) -> Callable:
     return jax.jit(step, donate_argnums=(0,) if donate else ())
 
 
-def init_state(model: InContextRegressor, key, d: int, learning_rate: float, n_points: int = 4):
-    """A TrainState with Adam (Garg et al.: Adam, 1e-4) and freshly initialised parameters."""
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate_schedule(learning_rate: float, schedule: str = "constant", num_steps: int = 1):
+    """Garg et al.'s constant rate, or "cosine": linear warm-up over 5 % of `num_steps`, then cosine decay
+    to 1 % of `learning_rate` (small models at the CPU preset's short budget end lower with it)."""
+    if schedule == "constant":
+        return optax.constant_schedule(learning_rate)
+    if schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, num_steps // 20), max(2, num_steps),
+                                                  end_value=0.01 * learning_rate)
+    raise ValueError(f"learning_rate_schedule: `schedule` must be one of {LR_SCHEDULES}; got {schedule!r}")
+
+
+def init_state(model: InContextRegressor, key, d: int, learning_rate, n_points: int = 4):
+    """A TrainState with Adam (Garg et al.: Adam, 1e-4; `learning_rate` may be an optax schedule) and
+    freshly initialised parameters."""
     xs, ys = jnp.zeros((1, n_points, d)), jnp.zeros((1, n_points))
     params = nn.meta.unbox(jax.jit(model.init)(key, xs, ys)["params"])
     return create_train_state(model.apply, params, optax.adam(learning_rate))
@@ -82,17 +97,19 @@ def model_errors(model, params, xs, ys, task: str, d: int, k: int = 3, x_scale: 
 
 
 def train(model: InContextRegressor, *, task: str, d: int, num_steps: int, batch_size: int,
-          dims: Curriculum, points: Curriculum, learning_rate: float = 1e-4, seed: int = 0,
-          log_every: int = 50, progress: bool = True, state=None, start_step: int = 0,
-          task_kwargs: Optional[Dict] = None):
-    """Train for steps [start_step, num_steps); returns (state, history: list of {step, loss, dims, points})."""
+          dims: Curriculum, points: Curriculum, learning_rate: float = 1e-4, lr_schedule: str = "constant",
+          seed: int = 0, log_every: int = 50, progress: bool = True, state=None, start_step: int = 0,
+          task_kwargs: Optional[Dict] = None, name: str = "icl"):
+    """Train for steps [start_step, num_steps); returns (state, history: list of {step, loss, dims, points}).
+    `name` labels the progress bar."""
     key = jax.random.PRNGKey(seed)
     if state is None:
-        state = init_state(model, jax.random.fold_in(key, INIT_STREAM), d, learning_rate)
+        state = init_state(model, jax.random.fold_in(key, INIT_STREAM), d,
+                           learning_rate_schedule(learning_rate, lr_schedule, num_steps))
     step_fn = make_train_step()
     history: List[Dict] = []
     window: List[jax.Array] = []
-    bar = tqdm(range(start_step, num_steps), desc=f"icl {task}", disable=not progress)
+    bar = tqdm(range(start_step, num_steps), desc=f"{name} {task}", disable=not progress)
     for step in bar:
         d_active, n_points = dims.value(step), points.value(step)
         xs, ys = sample_prompts(jax.random.fold_in(key, step), task, batch_size, n_points, d, d_active=d_active,

@@ -3,7 +3,7 @@
 One flat, frozen dataclass (so that ``key=value`` overrides are simple), three presets:
 
 * ``smoke`` — seconds; used by the tests.
-* ``cpu``   — the default; `make demo` runs it; a few minutes on a 2-core CPU, jit included.
+* ``cpu``   — the default (it was `make demo` before the ICL experiment); a few minutes on a 2-core CPU, jit included.
 * ``paper`` — GPU scale, close to the papers' settings (see README.md for what differs).
 """
 from __future__ import annotations

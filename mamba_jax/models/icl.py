@@ -24,8 +24,9 @@ from mamba_jax.sharding import EMBED
 class InContextRegressor(nn.Module):
     """Predict y_i from the prompt before it. xs: (b, n, d), ys: (b, n) -> predictions (b, n) float32.
 
-    config: any family config (MambaConfig, Mamba2Config, TransformerConfig — the papers use
-    position_embedding="none" — or HybridConfig); its vocabulary fields are unused.
+    config: any family config (MambaConfig, Mamba2Config, TransformerConfig — the papers' code (HF GPT-2)
+    has position_embedding="learned"; "none" is the position-free variant — or HybridConfig); its
+    vocabulary fields are unused.
     With `return_layer_predictions`, returns (predictions, layer_predictions (n_layer + 1, b, n)), the
     last row equal to `predictions`.
     """

@@ -72,3 +72,14 @@ def test_bad_command_line_exits_with_usage(capsys):
     with pytest.raises(SystemExit):
         cli_main(["run", "icl", "--preset", "smoke", "num_stepz=3"])
     assert "num_steps" in capsys.readouterr().err
+
+
+def test_make_demo_runs_the_cpu_preset_whose_values_are_the_defaults():
+    import pathlib
+    makefile = (pathlib.Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    demo = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    assert "mamba-jax run icl --preset cpu" in demo
+    config = preset_config("cpu")
+    assert config == ICLConfig()
+    # the demo compares Mamba with a Transformer on linear regression, against least squares
+    assert config.task == "linear_regression" and config.model_names() == ("mamba", "transformer")

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.icl.train import Curriculum, icl_loss, model_errors, paper_curricula, train
+from experiments.icl.train import (Curriculum, icl_loss, learning_rate_schedule, model_errors, paper_curricula,
+                                  train)
 from mamba_jax.data.function_classes import sample_prompts
 from mamba_jax.models import MambaConfig
 from mamba_jax.models.icl import InContextRegressor
@@ -18,6 +19,18 @@ def test_paper_curricula():
     assert [points.value(s) for s in (0, 2000, 30000, 10 ** 6)] == [26, 31, 101, 101]
     with pytest.raises(ValueError, match="Curriculum"):
         Curriculum(5, 4, 1, 10)
+
+
+def test_learning_rate_schedules():
+    constant = learning_rate_schedule(1e-3, "constant", 1000)
+    assert float(constant(0)) == float(constant(999)) == pytest.approx(1e-3)
+    cosine = learning_rate_schedule(1e-3, "cosine", 1000)
+    assert float(cosine(0)) == 0.0
+    assert float(cosine(50)) == pytest.approx(1e-3)  # warm-up: 5 % of the steps
+    assert float(cosine(525)) == pytest.approx(0.5 * (1e-3 + 1e-5), rel=1e-3)  # half-way through the decay
+    assert float(cosine(1000)) == pytest.approx(1e-5)
+    with pytest.raises(ValueError, match="schedule"):
+        learning_rate_schedule(1e-3, "linear", 10)
 
 
 def test_loss_and_errors_against_numpy():
