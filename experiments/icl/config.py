@@ -11,7 +11,7 @@ One flat frozen dataclass (``key=value`` overrides), three presets:
 from __future__ import annotations
 
 import dataclasses
-from typing import Tuple
+from typing import Optional, Tuple
 
 from experiments.icl.train import LINEAR_TASKS, LR_SCHEDULES, Curriculum
 from mamba_jax.data.function_classes import TASKS
@@ -20,6 +20,12 @@ from mamba_jax.models.icl import InContextRegressor
 
 PRESETS = ("smoke", "cpu", "paper")
 MODEL_NAMES = ("mamba", "mamba2", "transformer", "hybrid")
+# The papers' model sizes (Garg et al.'s standard / small / tiny; Grazzi et al. give Mamba twice the layers):
+MODEL_SIZES = {
+    "standard": dict(d_model=256, mamba_layers=24, transformer_layers=12, n_heads=8),
+    "small": dict(d_model=128, mamba_layers=12, transformer_layers=6, n_heads=4),
+    "tiny": dict(d_model=64, mamba_layers=6, transformer_layers=3, n_heads=2),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +60,7 @@ class ICLConfig:
     lr_schedule: str = "constant"         # constant (Garg et al.) | cosine (warm-up, decay to 1 %)
     eval_prompts: int = 512
     eval_points: int = 15                 # > points_end: the tail is out of distribution (more examples)
-    ood_scales: str = "0.5,2"             # out of distribution: inputs scaled by these factors (comma-separated)
+    ood_scales: str = "0.333,0.5,2,3"     # out of distribution: inputs scaled by these factors (Garg et al.'s)
     probe: bool = True                    # per-layer probes and gradient-descent iterations (linear tasks)
     log_every: int = 50
     progress: bool = True
@@ -124,17 +130,22 @@ _PRESETS = {
                   curriculum_interval=10, num_steps=30, batch_size=8, eval_prompts=32, eval_points=9, log_every=10,
                   progress=False),
     "cpu": {},
-    "paper": dict(d=20, d_model=256, mamba_layers=24, transformer_layers=12, n_heads=8, attention_init=0.02,
+    "paper": dict(d=20, **MODEL_SIZES["standard"], attention_init=0.02,
                   d_start=5, points_start=11, points_end=41, curriculum_interval=2000, num_steps=500_000,
                   batch_size=64, learning_rate=1e-4, eval_prompts=1280, eval_points=81, log_every=500),
 }
 
 
-def preset_config(preset: str = "cpu", task: str = "linear_regression") -> ICLConfig:
-    """The config of `preset` for `task` (ReLU nets and trees get Garg et al.'s longer prompts at paper scale)."""
+def preset_config(preset: str = "cpu", task: str = "linear_regression", size: Optional[str] = None) -> ICLConfig:
+    """The config of `preset` for `task` (ReLU nets and trees get Garg et al.'s longer prompts at paper scale),
+    with the model sizes of `size` ("standard", "small", "tiny": MODEL_SIZES) if given."""
     if preset not in PRESETS:
         raise ValueError(f"preset_config: `preset` must be one of {PRESETS}; got {preset!r}")
+    if size is not None and size not in MODEL_SIZES:
+        raise ValueError(f"preset_config: `size` must be one of {tuple(MODEL_SIZES)}; got {size!r}")
     values = dict(_PRESETS[preset])
     if preset == "paper" and task not in LINEAR_TASKS:
         values.update(points_start=26, points_end=101, points_increment=5, eval_points=141)
+    if size is not None:
+        values.update(MODEL_SIZES[size])
     return ICLConfig(preset=preset, task=task, **values)

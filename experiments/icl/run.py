@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from experiments.icl.baselines import BASELINES_FOR_TASK, squared_error
-from experiments.icl.config import PRESETS, ICLConfig, preset_config
+from experiments.icl.config import MODEL_SIZES, PRESETS, ICLConfig, preset_config
 from experiments.icl import probe
 from experiments.icl.train import LINEAR_TASKS, model_errors, train
 from experiments.lm.config import apply_overrides, parse_overrides
@@ -38,13 +38,15 @@ def parse_command_line(argv: Sequence[str]):
                                      epilog="key=value overrides any ICLConfig field, e.g. num_steps=200 d=5")
     parser.add_argument("--preset", choices=PRESETS, default="cpu")
     parser.add_argument("--task", choices=TASKS, default="linear_regression")
+    parser.add_argument("--size", choices=tuple(MODEL_SIZES), default=None,
+                        help="the papers' model sizes (d_model, layers, heads); key=value overrides still apply")
     parser.add_argument("--out", default=None, help="run directory (default: results/icl/<timestamp>)")
     args, rest = parser.parse_known_args(list(argv))
     flags = [item for item in rest if item.startswith("-") and not item.startswith("--config.")]
     if flags:
         parser.error(f"unrecognized arguments: {' '.join(flags)}")
     try:
-        config = apply_overrides(preset_config(args.preset, args.task), parse_overrides(rest))
+        config = apply_overrides(preset_config(args.preset, args.task, args.size), parse_overrides(rest))
     except ValueError as error:
         parser.error(str(error))
     out = args.out or os.path.join(RESULTS_ROOT, datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))

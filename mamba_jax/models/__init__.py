@@ -7,8 +7,9 @@ from mamba_jax.models.lm import (DecoderBlock, DecoderLM, LMOutput, ModelCache, 
                                  param_axes, token_positions)
 from mamba_jax.models.mamba import MambaCache, MambaLM
 from mamba_jax.models.mamba2 import Mamba2LM
+from mamba_jax.models.sizes import MAMBA_SIZES, mamba_config
 from mamba_jax.models.transformer import TransformerLM
 
-__all__ = ["DecoderBlock", "DecoderLM", "HybridConfig", "HybridLM", "LMOutput", "Mamba2Config", "Mamba2LM",
+__all__ = ["DecoderBlock", "DecoderLM", "HybridConfig", "HybridLM", "LMOutput", "MAMBA_SIZES", "Mamba2Config", "Mamba2LM",
            "MambaCache", "MambaConfig", "MambaLM", "ModelCache", "TransformerConfig", "TransformerLM",
-           "init_cache", "init_params", "param_axes", "parse_pattern", "token_positions"]
+           "init_cache", "init_params", "mamba_config", "param_axes", "parse_pattern", "token_positions"]

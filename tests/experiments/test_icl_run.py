@@ -83,3 +83,18 @@ def test_make_demo_runs_the_cpu_preset_whose_values_are_the_defaults():
     assert config == ICLConfig()
     # the demo compares Mamba with a Transformer on linear regression, against least squares
     assert config.task == "linear_regression" and config.model_names() == ("mamba", "transformer")
+
+
+def test_paper_sizes():
+    from experiments.icl.config import MODEL_SIZES
+    paper = preset_config("paper")
+    assert (paper.d, paper.d_model, paper.mamba_layers, paper.transformer_layers, paper.n_heads) == (20, 256, 24, 12, 8)
+    small = preset_config("paper", size="small")
+    assert (small.d_model, small.mamba_layers, small.transformer_layers, small.n_heads) == (128, 12, 6, 4)
+    tiny = preset_config("cpu", size="tiny")
+    assert (tiny.d_model, tiny.mamba_layers, tiny.transformer_layers, tiny.n_heads) == (64, 6, 3, 2)
+    assert set(MODEL_SIZES) == {"standard", "small", "tiny"}
+    relu = preset_config("paper", task="relu_2nn")
+    assert (relu.points_start, relu.points_end, relu.points_increment) == (26, 101, 5)
+    with pytest.raises(ValueError, match="`size`"):
+        preset_config("cpu", size="huge")
