@@ -1,4 +1,5 @@
-"""`mamba-jax` command line: `mamba-jax run <experiment> ...` and `mamba-jax bench <name> ...`.
+"""`mamba-jax` command line: `mamba-jax run <experiment> ...`, `mamba-jax bench <name> ...` and
+`mamba-jax aot <experiment> --topology <tpu> ...` (compile for a TPU slice on this host).
 
 Each experiment/benchmark is a module with `main(argv: list[str]) -> int` that parses its own options,
 so `mamba-jax run lm --help` shows that experiment's options.
@@ -30,7 +31,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run.add_argument("name", choices=sorted(EXPERIMENTS))
     bench = sub.add_parser("bench", help="run a benchmark", add_help=False)
     bench.add_argument("name", choices=sorted(BENCHMARKS))
+    sub.add_parser("aot", help="compile an experiment's sharded train step for a TPU topology", add_help=False)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "aot":
+        from mamba_jax import aot
+        return int(aot.main(rest) or 0)
     table = EXPERIMENTS if args.command == "run" else BENCHMARKS
     module = importlib.import_module(table[args.name])
     return int(module.main(rest) or 0)

@@ -19,6 +19,7 @@ from mamba_jax.train import LoopConfig, OptimizerConfig
 
 TASKS = ("selective_copy", "mqar")
 PRESETS = ("smoke", "cpu", "paper")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +43,11 @@ class LMConfig:
     d_conv: int = 4
     expand: int = 2
     scan_impl: str = "auto"
-    # -- optimisation (AdamW, warmup + cosine, clipping) --
-    batch_size: int = 16
+    compute_dtype: str = "float32"     # forward/backward dtype: float32 | bfloat16 (params, optimizer state: float32)
+    # -- optimisation (AdamW, warmup + cosine/linear decay, clipping, gradient accumulation) --
+    batch_size: int = 16               # sequences per optimizer step
+    grad_accum_steps: int = 1          # micro-batches per step (batch_size / grad_accum_steps sequences each)
+    lr_schedule: str = "cosine"        # decay after warmup: cosine | linear
     num_steps: int = 1000
     learning_rate: float = 3e-3
     warmup_steps: int = 30
@@ -58,6 +62,7 @@ class LMConfig:
     eval_batches: int = 8
     checkpoint_every: int = 100
     max_checkpoints_to_keep: int = 2
+    tensorboard: bool = True           # also write the metrics as TensorBoard events to <run>/tensorboard/
     progress: bool = True
 
     def __post_init__(self):
@@ -65,10 +70,15 @@ class LMConfig:
             raise ValueError(f"LMConfig: `task` must be one of {TASKS}; got {self.task!r}")
         if self.preset not in PRESETS:
             raise ValueError(f"LMConfig: `preset` must be one of {PRESETS}; got {self.preset!r}")
-        for name in ("eval_batches", "batch_size", "max_checkpoints_to_keep"):
+        for name in ("eval_batches", "batch_size", "max_checkpoints_to_keep", "grad_accum_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LMConfig: `{name}` must be a positive int; got {value!r}")
+        if self.batch_size % self.grad_accum_steps:
+            raise ValueError(f"LMConfig: `grad_accum_steps` ({self.grad_accum_steps}) must divide `batch_size` "
+                             f"({self.batch_size}) into equal micro-batches")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"LMConfig: `compute_dtype` must be one of {COMPUTE_DTYPES}; got {self.compute_dtype!r}")
         # Build the parts once, so that a bad value fails here, naming its field.
         self.make_task()
         self.model_config()
@@ -86,13 +96,13 @@ class LMConfig:
     def model_config(self) -> MambaConfig:
         return MambaConfig(vocab_size=self.make_task().vocab_size, d_model=self.d_model, n_layer=self.n_layer,
                            d_state=self.d_state, d_conv=self.d_conv, expand=self.expand,
-                           scan_impl=self.scan_impl)
+                           scan_impl=self.scan_impl, dtype=self.compute_dtype, param_dtype="float32")
 
     def optimizer_config(self) -> OptimizerConfig:
         return OptimizerConfig(learning_rate=self.learning_rate, warmup_steps=self.warmup_steps,
                                total_steps=self.num_steps, end_lr_ratio=self.end_lr_ratio,
                                weight_decay=self.weight_decay, b1=self.b1, b2=self.b2,
-                               grad_clip_norm=self.grad_clip_norm)
+                               grad_clip_norm=self.grad_clip_norm, lr_schedule=self.lr_schedule)
 
     def loop_config(self, stop_after=None) -> LoopConfig:
         return LoopConfig(num_steps=self.num_steps, log_every=self.log_every, eval_every=self.eval_every,

@@ -3,9 +3,12 @@
     mamba-jax run lm [--preset smoke|cpu|paper] [--task selective_copy|mqar] [--out DIR] [--resume]
                      [--stop-after STEP] [key=value ...]
 
-Writes into ``results/lm/<timestamp>/`` (or ``--out``): config.json, metrics.jsonl, checkpoints/,
-results.json, results.md and training.png. ``--resume`` continues the run in ``--out`` (default: the
-newest run under results/lm) from its latest checkpoint, exactly as if it had not stopped.
+Writes into ``results/lm/<timestamp>/`` (or ``--out``): config.json, metrics.jsonl, tensorboard/,
+checkpoints/, results.json, results.md and training.png. ``--resume`` continues the run in ``--out``
+(default: the newest run under results/lm) from its latest complete checkpoint, exactly as if it had not
+stopped: metrics.jsonl records of steps after that checkpoint (logged by the interrupted run, which may
+have been killed at any point, even mid-save) are dropped and the TensorBoard events of those steps are
+purged, so the resumed run's files equal an uninterrupted run's (timing fields aside).
 """
 from __future__ import annotations
 
@@ -172,6 +175,19 @@ def results_markdown(results: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def build_train_state(config: LMConfig):
+    """(model, freshly initialised TrainState) of `config`: float32 params and optimizer state; the model
+    computes in `config.compute_dtype`."""
+    import jax
+
+    from mamba_jax.models import MambaLM, init_params
+    from mamba_jax.train import create_train_state, make_optimizer
+
+    model = MambaLM(config.model_config())
+    params = init_params(model, jax.random.PRNGKey(config.seed), seq_len=config.seq_len)
+    return model, create_train_state(model.apply, params, make_optimizer(config.optimizer_config()))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, config, out = parse_command_line(argv)
@@ -181,15 +197,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import numpy as np
 
     from mamba_jax.data import get_batch, make_dataset
-    from mamba_jax.models import MambaLM, init_params
     from mamba_jax.train import (
         Checkpointer,
         MetricsWriter,
-        create_train_state,
         evaluate,
         learning_rate_schedule,
         make_eval_step,
-        make_optimizer,
         make_train_step,
         read_jsonl,
         train_loop,
@@ -201,10 +214,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         json.dump(config.to_dict(), f, indent=2)
 
     task = config.make_task()
-    model = MambaLM(config.model_config())
-    params = init_params(model, jax.random.PRNGKey(config.seed), seq_len=config.seq_len)
-    optimizer_config = config.optimizer_config()
-    state = create_train_state(model.apply, params, make_optimizer(optimizer_config))
+    model, state = build_train_state(config)
     train_data = make_dataset(task, seed=config.seed, batch_size=config.batch_size, num_batches=config.num_steps)
     eval_batches = list(make_dataset(task, seed=config.seed, batch_size=config.batch_size,
                                      num_batches=config.eval_batches, split="eval"))
@@ -216,14 +226,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         state, meta = checkpointer.restore(state)
         start_step = int(meta["step"])
         print(f"resumed {out} at step {start_step}", file=sys.stderr)
-    metrics = MetricsWriter(os.path.join(out, "metrics.jsonl"), keep_until_step=start_step)
+    # on resume: drop records (and purge TensorBoard events) of steps after the restored checkpoint
+    metrics = MetricsWriter(os.path.join(out, "metrics.jsonl"), keep_until_step=start_step,
+                            tensorboard_dir=os.path.join(out, "tensorboard") if config.tensorboard else None)
     print(f"lm: {task_description(config)}; writing {out}", file=sys.stderr)
 
+    train_step = make_train_step(learning_rate_schedule(config.optimizer_config()),
+                                 grad_accum_steps=config.grad_accum_steps)
     state, history = train_loop(
-        state, make_train_step(learning_rate_schedule(optimizer_config)), lambda i: get_batch(train_data, i),
+        state, train_step, lambda i: get_batch(train_data, i),
         loop_config, evaluate_fn=lambda s: evaluate(eval_step, s.params, eval_batches), metrics=metrics,
         checkpointer=checkpointer, checkpoint_meta=lambda step: {"step": step, "config": config.to_dict()})
     checkpointer.close()
+    metrics.close()
     done = int(jax.device_get(state.step))
     if done < config.num_steps:
         print(f"stopped after step {done} of {config.num_steps}; continue with: mamba-jax run lm --resume "

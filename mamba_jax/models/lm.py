@@ -185,8 +185,9 @@ class DecoderLM(nn.Module):
         h = h.astype(jnp.promote_types(jnp.float32, h.dtype) if cfg.residual_in_fp32 else h.dtype)
         hidden_states = [h]
         new_layers = []
+        block_cls = nn.remat(DecoderBlock) if cfg.remat and cache is None else DecoderBlock
         for i, kind in enumerate(kinds):
-            h, layer_cache = DecoderBlock(cfg, kind, name=f"layers_{i}")(
+            h, layer_cache = block_cls(cfg, kind, name=f"layers_{i}")(
                 h, positions=positions, seq_idx=seq_idx, mask=mask,
                 cache=None if cache is None else cache.layers[i])
             hidden_states.append(h)

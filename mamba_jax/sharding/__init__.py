@@ -1,8 +1,22 @@
-"""Logical axis names for parameters and activations, and the rules that map them to mesh axes.
+"""Logical axis names for parameters and activations, the rules that map them to mesh axes, and sharded training.
 
 Modules annotate parameters with the logical names below (``nn.with_logical_partitioning``); only this
 package maps them to mesh axes. The scale-out work extends the rules table; nothing else imports
 ``jax.sharding`` directly.
+
+The one sharding model: meshes with **Auto** axes (`make_mesh`, `make_mesh_from_config(MeshConfig(...))`,
+axes "data", "fsdp", "tensor", "expert") and `jax.jit(..., in_shardings=..., out_shardings=...)` (what
+`pjit` became) — GSPMD propagates the shardings through the unmodified modules, no mesh context needed.
+
+    mesh = make_mesh_from_config(MeshConfig(data=2, fsdp=4))
+    tr = sharded_training(model, make_optimizer(cfg), mesh, "fsdp")   # "dp" | "fsdp" | "tensor" | "fsdp_tensor"
+    state = tr.init_state(jax.random.PRNGKey(0))                       # created sharded
+    state, metrics = tr.train_step(state, batch)                       # metrics replicated
+    state, meta = Checkpointer(path).restore(tr.abstract_state)        # any saved device count
+
+Strategies are rules tables (`STRATEGIES`, in `rules.py`); `logical_to_shardings` maps `param_axes(model)`
+through one, raising a ValueError that names the parameter, dimension and config keys when a dimension
+does not divide its mesh axes. Multi-process runs (`jax.distributed`) are not covered yet.
 """
 from __future__ import annotations
 
@@ -48,3 +62,37 @@ def make_mesh(axis_shapes, axis_names, devices=None):
         raise ValueError(f"make_mesh: mesh {axis_shapes} needs {needed} devices; {len(devices)} available")
     return jax.sharding.Mesh(np.asarray(devices[:needed]).reshape(axis_shapes), axis_names,
                              axis_types=(jax.sharding.AxisType.Auto,) * len(axis_names))
+
+
+# The scale-out API (below the constants it uses). `sharded_training` and friends import
+# `mamba_jax.train`, so they load on first use (layers import this package).
+from mamba_jax.sharding.mesh import MESH_AXES, MeshConfig, make_mesh_from_config  # noqa: E402
+from mamba_jax.sharding.rules import (  # noqa: E402
+    DP_RULES,
+    FSDP_RULES,
+    STRATEGIES,
+    TENSOR_RULES,
+    batch_axes,
+    batch_sharding,
+    check_batch,
+    logical_to_shardings,
+    logical_to_spec,
+    replicated,
+    shard_batch,
+    strategy_rules,
+)
+
+_TRAIN_NAMES = ("ShardedTraining", "sharded_training", "train_state_shardings", "follow_param_shardings")
+
+
+def __getattr__(name):
+    if name in _TRAIN_NAMES:
+        from mamba_jax.sharding import train
+        return getattr(train, name)
+    raise AttributeError(f"module 'mamba_jax.sharding' has no attribute {name!r}")
+
+
+__all__ = ["BATCH", "CONV", "DEFAULT_RULES", "DP_RULES", "EMBED", "EXPERT", "FSDP_RULES", "HEADS", "LENGTH",
+           "MESH_AXES", "MLP", "MeshConfig", "STATE", "STRATEGIES", "TENSOR_RULES", "VOCAB", "batch_axes",
+           "batch_sharding", "check_batch", "logical_to_shardings", "logical_to_spec", "make_mesh",
+           "make_mesh_from_config", "replicated", "shard_batch", "strategy_rules", *_TRAIN_NAMES]

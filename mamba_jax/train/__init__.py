@@ -1,8 +1,9 @@
 """Training: optimiser, train state, step functions, loop, checkpointing, metrics."""
 from mamba_jax.train.checkpoint import Checkpointer
 from mamba_jax.train.loop import LoopConfig, train_loop
-from mamba_jax.train.metrics import MetricsWriter, read_jsonl
+from mamba_jax.train.metrics import MetricsWriter, TensorBoardWriter, read_jsonl, read_tensorboard_scalars
 from mamba_jax.train.optim import (
+    LR_SCHEDULES,
     OptimizerConfig,
     decays,
     learning_rate_schedule,
@@ -12,15 +13,18 @@ from mamba_jax.train.optim import (
 )
 from mamba_jax.train.step import (
     TrainState,
+    accumulated_grads,
     create_train_state,
     evaluate,
     make_eval_step,
     make_train_step,
     masked_cross_entropy,
     masked_token_stats,
+    split_micro_batches,
 )
 
-__all__ = ["Checkpointer", "LoopConfig", "MetricsWriter", "OptimizerConfig", "TrainState", "create_train_state",
-           "decays", "evaluate", "learning_rate_schedule", "make_eval_step", "make_optimizer", "make_train_step",
-           "masked_cross_entropy", "masked_token_stats", "path_names", "read_jsonl", "train_loop",
+__all__ = ["Checkpointer", "LR_SCHEDULES", "LoopConfig", "MetricsWriter", "OptimizerConfig", "TensorBoardWriter",
+           "TrainState", "accumulated_grads", "create_train_state", "decays", "evaluate", "learning_rate_schedule",
+           "make_eval_step", "make_optimizer", "make_train_step", "masked_cross_entropy", "masked_token_stats",
+           "path_names", "read_jsonl", "read_tensorboard_scalars", "split_micro_batches", "train_loop",
            "weight_decay_mask"]

@@ -68,8 +68,10 @@ def train_loop(state, train_step: Callable, get_batch: Callable[[int], Any], con
       get_batch: step index -> the batch of that step (deterministic, for exact resumption).
       config: a LoopConfig.
       evaluate_fn: ``state -> dict of floats``; run every `eval_every` steps and at the end.
-      metrics: where records go: ``{"kind": "train", "step", <mean train metrics>, "tokens_per_s",
-        "elapsed_s"}`` every `log_every` steps and ``{"kind": "eval", "step", <eval metrics>}``.
+      metrics: a `MetricsWriter` (jsonl, optionally TensorBoard; anything with ``write(record)`` and
+        ``flush()``): ``{"kind": "train", "step", <mean train metrics>, "tokens_per_s", "elapsed_s"}``
+        every `log_every` steps and ``{"kind": "eval", "step", <eval metrics>}``; flushed before each
+        checkpoint.
       checkpointer / checkpoint_meta: save ``state`` and ``checkpoint_meta(step)`` (default
         ``{"step": step}``) every `checkpoint_every` steps, at `stop_after` and at the end.
     Returns ``(state, history)``, history the list of records written by this call.
@@ -110,6 +112,8 @@ def train_loop(state, train_step: Callable, get_batch: Callable[[int], Any], con
                 postfix["eval_acc"] = f"{record['eval_accuracy']:.3f}"
                 bar.set_postfix(postfix)
         if checkpointer is not None and _is_boundary(step, config.checkpoint_every, end):
+            if metrics is not None:
+                metrics.flush()  # buffered sinks (TensorBoard) hold every record up to a checkpoint on disk
             checkpointer.save(step, state, checkpoint_meta(step) if checkpoint_meta else {"step": step})
         t_window += time.perf_counter() - t_aside  # eval/checkpoint time does not count for tokens/s
     bar.close()

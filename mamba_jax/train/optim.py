@@ -1,4 +1,5 @@
-"""Optimiser: AdamW with a linear-warmup cosine schedule, global-norm clipping and a weight-decay mask.
+"""Optimiser: AdamW with a warmup + cosine (or linear) decay schedule, global-norm clipping and a
+weight-decay mask.
 
 As in the official Mamba training recipe, no weight decay goes to A_log, D, any norm weight or any bias.
 """
@@ -11,6 +12,7 @@ import jax
 import optax
 
 NO_DECAY_LEAF_NAMES = frozenset({"A_log", "D"})
+LR_SCHEDULES = ("cosine", "linear")
 
 
 def _key_name(entry) -> str:
@@ -47,10 +49,12 @@ def weight_decay_mask(params):
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW + warmup-cosine + clipping hyper-parameters.
+    """AdamW + warmup/decay schedule + clipping hyper-parameters.
 
-    The learning rate rises linearly from 0 to `learning_rate` over `warmup_steps`, then follows a cosine
-    down to `learning_rate * end_lr_ratio` at `total_steps`.
+    The learning rate rises linearly from 0 to `learning_rate` over `warmup_steps`, then decays down to
+    `learning_rate * end_lr_ratio` at `total_steps` (and stays there): along a cosine
+    (`lr_schedule="cosine"`) or a straight line (`"linear"`). Steps are optimizer steps (with gradient
+    accumulation inside the train step, one per train step).
     """
 
     learning_rate: float = 1e-3
@@ -62,8 +66,11 @@ class OptimizerConfig:
     b2: float = 0.95
     eps: float = 1e-8
     grad_clip_norm: float = 1.0
+    lr_schedule: str = "cosine"
 
     def __post_init__(self):
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"OptimizerConfig: `lr_schedule` must be one of {LR_SCHEDULES}; got {self.lr_schedule!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"OptimizerConfig: `learning_rate` must be > 0; got {self.learning_rate!r}")
         if not isinstance(self.total_steps, int) or self.total_steps < 1:
@@ -80,10 +87,16 @@ class OptimizerConfig:
 
 
 def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
-    """step -> learning rate: linear warmup from 0, then cosine decay to learning_rate · end_lr_ratio."""
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
-        decay_steps=config.total_steps, end_value=config.learning_rate * config.end_lr_ratio)
+    """step -> learning rate: linear warmup from 0 over `warmup_steps`, then cosine or linear decay
+    (`config.lr_schedule`) to learning_rate · end_lr_ratio at `total_steps`."""
+    peak, end = config.learning_rate, config.learning_rate * config.end_lr_ratio
+    if config.lr_schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=peak, warmup_steps=config.warmup_steps,
+                                                  decay_steps=config.total_steps, end_value=end)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, config.warmup_steps),
+         optax.linear_schedule(peak, end, config.total_steps - config.warmup_steps)],
+        boundaries=[config.warmup_steps])
 
 
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:

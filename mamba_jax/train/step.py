@@ -55,22 +55,80 @@ def masked_cross_entropy(logits: jax.Array, targets: jax.Array, loss_mask: jax.A
     return loss, {"loss": loss, "accuracy": s["correct"] / tokens, "exact_match": s["exact"] / s["sequences"]}
 
 
-def make_train_step(learning_rate_fn: Optional[Callable] = None, *, donate: bool = True):
-    """A jitted ``train_step(state, batch) -> (state, metrics)``.
+def split_micro_batches(batch: Batch, grad_accum_steps: int) -> Batch:
+    """Every (b, ...) array of `batch` as (k, b/k, ...): micro-batch j is rows j·b/k ... (j+1)·b/k - 1.
 
-    `batch`: inputs/targets (b, l) int32, loss_mask (b, l) bool. metrics (float32 scalars): loss,
-    accuracy, exact_match, grad_norm (before clipping) and, when `learning_rate_fn` is given, the
-    learning rate used at this step. With `donate` the input state's buffers are reused (do not touch
-    the old state afterwards).
+    Raises ValueError (naming `grad_accum_steps`) unless k is a positive int dividing the batch size.
     """
+    k = grad_accum_steps
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"`grad_accum_steps` must be a positive int; got {k!r}")
+    sizes = {x.shape[0] for x in jax.tree_util.tree_leaves(batch)}
+    if len(sizes) != 1 or next(iter(sizes)) % k:
+        raise ValueError(f"`grad_accum_steps` ({k}) must divide the batch size; got batch leading dims {sorted(sizes)}")
+    return jax.tree_util.tree_map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
+
+
+def accumulated_grads(apply_fn: Callable, params, batch: Batch, grad_accum_steps: int = 1):
+    """Gradient of the batch's mean answer-token cross-entropy, summed over `grad_accum_steps`
+    micro-batches (a `lax.scan`, so only one micro-batch's activations are alive at a time).
+
+    Each micro-batch contributes ``nll_sum_j / tokens``, where `tokens` counts the masked positions of the
+    whole batch (known from `loss_mask` before any forward pass): every answer token has the same weight
+    whatever micro-batch it is in, so the result equals the one-batch gradient up to float summation
+    order, even when micro-batches hold different numbers of answer tokens.
+    Returns ``(grads, stats)``: grads with the structure of `params` (accumulated in float32 when k > 1),
+    stats the `masked_token_stats` summed over the micro-batches.
+    """
+    tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+
+    def micro(params, mb):
+        def loss_fn(p):
+            logits = apply_fn({"params": p}, mb["inputs"])
+            stats = masked_token_stats(logits, mb["targets"], mb["loss_mask"])
+            return stats["nll_sum"] / tokens, stats
+        (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return grads, stats
+
+    if grad_accum_steps == 1:
+        return micro(params, batch)
+    micro_batches = split_micro_batches(batch, grad_accum_steps)
+
+    def body(carry, mb):
+        return jax.tree_util.tree_map(lambda acc, x: acc + x.astype(acc.dtype), carry, micro(params, mb)), None
+
+    # float32 accumulators (also for lower-precision params), one per gradient leaf and stat
+    shapes = jax.eval_shape(micro, params, jax.tree_util.tree_map(lambda x: x[0], micro_batches))
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)), shapes)
+    (grads, stats), _ = jax.lax.scan(body, zeros, micro_batches)
+    return grads, stats
+
+
+def make_train_step(learning_rate_fn: Optional[Callable] = None, *, donate: bool = True, grad_accum_steps: int = 1):
+    """A jitted ``train_step(state, batch) -> (state, metrics)``: one optimizer step per call.
+
+    `batch`: inputs/targets (b, l) int32, loss_mask (b, l) bool. With ``grad_accum_steps = k`` the batch
+    is processed as k micro-batches of b/k sequences in a `lax.scan` inside the step and their gradients
+    are summed, weighted by answer tokens (`accumulated_grads`), before the one optimizer update: the
+    same update as the whole batch at once, with the activation memory of b/k. (Chosen over
+    `optax.MultiSteps` so that a train step, the schedule, `state.step`, the logs and the checkpoints stay
+    in optimizer steps.) Mixed precision comes from the model: build it with ``dtype="bfloat16"`` and
+    ``param_dtype="float32"``; params, gradients and optimizer state stay float32 and the loss is
+    computed in float32 from float32 logits.
+
+    metrics (float32 scalars, pooled over the whole batch): loss, accuracy, exact_match, grad_norm
+    (before clipping) and, when `learning_rate_fn` is given, the learning rate used at this step. With
+    `donate` the input state's buffers are reused (do not touch the old state afterwards).
+    """
+    if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
+        raise ValueError(f"make_train_step: `grad_accum_steps` must be a positive int; got {grad_accum_steps!r}")
 
     def train_step(state: TrainState, batch: Batch):
-        def loss_fn(params):
-            logits = state.apply_fn({"params": params}, batch["inputs"])
-            return masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
-
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+        grads, s = accumulated_grads(state.apply_fn, state.params, batch, grad_accum_steps)
+        tokens = jnp.maximum(s["tokens"], 1.0)
+        loss = s["nll_sum"] / tokens
+        metrics = {"loss": loss, "accuracy": s["correct"] / tokens, "exact_match": s["exact"] / s["sequences"],
+                   "grad_norm": optax.tree.norm(grads)}
         if learning_rate_fn is not None:
             metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
         return state.apply_gradients(grads=grads), metrics

@@ -1,4 +1,5 @@
-"""Weight-decay mask (exact leaves), schedule, and that the mask really controls the decay."""
+"""Weight-decay mask (exact leaves), schedules (cosine, linear), clipping, and that the mask really controls
+the decay."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,6 +73,21 @@ def test_schedule_warms_up_then_decays_to_the_end_ratio():
     assert float(schedule(110)) == pytest.approx(1e-4)
 
 
+def test_linear_schedule_warms_up_then_decays_linearly_to_the_end_ratio():
+    schedule = learning_rate_schedule(OptimizerConfig(learning_rate=1e-3, warmup_steps=10, total_steps=110,
+                                                      end_lr_ratio=0.1, lr_schedule="linear"))
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(5)) == pytest.approx(5e-4)
+    assert float(schedule(10)) == pytest.approx(1e-3)
+    assert float(schedule(35)) == pytest.approx(1e-3 - 0.25 * 9e-4, rel=1e-5)  # straight line, not cosine
+    assert float(schedule(60)) == pytest.approx(1e-4 + 0.5 * 9e-4, rel=1e-5)
+    assert float(schedule(110)) == pytest.approx(1e-4)
+    assert float(schedule(500)) == pytest.approx(1e-4)
+    no_warmup = learning_rate_schedule(OptimizerConfig(learning_rate=1e-3, warmup_steps=0, total_steps=10,
+                                                       end_lr_ratio=0.0, lr_schedule="linear"))
+    assert [float(no_warmup(i)) for i in (0, 5, 10)] == pytest.approx([1e-3, 5e-4, 0.0])
+
+
 def test_gradients_are_clipped_to_the_global_norm():
     """With b1 = b2 = 0 Adam's update is -lr·g/(|g| + eps) per coordinate; a large eps makes it depend on
     the gradient's scale, so clipping shows: g = 10 (norm 20) clipped to norm 0.5 is 0.25 per entry."""
@@ -91,6 +107,7 @@ def test_gradients_are_clipped_to_the_global_norm():
     (dict(end_lr_ratio=1.5), "end_lr_ratio"),
     (dict(weight_decay=-1.0), "weight_decay"),
     (dict(grad_clip_norm=0.0), "grad_clip_norm"),
+    (dict(lr_schedule="exponential"), "lr_schedule"),
 ])
 def test_optimizer_config_rejects_bad_values(kwargs, name):
     with pytest.raises(ValueError, match=name):

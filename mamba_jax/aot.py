@@ -1,0 +1,188 @@
+"""`mamba-jax aot`: compile the real sharded train step for a TPU topology on a CPU host.
+
+    mamba-jax aot lm --topology v5e:16x16 [--size 1.4b] [--mesh data=-1,fsdp=16] [--strategy fsdp]
+                     [--batch 256] [--seq-len 2048] [--compute-dtype bfloat16] [--preset paper] [key=value ...]
+
+With the `tpu-aot` extra (libtpu), `jax.experimental.topologies` describes a TPU slice's devices on a
+CPU host; the train step of `mamba_jax.sharding.sharded_training` (the one the experiments run) is
+lowered and compiled for them — nothing is executed, no TPU is needed. Printed per configuration:
+parameters, per-chip bytes (arguments, temporaries, outputs, generated code) against the chip's HBM,
+FLOPs per step (`cost_analysis()`), and the step time those FLOPs need at the chip's peak, i.e. the
+time at 100 % MFU (XLA's cost model gives no wall-clock estimate through a public API, so the MFU
+column of the README is not claimed here).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from typing import Any, Dict, Optional, Sequence
+
+# Per-chip HBM (GiB) and dense bf16 peak (TFLOP/s), from the Cloud TPU documentation.
+CHIPS = {
+    "v4": dict(hbm_gib=32, peak_tflops=275),
+    "v5e": dict(hbm_gib=16, peak_tflops=197),
+    "v5p": dict(hbm_gib=95, peak_tflops=459),
+    "v6e": dict(hbm_gib=32, peak_tflops=918),
+}
+
+
+def topology_devices(topology: str):
+    """The devices of a TPU topology such as "v5e:2x2" or "v5p:4x4x4", described on this (CPU) host."""
+    generation = topology.split(":", 1)[0]
+    if generation not in CHIPS or ":" not in topology:
+        raise ValueError(f"aot: `--topology` must look like <chip>:<shape> with chip one of {sorted(CHIPS)}, "
+                         f"e.g. v5e:16x16; got {topology!r}")
+    import os
+    # libtpu takes a machine-wide lock unless told that several processes may load it (parallel tests,
+    # a notebook beside a script); on a CPU host no TPU is opened, so sharing is safe.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    try:
+        import libtpu  # noqa: F401
+    except ImportError as error:
+        raise RuntimeError("aot: compiling for TPU needs the optional dependency libtpu: "
+                           "pip install -e '.[tpu-aot]'") from error
+    from jax.experimental import topologies
+    return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+
+
+def parse_mesh(text: str):
+    """"data=-1,fsdp=16" -> MeshConfig(data=-1, fsdp=16)."""
+    from mamba_jax.sharding.mesh import MESH_AXES, MeshConfig
+
+    sizes = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or name not in MESH_AXES:
+            raise ValueError(f"aot: `--mesh` items must be axis=size with axis one of {MESH_AXES}; got {item!r}")
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise ValueError(f"aot: `--mesh` size of {name!r} must be an int; got {value!r}") from None
+    return MeshConfig(**sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class AOTReport:
+    """What compiling one sharded train step for a topology measured (bytes are per chip)."""
+
+    topology: str
+    mesh: str
+    strategy: str
+    params: int
+    batch: int
+    seq_len: int
+    argument_bytes: int
+    temp_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    code_bytes: int
+    hbm_bytes: int
+    flops: float
+    peak_flops_per_chip: float
+    chips: int
+
+    @property
+    def per_chip_bytes(self) -> int:
+        """Live bytes during the step: arguments + temporaries + outputs not aliased to (donated) arguments
+        + generated code."""
+        return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes + self.code_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.per_chip_bytes <= self.hbm_bytes
+
+    @property
+    def seconds_at_peak(self) -> float:
+        """The step time at 100 % MFU: FLOPs of the whole step / (chips · peak)."""
+        return self.flops / (self.chips * self.peak_flops_per_chip)
+
+    def row(self) -> Dict[str, Any]:
+        gib = 2 ** 30
+        return {"topology": self.topology, "mesh": self.mesh, "strategy": self.strategy,
+                "params": f"{self.params / 1e9:.2f}B" if self.params >= 1e9 else f"{self.params / 1e6:.1f}M",
+                "batch × seq": f"{self.batch} × {self.seq_len}",
+                "args GiB/chip": round(self.argument_bytes / gib, 3), "temp GiB/chip": round(self.temp_bytes / gib, 3),
+                "total GiB/chip": round(self.per_chip_bytes / gib, 3), "HBM GiB": round(self.hbm_bytes / gib),
+                "fits": "yes" if self.fits else "NO", "TFLOP/step": round(self.flops / 1e12, 2),
+                "ms at 100% MFU": round(1e3 * self.seconds_at_peak, 1)}
+
+
+def compile_train_step(model, tx, topology: str, mesh_config, strategy: str, batch: int, seq_len: int) -> AOTReport:
+    """Lower and compile `sharded_training(model, tx, mesh, strategy)`'s train step for `topology`."""
+    import jax
+    import jax.numpy as jnp
+
+    from mamba_jax.sharding.mesh import make_mesh_from_config
+    from mamba_jax.sharding.rules import check_batch
+    from mamba_jax.sharding.train import sharded_training
+
+    devices = topology_devices(topology)
+    mesh = make_mesh_from_config(mesh_config, devices)
+    training = sharded_training(model, tx, mesh, strategy)
+    tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=training.batch_sharding)
+    abstract_batch = {"inputs": tokens, "targets": tokens,
+                      "loss_mask": jax.ShapeDtypeStruct((batch, seq_len), jnp.bool_, sharding=training.batch_sharding)}
+    check_batch(abstract_batch, mesh, training.rules)
+    compiled = training.train_step.jitted.lower(training.abstract_state, abstract_batch).compile()
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    chip = CHIPS[topology.split(":", 1)[0]]
+    params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(training.abstract_state.params))
+    # cost_analysis of an SPMD program counts one device's share; the whole step is chips × that
+    return AOTReport(
+        topology=topology, mesh=",".join(f"{k}={v}" for k, v in mesh.shape.items() if v > 1) or "1 chip",
+        strategy=strategy, params=params, batch=batch, seq_len=seq_len,
+        argument_bytes=int(memory.argument_size_in_bytes), temp_bytes=int(memory.temp_size_in_bytes),
+        output_bytes=int(memory.output_size_in_bytes), alias_bytes=int(memory.alias_size_in_bytes),
+        code_bytes=int(memory.generated_code_size_in_bytes), hbm_bytes=chip["hbm_gib"] * 2 ** 30,
+        flops=float(cost.get("flops", 0.0)) * len(devices), peak_flops_per_chip=chip["peak_tflops"] * 1e12,
+        chips=len(devices))
+
+
+def _lm_model(preset: str, size: Optional[str], compute_dtype: str, overrides: Dict[str, str]):
+    """(model, tx, batch, seq_len) of `mamba-jax run lm`'s config, the model optionally a named Mamba size
+    (`mamba_jax.models.sizes`)."""
+    from experiments.lm.config import apply_overrides, preset_config
+    from mamba_jax.models import MambaLM, mamba_config
+    from mamba_jax.train.optim import make_optimizer
+
+    config = apply_overrides(preset_config(preset), overrides)
+    if size is None:
+        model_config = config.model_config().replace(dtype=compute_dtype)
+    else:
+        model_config = mamba_config(size, dtype=compute_dtype, param_dtype="float32", scan_impl=config.scan_impl)
+    return MambaLM(model_config), make_optimizer(config.optimizer_config()), config.batch_size, config.seq_len
+
+
+EXPERIMENTS = {"lm": _lm_model}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from experiments.lm.config import parse_overrides
+    from mamba_jax.bench_utils import markdown_table
+    from mamba_jax.models.sizes import MAMBA_SIZES
+
+    parser = argparse.ArgumentParser(prog="mamba-jax aot", description=__doc__.splitlines()[0])
+    parser.add_argument("experiment", choices=sorted(EXPERIMENTS))
+    parser.add_argument("--topology", required=True, help="e.g. v5e:2x2, v5e:16x16, v5p:4x4x4")
+    parser.add_argument("--mesh", default="data=-1", help="axis sizes, e.g. data=-1,fsdp=16 (-1: the rest)")
+    parser.add_argument("--strategy", default="fsdp", choices=("dp", "fsdp", "tensor", "fsdp_tensor"))
+    parser.add_argument("--size", default=None, choices=tuple(MAMBA_SIZES), help="a named Mamba size")
+    parser.add_argument("--preset", default="paper", choices=("smoke", "cpu", "paper"))
+    parser.add_argument("--batch", type=int, default=None, help="global batch (default: the preset's)")
+    parser.add_argument("--seq-len", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--compute-dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    args, rest = parser.parse_known_args(list(argv or []))
+    try:
+        model, tx, batch, seq_len = EXPERIMENTS[args.experiment](args.preset, args.size, args.compute_dtype,
+                                                                 parse_overrides(rest))
+        report = compile_train_step(model, tx, args.topology, parse_mesh(args.mesh), args.strategy,
+                                    args.batch or batch, args.seq_len or seq_len)
+    except ValueError as error:
+        parser.error(str(error))
+    row = report.row()
+    print(markdown_table(list(row), [list(row.values())]))
+    return 0

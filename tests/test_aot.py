@@ -1,0 +1,62 @@
+"""`mamba-jax aot`: the sharded train step compiles for a TPU topology on this CPU host (libtpu), and the
+compiled program's numbers are consistent with the model (parameter count, FLOPs ≈ 6·N·tokens,
+sharded strategies hold fewer bytes per chip than data parallelism)."""
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from mamba_jax import aot
+from mamba_jax.cli import main as cli_main
+from mamba_jax.models import MambaConfig, MambaLM
+from mamba_jax.train.optim import OptimizerConfig, make_optimizer
+
+
+def test_parse_mesh_and_bad_topologies():
+    mesh = aot.parse_mesh("data=-1,fsdp=16")
+    assert (mesh.data, mesh.fsdp, mesh.tensor) == (-1, 16, 1)
+    with pytest.raises(ValueError, match="--mesh"):
+        aot.parse_mesh("model=4")
+    with pytest.raises(ValueError, match="--mesh"):
+        aot.parse_mesh("data=two")
+    with pytest.raises(ValueError, match="--topology"):
+        aot.topology_devices("h100:8")
+
+
+@pytest.fixture(scope="module")
+def reports():
+    pytest.importorskip("libtpu", reason="needs the optional dependency libtpu (the tpu-aot / test extra)")
+    model = MambaLM(MambaConfig(vocab_size=64, d_model=64, n_layer=2, d_state=8, dtype="bfloat16"))
+    tx = make_optimizer(OptimizerConfig())
+    meshes = {"dp": "data=4", "fsdp": "fsdp=4", "tensor": "data=2,tensor=2"}
+    return model, {s: aot.compile_train_step(model, tx, "v5e:2x2", aot.parse_mesh(m), s, 8, 64)
+                   for s, m in meshes.items()}
+
+
+def test_compiles_for_v5e_2x2_with_every_strategy(reports):
+    model, by_strategy = reports
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))["params"]
+    n_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
+    for strategy, report in by_strategy.items():
+        assert report.chips == 4 and report.params == n_params, strategy
+        # forward + backward ≈ 6 FLOPs per parameter per token (plus the scan and attention-free extras)
+        assert 0.8 < report.flops / (6 * n_params * 8 * 64) < 2.0, (strategy, report.flops)
+        assert report.fits and report.per_chip_bytes > 0
+    # parameters and Adam moments are split 4 ways under FSDP, 2 ways under tensor parallelism
+    assert by_strategy["fsdp"].argument_bytes < 0.5 * by_strategy["dp"].argument_bytes
+    assert by_strategy["tensor"].argument_bytes < 0.8 * by_strategy["dp"].argument_bytes
+
+
+def test_cli_prints_the_table(capsys):
+    pytest.importorskip("libtpu", reason="needs the optional dependency libtpu (the tpu-aot / test extra)")
+    assert cli_main(["aot", "lm", "--topology", "v5e:2x2", "--preset", "smoke", "--mesh", "data=2,fsdp=2"]) == 0
+    out = capsys.readouterr().out
+    assert "| topology |" in out and "| v5e:2x2 | data=2,fsdp=2 | fsdp |" in out
+
+
+def test_cli_names_a_mesh_that_does_not_match_the_topology(capsys):
+    pytest.importorskip("libtpu", reason="needs the optional dependency libtpu (the tpu-aot / test extra)")
+    with pytest.raises(SystemExit):
+        cli_main(["aot", "lm", "--topology", "v5e:2x2", "--preset", "smoke", "--mesh", "data=3"])
+    assert "`data`" in capsys.readouterr().err
