@@ -90,6 +90,11 @@ class AOTReport:
         return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes + self.code_bytes
 
     @property
+    def compile_oom(self) -> bool:
+        """The TPU compiler refused the program (temporaries alone exceed HBM; nothing else measured)."""
+        return math.isnan(self.flops)
+
+    @property
     def fits(self) -> bool:
         return self.per_chip_bytes <= self.hbm_bytes
 
@@ -105,7 +110,8 @@ class AOTReport:
                 "batch × seq": f"{self.batch} × {self.seq_len}",
                 "args GiB/chip": round(self.argument_bytes / gib, 3), "temp GiB/chip": round(self.temp_bytes / gib, 3),
                 "total GiB/chip": round(self.per_chip_bytes / gib, 3), "HBM GiB": round(self.hbm_bytes / gib),
-                "fits": "yes" if self.fits else "NO", "TFLOP/step": round(self.flops / 1e12, 2),
+                "fits": "yes" if self.fits else ("NO (compile-time OOM)" if self.compile_oom else "NO"),
+                "TFLOP/step": round(self.flops / 1e12, 2),
                 "ms at 100% MFU": round(1e3 * self.seconds_at_peak, 1)}
 
 
@@ -125,21 +131,41 @@ def compile_train_step(model, tx, topology: str, mesh_config, strategy: str, bat
     abstract_batch = {"inputs": tokens, "targets": tokens,
                       "loss_mask": jax.ShapeDtypeStruct((batch, seq_len), jnp.bool_, sharding=training.batch_sharding)}
     check_batch(abstract_batch, mesh, training.rules)
-    compiled = training.train_step.jitted.lower(training.abstract_state, abstract_batch).compile()
+    chip = CHIPS[topology.split(":", 1)[0]]
+    params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(training.abstract_state.params))
+    common = dict(topology=topology, mesh=",".join(f"{k}={v}" for k, v in mesh.shape.items() if v > 1) or "1 chip",
+                  strategy=strategy, params=params, batch=batch, seq_len=seq_len, hbm_bytes=chip["hbm_gib"] * 2 ** 30,
+                  peak_flops_per_chip=chip["peak_tflops"] * 1e12, chips=len(devices))
+    try:
+        compiled = training.train_step.jitted.lower(training.abstract_state, abstract_batch).compile()
+    except jax.errors.JaxRuntimeError as error:
+        temp = compile_time_oom_bytes(str(error))
+        if temp is None:
+            raise
+        # the TPU compiler refuses programs that cannot fit: report what it needed instead of failing
+        return AOTReport(**common, argument_bytes=0, temp_bytes=temp, output_bytes=0, alias_bytes=0, code_bytes=0,
+                         flops=float("nan"))
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    chip = CHIPS[topology.split(":", 1)[0]]
-    params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(training.abstract_state.params))
     # cost_analysis of an SPMD program counts one device's share; the whole step is chips × that
     return AOTReport(
-        topology=topology, mesh=",".join(f"{k}={v}" for k, v in mesh.shape.items() if v > 1) or "1 chip",
-        strategy=strategy, params=params, batch=batch, seq_len=seq_len,
-        argument_bytes=int(memory.argument_size_in_bytes), temp_bytes=int(memory.temp_size_in_bytes),
+        **common, argument_bytes=int(memory.argument_size_in_bytes), temp_bytes=int(memory.temp_size_in_bytes),
         output_bytes=int(memory.output_size_in_bytes), alias_bytes=int(memory.alias_size_in_bytes),
-        code_bytes=int(memory.generated_code_size_in_bytes), hbm_bytes=chip["hbm_gib"] * 2 ** 30,
-        flops=float(cost.get("flops", 0.0)) * len(devices), peak_flops_per_chip=chip["peak_tflops"] * 1e12,
-        chips=len(devices))
+        code_bytes=int(memory.generated_code_size_in_bytes), flops=float(cost.get("flops", 0.0)) * len(devices))
+
+
+def compile_time_oom_bytes(message: str):
+    """The temporaries (bytes) of a TPU "CompileTimeHbmOom" error message, e.g. "... HLO temporaries
+    (38.41G) exceeds available HBM (15.75G)" -> 38.41 GiB; None for other errors."""
+    import re
+
+    if "CompileTimeHbmOom" not in message and "Ran out of memory" not in message:
+        return None
+    found = re.search(r"temporaries \(([0-9.]+)([KMGT])\)", message)
+    if not found:
+        return None
+    return int(float(found.group(1)) * 1024 ** " KMGT".index(found.group(2)))
 
 
 def _lm_model(preset: str, size: Optional[str], compute_dtype: str, overrides: Dict[str, str]):

@@ -60,3 +60,10 @@ def test_cli_names_a_mesh_that_does_not_match_the_topology(capsys):
     with pytest.raises(SystemExit):
         cli_main(["aot", "lm", "--topology", "v5e:2x2", "--preset", "smoke", "--mesh", "data=3"])
     assert "`data`" in capsys.readouterr().err
+
+
+def test_compile_time_oom_message_is_parsed():
+    message = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total memory required "
+               "for HLO temporaries (38.41G) exceeds available HBM (15.75G). HLO module: jit_train_step.")
+    assert aot.compile_time_oom_bytes(message) == int(38.41 * 2 ** 30)
+    assert aot.compile_time_oom_bytes("INVALID_ARGUMENT: something else") is None
