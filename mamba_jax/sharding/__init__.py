@@ -16,7 +16,7 @@ axes "data", "fsdp", "tensor", "expert") and `jax.jit(..., in_shardings=..., out
 
 Strategies are rules tables (`STRATEGIES`, in `rules.py`); `logical_to_shardings` maps `param_axes(model)`
 through one, raising a ValueError that names the parameter, dimension and config keys when a dimension
-does not divide its mesh axes. Multi-process runs (`jax.distributed`) are not covered yet.
+does not divide its mesh axes. Multi-process runs: `mamba_jax.sharding.distributed` (initialize, global_batch, process_shard).
 """
 from __future__ import annotations
 
@@ -96,3 +96,16 @@ __all__ = ["BATCH", "CONV", "DEFAULT_RULES", "DP_RULES", "EMBED", "EXPERT", "FSD
            "MESH_AXES", "MLP", "MeshConfig", "STATE", "STRATEGIES", "TENSOR_RULES", "VOCAB", "batch_axes",
            "batch_sharding", "check_batch", "logical_to_shardings", "logical_to_spec", "make_mesh",
            "make_mesh_from_config", "replicated", "shard_batch", "strategy_rules", *_TRAIN_NAMES]
+
+# Multi-process helpers (`jax.distributed`): `mamba_jax.sharding.distributed`, loaded on first use.
+_train_getattr = __getattr__
+
+
+def __getattr__(name):  # noqa: F811
+    if name == "distributed":
+        import importlib
+        return importlib.import_module("mamba_jax.sharding.distributed")
+    return _train_getattr(name)
+
+
+__all__.append("distributed")
