@@ -1,4 +1,5 @@
-"""Configuration of the `lm` experiment: a Mamba LM trained on a synthetic task (selective copying, MQAR).
+"""Configuration of the `lm` experiment: a Mamba LM trained on a synthetic task (selective copying, MQAR)
+or on real text (`text`: the Python standard library's sources, packed into rows of `seq_len`).
 
 One flat, frozen dataclass (so that ``key=value`` overrides are simple), three presets:
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
 from typing import Any, Dict, Mapping, Sequence
 
@@ -17,9 +19,11 @@ from mamba_jax.data import make_task
 from mamba_jax.layers import MambaConfig
 from mamba_jax.train import LoopConfig, OptimizerConfig
 
-TASKS = ("selective_copy", "mqar")
+TASKS = ("selective_copy", "mqar", "text")
 PRESETS = ("smoke", "cpu", "paper")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+TOKENIZERS = ("byte", "bpe")
+BYTE_VOCAB_SIZE = 259  # mamba_jax.data.text.ByteTokenizer: 256 byte values + BOS, EOS, PAD
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +40,12 @@ class LMConfig:
     num_kv_pairs: int = 4              # mqar: key-value pairs (all queried)
     mqar_vocab_size: int = 32          # mqar: keys in [1, V/2), values in [V/2, V)
     mqar_power_a: float = 0.01         # mqar: query-slot power law (Zoology's default 0.01)
+    text_root: str = ""                # text: corpus folder ("" = the Python standard library's sources)
+    text_pattern: str = "*.py"         # text: fnmatch pattern on file names
+    text_max_files: int = 0            # text: the first N files of the sorted corpus (0 = all), both splits
+    text_eval_fraction: float = 0.05   # text: share of files held out for eval (stable hash of the path)
+    tokenizer: str = "byte"            # text: byte (vocab 259) | bpe (trained on the train split)
+    bpe_vocab_size: int = 1024         # text, bpe: target vocabulary (specials included; the model's vocab)
     # -- model (MambaLM) --
     d_model: int = 128
     n_layer: int = 2
@@ -79,14 +89,60 @@ class LMConfig:
                              f"({self.batch_size}) into equal micro-batches")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"LMConfig: `compute_dtype` must be one of {COMPUTE_DTYPES}; got {self.compute_dtype!r}")
+        self._check_text_fields()
         # Build the parts once, so that a bad value fails here, naming its field.
-        self.make_task()
+        if self.task != "text":
+            self.make_task()
         self.model_config()
         self.optimizer_config()
         self.loop_config()
 
+    def _check_text_fields(self):
+        """Validate the text keys (types always; the corpus folder only when the task is `text`)."""
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"LMConfig: `tokenizer` must be one of {TOKENIZERS}; got {self.tokenizer!r}")
+        if isinstance(self.bpe_vocab_size, bool) or not isinstance(self.bpe_vocab_size, int) \
+                or self.bpe_vocab_size < BYTE_VOCAB_SIZE:
+            raise ValueError(f"LMConfig: `bpe_vocab_size` must be an int >= {BYTE_VOCAB_SIZE} (256 byte symbols "
+                             f"+ 3 specials); got {self.bpe_vocab_size!r}")
+        if isinstance(self.text_max_files, bool) or not isinstance(self.text_max_files, int) \
+                or self.text_max_files < 0:
+            raise ValueError(f"LMConfig: `text_max_files` must be a non-negative int (0 = all files); got "
+                             f"{self.text_max_files!r}")
+        if not isinstance(self.text_pattern, str) or not self.text_pattern:
+            raise ValueError(f"LMConfig: `text_pattern` must be a non-empty fnmatch pattern such as '*.py'; got "
+                             f"{self.text_pattern!r}")
+        if isinstance(self.text_eval_fraction, bool) or not isinstance(self.text_eval_fraction, (int, float)) \
+                or not 0.0 < self.text_eval_fraction < 1.0:
+            raise ValueError(f"LMConfig: `text_eval_fraction` must be in (0, 1); got {self.text_eval_fraction!r}")
+        if not isinstance(self.text_root, str):
+            raise ValueError(f"LMConfig: `text_root` must be a folder path (\"\" = the standard library); got "
+                             f"{self.text_root!r}")
+        if self.task == "text":
+            if self.text_root and not os.path.isdir(self.text_root):
+                raise ValueError(f"LMConfig: `text_root` must be an existing folder (\"\" = the standard library); "
+                                 f"got {self.text_root!r}")
+            if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
+                raise ValueError(f"LMConfig: `seq_len` must be an int >= 2; got {self.seq_len!r}")
+
+    def text_root_dir(self) -> str:
+        """The text corpus folder (`text_root`, or the standard library's)."""
+        from mamba_jax.data.text import default_text_root
+
+        return os.path.abspath(self.text_root or default_text_root())
+
+    def vocab_size(self) -> int:
+        """The model's vocabulary: the synthetic task's, or the tokenizer's (byte: 259; bpe: `bpe_vocab_size`,
+        an upper bound of the trained tokenizer's, which can come out smaller on a small corpus)."""
+        if self.task != "text":
+            return self.make_task().vocab_size
+        return BYTE_VOCAB_SIZE if self.tokenizer == "byte" else self.bpe_vocab_size
+
     def make_task(self):
-        """The synthetic task (a `SelectiveCopyTask` or `MQARTask`)."""
+        """The synthetic task (a `SelectiveCopyTask` or `MQARTask`); the `text` task has none (see run.py)."""
+        if self.task == "text":
+            raise ValueError("LMConfig.make_task: the `text` task reads files (mamba_jax.data.text), it is not a "
+                             "synthetic task")
         if self.task == "selective_copy":
             return make_task("selective_copy", seq_len=self.seq_len, n_tokens_to_copy=self.n_tokens_to_copy,
                              n_data_tokens=self.n_data_tokens)
@@ -94,7 +150,7 @@ class LMConfig:
                          vocab_size=self.mqar_vocab_size, power_a=self.mqar_power_a)
 
     def model_config(self) -> MambaConfig:
-        return MambaConfig(vocab_size=self.make_task().vocab_size, d_model=self.d_model, n_layer=self.n_layer,
+        return MambaConfig(vocab_size=self.vocab_size(), d_model=self.d_model, n_layer=self.n_layer,
                            d_state=self.d_state, d_conv=self.d_conv, expand=self.expand,
                            scan_impl=self.scan_impl, dtype=self.compute_dtype, param_dtype="float32")
 
@@ -129,6 +185,17 @@ _PRESET_VALUES: Dict[str, Dict[str, Any]] = {
 _TASK_PRESET_VALUES: Dict[tuple, Dict[str, Any]] = {
     ("paper", "selective_copy"): dict(seq_len=4096 + 16, n_tokens_to_copy=16, n_data_tokens=14),
     ("paper", "mqar"): dict(seq_len=512, num_kv_pairs=64, mqar_vocab_size=8192, d_model=256, n_layer=2),
+    # text: 8 files (a quarter held out), rows of 64 bytes
+    ("smoke", "text"): dict(seq_len=64, text_max_files=8, text_eval_fraction=0.25, d_model=32, batch_size=8,
+                            learning_rate=3e-3),
+    # text on 2 CPU cores, a few minutes: the first 400 stdlib files (~5 MB; 17 held out), rows of 256 bytes
+    ("cpu", "text"): dict(seq_len=256, text_max_files=400, d_model=128, n_layer=2, batch_size=8, num_steps=500,
+                          learning_rate=3e-3, warmup_steps=50, log_every=25, eval_every=125, eval_batches=16,
+                          checkpoint_every=125),
+    # text at GPU scale: the whole stdlib, byte-level, rows of 2048, a ~100M-parameter-class width
+    ("paper", "text"): dict(seq_len=2048, d_model=768, n_layer=24, batch_size=32, num_steps=50_000,
+                            learning_rate=6e-4, warmup_steps=1000, eval_every=2500, eval_batches=32,
+                            checkpoint_every=2500),
 }
 
 

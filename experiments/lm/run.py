@@ -1,7 +1,12 @@
-"""`mamba-jax run lm`: train a Mamba LM on selective copying or MQAR and report answer accuracy.
+"""`mamba-jax run lm`: train a Mamba LM on selective copying or MQAR (answer accuracy) or on real text (bits per byte).
 
-    mamba-jax run lm [--preset smoke|cpu|paper] [--task selective_copy|mqar] [--out DIR] [--resume]
+    mamba-jax run lm [--preset smoke|cpu|paper] [--task selective_copy|mqar|text] [--out DIR] [--resume]
                      [--stop-after STEP] [key=value ...]
+
+``--task text`` trains on the Python standard library's sources (`mamba_jax.data.text`): files split into
+train/held-out by a stable hash of their path, tokenized (bytes, or a BPE trained on the train files and
+saved as <run>/tokenizer.json), packed into rows of `seq_len` with `seq_idx` so that the model's scan
+restarts at every document; evaluation reports the held-out loss in bits per byte beside a unigram baseline.
 
 Writes into ``results/lm/<timestamp>/`` (or ``--out``): config.json, metrics.jsonl, tensorboard/,
 checkpoints/, results.json, results.md and training.png. ``--resume`` continues the run in ``--out``
@@ -41,13 +46,14 @@ PAPER_REFERENCE: Dict[str, Optional[Dict[str, Any]]] = {
                    "(App. E.1); the answer is read at marker tokens, not teacher-forced",
     },
     "mqar": None,
+    "text": None,
 }
 
 
 def _make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mamba-jax run lm", description=__doc__.splitlines()[0],
-        usage="mamba-jax run lm [--preset smoke|cpu|paper] [--task selective_copy|mqar] [--out DIR] [--resume] "
+        usage="mamba-jax run lm [--preset smoke|cpu|paper] [--task selective_copy|mqar|text] [--out DIR] [--resume] "
               "[--stop-after STEP] [key=value ...]",
         epilog="key=value (or --config.key=value) overrides any LMConfig field, e.g. num_steps=200 d_model=32")
     parser.add_argument("--preset", choices=PRESETS, default=None, help="default: cpu")
@@ -112,8 +118,11 @@ def resolve_config(args: argparse.Namespace, overrides: Dict[str, str]) -> Tuple
     return config, out
 
 
-def plot_history(records: List[Dict[str, Any]], path: str, *, chance: float, title: str) -> None:
-    """Save a PNG: training loss (left) and eval answer accuracy (right) against the step.
+def plot_history(records: List[Dict[str, Any]], path: str, *, title: str, chance: Optional[float] = None,
+                 baseline_bpb: Optional[float] = None) -> None:
+    """Save a PNG: training loss (left) and, right, eval answer accuracy against `chance` (synthetic
+    tasks) or, when the eval records hold ``eval_bits_per_byte`` (text), held-out bits per byte against
+    the unigram `baseline_bpb`.
 
     Uses a bare `matplotlib.figure.Figure` (Agg canvas), so no pyplot state or backend is touched.
     """
@@ -121,25 +130,43 @@ def plot_history(records: List[Dict[str, Any]], path: str, *, chance: float, tit
 
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
+    text = any("eval_bits_per_byte" in r for r in evals)
     fig = Figure(figsize=(10, 3.8))
-    ax_loss, ax_acc = fig.subplots(1, 2)
-    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss (answer tokens)")
+    ax_loss, ax_right = fig.subplots(1, 2)
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train],
+                 label="train loss (all tokens)" if text else "train loss (answer tokens)")
     if evals:
-        ax_loss.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
-    ax_loss.set(xlabel="step", ylabel="cross-entropy", yscale="log", title="loss")
+        ax_loss.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-",
+                     label="held-out loss" if text else "eval loss")
+    ax_loss.set(xlabel="step", ylabel="cross-entropy (nats/token)", yscale="log", title="loss")
     ax_loss.legend()
-    ax_acc.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-", label="eval accuracy")
-    ax_acc.plot([r["step"] for r in evals], [r["eval_exact_match"] for r in evals], "s--",
-                label="eval exact match (all answers)")
-    ax_acc.axhline(chance, color="grey", linestyle=":", label=f"chance ({chance:.3f})")
-    ax_acc.set(xlabel="step", ylabel="accuracy", ylim=(0, 1.02), title="answer accuracy")
-    ax_acc.legend()
+    if text:
+        ax_right.plot([r["step"] for r in evals], [r["eval_bits_per_byte"] for r in evals], "o-",
+                      label="Mamba, held-out files")
+        if baseline_bpb is not None:
+            ax_right.axhline(baseline_bpb, color="grey", linestyle=":", label=f"unigram baseline ({baseline_bpb:.3f})")
+        top = max([r["eval_bits_per_byte"] for r in evals] + [baseline_bpb or 0.0])
+        ax_right.set(xlabel="step", ylabel="bits per byte", ylim=(0, 1.15 * top), title="held-out bits per byte")
+    else:
+        ax_right.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-", label="eval accuracy")
+        ax_right.plot([r["step"] for r in evals], [r["eval_exact_match"] for r in evals], "s--",
+                      label="eval exact match (all answers)")
+        if chance is not None:
+            ax_right.axhline(chance, color="grey", linestyle=":", label=f"chance ({chance:.3f})")
+        ax_right.set(xlabel="step", ylabel="accuracy", ylim=(0, 1.02), title="answer accuracy")
+    ax_right.legend()
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
 def task_description(config: LMConfig) -> str:
+    if config.task == "text":
+        files = f"the first {config.text_max_files} " if config.text_max_files else ""
+        root = config.text_root or "the Python standard library"
+        return (f"text: {files}{config.text_pattern} files of {root}, {config.tokenizer} tokenizer, packed into "
+                f"rows of {config.seq_len} with seq_idx (the scan restarts at each document), "
+                f"{config.text_eval_fraction:.0%} of the files held out")
     if config.task == "selective_copy":
         return (f"selective copying: {config.n_tokens_to_copy} of {config.n_data_tokens} data tokens in a noise "
                 f"region of {config.seq_len - config.n_tokens_to_copy}, seq_len {config.seq_len}, teacher-forced")
@@ -173,6 +200,165 @@ def results_markdown(results: Dict[str, Any]) -> str:
         lines += ["", "No published table number for this setting: Zoology (Arora et al. 2023, arXiv 2312.04927) "
                       "reports MQAR accuracy in figures only."]
     return "\n".join(lines) + "\n"
+
+
+def text_results_markdown(results: Dict[str, Any]) -> str:
+    """The `text` results table (ours beside the unigram and uniform baselines) as markdown."""
+    cfg, final, data, base = results["config"], results["final"], results["data"], results["baseline"]
+    lines = [
+        f"# lm: text ({cfg['preset']} preset)",
+        "",
+        f"Task: {results['task_description']}. Model: Mamba-1, n_layer {cfg['n_layer']}, d_model {cfg['d_model']}, "
+        f"d_state {cfg['d_state']} ({results['num_params']:,} parameters). {cfg['num_steps']} steps × batch "
+        f"{cfg['batch_size']} × {cfg['seq_len']} tokens. Train: {data['train_files']} files, "
+        f"{data['train_tokens']:,} tokens. Held out: {data['eval_files']} files; evaluated on the first "
+        f"{data['eval_rows']} of their {data['eval_rows_total']} rows ({int(final['eval_tokens']):,} tokens, "
+        f"{data['eval_bytes']:,} bytes). Run: {results['wall_time_s']:.0f} s on {results['device']}, "
+        f"{results['date']}.",
+        "",
+        "| model | held-out bits per byte | loss (nats/token) | perplexity (per token) | next-token accuracy |",
+        "|---|---|---|---|---|",
+        f"| Mamba (ours) | {final['eval_bits_per_byte']:.3f} | {final['eval_loss']:.4f} | "
+        f"{final['eval_perplexity']:.3f} | {100 * final['eval_accuracy']:.1f}% |",
+        f"| unigram (training token frequencies, add-one) | {base['unigram_bits_per_byte']:.3f} | "
+        f"{base['unigram_loss']:.4f} | {base['unigram_perplexity']:.3f} | — |",
+        "| uniform over 256 byte values | 8.000 | — | — | — |",
+        "",
+        f"Bits per byte = Σ cross-entropy (nats) over every held-out target token, the end-of-document token "
+        f"included, / ln 2 / the UTF-8 bytes of those targets (EOS and BOS count 0 bytes). The unigram row "
+        f"scores the same targets with the training split's token frequencies (add-one smoothed); the "
+        f"training text's own unigram entropy is {base['train_unigram_entropy_bits_per_byte']:.3f} bits per "
+        f"byte. No published number is put beside ours: this corpus and setting are this project's.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def token_byte_lengths(tokenizer) -> "np.ndarray":
+    """(vocab,) int64: the UTF-8 bytes each token id stands for (specials: 0).
+
+    Byte tokenizer: 1 for ids < 256. Byte-level BPE: the length of the token's byte-level string (one
+    character per byte)."""
+    import numpy as np
+
+    from mamba_jax.data.text import ByteTokenizer
+
+    lengths = np.zeros(tokenizer.vocab_size, np.int64)
+    if isinstance(tokenizer, ByteTokenizer):
+        lengths[:256] = 1
+        return lengths
+    specials = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}
+    for i in range(tokenizer.vocab_size):
+        if i not in specials:
+            lengths[i] = len(tokenizer._tok.id_to_token(i))
+    return lengths
+
+
+def _step_batch(batch: Dict[str, Any]) -> Dict[str, Any]:
+    """A `TextLMData` batch with the train step's key names (``input_ids`` -> ``inputs``)."""
+    return {"inputs": batch["input_ids"], "targets": batch["targets"], "loss_mask": batch["loss_mask"],
+            "seq_idx": batch["seq_idx"]}
+
+
+class TextData:
+    """The `text` task of a run: tokenizer, training batches, held-out batches and the baselines.
+
+    * tokenizer: bytes, or a BPE trained on the train split's files (saved as <out>/tokenizer.json and
+      loaded from there on --resume, so a resumed run uses the same ids).
+    * ``batch(i)``: the batch of training step i — `TextLMData.batch(i)` of the train split, a pure
+      function of (seed, i), so --resume is exact.
+    * ``eval_batches``: the first ``eval_batches × batch_size`` packed rows of the held-out files (all of
+      them if fewer), in order, the last batch padded with masked-out rows.
+    * ``add_bits_per_byte(metrics)``: eval_bits_per_byte and eval_perplexity from evaluate()'s metrics.
+    """
+
+    def __init__(self, config: LMConfig, out: str, *, resume: bool):
+        import numpy as np
+
+        from mamba_jax.data.text import (
+            BPETokenizer,
+            ByteTokenizer,
+            TextLMData,
+            packed_text_rows,
+            read_documents,
+            split_of,
+            text_files,
+            train_bpe_tokenizer,
+        )
+
+        root, frac = config.text_root_dir(), config.text_eval_fraction
+        max_files = config.text_max_files or None
+        paths = text_files(root, config.text_pattern, max_files)
+        splits = [split_of(os.path.relpath(p, root), frac) for p in paths]
+        self.train_files, self.eval_files = splits.count("train"), splits.count("eval")
+        for name, count in (("train", self.train_files), ("eval", self.eval_files)):
+            if count == 0:
+                raise ValueError(f"text: no file of the {len(paths)} selected falls in the {name} split; raise "
+                                 f"`text_max_files` or change `text_eval_fraction` ({frac})")
+        if config.tokenizer == "byte":
+            tokenizer = ByteTokenizer()
+        else:
+            path = os.path.join(out, "tokenizer.json")
+            if resume and os.path.isfile(path):
+                tokenizer = BPETokenizer.load(path)
+            else:
+                train_paths = [p for p, s in zip(paths, splits) if s == "train"]
+                tokenizer = train_bpe_tokenizer(read_documents(train_paths), config.bpe_vocab_size, path=path)
+        if tokenizer.vocab_size > config.vocab_size():
+            raise ValueError(f"text: the tokenizer has {tokenizer.vocab_size} ids, more than the model's "
+                             f"{config.vocab_size()}")
+        self.tokenizer = tokenizer
+        common = dict(seq_len=config.seq_len, tokenizer=tokenizer, max_files=max_files, eval_fraction=frac)
+        self.train = TextLMData.from_files(root, config.text_pattern, batch_size=config.batch_size,
+                                           seed=config.seed, split="train", **common)
+        eval_rows = packed_text_rows(root, config.text_pattern, split="eval", **common)
+        total = int(eval_rows["input_ids"].shape[0])
+        n = min(total, config.eval_batches * config.batch_size)
+        size = -(-n // config.batch_size) * config.batch_size
+        pad = {"input_ids": tokenizer.pad_id, "targets": tokenizer.pad_id, "loss_mask": False, "seq_idx": 0}
+        rows = {}
+        for key, fill in pad.items():
+            dtype = bool if key == "loss_mask" else np.int32
+            arr = np.full((size, config.seq_len), fill, dtype)
+            arr[:n] = eval_rows[key][:n]
+            rows[key] = arr
+        self.eval_batches = [_step_batch({k: v[i:i + config.batch_size] for k, v in rows.items()})
+                             for i in range(0, size, config.batch_size)]
+        self.eval_rows, self.eval_rows_total = n, total
+
+        # bytes of the evaluated targets, and the unigram baseline on exactly those targets
+        byte_len = token_byte_lengths(tokenizer)
+        eval_targets = rows["targets"][rows["loss_mask"]]
+        self.eval_bytes = int(byte_len[eval_targets].sum())
+        train_targets = np.asarray(self.train.rows["targets"])[np.asarray(self.train.rows["loss_mask"], bool)]
+        counts = np.bincount(train_targets.astype(np.int64), minlength=tokenizer.vocab_size).astype(np.float64)
+        self.train_tokens = int(counts.sum())
+        log_p = np.log((counts + 1.0) / (counts.sum() + counts.size))
+        unigram_nats = -float(log_p[eval_targets].sum())
+        seen = counts > 0
+        train_bytes = float((counts * byte_len).sum())
+        entropy_bits = -float((counts[seen] * np.log2(counts[seen] / counts.sum())).sum())
+        self.baseline = {
+            "unigram_bits_per_byte": unigram_nats / np.log(2.0) / self.eval_bytes,
+            "unigram_loss": unigram_nats / eval_targets.size,
+            "unigram_perplexity": float(np.exp(unigram_nats / eval_targets.size)),
+            "train_unigram_entropy_bits_per_byte": entropy_bits / train_bytes,
+        }
+
+    def batch(self, step: int):
+        return _step_batch(self.train.batch(step))
+
+    def add_bits_per_byte(self, metrics: Dict[str, float]) -> Dict[str, float]:
+        import math
+
+        nats = metrics["eval_loss"] * metrics["eval_tokens"]
+        return {**metrics, "eval_bits_per_byte": nats / math.log(2.0) / self.eval_bytes,
+                "eval_perplexity": math.exp(metrics["eval_loss"])}
+
+    def summary(self) -> Dict[str, Any]:
+        return {"train_files": self.train_files, "eval_files": self.eval_files, "train_tokens": self.train_tokens,
+                "train_rows": self.train.num_rows, "eval_rows": self.eval_rows,
+                "eval_rows_total": self.eval_rows_total, "eval_bytes": self.eval_bytes,
+                "tokenizer": self.tokenizer.name, "tokenizer_vocab_size": self.tokenizer.vocab_size}
 
 
 def build_train_state(config: LMConfig):
@@ -213,12 +399,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config.to_dict(), f, indent=2)
 
-    task = config.make_task()
     model, state = build_train_state(config)
-    train_data = make_dataset(task, seed=config.seed, batch_size=config.batch_size, num_batches=config.num_steps)
-    eval_batches = list(make_dataset(task, seed=config.seed, batch_size=config.batch_size,
-                                     num_batches=config.eval_batches, split="eval"))
     eval_step = make_eval_step(model.apply)
+    if config.task == "text":
+        task, text = None, TextData(config, out, resume=args.resume)
+        get_train_batch, eval_batches = text.batch, text.eval_batches
+
+        def evaluate_fn(s):
+            return text.add_bits_per_byte(evaluate(eval_step, s.params, eval_batches))
+    else:
+        task, text = config.make_task(), None
+        train_data = make_dataset(task, seed=config.seed, batch_size=config.batch_size, num_batches=config.num_steps)
+        eval_batches = list(make_dataset(task, seed=config.seed, batch_size=config.batch_size,
+                                         num_batches=config.eval_batches, split="eval"))
+
+        def get_train_batch(i):
+            return get_batch(train_data, i)
+
+        def evaluate_fn(s):
+            return evaluate(eval_step, s.params, eval_batches)
 
     checkpointer = Checkpointer(os.path.join(out, "checkpoints"), max_to_keep=config.max_checkpoints_to_keep)
     start_step = None
@@ -234,8 +433,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     train_step = make_train_step(learning_rate_schedule(config.optimizer_config()),
                                  grad_accum_steps=config.grad_accum_steps)
     state, history = train_loop(
-        state, train_step, lambda i: get_batch(train_data, i),
-        loop_config, evaluate_fn=lambda s: evaluate(eval_step, s.params, eval_batches), metrics=metrics,
+        state, train_step, get_train_batch, loop_config, evaluate_fn=evaluate_fn, metrics=metrics,
         checkpointer=checkpointer, checkpoint_meta=lambda step: {"step": step, "config": config.to_dict()})
     checkpointer.close()
     metrics.close()
@@ -247,7 +445,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     records = read_jsonl(os.path.join(out, "metrics.jsonl"))
     final_evals = [r for r in records if r["kind"] == "eval" and r["step"] == config.num_steps]
-    final = final_evals[-1] if final_evals else {"step": done, **evaluate(eval_step, state.params, eval_batches)}
+    final = final_evals[-1] if final_evals else {"step": done, **evaluate_fn(state)}
     final = {k: v for k, v in final.items() if k.startswith("eval_")}
     train_records = [r for r in records if r["kind"] == "train"]
     results = {
@@ -258,8 +456,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "steps": done,
         "final": final,
         "final_train_loss": train_records[-1]["loss"] if train_records else None,
-        "chance_accuracy": task.chance_accuracy,
-        "eval_sequences": config.eval_batches * config.batch_size,
+        "chance_accuracy": None if task is None else task.chance_accuracy,
+        "eval_sequences": text.eval_rows if text else config.eval_batches * config.batch_size,
         "num_params": int(sum(np.size(x) for x in jax.tree_util.tree_leaves(state.params))),
         "wall_time_s": time.perf_counter() - t_start,
         "device": f"{jax.default_backend()} ({jax.devices()[0].device_kind}, {os.cpu_count()} host cores)",
@@ -268,14 +466,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "paper": PAPER_REFERENCE[config.task],
         "config": config.to_dict(),
     }
+    if text is not None:
+        results.update(data=text.summary(), baseline=text.baseline)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    table = results_markdown(results)
+    table = text_results_markdown(results) if text else results_markdown(results)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table)
-    plot_history(records, os.path.join(out, "training.png"), chance=task.chance_accuracy,
+    plot_history(records, os.path.join(out, "training.png"), chance=results["chance_accuracy"],
+                 baseline_bpb=text.baseline["unigram_bits_per_byte"] if text else None,
                  title=f"Mamba on {config.task} ({config.preset} preset)")
     print(table)
+    if text is not None:
+        print(f"held-out bits per byte: {final['eval_bits_per_byte']:.4f} (Mamba) vs. "
+              f"{text.baseline['unigram_bits_per_byte']:.4f} (unigram baseline from the training bytes); "
+              f"loss {final['eval_loss']:.4f} nats/token, perplexity {final['eval_perplexity']:.3f}, "
+              f"wall time {results['wall_time_s']:.0f} s")
     return 0
 
 

@@ -9,8 +9,18 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-Batch = Mapping[str, jax.Array]  # inputs/targets (b, l) int32, loss_mask (b, l) bool
+Batch = Mapping[str, jax.Array]  # inputs/targets (b, l) int32, loss_mask (b, l) bool, optional seq_idx (b, l) int
 TrainState = train_state.TrainState
+
+
+def forward(apply_fn: Callable, params, batch: Batch) -> jax.Array:
+    """The logits (b, l, v) of ``batch["inputs"]``; with a ``seq_idx`` (b, l) int entry (packed documents,
+    e.g. `mamba_jax.data.text`) it is passed to the model, whose scan and conv states then reset wherever
+    seq_idx changes, so packed documents do not see each other. (Whether the key is present is static
+    under jit: a batch with it and one without compile separately.)"""
+    if "seq_idx" in batch:
+        return apply_fn({"params": params}, batch["inputs"], seq_idx=batch["seq_idx"])
+    return apply_fn({"params": params}, batch["inputs"])
 
 
 def create_train_state(apply_fn: Callable, params, tx: optax.GradientTransformation) -> TrainState:
@@ -84,7 +94,7 @@ def accumulated_grads(apply_fn: Callable, params, batch: Batch, grad_accum_steps
 
     def micro(params, mb):
         def loss_fn(p):
-            logits = apply_fn({"params": p}, mb["inputs"])
+            logits = forward(apply_fn, p, mb)
             stats = masked_token_stats(logits, mb["targets"], mb["loss_mask"])
             return stats["nll_sum"] / tokens, stats
         (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -107,14 +117,15 @@ def accumulated_grads(apply_fn: Callable, params, batch: Batch, grad_accum_steps
 def make_train_step(learning_rate_fn: Optional[Callable] = None, *, donate: bool = True, grad_accum_steps: int = 1):
     """A jitted ``train_step(state, batch) -> (state, metrics)``: one optimizer step per call.
 
-    `batch`: inputs/targets (b, l) int32, loss_mask (b, l) bool. With ``grad_accum_steps = k`` the batch
-    is processed as k micro-batches of b/k sequences in a `lax.scan` inside the step and their gradients
-    are summed, weighted by answer tokens (`accumulated_grads`), before the one optimizer update: the
-    same update as the whole batch at once, with the activation memory of b/k. (Chosen over
-    `optax.MultiSteps` so that a train step, the schedule, `state.step`, the logs and the checkpoints stay
-    in optimizer steps.) Mixed precision comes from the model: build it with ``dtype="bfloat16"`` and
-    ``param_dtype="float32"``; params, gradients and optimizer state stay float32 and the loss is
-    computed in float32 from float32 logits.
+    `batch`: inputs/targets (b, l) int32, loss_mask (b, l) bool and, for packed documents, seq_idx (b, l)
+    int32 (passed to the model, see `forward`; split into micro-batches like the rest). With
+    ``grad_accum_steps = k`` the batch is processed as k micro-batches of b/k sequences in a `lax.scan`
+    inside the step and their gradients are summed, weighted by answer tokens (`accumulated_grads`),
+    before the one optimizer update: the same update as the whole batch at once, with the activation
+    memory of b/k. (Chosen over `optax.MultiSteps` so that a train step, the schedule, `state.step`, the
+    logs and the checkpoints stay in optimizer steps.) Mixed precision comes from the model: build it
+    with ``dtype="bfloat16"`` and ``param_dtype="float32"``; params, gradients and optimizer state stay
+    float32 and the loss is computed in float32 from float32 logits.
 
     metrics (float32 scalars, pooled over the whole batch): loss, accuracy, exact_match, grad_norm
     (before clipping) and, when `learning_rate_fn` is given, the learning rate used at this step. With
@@ -137,10 +148,11 @@ def make_train_step(learning_rate_fn: Optional[Callable] = None, *, donate: bool
 
 
 def make_eval_step(apply_fn: Callable):
-    """A jitted ``eval_step(params, batch) -> dict`` of summed answer-position stats (`masked_token_stats`)."""
+    """A jitted ``eval_step(params, batch) -> dict`` of summed answer-position stats (`masked_token_stats`);
+    a batch's ``seq_idx``, when present, goes to the model (`forward`)."""
 
     def eval_step(params, batch: Batch):
-        logits = apply_fn({"params": params}, batch["inputs"])
+        logits = forward(apply_fn, params, batch)
         return masked_token_stats(logits, batch["targets"], batch["loss_mask"])
 
     return jax.jit(eval_step)

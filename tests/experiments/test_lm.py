@@ -90,6 +90,7 @@ def test_presets_build_and_refuse_a_reused_out_dir(smoke_run):
         for task in ("selective_copy", "mqar"):
             config = preset_config(preset, task)
             assert config.make_task().vocab_size == config.model_config().vocab_size
+        assert preset_config(preset, "text").model_config().vocab_size == 259    # byte tokenizer
     assert preset_config("paper", "selective_copy").seq_len - 16 == 4096
     with pytest.raises(SystemExit):
         run.main(["--preset", "smoke", "--out", str(smoke_run)])  # holds checkpoints: needs --resume
