@@ -20,6 +20,7 @@ BENCHMARKS = {
     "hf": "experiments.bench_hf.run",
     "decode": "experiments.bench_models.decode",
     "prefill": "experiments.bench_models.prefill",
+    "sharding": "experiments.bench_sharding.run",
 }
 
 
