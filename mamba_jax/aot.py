@@ -1,7 +1,8 @@
 """`mamba-jax aot`: compile the real sharded train step for a TPU topology on a CPU host.
 
     mamba-jax aot lm --topology v5e:16x16 [--size 1.4b] [--mesh data=-1,fsdp=16] [--strategy fsdp]
-                     [--batch 256] [--seq-len 2048] [--compute-dtype bfloat16] [--preset paper] [key=value ...]
+                     [--batch 256] [--seq-len 2048] [--compute-dtype bfloat16] [--remat] [--preset paper]
+                     [key=value ...]
 
 With the `tpu-aot` extra (libtpu), `jax.experimental.topologies` describes a TPU slice's devices on a
 CPU host; the train step of `mamba_jax.sharding.sharded_training` (the one the experiments run) is
@@ -168,7 +169,7 @@ def compile_time_oom_bytes(message: str):
     return int(float(found.group(1)) * 1024 ** " KMGT".index(found.group(2)))
 
 
-def _lm_model(preset: str, size: Optional[str], compute_dtype: str, overrides: Dict[str, str]):
+def _lm_model(preset: str, size: Optional[str], compute_dtype: str, overrides: Dict[str, str], remat: bool = False):
     """(model, tx, batch, seq_len) of `mamba-jax run lm`'s config, the model optionally a named Mamba size
     (`mamba_jax.models.sizes`)."""
     from experiments.lm.config import apply_overrides, preset_config
@@ -177,9 +178,10 @@ def _lm_model(preset: str, size: Optional[str], compute_dtype: str, overrides: D
 
     config = apply_overrides(preset_config(preset), overrides)
     if size is None:
-        model_config = config.model_config().replace(dtype=compute_dtype)
+        model_config = config.model_config().replace(dtype=compute_dtype, remat=remat)
     else:
-        model_config = mamba_config(size, dtype=compute_dtype, param_dtype="float32", scan_impl=config.scan_impl)
+        model_config = mamba_config(size, dtype=compute_dtype, param_dtype="float32", scan_impl=config.scan_impl,
+                                    remat=remat)
     return MambaLM(model_config), make_optimizer(config.optimizer_config()), config.batch_size, config.seq_len
 
 
@@ -201,10 +203,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batch", type=int, default=None, help="global batch (default: the preset's)")
     parser.add_argument("--seq-len", type=int, default=None, help="default: the preset's")
     parser.add_argument("--compute-dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    parser.add_argument("--remat", action="store_true", help="recompute each block in the backward pass")
     args, rest = parser.parse_known_args(list(argv or []))
     try:
         model, tx, batch, seq_len = EXPERIMENTS[args.experiment](args.preset, args.size, args.compute_dtype,
-                                                                 parse_overrides(rest))
+                                                                 parse_overrides(rest), args.remat)
         report = compile_train_step(model, tx, args.topology, parse_mesh(args.mesh), args.strategy,
                                     args.batch or batch, args.seq_len or seq_len)
     except ValueError as error:

@@ -111,7 +111,7 @@ def _with_batch_check(jitted, mesh, rules, sharding, batch_argnum: int):
 
 
 def sharded_training(model, tx: optax.GradientTransformation, mesh, strategy: Union[str, Rules] = "fsdp", *,
-                     learning_rate_fn: Optional[Callable] = None, donate: bool = True,
+                     learning_rate_fn: Optional[Callable] = None, donate: bool = True, grad_accum_steps: int = 1,
                      logical_axes=None, init_fn: Optional[Callable] = None, seq_len: int = 8,
                      fsdp_fallback: Optional[bool] = None) -> ShardedTraining:
     """Shardings and compiled init/train/eval functions for `model` on `mesh` under `strategy`.
@@ -121,7 +121,7 @@ def sharded_training(model, tx: optax.GradientTransformation, mesh, strategy: Un
       tx: the optax optimiser (e.g. `make_optimizer(...)`).
       mesh: an Auto-axis mesh (`make_mesh_from_config(MeshConfig(...))`).
       strategy: "dp", "fsdp", "tensor", "fsdp_tensor", or a rules table.
-      learning_rate_fn, donate: as in `make_train_step`.
+      learning_rate_fn, donate, grad_accum_steps: as in `make_train_step`.
       logical_axes / init_fn(rng) -> params: override `param_axes(model)` / `model.init` on (1, seq_len)
         zeros (e.g. for models with other inputs).
       fsdp_fallback: see `logical_to_shardings`.
@@ -148,7 +148,7 @@ def sharded_training(model, tx: optax.GradientTransformation, mesh, strategy: Un
     repl = replicated(mesh)
 
     init_state = jax.jit(make_state, out_shardings=state_sh)
-    train = jax.jit(make_train_step(learning_rate_fn, donate=False),
+    train = jax.jit(make_train_step(learning_rate_fn, donate=False, grad_accum_steps=grad_accum_steps),
                     in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl),
                     donate_argnums=(0,) if donate else ())
     evaluate = jax.jit(make_eval_step(model.apply), in_shardings=(param_sh, batch_sh), out_shardings=repl)

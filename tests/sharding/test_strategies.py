@@ -180,3 +180,27 @@ def test_restore_onto_explicit_shardings(tmp_path):
         np.testing.assert_array_equal(state["w"], np.full((4,), 3.0, np.float32))
         with pytest.raises(ValueError, match="structure of `target`"):
             ckpt.restore(_tiny_state(0), shardings={"v": sharding})
+
+
+def test_sharded_training_passes_gradient_accumulation_through():
+    """On a 1-device mesh, 2 micro-batches give the update of the whole batch (`make_train_step`'s contract)."""
+    model = MambaLM(SMALL)
+    mesh = make_mesh_from_config(MeshConfig())
+    rng = np.random.default_rng(0)
+    batch = {"inputs": rng.integers(0, 64, (4, 16)).astype(np.int32),
+             "targets": rng.integers(0, 64, (4, 16)).astype(np.int32),
+             "loss_mask": rng.random((4, 16)) < 0.5}
+    results = []
+    for k in (1, 2):
+        training = sharded_training(model, make_optimizer(OptimizerConfig()), mesh, "dp", grad_accum_steps=k)
+        state, metrics = training.train_step(training.init_state(jax.random.PRNGKey(0)), batch)
+        results.append((float(metrics["loss"]), jax.device_get(state.params)))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(results[0][1]), jax.tree_util.tree_leaves(results[1][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="grad_accum_steps"):
+        sharded_training(model, make_optimizer(OptimizerConfig()), mesh, "dp", grad_accum_steps=0)
+    # the step really splits the batch: 3 micro-batches cannot divide 4 rows
+    training = sharded_training(model, make_optimizer(OptimizerConfig()), mesh, "dp", grad_accum_steps=3)
+    with pytest.raises(ValueError, match="grad_accum_steps"):
+        training.train_step(training.init_state(jax.random.PRNGKey(0)), batch)
