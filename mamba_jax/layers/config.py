@@ -40,8 +40,9 @@ class BaseLMConfig:
     d_intermediate: width of the SwiGLU MLP after each mixer (0: no MLP, the Mamba default).
     remat: wrap each block in `nn.remat` (recompute its activations in the backward pass instead of
     storing them); parameters, values and gradients are unchanged. Applies to full forwards (not to
-    cached decoding). Its memory saving is not measured yet (on XLA:CPU the compiled temporaries of
-    an 8-layer backward went only from 186 to 179 MB).
+    cached decoding). Measured with `mamba-jax aot`: Mamba 1.4b on v5e:16x16 (fsdp, 256 × 2048, bf16)
+    needs 38.41G of temporaries per chip without it and 16.6G with it (the XLA:CPU compile of a small
+    model shows almost no change: 186 → 179 MB).
     The embedding table has `padded_vocab_size` rows (vocab padded to a multiple of
     `pad_vocab_size_multiple`); logits are returned for the first `vocab_size` entries only.
     """
