@@ -20,6 +20,7 @@ from mamba_jax.layers import MambaConfig
 from mamba_jax.train import LoopConfig, OptimizerConfig
 
 TASKS = ("selective_copy", "mqar", "text")
+DEFAULT_TASK = "text"  # of `mamba-jax run lm` without --task
 PRESETS = ("smoke", "cpu", "paper")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 TOKENIZERS = ("byte", "bpe")

@@ -3,13 +3,13 @@
     mamba-jax run lm [--preset smoke|cpu|paper] [--task selective_copy|mqar|text] [--out DIR] [--resume]
                      [--stop-after STEP] [key=value ...]
 
-``--task text`` trains on the Python standard library's sources (`mamba_jax.data.text`): files split into
+``--task text`` (the default) trains on the Python standard library's sources (`mamba_jax.data.text`): files split into
 train/held-out by a stable hash of their path, tokenized (bytes, or a BPE trained on the train files and
 saved as <run>/tokenizer.json), packed into rows of `seq_len` with `seq_idx` so that the model's scan
 restarts at every document; evaluation reports the held-out loss in bits per byte beside a unigram baseline.
 
 Writes into ``results/lm/<timestamp>/`` (or ``--out``): config.json, metrics.jsonl, tensorboard/,
-checkpoints/, results.json, results.md and training.png. ``--resume`` continues the run in ``--out``
+checkpoints/ (with the grain iterator's state for `text`), results.json, results.md and training.png. ``--resume`` continues the run in ``--out``
 (default: the newest run under results/lm) from its latest complete checkpoint, exactly as if it had not
 stopped: metrics.jsonl records of steps after that checkpoint (logged by the interrupted run, which may
 have been killed at any point, even mid-save) are dropped and the TensorBoard events of those steps are
@@ -26,6 +26,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from experiments.lm.config import (
+    DEFAULT_TASK,
     PRESETS,
     TASKS,
     LMConfig,
@@ -57,7 +58,7 @@ def _make_parser() -> argparse.ArgumentParser:
               "[--stop-after STEP] [key=value ...]",
         epilog="key=value (or --config.key=value) overrides any LMConfig field, e.g. num_steps=200 d_model=32")
     parser.add_argument("--preset", choices=PRESETS, default=None, help="default: cpu")
-    parser.add_argument("--task", choices=TASKS, default=None, help="default: selective_copy")
+    parser.add_argument("--task", choices=TASKS, default=None, help="default: text")
     parser.add_argument("--out", default=None, help="run directory (default: results/lm/<timestamp>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out (or the newest run)")
     parser.add_argument("--stop-after", type=int, default=None, metavar="STEP",
@@ -110,7 +111,7 @@ def resolve_config(args: argparse.Namespace, overrides: Dict[str, str]) -> Tuple
                 raise ValueError(f"--resume: --{flag} {value} differs from the run's {flag} "
                                  f"{getattr(saved, flag)!r}; drop --{flag} or start a new run")
         return apply_overrides(saved, overrides), out
-    config = apply_overrides(preset_config(args.preset or "cpu", args.task or "selective_copy"), overrides)
+    config = apply_overrides(preset_config(args.preset or "cpu", args.task or DEFAULT_TASK), overrides)
     out = args.out or new_run_dir()
     if os.path.isdir(os.path.join(out, "checkpoints")) and os.listdir(os.path.join(out, "checkpoints")):
         raise ValueError(f"--out {out} already holds checkpoints; pass --resume to continue it or choose "
@@ -264,8 +265,9 @@ class TextData:
 
     * tokenizer: bytes, or a BPE trained on the train split's files (saved as <out>/tokenizer.json and
       loaded from there on --resume, so a resumed run uses the same ids).
-    * ``batch(i)``: the batch of training step i — `TextLMData.batch(i)` of the train split, a pure
-      function of (seed, i), so --resume is exact.
+    * ``iterator()``: the training batches as a grain iterator, whose state is checkpointed with the
+      model; ``batch(i)``, the batch of training step i — `TextLMData.batch(i)` of the train split, a
+      pure function of (seed, i) — is what the iterator yields at step i (tested).
     * ``eval_batches``: the first ``eval_batches × batch_size`` packed rows of the held-out files (all of
       them if fewer), in order, the last batch padded with masked-out rows.
     * ``add_bits_per_byte(metrics)``: eval_bits_per_byte and eval_perplexity from evaluate()'s metrics.
@@ -347,6 +349,13 @@ class TextData:
     def batch(self, step: int):
         return _step_batch(self.train.batch(step))
 
+    def iterator(self):
+        """A checkpointable grain iterator over the training batches from step 0 (batch i == `batch(i)`);
+        the run saves its state in every checkpoint and restores it on --resume."""
+        from mamba_jax.data.text import text_iterator
+
+        return text_iterator(self.train.dataset.map(_step_batch))
+
     def add_bits_per_byte(self, metrics: Dict[str, float]) -> Dict[str, float]:
         import math
 
@@ -401,9 +410,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     model, state = build_train_state(config)
     eval_step = make_eval_step(model.apply)
+    data_iterator = None
     if config.task == "text":
         task, text = None, TextData(config, out, resume=args.resume)
-        get_train_batch, eval_batches = text.batch, text.eval_batches
+        get_train_batch, eval_batches, data_iterator = text.batch, text.eval_batches, text.iterator()
 
         def evaluate_fn(s):
             return text.add_bits_per_byte(evaluate(eval_step, s.params, eval_batches))
@@ -422,7 +432,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     checkpointer = Checkpointer(os.path.join(out, "checkpoints"), max_to_keep=config.max_checkpoints_to_keep)
     start_step = None
     if args.resume and checkpointer.latest_step() is not None:
-        state, meta = checkpointer.restore(state)
+        if data_iterator is not None and not checkpointer.has_data_iterator():
+            data_iterator = None  # a checkpoint without iterator state: batches by step index (same batches)
+        state, meta = checkpointer.restore(state, data_iterator=data_iterator)
         start_step = int(meta["step"])
         print(f"resumed {out} at step {start_step}", file=sys.stderr)
     # on resume: drop records (and purge TensorBoard events) of steps after the restored checkpoint
@@ -433,7 +445,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     train_step = make_train_step(learning_rate_schedule(config.optimizer_config()),
                                  grad_accum_steps=config.grad_accum_steps)
     state, history = train_loop(
-        state, train_step, get_train_batch, loop_config, evaluate_fn=evaluate_fn, metrics=metrics,
+        state, train_step, None if data_iterator is not None else get_train_batch, loop_config,
+        data_iterator=data_iterator, evaluate_fn=evaluate_fn, metrics=metrics,
         checkpointer=checkpointer, checkpoint_meta=lambda step: {"step": step, "config": config.to_dict()})
     checkpointer.close()
     metrics.close()

@@ -1,7 +1,10 @@
 """Checkpointing with orbax: the train state plus a JSON `meta` (step, config, ...) per saved step.
 
-Data needs no checkpointed iterator: batches are indexed by step (`mamba_jax.data.get_batch`), so
-restoring the state at step k and reading batch k onwards resumes a run exactly.
+Data: a grain iterator passed as `data_iterator` is saved with the state (item ``data``, through
+`grain.checkpoint.CheckpointSave`, one small JSON file per process) and restored into the iterator you
+pass to `restore`, so a resumed run reads exactly the batches it would have read next. Runs whose batches
+are a pure function of the step (`mamba_jax.data.get_batch`) need no iterator: restoring the state at
+step k and reading batch k onwards is already exact.
 
 Sharded states: orbax writes each array's shards (from any device count) and `restore` places the
 arrays on the shardings you ask for — those of the `target`'s arrays, `jax.ShapeDtypeStruct(...,
@@ -59,13 +62,17 @@ class Checkpointer:
             options = ocp.CheckpointManagerOptions(
                 max_to_keep=None, best_fn=best_fn, best_mode=best_mode, enable_async_checkpointing=async_save,
                 create=True, preservation_policy=ocm.AnyPreservationPolicy(policies))
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_names=("state", "meta", "data"))
 
-    def save(self, step: int, state, meta: Dict[str, Any], metrics: Optional[Mapping[str, float]] = None) -> None:
+    def save(self, step: int, state, meta: Dict[str, Any], metrics: Optional[Mapping[str, float]] = None, *,
+             data_iterator=None) -> None:
         """Save `state` (any pytree, e.g. a TrainState, sharded or not) and the JSON-serialisable `meta`.
 
         metrics: numbers that rank checkpoints when the Checkpointer has a `best_metric` (default: taken
         from `meta` when it holds `best_metric`).
+        data_iterator: a grain iterator (e.g. `TextLMData.iterator()`) whose position is saved with the
+        state; its state is taken now, synchronously, even when the arrays are written asynchronously.
         """
         if self.best_metric is not None:
             if metrics is None and self.best_metric in meta:
@@ -75,8 +82,12 @@ class Checkpointer:
                     raise ValueError(f"Checkpointer.save: `metrics` {sorted(metrics)} lack the best_metric "
                                      f"{self.best_metric!r}")
                 metrics = {k: float(v) for k, v in metrics.items()}
-        self._manager.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
+        items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        if data_iterator is not None:
+            import grain
+
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        self._manager.save(int(step), args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
     def latest_step(self) -> Optional[int]:
         """The newest saved step, or None when there is none."""
@@ -89,8 +100,17 @@ class Checkpointer:
     def all_steps(self) -> Tuple[int, ...]:
         return tuple(self._manager.all_steps())
 
-    def restore(self, target, step: Optional[int] = None, *, shardings=None) -> Tuple[Any, Dict[str, Any]]:
+    def has_data_iterator(self, step: Optional[int] = None) -> bool:
+        """Whether the checkpoint at `step` (default: the latest) holds a data-iterator state."""
+        step = self.latest_step() if step is None else step
+        return step is not None and os.path.isdir(os.path.join(self.directory, str(step), "data"))
+
+    def restore(self, target, step: Optional[int] = None, *, shardings=None,
+                data_iterator=None) -> Tuple[Any, Dict[str, Any]]:
         """Restore ``(state, meta)`` at `step` (default: the latest).
+
+        data_iterator: a grain iterator over the same dataset as the saved one; it is set, in place, to
+        the saved position (a ValueError when the checkpoint holds no iterator state).
 
         `target` is a state of the right structure (e.g. a freshly initialised TrainState, or one of
         `jax.ShapeDtypeStruct`s such as `ShardedTraining.abstract_state`); only its shapes and dtypes are
@@ -125,8 +145,15 @@ class Checkpointer:
             except ValueError as e:
                 raise ValueError(f"Checkpointer.restore: `shardings` must have the structure of `target` "
                                  f"(one Sharding per array): {e}") from None
-        restored = self._manager.restore(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        items = dict(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+        if data_iterator is not None:
+            if not self.has_data_iterator(step):
+                raise ValueError(f"Checkpointer.restore: the checkpoint at step {step} in {self.directory} holds "
+                                 f"no data-iterator state (it was saved without `data_iterator`)")
+            import grain
+
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self._manager.restore(int(step), args=ocp.args.Composite(**items))
         state = jax.tree_util.tree_map(jnp.asarray, restored.state)
         return state, dict(restored.meta)
 

@@ -55,7 +55,8 @@ def _mean_metrics(window: List[Mapping[str, Any]]) -> Dict[str, float]:
     return {name: float(np.mean([m[name] for m in host], dtype=np.float64)) for name in host[0]}
 
 
-def train_loop(state, train_step: Callable, get_batch: Callable[[int], Any], config: LoopConfig, *,
+def train_loop(state, train_step: Callable, get_batch: Optional[Callable[[int], Any]], config: LoopConfig, *,
+               data_iterator=None,
                evaluate_fn: Optional[Callable[[Any], Dict[str, float]]] = None,
                metrics: Optional[MetricsWriter] = None,
                checkpointer: Optional[Checkpointer] = None,
@@ -65,7 +66,11 @@ def train_loop(state, train_step: Callable, get_batch: Callable[[int], Any], con
     Args:
       state: a TrainState (its `step` is where training continues, e.g. after a restore).
       train_step: ``(state, batch) -> (state, metrics)``, e.g. `make_train_step()`.
-      get_batch: step index -> the batch of that step (deterministic, for exact resumption).
+      get_batch: step index -> the batch of that step (deterministic, for exact resumption); or None
+        with `data_iterator`.
+      data_iterator: instead of `get_batch`, a grain iterator positioned at `state.step` (e.g. restored
+        by `Checkpointer.restore(..., data_iterator=it)`); the loop takes one batch per step and saves
+        the iterator's state in every checkpoint.
       config: a LoopConfig.
       evaluate_fn: ``state -> dict of floats``; run every `eval_every` steps and at the end.
       metrics: a `MetricsWriter` (jsonl, optionally TensorBoard; anything with ``write(record)`` and
@@ -76,6 +81,10 @@ def train_loop(state, train_step: Callable, get_batch: Callable[[int], Any], con
         ``{"step": step}``) every `checkpoint_every` steps, at `stop_after` and at the end.
     Returns ``(state, history)``, history the list of records written by this call.
     """
+    if (get_batch is None) == (data_iterator is None):
+        raise ValueError("train_loop: pass exactly one of `get_batch` (step -> batch) and `data_iterator`")
+    if data_iterator is not None:
+        get_batch = lambda _step: next(data_iterator)  # noqa: E731
     start = int(jax.device_get(state.step))
     end = config.num_steps if config.stop_after is None else config.stop_after
     history: List[Dict[str, Any]] = []
@@ -114,7 +123,8 @@ def train_loop(state, train_step: Callable, get_batch: Callable[[int], Any], con
         if checkpointer is not None and _is_boundary(step, config.checkpoint_every, end):
             if metrics is not None:
                 metrics.flush()  # buffered sinks (TensorBoard) hold every record up to a checkpoint on disk
-            checkpointer.save(step, state, checkpoint_meta(step) if checkpoint_meta else {"step": step})
+            checkpointer.save(step, state, checkpoint_meta(step) if checkpoint_meta else {"step": step},
+                              data_iterator=data_iterator)
         t_window += time.perf_counter() - t_aside  # eval/checkpoint time does not count for tokens/s
     bar.close()
     if checkpointer is not None:

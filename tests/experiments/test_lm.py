@@ -15,7 +15,7 @@ TIMING_FIELDS = ("tokens_per_s", "elapsed_s")
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke")
-    assert cli.main(["run", "lm", "--preset", "smoke", "--out", str(out)]) == 0
+    assert cli.main(["run", "lm", "--task", "selective_copy", "--preset", "smoke", "--out", str(out)]) == 0
     return out
 
 
@@ -48,7 +48,7 @@ def test_smoke_run_writes_every_output(smoke_run):
 
 def test_stop_and_resume_through_main_equals_the_straight_run(smoke_run, tmp_path):
     out = tmp_path / "split"
-    assert run.main(["--preset", "smoke", "--out", str(out), "--stop-after", "10"]) == 0
+    assert run.main(["--task", "selective_copy", "--preset", "smoke", "--out", str(out), "--stop-after", "10"]) == 0
     assert not (out / "results.json").exists()
     assert run.main(["--resume", "--out", str(out)]) == 0
     straight = json.loads((smoke_run / "results.json").read_text())

@@ -68,6 +68,8 @@ def test_text_stop_and_resume_equals_the_straight_run(smoke_run, tmp_path, cache
     out = tmp_path / "split"
     assert run.main(["--task", "text", "--preset", "smoke", "--out", str(out), "--stop-after", "10"]) == 0
     assert not (out / "results.json").exists()
+    saved = [json.loads(p.read_text()) for p in (out / "checkpoints" / "10" / "data").glob("*.json")]
+    assert len(saved) == 1 and saved[0]["next_index"] == 10      # the grain iterator's position, in the checkpoint
     assert run.main(["--resume", "--out", str(out)]) == 0
     straight = json.loads((smoke_run / "results.json").read_text())
     resumed = json.loads((out / "results.json").read_text())
@@ -84,6 +86,10 @@ def test_text_data_batches_baseline_and_bpe(tmp_path, cache_dir):
     assert set(batch) == {"inputs", "targets", "loss_mask", "seq_idx"}
     assert batch["inputs"].shape == (config.batch_size, config.seq_len)
     assert all(np.array_equal(batch[k], text.batch(3)[k]) for k in batch)        # a pure function of the step
+    it = text.iterator()                                    # the checkpointed iterator yields batch(i) at step i
+    for i in range(4):
+        got = next(it)
+        assert all(np.array_equal(got[k], text.batch(i)[k]) for k in batch)
     # bytes of the evaluated targets: the decoded text's UTF-8 length
     targets = np.concatenate([b["targets"][b["loss_mask"]] for b in text.eval_batches])
     assert text.eval_bytes == len(text.tokenizer.decode(targets).encode("utf-8"))

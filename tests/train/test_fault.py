@@ -54,7 +54,7 @@ sys.exit(cli.main(sys.argv[1:]))
 def _start(out, *extra, launcher=False, hang_save_step=0, log=None):
     env = dict(os.environ, JAX_PLATFORMS="cpu", FAULT_WRITE_DELAY_S="0.05", FAULT_HANG_SAVE_STEP=str(hang_save_step))
     head = [sys.executable, "-c", _LAUNCHER] if launcher else [sys.executable, "-m", "mamba_jax.cli"]
-    cmd = head + ["run", "lm", "--preset", "smoke", "--out", str(out), *extra]
+    cmd = head + ["run", "lm", "--task", "selective_copy", "--preset", "smoke", "--out", str(out), *extra]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
 
 

@@ -1,4 +1,5 @@
 """The loop's records, checkpoint/restore, and exact resumption (stop at k, resume to N == straight to N)."""
+import dataclasses
 import json
 
 import jax
@@ -108,3 +109,68 @@ def test_restore_without_checkpoint_and_bad_loop_config(tmp_path):
         LoopConfig(num_steps=0)
     with pytest.raises(ValueError, match="step"):
         MetricsWriter(str(tmp_path / "m.jsonl")).write({"loss": 1.0})
+
+
+def _numbered_rows(n_rows=40, seq_len=4):
+    ids = np.arange(n_rows * seq_len, dtype=np.int32).reshape(n_rows, seq_len)
+    return {"input_ids": ids, "targets": ids + 1, "loss_mask": np.ones_like(ids, bool),
+            "seq_idx": np.zeros_like(ids)}
+
+
+def test_grain_iterator_state_is_checkpointed_and_restored(tmp_path):
+    from mamba_jax.data.text import text_dataset, text_iterator
+
+    dataset = text_dataset(_numbered_rows(), seed=3, batch_size=4)
+    expected = [dataset[i]["input_ids"] for i in range(8)]       # batch i of the (shuffled) dataset
+    it = text_iterator(dataset)
+    for _ in range(3):
+        next(it)
+    with Checkpointer(str(tmp_path / "ckpt")) as ckpt:
+        ckpt.save(3, {"w": jnp.ones(2)}, {"step": 3}, data_iterator=it)
+        ckpt.save(4, {"w": jnp.ones(2)}, {"step": 4})                       # no iterator in this one
+        ckpt.wait()
+        assert ckpt.has_data_iterator(3) and not ckpt.has_data_iterator(4)
+        fresh = text_iterator(dataset)                                       # at batch 0
+        state, meta = ckpt.restore({"w": np.zeros(2)}, step=3, data_iterator=fresh)
+        assert meta == {"step": 3} and np.array_equal(state["w"], np.ones(2))
+        for i in range(3, 8):
+            assert np.array_equal(next(fresh)["input_ids"], expected[i])
+        with pytest.raises(ValueError, match="no data-iterator state"):
+            ckpt.restore({"w": np.zeros(2)}, step=4, data_iterator=text_iterator(dataset))
+
+
+def test_loop_with_a_data_iterator_saves_it_and_resumes_exactly(setup, tmp_path):
+    from mamba_jax.data.text import text_dataset, text_iterator
+
+    # the MQAR batches of `setup`, served by a grain iterator instead of get_batch(step)
+    batches = [setup["get_batch"](i) for i in range(NUM_STEPS)]
+    assert set(batches[0]) == {"inputs", "targets", "loss_mask"}
+    rows = {"input_ids": np.concatenate([b["inputs"] for b in batches]),
+            "targets": np.concatenate([b["targets"] for b in batches]),
+            "loss_mask": np.concatenate([b["loss_mask"] for b in batches])}
+    rows["seq_idx"] = np.zeros_like(rows["input_ids"])
+    dataset = text_dataset(rows, seed=0, batch_size=4, shuffle=False).map(
+        lambda b: {"inputs": b["input_ids"], "targets": b["targets"], "loss_mask": b["loss_mask"]})
+    config = LoopConfig(num_steps=NUM_STEPS, log_every=2, checkpoint_every=2, tokens_per_step=64, progress=False)
+
+    def run(path, stop_after=None, resume=False):
+        ckpt = Checkpointer(str(path), max_to_keep=3)
+        state, it = setup["fresh_state"](), text_iterator(dataset)
+        if resume:
+            state, _ = ckpt.restore(state, data_iterator=it)
+        state, history = train_loop(state, setup["train_step"], None,
+                                    dataclasses.replace(config, stop_after=stop_after), data_iterator=it,
+                                    checkpointer=ckpt)
+        ckpt.close()
+        return state, [r["loss"] for r in history]
+
+    by_step = train_loop(setup["fresh_state"](), setup["train_step"], setup["get_batch"], config)[1]
+    straight, losses = run(tmp_path / "straight")
+    assert losses == [r["loss"] for r in by_step]               # iterator batches == step-indexed batches
+    _, first = run(tmp_path / "split", stop_after=4)
+    resumed, rest = run(tmp_path / "split", resume=True)
+    assert first + rest == losses
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), resumed.params, straight.params)
+    with pytest.raises(ValueError, match="exactly one of `get_batch`"):
+        train_loop(setup["fresh_state"](), setup["train_step"], setup["get_batch"], config,
+                   data_iterator=text_iterator(dataset))
