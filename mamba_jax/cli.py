@@ -7,7 +7,10 @@ so `mamba-jax run lm --help` shows that experiment's options.
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib
+import importlib.util
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -24,8 +27,30 @@ BENCHMARKS = {
 }
 
 
+def skip_absent_tpu(environ=os.environ, device_nodes=None) -> bool:
+    """Set JAX_PLATFORMS=cpu when libtpu is installed (the `tpu-aot` extra) but this host has no
+    accelerator, so that jax does not try to open a TPU and print libtpu's initialisation errors.
+
+    Left alone: an explicit JAX_PLATFORMS, hosts with TPU (/dev/accel*, /dev/vfio/<n>) or GPU
+    (/dev/nvidia*, /dev/kfd) device nodes, and hosts without libtpu. TPU topologies for `mamba-jax aot`
+    are described by libtpu either way. Returns whether it set the variable.
+    """
+    if "JAX_PLATFORMS" in environ or importlib.util.find_spec("libtpu") is None:
+        return False
+    if device_nodes is None:
+        device_nodes = [p for pattern in ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia*", "/dev/kfd")
+                        for p in glob.glob(pattern)]
+    if device_nodes:
+        return False
+    environ["JAX_PLATFORMS"] = "cpu"
+    if environ is os.environ and "jax" in sys.modules:  # imported already: the env var is read at import
+        sys.modules["jax"].config.update("jax_platforms", "cpu")
+    return True
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    skip_absent_tpu()
     parser = argparse.ArgumentParser(prog="mamba-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run an experiment", add_help=False)
