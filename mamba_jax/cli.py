@@ -24,6 +24,7 @@ BENCHMARKS = {
     "decode": "experiments.bench_models.decode",
     "prefill": "experiments.bench_models.prefill",
     "sharding": "experiments.bench_sharding.run",
+    "kernels": "experiments.bench_kernels.run",
 }
 
 
