@@ -150,6 +150,8 @@ def attention_to_mamba2(teacher: TransformerConfig, teacher_params, rng, *, laye
             layer["mixer"] = mamba2_mixer_from_attention(teacher_params[name]["mixer"], value["mixer"], teacher,
                                                          conv_init=conv_init)
         params[name] = layer
+    # own buffers: a train step that donates the student's state must not delete the teacher's arrays
+    params = jax.tree_util.tree_map(jnp.copy, params)
     shapes_ok = jax.tree_util.tree_all(jax.tree_util.tree_map(
         lambda a, b: np.shape(a) == np.shape(b), params, student))
     if not shapes_ok:
