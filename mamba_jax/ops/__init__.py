@@ -1,10 +1,13 @@
 """Pure jnp functions (no Flax): scans, convolutions, norms."""
 from mamba_jax.ops.attention import attention_mask, dot_product_attention, rotary_embedding, segment_ids
 from mamba_jax.ops.conv import causal_conv1d
+from mamba_jax.ops.moe import (DISPATCHES, ROUTERS, Routing, expert_capacity, expert_ffn, load_balancing_loss,
+                               mixture_of_experts, route, router_jitter, router_z_loss)
 from mamba_jax.ops.norms import gated_rms_norm, rms_norm
 from mamba_jax.ops.selective_scan import IMPLS, resolve_impl, selective_scan, selective_state_update
 from mamba_jax.ops.ssd import SSD_IMPLS, segsum, ssd
 
-__all__ = ["IMPLS", "SSD_IMPLS", "attention_mask", "causal_conv1d", "dot_product_attention", "rotary_embedding",
-           "segment_ids", "gated_rms_norm", "resolve_impl", "rms_norm", "segsum", "selective_scan",
-           "selective_state_update", "ssd"]
+__all__ = ["DISPATCHES", "IMPLS", "ROUTERS", "Routing", "SSD_IMPLS", "attention_mask", "causal_conv1d",
+           "dot_product_attention", "expert_capacity", "expert_ffn", "gated_rms_norm", "load_balancing_loss",
+           "mixture_of_experts", "resolve_impl", "rms_norm", "rotary_embedding", "route", "router_jitter",
+           "router_z_loss", "segment_ids", "segsum", "selective_scan", "selective_state_update", "ssd"]

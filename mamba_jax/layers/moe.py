@@ -1,0 +1,161 @@
+"""A Mixture-of-Experts feed-forward layer (Switch / top-k / expert-choice) over `mamba_jax.ops.moe`.
+
+    cfg = MoEConfig(n_experts=8, router="switch", aux_loss_coef=0.01)
+    y, metrics = MoE(cfg).apply({"params": params}, x, deterministic=False, rngs={"jitter": key})
+    loss = task_loss + metrics["router_loss"]        # aux_loss_coef · aux_loss + z_loss_coef · z_loss
+
+x: (b, l, d_model) -> y: (b, l, d_model). Each sequence (batch row) is one routing group: capacity and the
+drop order are per sequence (see `mamba_jax.ops.moe` for the routing conventions). Dropped tokens get
+y = 0, so the residual connection around the layer carries them unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mamba_jax.layers.config import DTYPES, check_choice, check_positive_int
+from mamba_jax.ops.moe import (ACTIVATIONS, DISPATCHES, ROUTERS, default_k, expert_ffn, mixture_of_experts,
+                               router_jitter)
+from mamba_jax.sharding import EMBED, EXPERT, MLP
+
+
+def _check_number(owner: str, name: str, value, *, low: float, low_inclusive: bool, high: Optional[float] = None):
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    ok = ok and (value >= low if low_inclusive else value > low) and (high is None or value < high)
+    if not ok:
+        bound = f"{'>=' if low_inclusive else '>'} {low}" + ("" if high is None else f" and < {high}")
+        raise ValueError(f"{owner}: `{name}` must be a number {bound}; got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """The MoE layer's hyper-parameters.
+
+    n_experts: E. router: "switch" (top-1), "topk" or "expert_choice".
+    k: assignments per token; None = the router's default (switch 1, topk 2, expert_choice 1). The switch
+       router needs k = 1; for expert choice k only scales the capacity (mean experts per token).
+    capacity_factor_train / capacity_factor_eval: C = ceil(cf · l · k / E) slots per expert per sequence
+       (min 1, max l); the eval factor is used when `deterministic=True`.
+    aux_loss_coef, z_loss_coef: weights of the Switch load-balancing loss and the router z-loss in
+       `metrics["router_loss"]`.
+    jitter: eps of the multiplicative U[1−eps, 1+eps] noise on the router input (train only; rng "jitter").
+    dispatch: "dense" (one-hot einsum) or "sorted" (gather/scatter, no tokens × experts × capacity tensor).
+    d_expert: hidden width of each expert FFN; None = 3 · d_model (MoE-Mamba's choice).
+    activation: "relu" (Switch, MoE-Mamba), "gelu" or "silu". expert_bias: biases in the expert FFNs.
+    dtype / param_dtype: of the expert computation and weights; the router is always float32.
+    """
+
+    n_experts: int = 8
+    router: str = "switch"
+    k: Optional[int] = None
+    capacity_factor_train: float = 1.0
+    capacity_factor_eval: float = 2.0
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    jitter: float = 0.0
+    dispatch: str = "dense"
+    d_expert: Optional[int] = None
+    activation: str = "relu"
+    expert_bias: bool = False
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        check_positive_int(owner, "n_experts", self.n_experts)
+        check_choice(owner, "router", self.router, ROUTERS)
+        if self.k is not None:
+            check_positive_int(owner, "k", self.k)
+            if self.k > self.n_experts:
+                raise ValueError(f"{owner}: `k` ({self.k}) must be <= `n_experts` ({self.n_experts})")
+            if self.router == "switch" and self.k != 1:
+                raise ValueError(f"{owner}: `k` must be 1 (or None) for router='switch'; got {self.k!r} "
+                                 "(use router='topk' for k > 1)")
+        elif self.top_k > self.n_experts:
+            raise ValueError(f"{owner}: `k` (default {self.top_k} for router={self.router!r}) must be <= "
+                             f"`n_experts` ({self.n_experts}); set `k` or `n_experts`")
+        for name in ("capacity_factor_train", "capacity_factor_eval"):
+            _check_number(owner, name, getattr(self, name), low=0, low_inclusive=False)
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            _check_number(owner, name, getattr(self, name), low=0, low_inclusive=True)
+        _check_number(owner, "jitter", self.jitter, low=0, low_inclusive=True, high=1)
+        check_choice(owner, "dispatch", self.dispatch, DISPATCHES)
+        if self.d_expert is not None:
+            check_positive_int(owner, "d_expert", self.d_expert)
+        check_choice(owner, "activation", self.activation, tuple(ACTIVATIONS))
+        for name in ("dtype", "param_dtype"):
+            check_choice(owner, name, getattr(self, name), DTYPES)
+
+    @property
+    def top_k(self) -> int:
+        """The k used for routing and capacity (the router's default when `k` is None)."""
+        return default_k(self.router) if self.k is None else self.k
+
+    def expert_width(self, d_model: int) -> int:
+        return 3 * d_model if self.d_expert is None else self.d_expert
+
+    def capacity_factor(self, deterministic: bool) -> float:
+        return self.capacity_factor_eval if deterministic else self.capacity_factor_train
+
+    def replace(self, **changes) -> "MoEConfig":
+        return dataclasses.replace(self, **changes)
+
+
+class MoE(nn.Module):
+    """Router (Dense d_model → E, float32, no bias) + E two-layer FFN experts.
+
+    Params: router/kernel (d_model, E) [EMBED, None]; w_in (E, d_model, d_expert) [EXPERT, EMBED, MLP];
+    w_out (E, d_expert, d_model) [EXPERT, MLP, EMBED]; with `expert_bias`, b_in (E, d_expert) [EXPERT, MLP]
+    and b_out (E, d_model) [EXPERT, EMBED].
+
+    __call__(x, deterministic=True) -> (y, metrics): x (b, l, d_model); y like x (dtype of x);
+    metrics: aux_loss, z_loss, router_loss (weighted sum), dropped_fraction, unrouted_fraction (scalars),
+    expert_load (E,). `deterministic=False` uses `capacity_factor_train` and, when `jitter` > 0, the
+    "jitter" rng stream.
+    """
+
+    config: MoEConfig
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True) -> Tuple[Any, Dict[str, Any]]:
+        cfg = self.config
+        if x.ndim != 3:
+            raise ValueError(f"MoE: `x` must have shape (b, l, d_model); got shape {tuple(x.shape)}")
+        d_model, n_exp = x.shape[-1], cfg.n_experts
+        d_expert = cfg.expert_width(d_model)
+        pdt, cdt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+        router_dtype = jnp.promote_types(jnp.float32, x.dtype)   # float32, or float64 for float64 inputs
+
+        router_in = x.astype(router_dtype)
+        if not deterministic and cfg.jitter > 0:
+            router_in = router_jitter(router_in, self.make_rng("jitter"), cfg.jitter)
+        logits = nn.Dense(n_exp, use_bias=False, dtype=router_dtype, param_dtype=jnp.float32, name="router",
+                          kernel_init=nn.with_logical_partitioning(
+                              nn.initializers.variance_scaling(0.1, "fan_in", "truncated_normal"), (EMBED, None)),
+                          )(router_in)
+
+        def expert_init(axes):
+            init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                                    in_axis=-2, out_axis=-1, batch_axis=(0,))
+            return nn.with_logical_partitioning(init, axes)
+
+        w_in = self.param("w_in", expert_init((EXPERT, EMBED, MLP)), (n_exp, d_model, d_expert), pdt)
+        w_out = self.param("w_out", expert_init((EXPERT, MLP, EMBED)), (n_exp, d_expert, d_model), pdt)
+        b_in = b_out = None
+        if cfg.expert_bias:
+            zeros = nn.initializers.zeros
+            b_in = self.param("b_in", nn.with_logical_partitioning(zeros, (EXPERT, MLP)), (n_exp, d_expert), pdt)
+            b_out = self.param("b_out", nn.with_logical_partitioning(zeros, (EXPERT, EMBED)), (n_exp, d_model), pdt)
+
+        cast = lambda a: None if a is None else a.astype(cdt)
+        expert_fn = lambda xe: expert_ffn(xe.astype(cdt), cast(w_in), cast(w_out), cast(b_in), cast(b_out),
+                                          cfg.activation)
+        y, metrics = mixture_of_experts(x, logits, expert_fn, router=cfg.router, k=cfg.top_k,
+                         capacity_factor=cfg.capacity_factor(deterministic), dispatch=cfg.dispatch)
+        metrics = dict(metrics)
+        metrics["router_loss"] = cfg.aux_loss_coef * metrics["aux_loss"] + cfg.z_loss_coef * metrics["z_loss"]
+        return y, metrics

@@ -1,0 +1,379 @@
+"""Mixture-of-Experts routing and dispatch as pure jnp functions (no Flax).
+
+Shapes: tokens come in groups, ``x: (g, t, d)`` with router logits ``logits: (g, t, E)``; routing,
+capacity and dropping are computed independently per group (the MoE layer uses one group per sequence,
+so a sequence's output never depends on the other sequences in the batch). ``E`` = number of experts,
+``C`` = expert capacity (slots per expert per group), ``k`` = assignments per token.
+
+Conventions (Switch Transformer, Fedus et al. 2021; GShard, Lepikhin et al. 2020; expert choice,
+Zhou et al. 2022):
+
+- **Router in float32.** Logits are cast to at least float32 (float64 stays float64, so float64 gradient
+  checks are meaningful) and softmaxed over experts.
+- **Capacity** ``C = ceil(capacity_factor · t · k / E)``, at least 1 and at most ``t`` (an expert can never
+  receive more than the ``t`` tokens of a group: a token's k choices are distinct experts). See
+  `expert_capacity`.
+- **Token choice** (``router="switch"``, k = 1, or ``"topk"``): every token picks its k most probable
+  experts. Gates: k = 1 uses the raw probability p_e (Switch: this is what trains the router); k > 1
+  renormalises over the chosen experts, ``gate_j = p_{e_j} / Σ_{i≤k} p_{e_i}`` (GShard top-2, Mixtral).
+  Renormalisation happens before dropping; a dropped assignment's gate is 0, the others keep theirs.
+- **Dropping order** (deterministic, GShard): an expert's slots are filled in priority order — all first
+  choices in token order, then all second choices in token order, and so on; assignments beyond ``C``
+  are dropped. No probability-based priority.
+- **Expert choice** (``router="expert_choice"``): each expert takes its top-C tokens by router
+  probability (ties: lower token index first); gate = p_e(token). A token may be taken by several experts
+  or by none. Represented token-major with k = E (assignment j of every token is expert j).
+- **Dropped tokens** get zero output from the layer; the residual connection around it carries them.
+- **Aux loss** (Switch load balancing) per group ``E · Σ_e f_e · P_e``, f_e = fraction of tokens whose
+  top-1 expert is e (before dropping), P_e = mean router probability of e; averaged over groups.
+  **Router z-loss** = mean over tokens of ``logsumexp(logits)²``.
+
+Two dispatch paths give the same values and gradients:
+
+- ``"dense"``: GShard one-hot einsums through a (g, t, E, C) dispatch/combine tensor; slot positions by
+  a cumulative sum over one-hot expert masks. Simple; memory O(t·E·C) per group.
+- ``"sorted"``: slot positions by a stable sort of the assignments by expert; tokens gathered into the
+  (g, E, C, d) expert buffers through a (g, E·C) index array, outputs gathered back per assignment.
+  Never builds a tokens × experts × capacity tensor: memory O(E·C·d + t·k·d) per group.
+
+The expert computation is a callable ``expert_fn: (g, E, C, d) -> (g, E, C, d_out)`` (e.g. `expert_ffn`),
+so the layer, and sharded versions of it, choose how the experts run.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mamba_jax.ops._checks import check_array, compute_dtype
+
+ROUTERS = ("switch", "topk", "expert_choice")
+DISPATCHES = ("dense", "sorted")
+POSITION_METHODS = ("cumsum", "sort")
+ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu}
+
+
+class Routing(NamedTuple):
+    """Token-major routing decisions of a batch of groups (all arrays (g, t, k)).
+
+    expert:   int32, the expert of each assignment (for expert choice, assignment j is expert j).
+    position: int32, the assignment's slot in its expert's buffer, in [0, C); == C when dropped.
+    gate:     float, the combine weight; 0 where dropped.
+    kept:     bool, position < C.
+    """
+
+    expert: jax.Array
+    position: jax.Array
+    gate: jax.Array
+    kept: jax.Array
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+def _check_choice(fn, name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{fn}: `{name}` must be one of {tuple(choices)}; got {value!r}")
+
+
+def _check_k(fn, k, n_experts):
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{fn}: `k` must be a positive int; got {k!r}")
+    if k > n_experts:
+        raise ValueError(f"{fn}: `k` ({k}) must be <= the number of experts ({n_experts})")
+
+
+def _check_logits(fn, logits):
+    check_array(fn, "logits", logits, ("g", "t", "E"))
+
+
+def default_k(router: str) -> int:
+    """The k of a router when none is given: switch 1, topk 2, expert_choice 1."""
+    _check_choice("default_k", "router", router, ROUTERS)
+    return {"switch": 1, "topk": 2, "expert_choice": 1}[router]
+
+
+def expert_capacity(n_tokens: int, n_experts: int, k: int, capacity_factor: float) -> int:
+    """Slots per expert per group: ``clip(ceil(capacity_factor · n_tokens · k / n_experts), 1, n_tokens)``.
+
+    Computed in Python at trace time (static). The product is rounded to 9 decimals before the ceiling so
+    that e.g. 1.1 · 10 / 11 gives 1, not 2, despite floating-point error.
+    """
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) or not capacity_factor > 0:
+        raise ValueError(f"expert_capacity: `capacity_factor` must be a number > 0; got {capacity_factor!r}")
+    for name, v in (("n_tokens", n_tokens), ("n_experts", n_experts), ("k", k)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"expert_capacity: `{name}` must be a positive int; got {v!r}")
+    raw = math.ceil(round(capacity_factor * n_tokens * k / n_experts, 9))
+    return max(1, min(raw, n_tokens))
+
+
+# ----------------------------------------------------------------------------------------------- router
+
+def router_probs(logits):
+    """softmax over experts in (at least) float32.  logits: (..., E) -> (..., E)."""
+    logits = logits.astype(compute_dtype(logits))
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def router_jitter(x, rng, eps: float):
+    """Switch input jitter: ``x · u``, u ~ U[1 − eps, 1 + eps] elementwise (train only; the caller decides).
+
+    x: any shape, float; rng: a PRNG key; eps in [0, 1). eps == 0 returns x unchanged.
+    """
+    if not 0 <= eps < 1:
+        raise ValueError(f"router_jitter: `eps` must be in [0, 1); got {eps!r}")
+    if eps == 0:
+        return x
+    noise = jax.random.uniform(rng, x.shape, compute_dtype(x), 1.0 - eps, 1.0 + eps)
+    return (x.astype(noise.dtype) * noise).astype(x.dtype)
+
+
+def load_balancing_loss(logits):
+    """Switch aux loss, averaged over groups: ``mean_g E · Σ_e f_e · P_e``.
+
+    logits: (g, t, E). f_e = fraction of the group's tokens whose top-1 expert is e (before any dropping;
+    not differentiated), P_e = mean router probability of e. Equals 1 for a perfectly uniform router.
+    """
+    _check_logits("load_balancing_loss", logits)
+    probs = router_probs(logits)
+    n_experts = probs.shape[-1]
+    top1 = jax.nn.one_hot(jnp.argmax(probs, axis=-1), n_experts, dtype=probs.dtype)  # (g, t, E)
+    f = jnp.mean(top1, axis=1)                                                      # (g, E)
+    p = jnp.mean(probs, axis=1)                                                     # (g, E)
+    return jnp.mean(n_experts * jnp.sum(f * p, axis=-1))
+
+
+def router_z_loss(logits):
+    """Router z-loss (ST-MoE): mean over all tokens of ``logsumexp(logits)²``.  logits: (..., E) -> ()."""
+    logits = logits.astype(compute_dtype(logits))
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
+
+
+# ---------------------------------------------------------------------------------------------- routing
+
+def _positions_cumsum(expert, n_experts):
+    """Slot of each assignment in its expert's queue, GShard order, via one-hot cumsum.
+
+    expert: (t, k) int -> (t, k) int32 (unbounded: >= C means dropped). Memory O(t·k·E).
+    """
+    t, k = expert.shape
+    flat = expert.T.reshape(-1)                                 # priority order: choice-major, then token
+    onehot = jax.nn.one_hot(flat, n_experts, dtype=jnp.int32)  # (k·t, E)
+    rank = jnp.cumsum(onehot, axis=0) - 1
+    pos = jnp.take_along_axis(rank, flat[:, None], axis=1)[:, 0]
+    return pos.reshape(k, t).T.astype(jnp.int32)
+
+
+def _positions_sort(expert, n_experts):
+    """Same as `_positions_cumsum` via a stable sort by expert (no one-hot).  (t, k) -> (t, k) int32."""
+    t, k = expert.shape
+    flat = expert.T.reshape(-1).astype(jnp.int32)
+    order = jnp.argsort(flat, stable=True)                      # by expert, priority order within one
+    sorted_expert = flat[order]
+    counts = jnp.zeros((n_experts,), jnp.int32).at[flat].add(1)
+    starts = jnp.cumsum(counts) - counts
+    rank_sorted = jnp.arange(k * t, dtype=jnp.int32) - starts[sorted_expert]
+    pos = jnp.zeros((k * t,), jnp.int32).at[order].set(rank_sorted)
+    return pos.reshape(k, t).T
+
+
+def route_token_choice(logits, k: int, capacity: int, *, positions: str = "cumsum") -> Routing:
+    """Switch (k = 1) / top-k token-choice routing with capacity and GShard drop order.
+
+    logits: (g, t, E); k: experts per token (<= E); capacity: C slots per expert per group;
+    positions: "cumsum" (one-hot, O(t·k·E)) or "sort" (stable argsort) — equal results.
+    Returns a `Routing` with (g, t, k) arrays. Gates: k = 1 raw probability; k > 1 renormalised over the
+    k chosen experts (before dropping).
+    """
+    fn = "route_token_choice"
+    _check_logits(fn, logits)
+    n_experts = logits.shape[-1]
+    _check_k(fn, k, n_experts)
+    _check_choice(fn, "positions", positions, POSITION_METHODS)
+    probs = router_probs(logits)
+    top_p, top_e = jax.lax.top_k(probs, k)                      # (g, t, k), descending
+    gate = top_p / jnp.sum(top_p, axis=-1, keepdims=True) if k > 1 else top_p
+    pos_fn = _positions_cumsum if positions == "cumsum" else _positions_sort
+    pos = jax.vmap(lambda e: pos_fn(e, n_experts))(top_e)
+    kept = pos < capacity
+    return Routing(top_e.astype(jnp.int32), jnp.where(kept, pos, capacity).astype(jnp.int32),
+                   jnp.where(kept, gate, 0), kept)
+
+
+def route_expert_choice(logits, capacity: int) -> Routing:
+    """Expert-choice routing: each expert takes its top-C tokens of the group by router probability.
+
+    logits: (g, t, E); capacity: C (<= t). Returns a `Routing` with (g, t, E) arrays: assignment j of a
+    token is expert j, kept when expert j chose the token, at the slot given by the token's rank.
+    """
+    fn = "route_expert_choice"
+    _check_logits(fn, logits)
+    g, t, n_experts = logits.shape
+    if not 1 <= capacity <= t:
+        raise ValueError(f"{fn}: `capacity` must be in [1, t={t}]; got {capacity}")
+    probs = router_probs(logits)
+
+    def one_group(p):                                           # p: (t, E)
+        _, tok = jax.lax.top_k(p.T, capacity)                   # (E, C) token of each slot
+        pos = jnp.full((n_experts, t), capacity, jnp.int32)
+        pos = pos.at[jnp.arange(n_experts)[:, None], tok].set(jnp.arange(capacity, dtype=jnp.int32)[None, :])
+        return pos.T                                            # (t, E)
+
+    pos = jax.vmap(one_group)(probs)
+    kept = pos < capacity
+    expert = jnp.broadcast_to(jnp.arange(n_experts, dtype=jnp.int32), (g, t, n_experts))
+    return Routing(expert, pos, jnp.where(kept, probs, 0), kept)
+
+
+def route(logits, *, router: str, k: int, capacity: int, positions: str = "cumsum") -> Routing:
+    """Dispatch to `route_token_choice` (switch: k must be 1; topk) or `route_expert_choice` (k unused)."""
+    _check_choice("route", "router", router, ROUTERS)
+    if router == "expert_choice":
+        return route_expert_choice(logits, capacity)
+    if router == "switch" and k != 1:
+        raise ValueError(f"route: the switch router routes each token to k=1 expert; got `k`={k!r} "
+                         "(use router='topk')")
+    return route_token_choice(logits, k, capacity, positions=positions)
+
+
+# --------------------------------------------------------------------------------------------- dispatch
+
+def dense_dispatch_tensors(routing: Routing, n_experts: int, capacity: int):
+    """GShard dispatch and combine tensors, both (g, t, E, C): dispatch is 0/1, combine carries the gates."""
+    e_oh = jax.nn.one_hot(routing.expert, n_experts, dtype=routing.gate.dtype)      # (g, t, k, E)
+    c_oh = jax.nn.one_hot(routing.position, capacity, dtype=routing.gate.dtype)     # position C -> zeros
+    dispatch = jnp.einsum("gtke,gtkc->gtec", e_oh, c_oh)
+    combine = jnp.einsum("gtk,gtke,gtkc->gtec", routing.gate, e_oh, c_oh)
+    return dispatch, combine
+
+
+def slot_indices(routing: Routing, n_experts: int, capacity: int):
+    """Index arrays of the sort-based path (no tokens × experts × capacity tensor).
+
+    Returns (flat_slot, slot_token):
+      flat_slot: (g, t, k) int32, ``expert · C + position`` of each kept assignment, ``E · C`` if dropped;
+      slot_token: (g, E · C) int32, the token in each expert slot, ``t`` for an empty slot.
+    """
+    g, t, k = routing.expert.shape
+    n_slots = n_experts * capacity
+    flat_slot = jnp.where(routing.kept, routing.expert * capacity + routing.position, n_slots).astype(jnp.int32)
+    tokens = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, k)).reshape(-1)
+
+    def one_group(fs):  # kept slots are distinct; dropped ones (index n_slots) fall off the end
+        return jnp.full((n_slots,), t, jnp.int32).at[fs.reshape(-1)].set(tokens, mode="drop")
+
+    return flat_slot, jax.vmap(one_group)(flat_slot)
+
+
+def dispatch_dense(x, dispatch):
+    """x: (g, t, d), dispatch: (g, t, E, C) -> expert inputs (g, E, C, d)."""
+    return jnp.einsum("gtec,gtd->gecd", dispatch.astype(x.dtype), x)
+
+
+def combine_dense(expert_out, combine):
+    """expert_out: (g, E, C, d), combine: (g, t, E, C) -> (g, t, d) in combine's dtype."""
+    return jnp.einsum("gtec,gecd->gtd", combine, expert_out.astype(combine.dtype))
+
+
+def dispatch_sorted(x, slot_token):
+    """x: (g, t, d), slot_token: (g, E·C) -> expert inputs (g, E·C, d); empty slots (index t) are zero."""
+    return jax.vmap(lambda xg, st: jnp.take(xg, st, axis=0, mode="fill", fill_value=0))(x, slot_token)
+
+
+def combine_sorted(expert_out, flat_slot, gate):
+    """expert_out: (g, E·C, d), flat_slot: (g, t, k), gate: (g, t, k) -> (g, t, d) in gate's dtype.
+
+    Each token sums ``gate_j · expert_out[flat_slot_j]``; dropped assignments (index E·C) read zero.
+    """
+    def one_group(yg, fs, gt):
+        picked = jnp.take(yg.astype(gt.dtype), fs, axis=0, mode="fill", fill_value=0)  # (t, k, d)
+        return jnp.einsum("tk,tkd->td", gt, picked)
+
+    return jax.vmap(one_group)(expert_out, flat_slot, gate)
+
+
+# ------------------------------------------------------------------------------------------------ experts
+
+def expert_ffn(xe, w_in, w_out, b_in=None, b_out=None, activation: str = "relu"):
+    """Per-expert two-layer FFN: ``act(xe @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e]``.
+
+    xe: (g, E, C, d); w_in: (E, d, f); w_out: (E, f, d_out); b_in: (E, f); b_out: (E, d_out)
+    -> (g, E, C, d_out).
+    """
+    _check_choice("expert_ffn", "activation", activation, tuple(ACTIVATIONS))
+    h = jnp.einsum("gecd,edf->gecf", xe, w_in)
+    if b_in is not None:
+        h = h + b_in[None, :, None, :]
+    h = ACTIVATIONS[activation](h)
+    y = jnp.einsum("gecf,efo->geco", h, w_out)
+    if b_out is not None:
+        y = y + b_out[None, :, None, :]
+    return y
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+def routing_metrics(logits, routing: Routing, capacity: int, router: str) -> Dict[str, jax.Array]:
+    """Scalars and per-expert loads of one routing.
+
+    aux_loss: `load_balancing_loss`; z_loss: `router_z_loss`;
+    dropped_fraction: token choice — fraction of the t·k assignments dropped; expert choice — fraction of
+      tokens no expert took (assignments are not requests there);
+    unrouted_fraction: fraction of tokens with no kept assignment (their layer output is zero);
+    expert_load: (E,), kept assignments of each expert / C (fraction of its slots used), mean over groups.
+    """
+    n_experts = logits.shape[-1]
+    kept = routing.kept
+    unrouted = jnp.mean(jnp.logical_not(jnp.any(kept, axis=-1)).astype(jnp.float32))
+    if router == "expert_choice":
+        dropped = unrouted
+    else:
+        dropped = jnp.mean(jnp.logical_not(kept).astype(jnp.float32))
+    per_expert = jnp.zeros(kept.shape[:1] + (n_experts,), jnp.float32)
+    per_expert = jax.vmap(lambda z, e, m: z.at[e.reshape(-1)].add(m.reshape(-1).astype(jnp.float32)))(
+        per_expert, routing.expert, kept)
+    return {"aux_loss": load_balancing_loss(logits), "z_loss": router_z_loss(logits),
+            "dropped_fraction": dropped, "unrouted_fraction": unrouted,
+            "expert_load": jnp.mean(per_expert, axis=0) / capacity}
+
+
+# ------------------------------------------------------------------------------------------------- layer
+
+def mixture_of_experts(x, logits, expert_fn: Callable, *, router: str = "switch", k: int | None = None,
+        capacity_factor: float = 1.0, dispatch: str = "dense"):
+    """Route, dispatch, run the experts, combine.
+
+    x: (g, t, d) tokens in groups; logits: (g, t, E) router logits (computed in float32 or wider by the
+    caller; cast here to at least float32); expert_fn: (g, E, C, d) -> (g, E, C, d_out);
+    router: "switch" | "topk" | "expert_choice"; k: assignments per token (None: `default_k(router)`;
+    for expert choice it only enters the capacity, as the mean number of experts per token);
+    capacity_factor: > 0, see `expert_capacity`; dispatch: "dense" | "sorted" (equal results).
+
+    Returns (y, metrics): y (g, t, d_out) in x's dtype, zero for unrouted tokens; metrics as
+    `routing_metrics`.
+    """
+    fn = "mixture_of_experts"
+    check_array(fn, "x", x, ("g", "t", "d"))
+    check_array(fn, "logits", logits, (x.shape[0], x.shape[1], "E"))
+    _check_choice(fn, "router", router, ROUTERS)
+    _check_choice(fn, "dispatch", dispatch, DISPATCHES)
+    g, t, _ = x.shape
+    n_experts = logits.shape[-1]
+    k = default_k(router) if k is None else k
+    _check_k(fn, k, n_experts)
+    capacity = expert_capacity(t, n_experts, k, capacity_factor)
+    logits = logits.astype(compute_dtype(logits, x))
+    routing = route(logits, router=router, k=k, capacity=capacity,
+                    positions="cumsum" if dispatch == "dense" else "sort")
+    if dispatch == "dense":
+        disp, comb = dense_dispatch_tensors(routing, n_experts, capacity)
+        ye = expert_fn(dispatch_dense(x, disp))                             # (g, E, C, d_out)
+        y = combine_dense(ye, comb)
+    else:
+        flat_slot, slot_token = slot_indices(routing, n_experts, capacity)
+        xe = dispatch_sorted(x, slot_token).reshape(g, n_experts, capacity, x.shape[-1])
+        ye = expert_fn(xe)
+        y = combine_sorted(ye.reshape(g, n_experts * capacity, ye.shape[-1]), flat_slot, routing.gate)
+    return y.astype(x.dtype), routing_metrics(logits, routing, capacity, router)
