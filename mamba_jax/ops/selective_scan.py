@@ -14,7 +14,12 @@ Implementations (all give the same values and gradients as `reference`):
   (like the official CUDA kernels); use `reference` for forward-mode (jvp).
 - ``chunked_associative`` — the same chunking with `associative_scan` inside each chunk (parallel depth
   for accelerators).
-- ``pallas``      — reserved for the Pallas kernels (not available yet: a clear error).
+- ``pallas``      — the Pallas kernels of `pallas_kernels.selective_scan` (imported lazily): discretisation,
+  D, z gating, delta_bias/softplus, initial/final state and seq_idx inside the kernel, float32 state in
+  on-chip memory, a backward kernel that recomputes states per sequence block from the block-start states
+  the forward saved. TPU (Mosaic) layout; on CPU it runs in Pallas interpret mode (how the kernels are
+  gradient-checked without an accelerator). No GPU (Triton) variant yet: on GPU it also interprets.
+  Not in `IMPLS` (the list the fast tests sweep) and never picked by ``auto`` yet.
 
 The state and the discretisation are computed in float32 for float32/bf16/fp16 inputs (float64 stays
 float64); only the output is cast back to the dtype of `u`.
@@ -46,10 +51,7 @@ def resolve_impl(impl: str, seq_len: int, backend: Optional[str] = None) -> str:
     `seq_len` is part of the decision interface; on CPU the measured best is the same at every length.
     """
     if impl == "pallas":
-        raise ValueError(
-            "selective_scan: impl='pallas' is not available yet (the Pallas kernels are a separate "
-            f"package still to land); use one of {IMPLS} or 'auto'"
-        )
+        return impl
     if impl == "auto":
         return _AUTO_BY_BACKEND.get(backend or jax.default_backend(), _AUTO_DEFAULT)
     if impl not in IMPLS:
@@ -128,8 +130,9 @@ def selective_scan(
       seq_idx: optional (b, l) integer ids of packed sequences; the state resets to zero wherever the
         id changes from one position to the next (the first segment starts from `initial_state`).
       return_last_state: also return the (b, d, n) state after the last step.
-      impl: "auto", "reference", "associative", "chunked", "chunked_associative" (or "pallas", reserved).
-      chunk_size: chunk length for the chunked impls (default 256).
+      impl: "auto", "reference", "associative", "chunked", "chunked_associative" or "pallas".
+      chunk_size: chunk length for the chunked impls (default 256); for "pallas", the sequence block
+        `block_l` (default 128).
 
     Returns:
       y: (b, l, d) in the dtype of `u`; with `return_last_state`, (y, last_state) where last_state is
@@ -139,6 +142,14 @@ def selective_scan(
     b, l, d = u.shape
     n = A.shape[1]
     impl = resolve_impl(impl, l)
+    if impl == "pallas":
+        from pallas_kernels.selective_scan import BlockSizes
+        from pallas_kernels.selective_scan import selective_scan as pallas_selective_scan
+
+        return pallas_selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                     delta_softplus=delta_softplus, initial_state=initial_state,
+                                     seq_idx=seq_idx, return_last_state=return_last_state,
+                                     block_sizes=None if chunk_size is None else BlockSizes(block_l=chunk_size))
     cd = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
 
     dt = time_step(delta, delta_bias, delta_softplus, cd)

@@ -269,8 +269,6 @@ def test_bad_inputs_name_the_argument(overrides, match):
 
 
 def test_bad_impl_and_chunk_size():
-    with pytest.raises(ValueError, match="impl='pallas' is not available yet"):
-        selective_scan(**_bad(), impl="pallas")
     with pytest.raises(ValueError, match="`impl` must be one of"):
         selective_scan(**_bad(), impl="fast")
     with pytest.raises(ValueError, match="`chunk_size` must be a positive int"):

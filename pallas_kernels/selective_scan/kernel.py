@@ -1,0 +1,487 @@
+"""Mamba-1 selective scan as Pallas kernels (TPU / Mosaic layout), forward and backward.
+
+    Δ_t = softplus(delta_t + delta_bias)  (or without softplus)       per channel
+    h_t = exp(Δ_t A)·keep_t ⊙ h_{t-1} + Δ_t u_t B_t                    state h: (d, n)
+    y_t = (C_t · h_t + D u_t) ⊙ silu(z_t)
+
+Everything above happens inside the kernels; the jnp code around them only changes layouts, pads the
+sequence and sums per-block partial gradients.
+
+Layout (one program = one batch row × one channel block × one sequence block):
+
+- grid (b, d // block_d, l_pad // block_l); the sequence axis is last and sequential ("arbitrary" on TPU),
+  batch and channel blocks are "parallel".
+- the state is held transposed, (n, block_d): channels on the 128 TPU lanes, the n state entries on
+  sublanes. It lives in a VMEM scratch buffer, in float32 (float64 for float64 inputs, interpret mode
+  only), carried from one sequence block to the next.
+- u, delta, z, y: (b, l, d) blocks (block_l, block_d). A is passed as Aᵀ (n, d), blocks (n, block_d).
+  B, C are passed as (b, g, l, n) blocks (block_l, n); a channel block lies inside one group.
+  D, delta_bias: (1, d). seq_idx becomes keep (b, l, 1): 0 where a packed sequence starts.
+- inside a program, `lax.fori_loop` over the block's time steps, one row (1, block_d) at a time.
+- the forward writes the state at the start of every sequence block, (b, n_lblocks, n, d): the only
+  residual of size ∝ n besides the inputs (O(b·d·n·l/block_l), not O(b·l·d·n)).
+- the backward runs the sequence grid in reverse. Each program recomputes its block's states from
+  the saved start state into a VMEM scratch (block_l, n, block_d), then runs the reverse recurrence
+  (g_t = C_t dy_t + a_{t+1} g_{t+1}) carrying g in VMEM across sequence blocks. dB/dC are written per
+  channel block (b, d/block_d, l, n) and summed per group outside; dA, dD, d(delta_bias) are
+  accumulated per (batch row, channel block) across the sequence and summed over the batch outside.
+
+Padding: a sequence not divisible by block_l is padded; padded steps get Δ = 0 inside the kernel
+(exp(0·A) = 1, ΔuB = 0: the state passes through unchanged) whatever delta_bias/softplus would give,
+and their outputs are sliced away.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.selective_scan.blocks import BlockSizes
+
+_SQUEEZED = getattr(pl, "squeezed", None)  # `None` in a block shape squeezes too (older spelling)
+
+
+def _compiler_params():
+    """TPU compiler params: batch and channel blocks parallel, the sequence axis sequential."""
+    params_cls = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
+    return params_cls(dimension_semantics=("parallel", "parallel", "arbitrary"))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static facts every kernel body needs."""
+
+    seq_len: int  # true length (before padding)
+    n_lblocks: int
+    block_l: int
+    block_d: int
+    n: int
+    dtype: jnp.dtype  # state / compute dtype
+    softplus: bool
+    has_z: bool
+    has_keep: bool
+
+    @property
+    def padded(self) -> bool:
+        return self.n_lblocks * self.block_l != self.seq_len
+
+
+# --- small in-kernel helpers (each lowers to broadcasts, selects and reductions on TPU) ----------
+
+
+def _eye(n):
+    rows = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)
+    return rows == cols
+
+
+def _to_col(row, eye):
+    """(1, n) -> (n, 1) without a transpose op: select the diagonal of the row broadcast, sum lanes."""
+    return jnp.sum(jnp.where(eye, row, jnp.zeros((), row.dtype)), axis=1, keepdims=True)
+
+
+def _to_row(col, eye):
+    """(n, 1) -> (1, n): select the diagonal of the column broadcast, sum sublanes."""
+    return jnp.sum(jnp.where(eye, col, jnp.zeros((), col.dtype)), axis=0, keepdims=True)
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + jnp.exp(-x))
+
+
+def _softplus(x):
+    # the same formula as jax.nn.softplus (logaddexp(x, 0))
+    return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+def _row(ref, t):
+    """Row t of a (block_l, width) block ref, as (1, width)."""
+    return ref[pl.ds(t, 1), :]
+
+
+class _Refs(dict):
+    """The kernel's refs by name, with row-accessed blocks of a dtype other than the compute dtype
+    staged through compute-dtype VMEM scratch: Mosaic cannot prove that a dynamic single-row access
+    into a packed (bf16: 16-row tiles) block is tile-aligned, so such inputs are copied (and cast)
+    whole into scratch at the start of a program, and such outputs are written row by row to scratch
+    and cast whole into the output block at the end."""
+
+    def __init__(self, refs, in_names, out_names, staged_in, staged_out):
+        # order of pallas_call refs: inputs, outputs, the kernel's own scratch, then the staging scratch
+        io = tuple(in_names) + tuple(out_names)
+        staged = tuple("stage_" + x for x in staged_in + staged_out)
+        n_own = len(refs) - len(io) - len(staged)
+        super().__init__(zip(io + staged, refs[:len(io)] + refs[len(io) + n_own:]))
+        self.scratch = list(refs[len(io):len(io) + n_own])
+        self.staged_out = staged_out
+        for name in staged_in:
+            self["stage_" + name][...] = self[name][...].astype(self["stage_" + name].dtype)
+
+    def rows(self, name):
+        """The ref to read/write rows of `name` through."""
+        return self.get("stage_" + name, self[name])
+
+    def flush(self):
+        for name in self.staged_out:
+            self[name][...] = self["stage_" + name][...].astype(self[name].dtype)
+
+
+class _Step:
+    """The inputs of one time step t of sequence block `lblock`, in the compute dtype."""
+
+    def __init__(self, cfg, t, lblock, r, bias, A, eye):
+        cd = cfg.dtype
+        self.u = _row(r.rows("u"), t).astype(cd)  # (1, bd)
+        self.raw = _row(r.rows("delta"), t).astype(cd) + bias  # (1, bd)
+        dt = _softplus(self.raw) if cfg.softplus else self.raw
+        if cfg.padded:  # padded steps: Δ = 0, the state passes through unchanged
+            self.valid = (lblock * cfg.block_l + t < cfg.seq_len).astype(cd)
+            dt = dt * self.valid
+        self.dt = dt
+        self.B = _to_col(_row(r.rows("B"), t).astype(cd), eye)  # (n, 1)
+        self.C = _to_col(_row(r.rows("C"), t).astype(cd), eye)  # (n, 1)
+        a = jnp.exp(dt * A)  # (n, bd)
+        if cfg.has_keep:
+            a = a * _row(r.rows("keep"), t).astype(cd)  # (1, 1): 0 where a packed sequence starts
+        self.a = a
+        self.dtu = dt * self.u  # (1, bd)
+
+
+# --- forward --------------------------------------------------------------------------------------
+
+
+def _fwd_kernel(*refs, cfg: _Config, names):
+    r = _Refs(refs, *names)
+    (h_scr,) = r.scratch
+    cd = cfg.dtype
+    lblock = pl.program_id(2)
+
+    @pl.when(lblock == 0)
+    def _():
+        h_scr[...] = r["h0"][...].astype(cd)
+
+    r["h_starts"][...] = h_scr[...]  # state before this block's first step, kept for the backward
+    A = r["At"][...].astype(cd)  # (n, bd)
+    D = r["D"][...].astype(cd)  # (1, bd)
+    bias = r["bias"][...].astype(cd)  # (1, bd)
+    eye = _eye(cfg.n)
+    y_rows = r.rows("y")
+
+    def body(t, h):
+        s = _Step(cfg, t, lblock, r, bias, A, eye)
+        h = s.a * h + s.B * s.dtu
+        y = jnp.sum(s.C * h, axis=0, keepdims=True) + D * s.u  # (1, bd)
+        if cfg.has_z:
+            z = _row(r.rows("z"), t).astype(cd)
+            y = y * (z * _sigmoid(z))
+        y_rows[pl.ds(t, 1), :] = y.astype(y_rows.dtype)
+        return h
+
+    h = jax.lax.fori_loop(0, cfg.block_l, body, h_scr[...])
+    h_scr[...] = h
+    r.flush()
+
+    @pl.when(lblock == cfg.n_lblocks - 1)
+    def _():
+        r["h_last"][...] = h.astype(r["h_last"].dtype)
+
+
+# --- backward -------------------------------------------------------------------------------------
+
+
+def _bwd_kernel(*refs, cfg: _Config, names):
+    r = _Refs(refs, *names)
+    hs_scr, g_scr = r.scratch
+    cd = cfg.dtype
+    step_idx = pl.program_id(2)
+    lblock = cfg.n_lblocks - 1 - step_idx  # the sequence grid runs in reverse
+
+    @pl.when(step_idx == 0)
+    def _():
+        g_scr[...] = r["dh_last"][...].astype(cd)
+        for name in ("dAt", "dD", "dbias"):
+            r[name][...] = jnp.zeros(r[name].shape, r[name].dtype)
+
+    A = r["At"][...].astype(cd)
+    D = r["D"][...].astype(cd)
+    bias = r["bias"][...].astype(cd)
+    eye = _eye(cfg.n)
+    du_rows, ddl_rows, dB_rows, dC_rows = (r.rows(x) for x in ("du", "ddelta", "dB", "dC"))
+    dz_rows = r.rows("dz") if cfg.has_z else None
+
+    def step(t):
+        return _Step(cfg, t, lblock, r, bias, A, eye)
+
+    # 1. recompute this block's states from its saved start state: hs[t] = state before step t
+    def fwd_body(t, h):
+        hs_scr[t] = h
+        s = step(t)
+        return s.a * h + s.B * s.dtu
+
+    jax.lax.fori_loop(0, cfg.block_l, fwd_body, r["h_starts"][...].astype(cd))
+
+    # 2. reverse recurrence; g_next is the cotangent reaching h_t from step t+1 (a_{t+1} g_{t+1})
+    def bwd_body(i, carry):
+        g_next, dA, dD, dbias = carry
+        t = cfg.block_l - 1 - i
+        s = step(t)
+        h_prev = hs_scr[t]
+        h = s.a * h_prev + s.B * s.dtu
+        dy = _row(r.rows("dy"), t).astype(cd)  # (1, bd), cotangent of the gated output
+        if cfg.has_z:
+            z = _row(r.rows("z"), t).astype(cd)
+            sig = _sigmoid(z)
+            y_pre = jnp.sum(s.C * h, axis=0, keepdims=True) + D * s.u
+            dz_rows[pl.ds(t, 1), :] = (dy * y_pre * sig * (1.0 + z * (1.0 - sig))).astype(dz_rows.dtype)
+            dy = dy * (z * sig)
+        dD = dD + dy * s.u
+        g = g_next + s.C * dy  # (n, bd): cotangent of h_t
+        dC_rows[pl.ds(t, 1), :] = _to_row(jnp.sum(h * dy, axis=1, keepdims=True), eye).astype(dC_rows.dtype)
+        d_log_a = g * h_prev * s.a  # cotangent of Δ_t A
+        d_dtu = jnp.sum(g * s.B, axis=0, keepdims=True)  # (1, bd)
+        dB_rows[pl.ds(t, 1), :] = _to_row(jnp.sum(g * s.dtu, axis=1, keepdims=True), eye).astype(dB_rows.dtype)
+        ddt = jnp.sum(d_log_a * A, axis=0, keepdims=True) + d_dtu * s.u  # cotangent of Δ_t
+        dA = dA + d_log_a * s.dt
+        du_rows[pl.ds(t, 1), :] = (d_dtu * s.dt + dy * D).astype(du_rows.dtype)
+        if cfg.padded:
+            ddt = ddt * s.valid
+        if cfg.softplus:
+            ddt = ddt * _sigmoid(s.raw)
+        ddl_rows[pl.ds(t, 1), :] = ddt.astype(ddl_rows.dtype)
+        dbias = dbias + ddt
+        return s.a * g, dA, dD, dbias
+
+    zeros_row = jnp.zeros((1, cfg.block_d), cd)
+    init = (g_scr[...], jnp.zeros_like(A), zeros_row, zeros_row)
+    g, dA, dD, dbias = jax.lax.fori_loop(0, cfg.block_l, bwd_body, init)
+    g_scr[...] = g
+    r.flush()
+    r["dAt"][...] += dA.astype(r["dAt"].dtype)
+    r["dD"][...] += dD.astype(r["dD"].dtype)
+    r["dbias"][...] += dbias.astype(r["dbias"].dtype)
+
+    @pl.when(step_idx == cfg.n_lblocks - 1)
+    def _():
+        r["dh0"][...] = g.astype(r["dh0"].dtype)
+
+
+# --- pallas_call wrappers on the kernel layout ----------------------------------------------------
+# u, delta, z: (b, L, d)   At: (n, d)   Bt, Ct: (b, g, L, n)   D, bias: (1, d)   keep: (b, L, 1) | None
+# h0: (b, n, d)   with L = n_lblocks * block_l (already padded).
+
+_ROW_INPUTS = ("u", "delta", "B", "C", "z", "keep", "dy")  # read one time step (row) at a time
+_ROW_OUTPUTS = ("y", "du", "ddelta", "dz", "dB", "dC")  # written one row at a time
+
+
+def _specs(cfg: _Config, groups: int, d: int, reverse: bool):
+    bl, bd, n, nl = cfg.block_l, cfg.block_d, cfg.n, cfg.n_lblocks
+    blocks_per_group = d // groups // bd
+    S = _SQUEEZED
+    lb = (lambda li: nl - 1 - li) if reverse else (lambda li: li)
+    # group of a channel block; lax.div (not `//`, whose floor semantics lower through `sign`, which
+    # Mosaic only lowers on a real TPU) — the indices are non-negative, so truncation is the floor.
+    grp = (lambda di: di) if blocks_per_group == 1 else (lambda di: jax.lax.div(di, blocks_per_group))
+    seq = pl.BlockSpec((S, bl, bd), lambda bi, di, li: (bi, lb(li), di))
+    bc = pl.BlockSpec((S, S, bl, n), lambda bi, di, li: (bi, grp(di), lb(li), 0))
+    vec = pl.BlockSpec((1, bd), lambda bi, di, li: (0, di))
+    state = pl.BlockSpec((S, n, bd), lambda bi, di, li: (bi, 0, di))
+    part_vec = pl.BlockSpec((S, 1, bd), lambda bi, di, li: (bi, 0, di))
+    return dict(
+        u=seq, delta=seq, z=seq, y=seq, dy=seq, du=seq, ddelta=seq, dz=seq,
+        At=pl.BlockSpec((n, bd), lambda bi, di, li: (0, di)), dAt=state,
+        B=bc, C=bc,
+        D=vec, bias=vec, dD=part_vec, dbias=part_vec,
+        keep=pl.BlockSpec((S, bl, 1), lambda bi, di, li: (bi, lb(li), 0)),
+        h0=state, h_last=state, dh_last=state, dh0=state,
+        h_starts=pl.BlockSpec((S, S, n, bd), lambda bi, di, li: (bi, lb(li), 0, di)),
+        dB=pl.BlockSpec((S, S, bl, n), lambda bi, di, li: (bi, di, lb(li), 0)),
+        dC=pl.BlockSpec((S, S, bl, n), lambda bi, di, li: (bi, di, lb(li), 0)),
+    )
+
+
+def _call(kernel, cfg: _Config, interpret, name, grid, groups, d, reverse, inputs, outputs, scratch):
+    """pallas_call over named inputs {name: array} and outputs {name: ShapeDtypeStruct}; returns a dict."""
+    specs = _specs(cfg, groups, d, reverse)
+    in_names = tuple(k for k, v in inputs.items() if v is not None)
+    out_names = tuple(outputs)
+    staged_in = tuple(k for k in in_names if k in _ROW_INPUTS and jnp.dtype(inputs[k].dtype) != cfg.dtype)
+    staged_out = tuple(k for k in out_names if k in _ROW_OUTPUTS and jnp.dtype(outputs[k].dtype) != cfg.dtype)
+    width = {k: (cfg.n if k in ("B", "C", "dB", "dC") else 1 if k == "keep" else cfg.block_d)
+             for k in staged_in + staged_out}
+    scratch = list(scratch) + [pltpu.VMEM((cfg.block_l, width[k]), cfg.dtype) for k in staged_in + staged_out]
+    outs = pl.pallas_call(
+        functools.partial(kernel, cfg=cfg, names=(in_names, out_names, staged_in, staged_out)),
+        out_shape=tuple(outputs.values()),
+        grid=grid,
+        in_specs=[specs[k] for k in in_names],
+        out_specs=tuple(specs[k] for k in out_names),
+        scratch_shapes=scratch,
+        compiler_params=_compiler_params(),
+        interpret=interpret,
+        name=name,
+    )(*(inputs[k] for k in in_names))
+    return dict(zip(out_names, outs))
+
+
+def _forward_call(cfg: _Config, interpret, u, delta, At, Bt, Ct, D, bias, z, keep, h0):
+    """Returns y (b, L, d) in u's dtype, h_last (b, n, d) and h_starts (b, n_lblocks, n, d)."""
+    b, L, d = u.shape
+    n, bd, cd = cfg.n, cfg.block_d, cfg.dtype
+    inputs = dict(u=u, delta=delta, At=At, B=Bt, C=Ct, D=D, bias=bias, z=z, keep=keep, h0=h0)
+    outputs = dict(y=jax.ShapeDtypeStruct((b, L, d), u.dtype), h_last=jax.ShapeDtypeStruct((b, n, d), cd),
+                   h_starts=jax.ShapeDtypeStruct((b, cfg.n_lblocks, n, d), cd))
+    o = _call(_fwd_kernel, cfg, interpret, "selective_scan_fwd", (b, d // bd, cfg.n_lblocks), Bt.shape[1], d,
+              False, inputs, outputs, [pltpu.VMEM((n, bd), cd)])
+    return o["y"], o["h_last"], o["h_starts"]
+
+
+def _backward_call(cfg: _Config, interpret, u, delta, At, Bt, Ct, D, bias, z, keep, h_starts, dy, dh_last):
+    """Returns a dict of du, ddelta, dz (b, L, d); per-channel-block dB, dC (b, d/block_d, L, n);
+    per-batch-row dAt (b, n, d), dD, dbias (b, 1, d); dh0 (b, n, d)."""
+    b, L, d = u.shape
+    n, bd, cd = cfg.n, cfg.block_d, cfg.dtype
+    nd = d // bd
+    inputs = dict(u=u, delta=delta, At=At, B=Bt, C=Ct, D=D, bias=bias, z=z, keep=keep, h_starts=h_starts,
+                  dy=dy, dh_last=dh_last)
+    outputs = dict(du=jax.ShapeDtypeStruct((b, L, d), u.dtype), ddelta=jax.ShapeDtypeStruct((b, L, d), delta.dtype))
+    if cfg.has_z:
+        outputs["dz"] = jax.ShapeDtypeStruct((b, L, d), z.dtype)
+    outputs.update(
+        dB=jax.ShapeDtypeStruct((b, nd, L, n), cd), dC=jax.ShapeDtypeStruct((b, nd, L, n), cd),
+        dAt=jax.ShapeDtypeStruct((b, n, d), cd), dD=jax.ShapeDtypeStruct((b, 1, d), cd),
+        dbias=jax.ShapeDtypeStruct((b, 1, d), cd), dh0=jax.ShapeDtypeStruct((b, n, d), cd),
+    )
+    return _call(_bwd_kernel, cfg, interpret, "selective_scan_bwd", (b, nd, cfg.n_lblocks), Bt.shape[1], d,
+                 True, inputs, outputs, [pltpu.VMEM((cfg.block_l, n, bd), cd), pltpu.VMEM((n, bd), cd)])
+
+
+# --- custom VJP on the kernel layout --------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _scan_core(cfg, interpret, u, delta, At, Bt, Ct, D, bias, z, keep, h0):
+    y, h_last, _ = _forward_call(cfg, interpret, u, delta, At, Bt, Ct, D, bias, z, keep, h0)
+    return y, h_last
+
+
+def _scan_core_fwd(cfg, interpret, u, delta, At, Bt, Ct, D, bias, z, keep, h0):
+    y, h_last, h_starts = _forward_call(cfg, interpret, u, delta, At, Bt, Ct, D, bias, z, keep, h0)
+    return (y, h_last), (u, delta, At, Bt, Ct, D, bias, z, keep, h_starts, h0)
+
+
+def _scan_core_bwd(cfg, interpret, residuals, cotangents):
+    u, delta, At, Bt, Ct, D, bias, z, keep, h_starts, h0 = residuals
+    dy, dh_last = cotangents
+    o = _backward_call(cfg, interpret, u, delta, At, Bt, Ct, D, bias, z, keep, h_starts,
+                       dy, dh_last.astype(cfg.dtype))
+    du, ddelta, dz = o["du"], o["ddelta"], o.get("dz")
+    dB_part, dC_part, dA_part, dD_part, dbias_part, dh0 = (o[k] for k in ("dB", "dC", "dAt", "dD", "dbias", "dh0"))
+    b, groups, L, n = Bt.shape
+    per_group = dB_part.shape[1] // groups
+    dBt = dB_part.reshape(b, groups, per_group, L, n).sum(2).astype(Bt.dtype)
+    dCt = dC_part.reshape(b, groups, per_group, L, n).sum(2).astype(Ct.dtype)
+    dAt = dA_part.sum(0).astype(At.dtype)
+    dD = dD_part.sum(0).astype(D.dtype)
+    dbias = dbias_part.sum(0).astype(bias.dtype)
+    dkeep = None if keep is None else jnp.zeros_like(keep)
+    return du, ddelta, dAt, dBt, dCt, dD, dbias, dz, dkeep, dh0.astype(h0.dtype)
+
+
+_scan_core.defvjp(_scan_core_fwd, _scan_core_bwd)
+
+
+# --- public entry point ---------------------------------------------------------------------------
+
+
+def selective_scan(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus: bool = False,
+    initial_state=None,
+    seq_idx=None,
+    return_last_state: bool = False,
+    block_sizes: Optional[BlockSizes] = None,
+    interpret=None,
+):
+    """Mamba-1 selective scan with the Pallas kernels; differentiable (reverse mode) through a custom VJP.
+
+    Args:
+      u, delta: (b, l, d).  A: (d, n).
+      B, C: (b, l, n), or grouped (b, l, g, n) with g dividing d (channel c uses group c // (d/g)).
+      D, delta_bias: optional (d,).  z: optional (b, l, d) gate: y ← y ⊙ silu(z).
+      delta_softplus: Δ = softplus(delta + delta_bias) instead of delta + delta_bias.
+      initial_state: optional (b, d, n) state before the first step.
+      seq_idx: optional (b, l) integer ids of packed sequences; the state resets to zero where the id
+        changes from one position to the next.
+      return_last_state: also return the (b, d, n) state after the last step.
+      block_sizes: `BlockSizes` (default 128 channels × 128 steps), fitted to the problem by
+        `BlockSizes.fit`.
+      interpret: passed to `pl.pallas_call`. None: chosen per platform when the function is lowered
+        (`jax.lax.platform_dependent`): the compiled Mosaic kernel for TPU, interpret mode elsewhere (CPU;
+        GPU until a Triton variant lands). `pltpu.InterpretParams()` interprets with TPU semantics.
+
+    Returns:
+      y (b, l, d) in the dtype of `u`; with `return_last_state`, (y, last_state (b, d, n)) where the state
+      is float32 for float32/bf16/fp16 inputs and float64 when an input is float64.
+
+    Inputs are not validated beyond what the layout needs; `mamba_jax.ops.selective_scan(impl="pallas")`
+    validates and then calls this.
+    """
+    b, l, d = u.shape
+    n = A.shape[1]
+    if B.ndim == 3:
+        B, C = B[:, :, None, :], C[:, :, None, :]
+    groups = B.shape[2]
+    if d % groups:
+        raise ValueError(f"selective_scan (pallas): {groups} B/C groups must divide d={d}")
+    cd = jnp.dtype(jnp.result_type(jnp.float32, *[x.dtype for x in (u, delta, A, B, C, D, z, delta_bias,
+                                                                     initial_state) if x is not None]))
+    bs = (block_sizes or BlockSizes()).fit(l, d // groups)
+    n_lblocks = -(-l // bs.block_l)
+    L = n_lblocks * bs.block_l
+    cfg = _Config(seq_len=l, n_lblocks=n_lblocks, block_l=bs.block_l, block_d=bs.block_d, n=n, dtype=cd,
+                  softplus=bool(delta_softplus), has_z=z is not None, has_keep=seq_idx is not None)
+
+    def pad_time(x, axis=1):
+        if L == l:
+            return x
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, L - l)
+        return jnp.pad(x, widths)
+
+    keep = None
+    if seq_idx is not None:
+        changed = seq_idx[:, 1:] != seq_idx[:, :-1]
+        keep = jnp.concatenate([jnp.ones((b, 1), bool), ~changed], axis=1).astype(cd)
+        keep = jnp.pad(keep, ((0, 0), (0, L - l)), constant_values=1)[..., None]  # (b, L, 1)
+
+    At = A.T  # (n, d): channels on lanes
+    Bt = pad_time(jnp.swapaxes(B, 1, 2), axis=2)  # (b, g, L, n)
+    Ct = pad_time(jnp.swapaxes(C, 1, 2), axis=2)
+    Dv = (jnp.zeros((d,), cd) if D is None else D).reshape(1, d)
+    bias = (jnp.zeros((d,), cd) if delta_bias is None else delta_bias).reshape(1, d)
+    h0 = (jnp.zeros((b, n, d), cd) if initial_state is None
+          else jnp.swapaxes(initial_state, 1, 2).astype(cd))  # (b, n, d)
+    args = (pad_time(u), pad_time(delta), At, Bt, Ct, Dv, bias, None if z is None else pad_time(z), keep, h0)
+    if interpret is None:
+        # Chosen when lowering, not when tracing: compiling for a TPU (even AOT, from a CPU host) takes
+        # the Mosaic kernel, every other platform the interpreted one.
+        y, h_last = jax.lax.platform_dependent(
+            *args, tpu=functools.partial(_scan_core, cfg, False), default=functools.partial(_scan_core, cfg, True))
+    else:
+        y, h_last = _scan_core(cfg, interpret, *args)
+    y = y[:, :l]
+    if return_last_state:
+        return y, jnp.swapaxes(h_last, 1, 2)
+    return y
