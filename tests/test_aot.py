@@ -67,3 +67,24 @@ def test_compile_time_oom_message_is_parsed():
                "for HLO temporaries (38.41G) exceeds available HBM (15.75G). HLO module: jit_train_step.")
     assert aot.compile_time_oom_bytes(message) == int(38.41 * 2 ** 30)
     assert aot.compile_time_oom_bytes("INVALID_ARGUMENT: something else") is None
+
+
+def test_mamba_train_step_with_pallas_kernels_compiles_per_shard_for_v5e_2x2():
+    """impl="pallas" in a sharded train step: GSPMD cannot partition a Mosaic call, so the scan runs in
+    shard_map (batch over data, channels over tensor); the TPU program holds the compiled kernels (a
+    tpu_custom_call per layer for the forward and one for the backward), not interpreted ones."""
+    pytest.importorskip("libtpu", reason="needs the optional dependency libtpu (the tpu-aot / test extra)")
+    from mamba_jax.sharding.mesh import make_mesh_from_config
+    from mamba_jax.sharding.train import sharded_training
+
+    n_layer = 2
+    model = MambaLM(MambaConfig(vocab_size=64, d_model=64, n_layer=n_layer, d_state=8, dtype="bfloat16",
+                                scan_impl="pallas"))
+    tx = make_optimizer(OptimizerConfig())
+    mesh = make_mesh_from_config(aot.parse_mesh("data=2,tensor=2"), aot.topology_devices("v5e:2x2"))
+    training = sharded_training(model, tx, mesh, "tensor")
+    tokens = jax.ShapeDtypeStruct((8, 64), jnp.int32, sharding=training.batch_sharding)
+    batch = {"inputs": tokens, "targets": tokens,
+             "loss_mask": jax.ShapeDtypeStruct((8, 64), jnp.bool_, sharding=training.batch_sharding)}
+    text = training.train_step.jitted.lower(training.abstract_state, batch).compile().as_text()
+    assert text.count("tpu_custom_call") >= 2 * n_layer

@@ -23,6 +23,7 @@ from mamba_jax.sharding.rules import (
     replicated,
     strategy_rules,
 )
+from mamba_jax.sharding.kernels import trace_under_mesh
 from mamba_jax.train.optim import path_names
 from mamba_jax.train.step import create_train_state, make_eval_step, make_train_step
 
@@ -147,11 +148,13 @@ def sharded_training(model, tx: optax.GradientTransformation, mesh, strategy: Un
     batch_sh = batch_sharding(mesh, rules)
     repl = replicated(mesh)
 
-    init_state = jax.jit(make_state, out_shardings=state_sh)
-    train = jax.jit(make_train_step(learning_rate_fn, donate=False, grad_accum_steps=grad_accum_steps),
-                    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl),
-                    donate_argnums=(0,) if donate else ())
-    evaluate = jax.jit(make_eval_step(model.apply), in_shardings=(param_sh, batch_sh), out_shardings=repl)
+    # traced with the mesh in context, so that Pallas kernels run per shard (`sharding.kernels`)
+    init_state = trace_under_mesh(jax.jit(make_state, out_shardings=state_sh), mesh)
+    train = trace_under_mesh(jax.jit(make_train_step(learning_rate_fn, donate=False, grad_accum_steps=grad_accum_steps),
+                                     in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl),
+                                     donate_argnums=(0,) if donate else ()), mesh)
+    evaluate = trace_under_mesh(jax.jit(make_eval_step(model.apply), in_shardings=(param_sh, batch_sh),
+                                        out_shardings=repl), mesh)
     return ShardedTraining(
         mesh=mesh, rules=rules, param_shardings=param_sh, state_shardings=state_sh, batch_sharding=batch_sh,
         abstract_state=abstract, init_state=init_state,

@@ -1,0 +1,90 @@
+"""Running Pallas kernels on a sharded program: `jax.shard_map` over the mesh in context.
+
+GSPMD cannot partition a Mosaic (TPU Pallas) custom call ("Mosaic kernels cannot be automatically
+partitioned"), so a kernel inside a sharded `jax.jit` must run per shard. The selective scan is
+independent per sequence and per channel, so each device scans its own rows (batch over the
+data-parallel axes) and its own channels (d_inner over `tensor`) with no communication at all.
+
+The mesh comes from the context (`with jax.set_mesh(mesh):` — `ShardedTraining` and `mamba-jax aot`
+trace under it); with no mesh in context the kernel is called as it is.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+BATCH_MESH_AXES = ("data", "fsdp")
+CHANNEL_MESH_AXIS = "tensor"
+
+
+def context_mesh():
+    """The (abstract) mesh set with `jax.set_mesh`, or None when there is none or it has one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
+        return None
+    return mesh
+
+
+def scan_partition(mesh, batch: int, channels: int, groups: int):
+    """(batch axes or None, channel axis or None) to split a (b, l, d) scan over on `mesh`: batch over
+    the data-parallel axes it divides, d over `tensor` when it and the B/C groups allow (g == 1, or g a
+    multiple of the tensor size so every device's channels read their own groups)."""
+    axes = tuple(a for a in BATCH_MESH_AXES if mesh.shape.get(a, 1) > 1)
+    size = math.prod(mesh.shape[a] for a in axes) if axes else 1
+    batch_axes = axes if axes and batch % size == 0 else None
+    t = mesh.shape.get(CHANNEL_MESH_AXIS, 1)
+    channel_axis = CHANNEL_MESH_AXIS if t > 1 and channels % t == 0 and (groups == 1 or groups % t == 0) else None
+    return batch_axes, channel_axis
+
+
+def shard_selective_scan(kernel: Callable, u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                         initial_state=None, seq_idx=None, *, return_last_state: bool = False):
+    """``kernel(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)`` — a selective scan with the
+    contract of `mamba_jax.ops.selective_scan` — run per shard on the context mesh (or directly without
+    one). Shapes: u, delta, z (b, l, d); A (d, n); B, C (b, l, n) or (b, l, g, n); D, delta_bias (d,);
+    initial_state (b, d, n); seq_idx (b, l). Returns y (b, l, d) [and the last state (b, d, n)]."""
+    args = (u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
+    mesh = context_mesh()
+    if mesh is None:
+        return kernel(*args)
+    b, _, d = u.shape
+    groups = 1 if B.ndim == 3 else B.shape[2]
+    bs, ch = scan_partition(mesh, b, d, groups)
+    if bs is None and ch is None:
+        return kernel(*args)
+    bc = P(bs, None, None) if B.ndim == 3 else P(bs, None, ch, None)
+    specs = (P(bs, None, ch), P(bs, None, ch), P(ch, None), bc, bc, P(ch), P(bs, None, ch), P(ch),
+             P(bs, ch, None), P(bs, None))
+    present = [i for i, a in enumerate(args) if a is not None]
+
+    def per_shard(*given):
+        full: list = [None] * len(args)
+        for i, a in zip(present, given):
+            full[i] = a
+        return kernel(*full)
+
+    y_spec = P(bs, None, ch)
+    out_specs = (y_spec, P(bs, ch, None)) if return_last_state else y_spec
+    # check_vma=False: pallas_call outputs carry no varying-manual-axes annotation
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=tuple(specs[i] for i in present), out_specs=out_specs,
+                         check_vma=False)(*(args[i] for i in present))
+
+
+def trace_under_mesh(fn: Callable, mesh) -> Callable:
+    """`fn` (a jitted function) called — and so traced — with `mesh` in context, so that kernels inside
+    it run per shard (`shard_selective_scan`). Keeps `.lower` working the same way."""
+
+    def call(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    def lower(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn.lower(*args, **kwargs)
+
+    call.lower = lower
+    return call
+
