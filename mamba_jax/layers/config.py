@@ -15,8 +15,8 @@ import jax.numpy as jnp
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 # Mixer kinds, as written in layer patterns.
-MAMBA, MAMBA2, ATTENTION = "M", "M2", "A"
-MIXER_KINDS = (MAMBA, MAMBA2, ATTENTION)
+MAMBA, MAMBA2, ATTENTION, MOE = "M", "M2", "A", "E"
+MIXER_KINDS = (MAMBA, MAMBA2, ATTENTION, MOE)
 
 # The fields of BaseLMConfig: a HybridConfig hands these to the config of each of its mixers.
 COMMON_FIELDS = ("vocab_size", "d_model", "n_layer", "rms_norm_eps", "residual_in_fp32", "tie_embeddings",

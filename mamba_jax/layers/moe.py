@@ -11,13 +11,13 @@ y = 0, so the residual connection around the layer carries them unchanged.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, ClassVar, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mamba_jax.layers.config import DTYPES, check_choice, check_positive_int
+from mamba_jax.layers.config import DTYPES, MOE, BaseLMConfig, check_choice, check_positive_int
 from mamba_jax.ops.moe import (ACTIVATIONS, DISPATCHES, ROUTERS, default_k, expert_ffn, mixture_of_experts,
                                router_jitter)
 from mamba_jax.sharding import EMBED, EXPERT, MLP
@@ -159,3 +159,61 @@ class MoE(nn.Module):
         metrics = dict(metrics)
         metrics["router_loss"] = cfg.aux_loss_coef * metrics["aux_loss"] + cfg.z_loss_coef * metrics["z_loss"]
         return y, metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEBlockConfig(BaseLMConfig):
+    """An MoE feed-forward layer as a layer of a pattern ("E" in `HybridConfig.pattern`): the block is
+    ``h += MoE(norm(h))``. `moe` holds the routing and expert settings; its dtypes follow this config's.
+    """
+
+    family: ClassVar[str] = "moe"
+
+    moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.moe, MoEConfig):
+            raise ValueError(f"MoEBlockConfig: `moe` must be a MoEConfig; got {type(self.moe).__name__}")
+
+    @property
+    def layer_kinds(self) -> Tuple[str, ...]:
+        return (MOE,) * self.n_layer
+
+    def mixer_config(self, kind: str) -> "MoEBlockConfig":
+        return self
+
+    @property
+    def moe_config(self) -> MoEConfig:
+        return self.moe.replace(dtype=self.dtype, param_dtype=self.param_dtype)
+
+    @classmethod
+    def from_dict(cls, raw):
+        raw = dict(raw)
+        if isinstance(raw.get("moe"), dict):
+            raw["moe"] = MoEConfig(**raw["moe"])
+        return super().from_dict(raw)
+
+
+class MoEMixer(nn.Module):
+    """The "E" layer of a pattern: the `MoE` FFN behind the block interface of the mixers.
+
+    ``(x, positions, seq_idx, mask, cache) -> (y, cache)``; x (b, l, d_model). Token-wise, so it keeps no
+    cache and ignores positions/seq_idx. Train vs eval: the layer *trains* (train capacity factor, jitter)
+    when the caller collects its losses — ``apply(..., mutable=["losses"])``, as the train step does — and
+    evaluates otherwise. It sows ``losses/router_loss`` (aux_loss_coef·aux + z_loss_coef·z, to add to the
+    objective) and ``moe_metrics/{dropped_fraction, aux_loss, z_loss}``.
+    Left-padding tokens are routed like real ones (they can take capacity); pass unpadded batches to
+    MoE models when drops matter.
+    """
+
+    config: MoEBlockConfig
+
+    @nn.compact
+    def __call__(self, x, *, positions=None, seq_idx=None, mask=None, cache=None):
+        training = self.is_mutable_collection("losses")
+        y, metrics = MoE(self.config.moe_config, name="moe")(x, deterministic=not training)
+        self.sow("losses", "router_loss", metrics["router_loss"])
+        for name in ("dropped_fraction", "aux_loss", "z_loss"):
+            self.sow("moe_metrics", name, metrics[name])
+        return y, cache

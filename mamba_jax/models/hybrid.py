@@ -1,6 +1,7 @@
 """HybridLM: Mamba-1, Mamba-2 and attention layers mixed by a layer pattern such as "MMAM MMAM".
 
-A pattern is read left to right: "M2" is a Mamba-2 layer, "M" a Mamba-1 layer, "A" an attention layer;
+A pattern is read left to right: "M2" is a Mamba-2 layer, "M" a Mamba-1 layer, "A" an attention layer,
+"E" a Mixture-of-Experts feed-forward layer (`mamba_jax.layers.moe`; "M E M E" is MoE-Mamba);
 whitespace only groups ("M2 M2 A M2" = 4 layers, "MMAM MMAM" = 8). Each layer takes its mixer (and MLP,
 when that family's `d_intermediate` > 0) from the family sub-config; the vocabulary, width, depth,
 norms and dtypes come from the hybrid config itself and override the sub-configs'.
@@ -11,13 +12,14 @@ import dataclasses
 from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple
 
 from mamba_jax.layers.attention import TransformerConfig
-from mamba_jax.layers.config import ATTENTION, COMMON_FIELDS, MAMBA, MAMBA2, BaseLMConfig
+from mamba_jax.layers.config import ATTENTION, COMMON_FIELDS, MAMBA, MAMBA2, MOE, BaseLMConfig
 from mamba_jax.layers.mamba import MambaConfig
 from mamba_jax.layers.mamba2 import Mamba2Config
+from mamba_jax.layers.moe import MoEBlockConfig
 from mamba_jax.models.lm import DecoderLM
 
 _SUB_CONFIGS = {MAMBA: ("mamba", MambaConfig), MAMBA2: ("mamba2", Mamba2Config),
-                ATTENTION: ("attention", TransformerConfig)}
+                ATTENTION: ("attention", TransformerConfig), MOE: ("moe", MoEBlockConfig)}
 
 
 def parse_pattern(pattern: str) -> Tuple[str, ...]:
@@ -32,12 +34,12 @@ def parse_pattern(pattern: str) -> Tuple[str, ...]:
         elif pattern.startswith(MAMBA2, i):
             kinds.append(MAMBA2)
             i += 2
-        elif ch in (MAMBA, ATTENTION):
+        elif ch in (MAMBA, ATTENTION, MOE):
             kinds.append(ch)
             i += 1
         else:
             raise ValueError(f"HybridConfig: `pattern` {pattern!r} has {ch!r} at position {i}; a pattern is made "
-                             "of 'M' (Mamba-1), 'M2' (Mamba-2), 'A' (attention) and spaces")
+                             "of 'M' (Mamba-1), 'M2' (Mamba-2), 'A' (attention), 'E' (MoE feed-forward) and spaces")
     if not kinds:
         raise ValueError(f"HybridConfig: `pattern` {pattern!r} has no layers")
     return tuple(kinds)
@@ -58,6 +60,7 @@ class HybridConfig(BaseLMConfig):
     mamba: MambaConfig = dataclasses.field(default_factory=MambaConfig)
     mamba2: Mamba2Config = dataclasses.field(default_factory=Mamba2Config)
     attention: TransformerConfig = dataclasses.field(default_factory=TransformerConfig)
+    moe: MoEBlockConfig = dataclasses.field(default_factory=MoEBlockConfig)
 
     def __post_init__(self):
         kinds = parse_pattern(self.pattern)

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mamba_jax.layers.config import ATTENTION, MAMBA, MAMBA2, BaseLMConfig
+from mamba_jax.layers.config import ATTENTION, MAMBA, MAMBA2, MOE, BaseLMConfig
 from mamba_jax.layers.mlp import GatedMLP
 from mamba_jax.layers.norm import RMSNorm
 from mamba_jax.ops._checks import check_array
@@ -37,7 +37,10 @@ def mixer_module(kind: str):
     if kind == ATTENTION:
         from mamba_jax.layers.attention import Attention, init_kv_cache
         return Attention, init_kv_cache
-    raise ValueError(f"unknown mixer kind {kind!r}; expected one of 'M', 'M2', 'A'")
+    if kind == MOE:
+        from mamba_jax.layers.moe import MoEMixer
+        return MoEMixer, lambda config, batch_size, max_len=None: None   # token-wise: no cache
+    raise ValueError(f"unknown mixer kind {kind!r}; expected one of 'M', 'M2', 'A', 'E'")
 
 
 class ModelCache(NamedTuple):

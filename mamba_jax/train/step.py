@@ -23,6 +23,26 @@ def forward(apply_fn: Callable, params, batch: Batch) -> jax.Array:
     return apply_fn({"params": params}, batch["inputs"])
 
 
+def forward_train(apply_fn: Callable, params, batch: Batch):
+    """(logits, router_loss, moe_metrics) of a training forward: as `forward`, with the losses the model
+    sows collected (``mutable=["losses", "moe_metrics"]``, which also puts MoE layers in train mode).
+
+    router_loss: the sum of every sown ``losses`` value (MoE load-balancing + z losses, already weighted
+    by their coefficients), or None when the model sows none. moe_metrics: the mean over layers of each
+    sown ``moe_metrics`` entry (e.g. dropped_fraction), {} without MoE layers.
+    """
+    kwargs = {"seq_idx": batch["seq_idx"]} if "seq_idx" in batch else {}
+    logits, sown = apply_fn({"params": params}, batch["inputs"], mutable=["losses", "moe_metrics"], **kwargs)
+    losses = jax.tree_util.tree_leaves(sown.get("losses", {}))
+    router_loss = sum(losses[1:], losses[0]) if losses else None
+    by_name: Dict[str, list] = {}
+    for path, value in jax.tree_util.tree_leaves_with_path(sown.get("moe_metrics", {})):
+        name = next(p.key for p in reversed(path) if isinstance(getattr(p, "key", None), str))
+        by_name.setdefault(name, []).append(value)
+    moe_metrics = {f"moe_{k}": sum(v) / len(v) for k, v in by_name.items()}
+    return logits, router_loss, moe_metrics
+
+
 def create_train_state(apply_fn: Callable, params, tx: optax.GradientTransformation) -> TrainState:
     """A flax TrainState: step (int32 scalar array), params, opt_state; apply_fn and tx are static fields.
 
@@ -94,9 +114,14 @@ def accumulated_grads(apply_fn: Callable, params, batch: Batch, grad_accum_steps
 
     def micro(params, mb):
         def loss_fn(p):
-            logits = forward(apply_fn, p, mb)
+            logits, router_loss, moe_metrics = forward_train(apply_fn, p, mb)
             stats = masked_token_stats(logits, mb["targets"], mb["loss_mask"])
-            return stats["nll_sum"] / tokens, stats
+            loss = stats["nll_sum"] / tokens
+            if router_loss is not None:   # MoE layers: their balancing losses join the objective
+                loss = loss + router_loss / grad_accum_steps
+                stats = dict(stats, router_loss=router_loss / grad_accum_steps,
+                             **{k: v / grad_accum_steps for k, v in moe_metrics.items()})
+            return loss, stats
         (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return grads, stats
 
@@ -140,6 +165,9 @@ def make_train_step(learning_rate_fn: Optional[Callable] = None, *, donate: bool
         loss = s["nll_sum"] / tokens
         metrics = {"loss": loss, "accuracy": s["correct"] / tokens, "exact_match": s["exact"] / s["sequences"],
                    "grad_norm": optax.tree.norm(grads)}
+        # MoE models: the router loss (already in the objective; `loss` stays the token cross-entropy)
+        # and the mean over micro-batches of the MoE metrics
+        metrics.update({k: v for k, v in s.items() if k == "router_loss" or k.startswith("moe_")})
         if learning_rate_fn is not None:
             metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
         return state.apply_gradients(grads=grads), metrics

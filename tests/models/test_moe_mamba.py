@@ -1,0 +1,109 @@
+"""MoE-Mamba as the hybrid pattern "M E M E": the MoE layers' router losses join the training objective
+(checked against the loss written out by hand), train vs eval capacity, grad accumulation, parameter
+counts against the shapes."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mamba_jax.layers.moe import MoEConfig
+from mamba_jax.models import init_params
+from mamba_jax.models.hybrid import HybridLM, parse_pattern
+from mamba_jax.models.moe_mamba import mamba_baseline_config, moe_mamba_config, parameter_counts
+from mamba_jax.train import create_train_state, make_train_step
+from mamba_jax.train.step import masked_token_stats
+
+CONFIG = moe_mamba_config(vocab_size=32, d_model=16, n_blocks=2, n_experts=4, capacity_factor=1.0, d_state=4)
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+    model = HybridLM(CONFIG)
+    return model, init_params(model, jax.random.PRNGKey(0))
+
+
+def _batch(seed=0, b=4, l=12):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 32, (b, l + 1)).astype(np.int32)
+    return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((b, l), bool)}
+
+
+def test_pattern_and_configs():
+    assert CONFIG.layer_kinds == ("M", "E", "M", "E") and parse_pattern("ME M2E") == ("M", "E", "M2", "E")
+    moe = CONFIG.mixer_config("E").moe
+    assert (moe.n_experts, moe.router, moe.top_k, moe.capacity_factor_train, moe.aux_loss_coef) == (4, "switch", 1, 1.0, 0.01)
+    assert moe.expert_width(16) == 48                                  # d_expert = 3 · d_model
+    paper = moe_mamba_config("100m", vocab_size=50_000)
+    assert (paper.d_model, len(paper.layer_kinds), paper.mixer_config("E").moe.n_experts) == (768, 32, 42)
+    base = mamba_baseline_config(CONFIG)
+    assert (base.n_layer, base.d_model) == (4, 16)
+    with pytest.raises(ValueError, match="'E' \\(MoE feed-forward\\)"):
+        parse_pattern("M X")
+    with pytest.raises(ValueError, match="parallel"):
+        moe_mamba_config(vocab_size=32, parallel=True)
+
+
+def test_train_step_objective_is_cross_entropy_plus_weighted_router_losses(model_and_params):
+    model, params = model_and_params
+    batch = _batch()
+
+    def by_hand(p):
+        logits, sown = model.apply({"params": p}, batch["inputs"], mutable=["losses", "moe_metrics"])
+        ce = masked_token_stats(logits, batch["targets"], batch["loss_mask"])["nll_sum"] / batch["loss_mask"].sum()
+        aux = sum(sown["moe_metrics"][f"layers_{i}"]["mixer"]["aux_loss"][0] for i in (1, 3))
+        return ce + 0.01 * aux, (ce, aux)
+
+    (want_loss, (ce, aux)), want_grads = jax.value_and_grad(by_hand, has_aux=True)(params)
+    state = create_train_state(model.apply, jax.tree_util.tree_map(jnp.copy, params), optax.sgd(1.0))
+    new_state, metrics = make_train_step(donate=False)(state, batch)
+    assert float(metrics["loss"]) == pytest.approx(float(ce), rel=1e-5)          # `loss` stays the token CE
+    assert float(metrics["router_loss"]) == pytest.approx(0.01 * float(aux), rel=1e-5)
+    assert 0.0 <= float(metrics["moe_dropped_fraction"]) < 1.0
+    # SGD with lr 1: the update is minus the gradient of CE + 0.01 · Σ aux
+    got = jax.tree_util.tree_map(lambda a, b: a - b, params, new_state.params)
+    jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-6), got, want_grads)
+    router = want_grads["layers_1"]["mixer"]["moe"]["router"]["kernel"]
+    assert float(jnp.abs(router).max()) > 0                                      # the router learns
+
+
+def test_training_uses_the_train_capacity_and_eval_the_eval_capacity(model_and_params):
+    _, params = model_and_params
+    tight = moe_mamba_config(vocab_size=32, d_model=16, n_blocks=2, n_experts=4, capacity_factor=0.25, d_state=4)
+    assert tight.mixer_config("E").moe.capacity_factor_eval == 2.0
+    model = HybridLM(tight)
+    inputs = _batch()["inputs"]
+    _, train_sown = model.apply({"params": params}, inputs, mutable=["losses", "moe_metrics"])
+    _, eval_sown = model.apply({"params": params}, inputs, mutable=["moe_metrics"])   # losses not collected: eval
+    drop = lambda s: float(s["moe_metrics"]["layers_1"]["mixer"]["dropped_fraction"][0])
+    # capacity ceil(0.25 · 12 / 4) = 1 slot per expert: at least 12 − 4 of 12 tokens dropped when training
+    assert drop(train_sown) >= 8 / 12 - 1e-6 and drop(eval_sown) < drop(train_sown)
+
+
+def test_grad_accumulation_equals_the_whole_batch(model_and_params):
+    model, params = model_and_params
+    batch = _batch(seed=1)
+    results = []
+    for k in (1, 2):
+        state = create_train_state(model.apply, jax.tree_util.tree_map(jnp.copy, params), optax.sgd(0.1))
+        state, metrics = make_train_step(donate=False, grad_accum_steps=k)(state, batch)
+        results.append((metrics, state.params))
+    for key in ("loss", "router_loss", "moe_dropped_fraction"):
+        assert float(results[0][0][key]) == pytest.approx(float(results[1][0][key]), rel=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                           results[0][1], results[1][1])
+
+
+def test_parameter_counts_from_the_shapes(model_and_params):
+    _, params = model_and_params
+    counts = parameter_counts(CONFIG, params)
+    total = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
+    expert = 2 * (4 * 16 * 48 * 2)                       # 2 MoE layers × E × (w_in + w_out)
+    assert counts["total"] == total and counts["expert"] == expert
+    assert counts["active"] == total - expert + expert // 4          # top-1 of 4 experts per layer
+    assert counts["embedding"] == CONFIG.padded_vocab_size * 16
+    assert MoEConfig(n_experts=4, router="topk").top_k == 2
