@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from mamba_jax.layers.config import DTYPES, MOE, BaseLMConfig, check_choice, check_positive_int
-from mamba_jax.ops.moe import (ACTIVATIONS, DISPATCHES, ROUTERS, default_k, expert_ffn, mixture_of_experts,
-                               router_jitter)
+from mamba_jax.ops.moe import ACTIVATIONS, DISPATCHES, ROUTERS, default_k, router_jitter
 from mamba_jax.sharding import EMBED, EXPERT, MLP
+from mamba_jax.sharding.experts import expert_parallel_moe
 
 
 def _check_number(owner: str, name: str, value, *, low: float, low_inclusive: bool, high: Optional[float] = None):
@@ -151,11 +151,11 @@ class MoE(nn.Module):
             b_in = self.param("b_in", nn.with_logical_partitioning(zeros, (EXPERT, MLP)), (n_exp, d_expert), pdt)
             b_out = self.param("b_out", nn.with_logical_partitioning(zeros, (EXPERT, EMBED)), (n_exp, d_model), pdt)
 
-        cast = lambda a: None if a is None else a.astype(cdt)
-        expert_fn = lambda xe: expert_ffn(xe.astype(cdt), cast(w_in), cast(w_out), cast(b_in), cast(b_out),
-                                          cfg.activation)
-        y, metrics = mixture_of_experts(x, logits, expert_fn, router=cfg.router, k=cfg.top_k,
-                         capacity_factor=cfg.capacity_factor(deterministic), dispatch=cfg.dispatch)
+        # on a mesh with an `expert` axis: experts split over it, tokens exchanged with all-to-all
+        y, metrics = expert_parallel_moe(x, logits, w_in, w_out, b_in, b_out, activation=cfg.activation,
+                                         router=cfg.router, k=cfg.top_k,
+                                         capacity_factor=cfg.capacity_factor(deterministic),
+                                         dispatch=cfg.dispatch, compute_dtype=cdt)
         metrics = dict(metrics)
         metrics["router_loss"] = cfg.aux_loss_coef * metrics["aux_loss"] + cfg.z_loss_coef * metrics["z_loss"]
         return y, metrics

@@ -26,7 +26,7 @@ BATCH, LENGTH, EMBED, MLP, HEADS, STATE, EXPERT, VOCAB, CONV = (
 # logical axis -> mesh axis (or None: replicated). Data parallel over `data`/`fsdp`, tensor
 # parallel over the inner (mlp/heads/vocab) dimension.
 DEFAULT_RULES = (
-    (BATCH, ("data", "fsdp")),
+    (BATCH, ("data", "fsdp", "expert")),
     (LENGTH, None),
     (EMBED, "fsdp"),
     (MLP, "tensor"),

@@ -16,7 +16,7 @@ from typing import Callable
 import jax
 from jax.sharding import PartitionSpec as P
 
-BATCH_MESH_AXES = ("data", "fsdp")
+BATCH_MESH_AXES = ("data", "fsdp", "expert")
 CHANNEL_MESH_AXIS = "tensor"
 
 

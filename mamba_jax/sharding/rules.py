@@ -23,23 +23,25 @@ from mamba_jax.sharding import BATCH, CONV, DEFAULT_RULES, EMBED, EXPERT, HEADS,
 
 Rules = Tuple[Tuple[str, Any], ...]
 
-# pure data parallel: every parameter replicated, the batch split over `data`
+# The batch is also split over `expert`: with expert parallelism the devices of one expert group hold
+# different sequences (MaxText/GShard style) and exchange tokens only inside the MoE layers.
+# pure data parallel: every parameter replicated, the batch split over `data` (and `expert`)
 DP_RULES: Rules = (
-    (BATCH, "data"), (LENGTH, None), (EMBED, None), (MLP, None), (HEADS, None), (STATE, None),
+    (BATCH, ("data", "expert")), (LENGTH, None), (EMBED, None), (MLP, None), (HEADS, None), (STATE, None),
     (EXPERT, "expert"), (VOCAB, None), (CONV, None),
 )
 # ZeRO-3 style: parameters (and so gradients and optimiser state) split over `fsdp` on their embed
 # dimension, the batch over (data, fsdp); the forward all-gathers each weight where it is used
 FSDP_RULES: Rules = (
-    (BATCH, ("data", "fsdp")), (LENGTH, None), (EMBED, "fsdp"), (MLP, None), (HEADS, None), (STATE, None),
-    (EXPERT, "expert"), (VOCAB, None), (CONV, None),
+    (BATCH, ("data", "fsdp", "expert")), (LENGTH, None), (EMBED, "fsdp"), (MLP, None), (HEADS, None),
+    (STATE, None), (EXPERT, "expert"), (VOCAB, None), (CONV, None),
 )
 # Megatron style: the Mamba inner dimension (d_inner, logical `mlp`), attention heads and the vocabulary
 # split over `tensor`; in_proj/dt_proj are column-parallel, x_proj/out_proj row-parallel, and the conv,
 # A_log, D and the scan itself act per channel, so each device scans its own d_inner slice. The batch
 # goes over (data, fsdp).
 TENSOR_RULES: Rules = (
-    (BATCH, ("data", "fsdp")), (LENGTH, None), (EMBED, None), (MLP, "tensor"), (HEADS, "tensor"),
+    (BATCH, ("data", "fsdp", "expert")), (LENGTH, None), (EMBED, None), (MLP, "tensor"), (HEADS, "tensor"),
     (STATE, None), (EXPERT, "expert"), (VOCAB, "tensor"), (CONV, None),
 )
 
@@ -189,9 +191,10 @@ def check_batch(batch, mesh, rules: Union[str, Rules] = DEFAULT_RULES) -> None:
         if not shape:
             raise ValueError(f"batch {_path_str(path)!r}: a scalar has no batch dimension to shard")
         if shape[0] % n:
+            shown = tuple(a for a in axes if mesh.shape[a] > 1) or axes   # size-1 axes are noise here
             raise ValueError(
                 f"batch {_path_str(path)!r}: the batch size {shape[0]} is not divisible by the data-parallel "
-                f"mesh axes {_describe_axes(mesh, axes)} (MeshConfig keys {', '.join(repr(a) for a in axes)}; "
+                f"mesh axes {_describe_axes(mesh, shown)} (MeshConfig keys {', '.join(repr(a) for a in shown)}; "
                 f"product {n}); use a batch size that is a multiple of {n}")
 
 

@@ -100,7 +100,7 @@ def test_rules_map_logical_axes_and_replicate_what_is_not_sharded():
     # a mesh axis is used once per array; axes the mesh lacks count as size 1
     assert logical_to_spec(("embed", "embed"), (4, 4), mesh, DEFAULT_RULES) == P("fsdp")
     assert logical_to_spec(("expert", "embed"), (4, 4), AbstractMesh((2,), ("fsdp",)), DEFAULT_RULES) == P(None, "fsdp")
-    assert batch_sharding(make_mesh_from_config(MeshConfig()), "fsdp").spec == P(("data", "fsdp"))
+    assert batch_sharding(make_mesh_from_config(MeshConfig()), "fsdp").spec == P(("data", "fsdp", "expert"))
     assert set(STRATEGIES) == {"dp", "fsdp", "tensor", "fsdp_tensor"}
     with pytest.raises(ValueError, match="unknown sharding strategy 'zero'"):
         strategy_rules("zero")

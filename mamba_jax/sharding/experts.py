@@ -1,0 +1,84 @@
+"""Expert parallelism: MoE experts spread over the mesh's `expert` axis, tokens exchanged with all-to-all.
+
+Inside `jax.shard_map` every device holds g/N of the routing groups (sequences; the batch is split over
+the data-parallel axes *and* `expert`) and E/n_ep of the experts. It routes and packs its own tokens into
+the (g_local, E, C, d) expert buffer exactly as on one device (`mamba_jax.ops.mixture_of_experts`: routing,
+capacity and drops are per group, so they do not depend on the sharding), then
+
+    all_to_all over `expert` (split the E axis, gather the groups)  -> (g_local · n_ep, E / n_ep, C, d)
+    its own experts' FFNs                                            -> (g_local · n_ep, E / n_ep, C, d)
+    all_to_all back                                                  -> (g_local, E, C, d)
+
+and combines. The metrics (means over groups) are averaged over the devices holding different groups.
+With no mesh in context (or an `expert` axis of size 1) this is `mixture_of_experts` itself.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+from mamba_jax.ops.moe import expert_ffn, mixture_of_experts
+from mamba_jax.sharding.kernels import context_mesh
+
+EXPERT_AXIS = "expert"
+GROUP_MESH_AXES = ("data", "fsdp", EXPERT_AXIS)
+
+
+def _local_moe(x, logits, w_in, w_out, b_in, b_out, *, activation, router, k, capacity_factor, dispatch,
+               compute_dtype, expert_axis: Optional[str]):
+    cast = lambda a: None if a is None else a.astype(compute_dtype)  # noqa: E731
+
+    def experts(xe):
+        if expert_axis is not None:   # tokens to the devices holding their experts
+            xe = jax.lax.all_to_all(xe, expert_axis, split_axis=1, concat_axis=0, tiled=True)
+        ye = expert_ffn(xe.astype(compute_dtype), cast(w_in), cast(w_out), cast(b_in), cast(b_out), activation)
+        if expert_axis is not None:   # and back
+            ye = jax.lax.all_to_all(ye, expert_axis, split_axis=0, concat_axis=1, tiled=True)
+        return ye
+
+    return mixture_of_experts(x, logits, experts, router=router, k=k, capacity_factor=capacity_factor,
+                              dispatch=dispatch)
+
+
+def expert_parallel_moe(x, logits, w_in, w_out, b_in=None, b_out=None, *, activation: str = "relu",
+                        router: str = "switch", k: Optional[int] = None, capacity_factor: float = 1.0,
+                        dispatch: str = "sorted", compute_dtype="float32"):
+    """An MoE layer's expert computation, expert-parallel on the context mesh.
+
+    x: (g, t, d) routing groups; logits: (g, t, E); w_in (E, d, f), w_out (E, f, d_out), b_in (E, f),
+    b_out (E, d_out). Returns (y (g, t, d_out), metrics) as `mixture_of_experts`.
+    Raises ValueError when E is not divisible by the `expert` axis or g by the group-sharding axes.
+    """
+    opts = dict(activation=activation, router=router, k=k, capacity_factor=capacity_factor, dispatch=dispatch,
+                compute_dtype=compute_dtype)
+    mesh = context_mesh()
+    n_ep = 1 if mesh is None else mesh.shape.get(EXPERT_AXIS, 1)
+    if n_ep == 1:
+        return _local_moe(x, logits, w_in, w_out, b_in, b_out, expert_axis=None, **opts)
+    n_experts, groups = logits.shape[-1], x.shape[0]
+    if n_experts % n_ep:
+        raise ValueError(f"MoE: `n_experts`={n_experts} must be divisible by the mesh's `expert` axis "
+                         f"({n_ep} devices; MeshConfig.expert)")
+    group_axes = tuple(a for a in GROUP_MESH_AXES if mesh.shape.get(a, 1) > 1)
+    shards = math.prod(mesh.shape[a] for a in group_axes)
+    if groups % shards:
+        raise ValueError(f"MoE: the batch ({groups} sequences) must be divisible by the {shards} devices of the "
+                         f"mesh axes {group_axes} (MeshConfig data/fsdp/expert): each device routes whole "
+                         f"sequences")
+    tokens = P(group_axes, None, None)
+    per_expert = [w_in, w_out] + [b for b in (b_in, b_out) if b is not None]
+    has_bias = b_in is not None, b_out is not None
+
+    def per_shard(x, logits, w_in, w_out, *biases):
+        biases = list(biases)
+        b_in = biases.pop(0) if has_bias[0] else None
+        b_out = biases.pop(0) if has_bias[1] else None
+        y, metrics = _local_moe(x, logits, w_in, w_out, b_in, b_out, expert_axis=EXPERT_AXIS, **opts)
+        return y, jax.lax.pmean(metrics, group_axes)   # every metric is a mean over groups
+
+    expert_specs = [P(EXPERT_AXIS, *([None] * (w.ndim - 1))) for w in per_expert]
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=(tokens, tokens, *expert_specs),
+                         out_specs=(tokens, P()))(x, logits, *per_expert)
