@@ -185,7 +185,42 @@ def _lm_model(preset: str, size: Optional[str], compute_dtype: str, overrides: D
     return MambaLM(model_config), make_optimizer(config.optimizer_config()), config.batch_size, config.seq_len
 
 
-EXPERIMENTS = {"lm": _lm_model}
+# `mamba-jax aot moe_mamba` presets (batch, seq_len, moe_mamba_config keywords) and the typed overrides
+_MOE_PRESETS = {
+    "smoke": (8, 64, dict(setting="25m", d_model=32, n_blocks=2, n_experts=4, vocab_size=256)),
+    "cpu": (16, 256, dict(setting="25m", d_model=128, n_blocks=4, n_experts=8, vocab_size=259)),
+    "paper": (256, 1024, dict(setting="100m", vocab_size=50_280)),
+}
+_MOE_KEYS = {"setting": str, "d_model": int, "n_blocks": int, "n_experts": int, "router": str,
+             "capacity_factor": float, "dispatch": str, "vocab_size": int, "d_state": int, "expand": int}
+
+
+def _moe_mamba_model(preset: str, size: Optional[str], compute_dtype: str, overrides: Dict[str, str],
+                     remat: bool = False):
+    """(model, tx, batch, seq_len) of a MoE-Mamba (`mamba_jax.models.moe_mamba`): the preset's setting
+    with `key=value` overrides of `moe_mamba_config`'s keywords (typed; unknown keys rejected)."""
+    from mamba_jax.models.hybrid import HybridLM
+    from mamba_jax.models.moe_mamba import moe_mamba_config
+    from mamba_jax.train.optim import OptimizerConfig, make_optimizer
+
+    if size is not None:
+        raise ValueError("aot moe_mamba: `--size` names Mamba sizes; set setting=25m|100m, d_model=..., "
+                         "n_blocks=..., n_experts=... instead")
+    batch, seq_len, kwargs = _MOE_PRESETS[preset]
+    kwargs = dict(kwargs)
+    for key, text in overrides.items():
+        if key not in _MOE_KEYS:
+            raise ValueError(f"aot moe_mamba: unknown key `{key}`; valid keys: {', '.join(sorted(_MOE_KEYS))}")
+        try:
+            kwargs[key] = _MOE_KEYS[key](text)
+        except ValueError:
+            raise ValueError(f"aot moe_mamba: `{key}` expects {_MOE_KEYS[key].__name__}; got {text!r}") from None
+    setting = kwargs.pop("setting")
+    config = moe_mamba_config(setting, dtype=compute_dtype, param_dtype="float32", remat=remat, **kwargs)
+    return HybridLM(config), make_optimizer(OptimizerConfig()), batch, seq_len
+
+
+EXPERIMENTS = {"lm": _lm_model, "moe_mamba": _moe_mamba_model}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -88,3 +88,19 @@ def test_mamba_train_step_with_pallas_kernels_compiles_per_shard_for_v5e_2x2():
              "loss_mask": jax.ShapeDtypeStruct((8, 64), jnp.bool_, sharding=training.batch_sharding)}
     text = training.train_step.jitted.lower(training.abstract_state, batch).compile().as_text()
     assert text.count("tpu_custom_call") >= 2 * n_layer
+
+
+def test_cli_compiles_moe_mamba_with_expert_parallelism(capsys):
+    pytest.importorskip("libtpu", reason="needs the optional dependency libtpu (the tpu-aot / test extra)")
+    assert cli_main(["aot", "moe_mamba", "--topology", "v5e:2x2", "--preset", "smoke", "--mesh", "data=2,expert=2",
+                     "--strategy", "fsdp", "n_experts=4"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| v5e:2x2 |"))
+    assert "| data=2,expert=2 | fsdp |" in row and "| yes |" in row
+    with pytest.raises(SystemExit):                      # 6 experts do not divide over an expert axis of 4
+        cli_main(["aot", "moe_mamba", "--topology", "v5e:2x2", "--preset", "smoke", "--mesh", "expert=4",
+                  "n_experts=6"])
+    assert "n_experts" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["aot", "moe_mamba", "--topology", "v5e:2x2", "--preset", "smoke", "experts=4"])
+    assert "unknown key `experts`" in capsys.readouterr().err
