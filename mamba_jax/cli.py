@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 EXPERIMENTS = {
     "lm": "experiments.lm.run",
     "icl": "experiments.icl.run",
+    "pkd": "experiments.pkd.run",
 }
 BENCHMARKS = {
     "scan": "experiments.bench_scan.run",

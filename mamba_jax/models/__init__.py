@@ -13,3 +13,6 @@ from mamba_jax.models.transformer import TransformerLM
 __all__ = ["DecoderBlock", "DecoderLM", "HybridConfig", "HybridLM", "LMOutput", "MAMBA_SIZES", "Mamba2Config", "Mamba2LM",
            "MambaCache", "MambaConfig", "MambaLM", "ModelCache", "TransformerConfig", "TransformerLM",
            "init_cache", "init_params", "mamba_config", "param_axes", "parse_pattern", "token_positions"]
+from mamba_jax.models.classifier import ClassifierConfig, MambaClassifier, count_params, image_tokens, init_classifier
+
+__all__ += ["ClassifierConfig", "MambaClassifier", "count_params", "image_tokens", "init_classifier"]

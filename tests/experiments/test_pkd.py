@@ -1,0 +1,200 @@
+"""PKD: IDX parsing, the boosting weights and per-example loss against hand computations, and the `smoke`
+preset end to end (`mamba-jax run pkd --preset smoke`), asserting on the results it writes."""
+import gzip
+import json
+import math
+import struct
+
+import jax
+import numpy as np
+import pytest
+from flax import serialization
+
+from experiments.pkd.config import PKDConfig, preset_config
+from experiments.pkd.run import boosting_weights, per_example_loss
+from mamba_jax.cli import main as cli_main
+from mamba_jax.data.images import (image_batches, load_digits, load_fashion_mnist, parse_benchmark_table, parse_idx,
+                                   read_idx)
+from mamba_jax.models.classifier import ClassifierConfig, MambaClassifier
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def _idx_bytes(code: int, shape, payload: bytes) -> bytes:
+    return bytes([0, 0, code, len(shape)]) + b"".join(struct.pack(">I", s) for s in shape) + payload
+
+
+def test_idx_parser_reads_a_tiny_file(tmp_path):
+    values = list(range(2 * 3 * 4))
+    raw = _idx_bytes(0x08, (2, 3, 4), bytes(values))
+    (tmp_path / "x-idx3-ubyte").write_bytes(raw)
+    with gzip.open(tmp_path / "x-idx3-ubyte.gz", "wb") as f:
+        f.write(raw)
+    for name in ("x-idx3-ubyte", "x-idx3-ubyte.gz"):
+        arr = read_idx(str(tmp_path / name))
+        assert arr.shape == (2, 3, 4) and arr.dtype == np.uint8
+        assert arr[1, 2, 3] == 23 and arr[0, 1, 0] == 4
+    # big-endian int32 labels
+    ints = parse_idx(_idx_bytes(0x0C, (3,), struct.pack(">iii", 7, -2, 65536)))
+    assert ints.tolist() == [7, -2, 65536]
+    with pytest.raises(ValueError, match="not an IDX"):
+        parse_idx(b"\x01\x00\x08\x01")
+    with pytest.raises(ValueError, match="type code"):
+        parse_idx(_idx_bytes(0x07, (1,), b"\x00"))
+    with pytest.raises(ValueError, match="needs 24"):
+        parse_idx(_idx_bytes(0x08, (2, 3, 4), bytes(values[:-1])))
+
+
+def test_missing_fashion_mnist_names_the_debian_package(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        load_fashion_mnist("train", root=str(tmp_path))
+
+
+def test_benchmark_table_parser():
+    text = ("intro\n| Classifier | Preprocessing | Fashion test accuracy | MNIST test accuracy | Submitter |\n"
+            "| --- | --- | --- | --- | --- |\n| MLP | None | 0.8833 | - | a |\n| GRU | Norm | .897 | 0.988 | b |\n"
+            "\nafter\n| x | y |\n")
+    rows = parse_benchmark_table(text)
+    assert rows == [dict(classifier="MLP", preprocessing="None", fashion_accuracy=0.8833, mnist_accuracy=None),
+                    dict(classifier="GRU", preprocessing="Norm", fashion_accuracy=0.897, mnist_accuracy=0.988)]
+
+
+def test_digits_split_and_batches():
+    x_tr, y_tr = load_digits("train")
+    x_te, y_te = load_digits("test")
+    assert x_tr.shape[1:] == (8, 8) and len(x_tr) + len(x_te) == 1797 and 0 <= x_tr.min() and x_tr.max() <= 1
+    ds = image_batches(x_tr, y_tr, batch_size=100, seed=3)
+    b0, b0_again = ds[0], image_batches(x_tr, y_tr, batch_size=100, seed=3)[0]
+    np.testing.assert_array_equal(b0["index"], b0_again["index"])  # a pure function of the seed
+    np.testing.assert_array_equal(b0["image"], x_tr[b0["index"]])
+    np.testing.assert_array_equal(b0["label"], y_tr[b0["index"]])
+    # one epoch covers every example exactly once (batches 0..13 of 100 from 1438 examples)
+    seen = np.concatenate([ds[i]["index"] for i in range(len(y_tr) // 100)])
+    assert len(set(seen.tolist())) == len(seen)
+
+
+# ------------------------------------------------------------------------------------- loss, weights
+
+
+def test_boosting_weights_hand_computed():
+    losses = np.array([0.0, math.log(2), math.log(4)])
+    # exp(ℓ) = 1, 2, 4 → normalised to mean 1: 3/7, 6/7, 12/7
+    np.testing.assert_allclose(boosting_weights(losses, 1.0), [3 / 7, 6 / 7, 12 / 7], rtol=1e-12)
+    # β = 0.5: exp(ℓ/2) = 1, √2, 2
+    s = 1 + math.sqrt(2) + 2
+    np.testing.assert_allclose(boosting_weights(losses, 0.5), [3 / s, 3 * math.sqrt(2) / s, 6 / s], rtol=1e-12)
+    # clipped at 1.5: (3/7, 6/7, 3/2) renormalised to mean 1 → ×14/13 → 6/13, 12/13, 21/13
+    np.testing.assert_allclose(boosting_weights(losses, 1.0, max_weight=1.5), [6 / 13, 12 / 13, 21 / 13], rtol=1e-12)
+    np.testing.assert_allclose(boosting_weights(losses, 0.0), [1, 1, 1], rtol=1e-12)
+    # huge losses do not overflow
+    w = boosting_weights(np.array([1000.0, 1001.0]), 1.0)
+    np.testing.assert_allclose(w, [2 / (1 + math.e), 2 * math.e / (1 + math.e)], rtol=1e-12)
+    with pytest.raises(ValueError, match="losses"):
+        boosting_weights(np.zeros((2, 2)), 1.0)
+
+
+def test_per_example_loss_against_numpy():
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(4, 5)).astype(np.float32)
+    t = 3 * rng.normal(size=(4, 5)).astype(np.float32)
+    y = np.array([0, 3, 4, 1])
+
+    def log_softmax(x):
+        x = x.astype(np.float64)
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    ce = -log_softmax(s)[np.arange(4), y]
+    T = 2.0
+    lp, lq = log_softmax(t / T), log_softmax(s / T)
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    np.testing.assert_allclose(per_example_loss(s, y, None, alpha=0.3, temperature=T), ce, rtol=1e-5)
+    np.testing.assert_allclose(per_example_loss(s, y, t, alpha=1.0, temperature=T), ce, rtol=1e-5)
+    np.testing.assert_allclose(per_example_loss(s, y, t, alpha=0.3, temperature=T), 0.3 * ce + 0.7 * T * T * kl,
+                               rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ the smoke run
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pkd") / "run"
+    assert cli_main(["run", "pkd", "--preset", "smoke", "--out", str(out)]) == 0
+    return out
+
+
+def test_smoke_run_writes_results(smoke_run):
+    out = smoke_run
+    for name in ("config.json", "metrics.jsonl", "results.json", "results.md", "accuracy_vs_flops.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "accuracy_vs_flops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((out / "results.json").read_text())
+    config = PKDConfig(**results["config"])
+    K = len(config.student_widths())
+    ens = results["ensemble"]
+    assert [e["m"] for e in ens] == list(range(1, K + 1))
+    accs = [results["teacher"]["accuracy"], results["direct"]["accuracy"], results["labels"]["accuracy"]]
+    accs += [e["accuracy"] for e in ens] + [s["accuracy"] for s in results["students"]]
+    assert all(0.0 <= a <= 1.0 for a in accs)
+    assert results["teacher"]["accuracy"] > 0.5          # 10 classes: chance is 0.1
+    # cumulative FLOPs: strictly increasing, the running sum of the students' own counts
+    cum = [e["cumulative_flops"] for e in ens]
+    assert all(b > a for a, b in zip(cum, cum[1:]))
+    np.testing.assert_allclose(cum, np.cumsum([s["stats"]["flops"] for s in results["students"]]), rtol=1e-9)
+    assert cum[-1] < results["teacher"]["stats"]["flops"]
+    # the single students were sized to the ensemble's FLOPs
+    assert abs(results["direct"]["stats"]["flops"] / cum[-1] - 1) < 0.25
+    for stats in [results["teacher"]["stats"], results["ensemble_stats"], results["direct"]["stats"]]:
+        assert stats["params"] > 0 and stats["latency_ms_b1"] > 0 and stats["latency_ms_b256"] > 0
+        assert stats["memory_bytes_b256"] > stats["memory_bytes_b1"] > 0
+    assert len(results["boosting"]) == K - 1
+    assert all(b["max_weight"] >= 1.0 and 0 < b["effective_fraction"] <= 1.0 for b in results["boosting"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["model"] for r in records} == {"teacher", "direct", "labels"} | {f"student_{i + 1}" for i in range(K)}
+    table = (out / "results.md").read_text()
+    assert "paper" in table and "MNIST" in table and "Anytime ensemble" in table
+
+
+def test_saved_students_reproduce_the_ensemble_accuracy(smoke_run):
+    """The ensemble's accuracy, recomputed here from the saved students (mean of softmaxes)."""
+    results = json.loads((smoke_run / "results.json").read_text())
+    x, y = load_digits("test")
+    probs = []
+    for i in range(len(results["students"])):
+        cfg = ClassifierConfig(**json.loads((smoke_run / "models" / f"student_{i + 1}.json").read_text()))
+        model = MambaClassifier(cfg)
+        params = serialization.msgpack_restore((smoke_run / "models" / f"student_{i + 1}.msgpack").read_bytes())
+        logits = np.asarray(model.apply({"params": params}, x), np.float64)
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        probs.append(p / p.sum(-1, keepdims=True))
+        assert sum(a.size for a in jax.tree_util.tree_leaves(params)) == results["students"][i]["stats"]["params"]
+        mean = np.mean(probs, axis=0)
+        assert abs(np.mean(mean.argmax(-1) == y) - results["ensemble"][i]["accuracy"]) < 1e-9
+
+
+@pytest.mark.parametrize("override,pattern", [
+    (dict(dataset="cifar"), "`dataset`"),
+    (dict(student_d_models="8,x"), "`student_d_models`"),
+    (dict(alpha=1.5), "`alpha`"),
+    (dict(teacher_steps=0), "`teacher_steps`"),
+    (dict(patch_size=3), "`patch_size`"),
+    (dict(boost_max_weight=0.5), "`boost_max_weight`"),
+])
+def test_bad_config_is_named(override, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        PKDConfig(**{**vars(preset_config("smoke")), **override})
+
+
+def test_bad_command_line_exits_with_usage(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["run", "pkd", "--preset", "smoke", "teacher_stepz=3"])
+    assert "teacher_steps" in capsys.readouterr().err
+
+
+def test_presets():
+    assert preset_config("cpu") == PKDConfig()
+    assert preset_config("smoke").dataset == "digits"
+    paper = preset_config("paper")
+    assert len(paper.student_widths()) == 7 and paper.patch_size == 4
