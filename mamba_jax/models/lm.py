@@ -24,6 +24,7 @@ from mamba_jax.layers.norm import RMSNorm
 from mamba_jax.ops._checks import check_array
 from mamba_jax.ops.attention import segment_ids
 from mamba_jax.sharding import EMBED, VOCAB
+from mamba_jax.sharding.kernels import constrain_batch
 
 
 def mixer_module(kind: str):
@@ -185,7 +186,7 @@ class DecoderLM(nn.Module):
                 embedding_init=nn.with_logical_partitioning(
                     nn.initializers.normal(cfg.initializer_range), (None, EMBED)),
                 name="position_embeddings")(positions)
-        h = h.astype(jnp.promote_types(jnp.float32, h.dtype) if cfg.residual_in_fp32 else h.dtype)
+        h = constrain_batch(h.astype(jnp.promote_types(jnp.float32, h.dtype) if cfg.residual_in_fp32 else h.dtype))
         hidden_states = [h]
         new_layers = []
         block_cls = nn.remat(DecoderBlock) if cfg.remat and cache is None else DecoderBlock
@@ -193,6 +194,7 @@ class DecoderLM(nn.Module):
             h, layer_cache = block_cls(cfg, kind, name=f"layers_{i}")(
                 h, positions=positions, seq_idx=seq_idx, mask=mask,
                 cache=None if cache is None else cache.layers[i])
+            h = constrain_batch(h)   # on a mesh: the residual stream stays batch-sharded (see the function)
             hidden_states.append(h)
             new_layers.append(layer_cache)
         if self.head:

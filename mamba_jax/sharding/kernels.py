@@ -28,6 +28,19 @@ def context_mesh():
     return mesh
 
 
+def constrain_batch(x):
+    """`x` (b, ...) constrained to be split over the data-parallel axes of the context mesh on its batch
+    dimension (identity without a mesh, or when b does not divide). Keeps GSPMD from propagating a
+    parameter's FSDP sharding (embed over `fsdp`) into the activations, which would replicate the batch."""
+    mesh = context_mesh()
+    if mesh is None:
+        return x
+    axes = tuple(a for a in BATCH_MESH_AXES if mesh.shape.get(a, 1) > 1)
+    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, P(axes))
+
+
 def scan_partition(mesh, batch: int, channels: int, groups: int):
     """(batch axes or None, channel axis or None) to split a (b, l, d) scan over on `mesh`: batch over
     the data-parallel axes it divides, d over `tensor` when it and the B/C groups allow (g == 1, or g a
