@@ -7,6 +7,9 @@ and the tests compare against the `mamba_jax.ops` references.
   layout (channels on lanes, sequence grid axis sequential, float32 state in VMEM scratch), tied by a
   `jax.custom_vjp`; `BlockSizes` picks the tiles. On CPU (and, until a Triton variant lands, on GPU) the
   kernels run in Pallas interpret mode.
-- SSD (Mamba-2) kernels and the GPU (Triton) selective-scan variant: still to come; `ssd(impl="pallas")`
-  is not available yet.
+- `ssd/`: Mamba-2 SSD chunked scan, forward and backward Pallas kernels (grid batch × heads × chunks, the
+  chunk axis sequential, float32 (n, p) state in VMEM scratch; intra-chunk (C Bᵀ ∘ L) x matmuls plus the
+  entering state's contribution), tied by a `jax.custom_vjp`; dt_bias/softplus, D and the z gate stay in
+  plain JAX in `mamba_jax.ops.ssd(impl="pallas")`. Interpret mode on CPU and GPU.
+- GPU (Triton) variants of both: still to come.
 """

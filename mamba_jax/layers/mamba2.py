@@ -70,7 +70,7 @@ class Mamba2Config(BaseLMConfig):
         if not 0 < self.A_init_min <= self.A_init_max:
             raise ValueError(f"Mamba2Config: need 0 < A_init_min <= A_init_max; got "
                              f"({self.A_init_min}, {self.A_init_max})")
-        check_choice("Mamba2Config", "ssd_impl", self.ssd_impl, SSD_IMPLS + ("auto",))
+        check_choice("Mamba2Config", "ssd_impl", self.ssd_impl, SSD_IMPLS + ("auto", "pallas"))
 
     @property
     def layer_kinds(self) -> Tuple[str, ...]:

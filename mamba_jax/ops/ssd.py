@@ -10,6 +10,11 @@ Implementations (same values and gradients):
 - ``chunked``   — the SSD chunked algorithm (Dao & Gu 2024): within each chunk of `chunk_size` an
   attention-like quadratic form with a numerically stable segment sum, between chunks a linear
   recurrence over the chunk-end states (`lax.scan`).
+- ``pallas``    — the Pallas kernels of `pallas_kernels.ssd` (imported lazily): the chunked algorithm with
+  the state carried in on-chip memory, forward and a backward kernel that recomputes each chunk from the
+  chunk-start states the forward saved. dt_bias/softplus, D and the z gate stay here in plain JAX around
+  the kernel. TPU (Mosaic) layout; on CPU it runs in Pallas interpret mode (no GPU variant yet: on GPU it
+  also interprets). Not in `SSD_IMPLS` (the list the fast tests sweep) and never picked by ``auto``.
 
 State and decays are float32 for float32/bf16/fp16 inputs (float64 stays float64).
 """
@@ -49,8 +54,8 @@ def _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx
         check_array(fn, "seq_idx", seq_idx, (b, l), kind="int")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"ssd: `chunk_size` must be a positive int; got {chunk_size!r}")
-    if impl not in SSD_IMPLS + ("auto",):
-        raise ValueError(f"ssd: `impl` must be one of {SSD_IMPLS + ('auto',)}; got {impl!r}")
+    if impl not in SSD_IMPLS + ("auto", "pallas"):
+        raise ValueError(f"ssd: `impl` must be one of {SSD_IMPLS + ('auto', 'pallas')}; got {impl!r}")
 
 
 def ssd(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bias=None, dt_softplus: bool = False,
@@ -68,7 +73,8 @@ def ssd(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bias=None, dt_
       initial_states: optional (b, h, p, n).
       seq_idx: optional (b, l) int: the state resets wherever the id changes (packed sequences).
       return_final_states: also return the (b, h, p, n) state after the last step.
-      impl: "auto" (= "chunked"), "reference" or "chunked".
+      impl: "auto" (= "chunked"), "reference", "chunked" or "pallas" (`chunk_size` is then the kernel's
+        chunk).
     Returns:
       y (b, l, h, p) in the dtype of `x`; with `return_final_states`, (y, final_states (b, h, p, n)),
       float32 (float64 for float64 inputs).
@@ -79,7 +85,13 @@ def ssd(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bias=None, dt_
     cd = compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states)
     delta = time_step(dt, dt_bias, dt_softplus, cd)
 
-    if impl == "reference":
+    if impl == "pallas":
+        from pallas_kernels.ssd import BlockSizes
+        from pallas_kernels.ssd import ssd_scan as pallas_ssd_scan
+
+        y, final = pallas_ssd_scan(x, delta, A, B, C, initial_states=initial_states, seq_idx=seq_idx,
+                                   block_sizes=BlockSizes(chunk=chunk_size))
+    elif impl == "reference":
         y, final = _ssd_reference(x.astype(cd), delta, A.astype(cd), B.astype(cd), C.astype(cd),
                                   initial_states, seq_idx)
     else:

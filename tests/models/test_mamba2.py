@@ -190,6 +190,7 @@ REFERENCE_CASES = {
     "g2_bias_limits": dict(ngroups=2, bias=True, conv_bias=False, dt_limit_min=0.02, dt_limit_max=0.3),
     "g2_norm_before_gate_k2": dict(ngroups=2, norm_before_gate=True, d_conv=2),
     "g4_reference_impl": dict(ngroups=4, ssd_impl="reference", d_conv=3),
+    "g2_pallas_impl": dict(ngroups=2, ssd_impl="pallas"),  # the Pallas kernel, interpreted on CPU
 }
 
 
@@ -273,7 +274,7 @@ def test_left_padded_batch_equals_each_sequence_alone(model_and_params):
     assert np.abs(np.asarray(unmasked[1, -1] - batch_logits[1, -1])).max() > 1e-3
 
 
-@pytest.mark.parametrize("impl", ["reference", "chunked"])
+@pytest.mark.parametrize("impl", ["reference", "chunked", "pallas"])
 def test_packed_sequences_equal_separate_runs(model_and_params, impl):
     model, params = model_and_params
     model = Mamba2LM(model.config.replace(ssd_impl=impl))

@@ -167,7 +167,7 @@ def test_segsum_matches_naive_sums():
     (dict(initial_states=jnp.zeros((2, 4, 3, 4))), r"`initial_states` must have shape \(2, 4, 3, 5\)"),
     (dict(seq_idx=jnp.zeros((2, 8))), r"`seq_idx` must be an integer array"),
     (dict(chunk_size=0), r"`chunk_size` must be a positive int"),
-    (dict(impl="pallas"), r"`impl` must be one of"),
+    (dict(impl="magic"), r"`impl` must be one of"),
 ])
 def test_bad_inputs(overrides, match):
     args = make_case(6, 2, 8, 4, 3, 2, 5)
