@@ -89,8 +89,14 @@ def ssd(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bias=None, dt_
         from pallas_kernels.ssd import BlockSizes
         from pallas_kernels.ssd import ssd_scan as pallas_ssd_scan
 
-        y, final = pallas_ssd_scan(x, delta, A, B, C, initial_states=initial_states, seq_idx=seq_idx,
+        from mamba_jax.sharding.kernels import shard_ssd
+
+        def kernel(x, delta, A, B, C, initial_states, seq_idx):
+            return pallas_ssd_scan(x, delta, A, B, C, initial_states=initial_states, seq_idx=seq_idx,
                                    block_sizes=BlockSizes(chunk=chunk_size))
+
+        # on a sharded program (a mesh in context) each device runs the kernel on its own rows and heads
+        y, final = shard_ssd(kernel, x, delta, A, B, C, initial_states, seq_idx)
     elif impl == "reference":
         y, final = _ssd_reference(x.astype(cd), delta, A.astype(cd), B.astype(cd), C.astype(cd),
                                   initial_states, seq_idx)

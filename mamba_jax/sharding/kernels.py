@@ -86,6 +86,36 @@ def shard_selective_scan(kernel: Callable, u, delta, A, B, C, D=None, z=None, de
                          check_vma=False)(*(args[i] for i in present))
 
 
+def shard_ssd(kernel: Callable, x, dt, A, B, C, initial_states=None, seq_idx=None):
+    """``kernel(x, dt, A, B, C, initial_states, seq_idx) -> (y, final_states)`` — the SSD recurrence with
+    the contract of `pallas_kernels.ssd.ssd_scan` — run per shard on the context mesh (or directly without
+    one): rows over the data-parallel axes, heads over `tensor` (when the B/C groups allow, as in
+    `scan_partition`), no communication. Shapes: x (b, l, h, p); dt (b, l, h); A (h,); B, C (b, l, g, n);
+    initial_states (b, h, p, n); seq_idx (b, l). Returns y (b, l, h, p) and final_states (b, h, p, n)."""
+    args = (x, dt, A, B, C, initial_states, seq_idx)
+    mesh = context_mesh()
+    if mesh is None:
+        return kernel(*args)
+    b, _, h, _ = x.shape
+    bs, hd = scan_partition(mesh, b, h, B.shape[2])
+    if bs is None and hd is None:
+        return kernel(*args)
+    g = B.shape[2]
+    bc = P(bs, None, hd if g > 1 else None, None)
+    specs = (P(bs, None, hd, None), P(bs, None, hd), P(hd), bc, bc, P(bs, hd, None, None), P(bs, None))
+    present = [i for i, a in enumerate(args) if a is not None]
+
+    def per_shard(*given):
+        full: list = [None] * len(args)
+        for i, a in zip(present, given):
+            full[i] = a
+        return kernel(*full)
+
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=tuple(specs[i] for i in present),
+                         out_specs=(P(bs, None, hd, None), P(bs, hd, None, None)),
+                         check_vma=False)(*(args[i] for i in present))
+
+
 def trace_under_mesh(fn: Callable, mesh) -> Callable:
     """`fn` (a jitted function) called — and so traced — with `mesh` in context, so that kernels inside
     it run per shard (`shard_selective_scan`). Keeps `.lower` working the same way."""
