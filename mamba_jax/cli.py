@@ -18,6 +18,7 @@ EXPERIMENTS = {
     "lm": "experiments.lm.run",
     "icl": "experiments.icl.run",
     "pkd": "experiments.pkd.run",
+    "moe_mamba": "experiments.moe_mamba.run",
 }
 BENCHMARKS = {
     "scan": "experiments.bench_scan.run",

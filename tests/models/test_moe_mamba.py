@@ -1,20 +1,22 @@
 """MoE-Mamba as the hybrid pattern "M E M E": the MoE layers' router losses join the training objective
 (checked against the loss written out by hand), train vs eval capacity, grad accumulation, parameter
-counts against the shapes."""
+counts against the shapes; the parallel block's mixer against the two sublayers applied by hand."""
 from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from mamba_jax.layers.moe import MoEConfig
+from mamba_jax.layers.mamba import MambaMixer, init_layer_cache
+from mamba_jax.layers.moe import MoEConfig, MoEMixer
 from mamba_jax.models import init_params
 from mamba_jax.models.hybrid import HybridLM, parse_pattern
-from mamba_jax.models.moe_mamba import mamba_baseline_config, moe_mamba_config, parameter_counts
+from mamba_jax.models.moe_mamba import ParallelMambaMoE, mamba_baseline_config, moe_mamba_config, parameter_counts
 from mamba_jax.train import create_train_state, make_train_step
 from mamba_jax.train.step import masked_token_stats
 
@@ -42,6 +44,8 @@ def test_pattern_and_configs():
     assert (paper.d_model, len(paper.layer_kinds), paper.mixer_config("E").moe.n_experts) == (768, 32, 42)
     base = mamba_baseline_config(CONFIG)
     assert (base.n_layer, base.d_model) == (4, 16)
+    reference = moe_mamba_config(vocab_size=32, d_model=16, n_blocks=1, n_experts=4, scan_impl="reference")
+    assert reference.mixer_config("M").scan_impl == "reference" == mamba_baseline_config(reference).scan_impl
     with pytest.raises(ValueError, match="'E' \\(MoE feed-forward\\)"):
         parse_pattern("M X")
     with pytest.raises(ValueError, match="parallel"):
@@ -107,3 +111,46 @@ def test_parameter_counts_from_the_shapes(model_and_params):
     assert counts["active"] == total - expert + expert // 4          # top-1 of 4 experts per layer
     assert counts["embedding"] == CONFIG.padded_vocab_size * 16
     assert MoEConfig(n_experts=4, router="topk").top_k == 2
+
+
+def test_parallel_mixer_is_mamba_plus_moe_of_the_same_input():
+    """y = Mamba(x) + MoE(x) with the block's own params, in train mode (router losses collected, train
+    capacity) and eval mode (eval capacity), and the Mamba cache passes through unchanged."""
+    mixer = ParallelMambaMoE(CONFIG)
+    mamba, moe = MambaMixer(CONFIG.mixer_config("M")), MoEMixer(CONFIG.mixer_config("E"))
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 12, 16))
+    params = nn.meta.unbox(jax.jit(mixer.init)(jax.random.PRNGKey(2), x)["params"])
+    assert set(params) == {"mamba", "moe"}
+    want = jax.eval_shape(lambda: nn.meta.unbox({"mamba": mamba.init(jax.random.PRNGKey(0), x)["params"],
+                                                 "moe": moe.init(jax.random.PRNGKey(0), x)["params"]}))
+    assert jax.tree_util.tree_map(jnp.shape, params) == jax.tree_util.tree_map(lambda s: s.shape, want)
+    cache = init_layer_cache(CONFIG.mixer_config("M"), 2)
+    collect = ["losses", "moe_metrics"]
+
+    @jax.jit
+    def both_ways(params, x, cache):      # one compile for every apply below
+        x1 = x[:, :1]
+        return {
+            "block_train": mixer.apply({"params": params}, x, mutable=collect),
+            "block_eval": mixer.apply({"params": params}, x)[0],
+            "mamba": mamba.apply({"params": params["mamba"]}, x)[0],
+            "moe_train": moe.apply({"params": params["moe"]}, x, mutable=collect),
+            "moe_eval": moe.apply({"params": params["moe"]}, x)[0],
+            # decoding one token: the Mamba layer's cache goes in and comes out as the Mamba layer gives it
+            "block_step": mixer.apply({"params": params}, x1, cache=cache),
+            "mamba_step": mamba.apply({"params": params["mamba"]}, x1, cache=cache),
+            "moe_step": moe.apply({"params": params["moe"]}, x1)[0],
+        }
+
+    out = both_ways(params, x, cache)
+    (y_train, _), sown = out["block_train"]
+    (y_moe_train, _), moe_sown = out["moe_train"]
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    close(y_train, out["mamba"] + y_moe_train)
+    close(out["block_eval"], out["mamba"] + out["moe_eval"])
+    assert float(jnp.abs(y_moe_train).max()) > 0 and float(jnp.abs(out["mamba"]).max()) > 0     # both contribute
+    assert float(sown["losses"]["moe"]["router_loss"][0]) == pytest.approx(float(moe_sown["losses"]["router_loss"][0]))
+    assert float(sown["moe_metrics"]["moe"]["dropped_fraction"][0]) > 0       # 12 tokens, 3 slots/expert: drops
+    (y1, new_cache), (y1_mamba, want_cache) = out["block_step"], out["mamba_step"]
+    close(y1, y1_mamba + out["moe_step"])
+    jax.tree_util.tree_map(close, new_cache, want_cache)

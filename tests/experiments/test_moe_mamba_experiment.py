@@ -1,0 +1,177 @@
+"""`mamba-jax run moe_mamba`: the steps-to-loss speedup on hand-made curves, the arm names, bad keys, and the
+`smoke` preset end to end (Mamba vs MoE-Mamba on byte-level text), asserting on the files it writes."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from experiments.moe_mamba import run
+from experiments.moe_mamba.config import MoEMambaConfig, arm_settings, preset_config
+from mamba_jax import cli
+from mamba_jax.layers.config import MAMBA, MOE
+from mamba_jax.train import read_jsonl
+
+SMOKE = preset_config("smoke")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+# ----------------------------------------------------------------------------------- speedup measure
+
+
+def test_a_curve_stretched_twice_in_steps_gives_speedup_two():
+    values = 1.0 + 4.0 * np.exp(-np.arange(101) / 20.0)      # decreasing from 5 to ~1.03
+    moe = (np.arange(101.0), values)                         # the same losses in half the steps
+    mamba = (2.0 * np.arange(101.0), values)
+    for level in (4.5, 3.0, 2.0, 1.2):
+        assert run.speedup_at(mamba, moe, level) == pytest.approx(2.0, rel=1e-12)
+    assert run.speedup_curve(mamba, moe, [3.0, 1.5]) == pytest.approx([2.0, 2.0], rel=1e-12)
+    assert run.speedup_at(moe, mamba, 2.0) == pytest.approx(0.5, rel=1e-12)
+
+
+def test_steps_to_reach_interpolates_and_says_not_reached():
+    assert run.steps_to_reach([0, 10], [5.0, 3.0], 4.0) == pytest.approx(5.0)       # halfway between
+    assert run.steps_to_reach([0, 10, 20], [5.0, 3.0, 1.0], 1.5) == pytest.approx(17.5)
+    assert run.steps_to_reach([3, 10], [2.0, 1.0], 4.0) == 3.0                    # already there at the start
+    assert run.steps_to_reach([0, 10, 20, 30], [5.0, 3.0, 6.0, 2.0], 4.0) == pytest.approx(5.0)   # first crossing
+    assert run.steps_to_reach([0, 10], [5.0, 4.5], 4.0) == math.inf               # never reached
+    never = ([0.0, 10.0], [5.0, 4.5])
+    reaches = ([0.0, 10.0], [5.0, 3.0])
+    assert math.isnan(run.speedup_at(reaches, never, 4.0))                        # the MoE arm: not reached
+    assert run.speedup_at(never, reaches, 4.0) == math.inf                        # only the MoE arm reaches it
+    with pytest.raises(ValueError, match="equal-length"):
+        run.steps_to_reach([0, 1, 2], [1.0, 2.0], 1.0)
+
+
+def test_compare_reads_the_levels_from_mamba_and_measures_each_moe_arm():
+    """Hand-made records: Mamba logs every 2 steps (to 200) the losses the `moe` arm logs every step (to 100),
+    so its curve is moe's stretched 2x (train and eval); `slow` never gets below 4.0. ema = 0: no smoothing."""
+    g = lambda k: 1.0 + 4.0 * np.exp(-k / 25.0)
+
+    def records(stride, f):
+        return ([{"kind": "train", "step": stride * k, "loss": f(k)} for k in range(1, 101)]
+                + [{"kind": "eval", "step": stride * k, "eval_loss": f(k) + 0.1} for k in range(10, 101, 10)])
+
+    arms = [{"arm": "mamba", "records": records(2, g)}, {"arm": "moe", "records": records(1, g)},
+            {"arm": "slow", "records": records(1, lambda k: 4.0 + g(k) / 10)}]
+    result = run.compare(arms, ema=0.0)
+    assert result["level"] == pytest.approx(g(100)) and result["eval_level"] == pytest.approx(g(100) + 0.1)
+    assert result["mamba_steps_to_final"] == 200
+    moe, slow = arms[1], arms[2]
+    assert moe["speedup"] == pytest.approx(2.0) and moe["speedup_eval"] == pytest.approx(2.0)
+    assert moe["steps_to_mamba_final"] == pytest.approx(100.0)
+    assert moe["eval_steps_to_mamba_final"] == pytest.approx(100.0)
+    assert slow["speedup"] is None and slow["speedup_eval"] is None and slow["steps_to_mamba_final"] is None
+    # levels: from Mamba's loss at 10 % of its records (record 10: g(10)) down to its final loss
+    assert result["levels"][0] == pytest.approx(g(10)) and result["levels"][-1] == pytest.approx(g(100))
+    assert result["curves"]["moe"] == pytest.approx([2.0] * 40, rel=1e-9)
+    assert result["curves"]["slow"] == [None] * 40 and "mamba" not in result["curves"]
+
+
+def test_ema_is_debiased():
+    np.testing.assert_allclose(run.ema_smooth([4.0, 2.0], 0.5), [4.0, (0.25 * 4 + 0.5 * 2) / 0.75])
+    np.testing.assert_allclose(run.ema_smooth([4.0, 2.0, 7.0], 0.0), [4.0, 2.0, 7.0])
+
+
+# --------------------------------------------------------------------------------------- config, arms
+
+
+def test_arm_names_and_their_models():
+    assert arm_settings("mamba") == {"baseline": True} and arm_settings("moe") == {}
+    assert arm_settings("moe_e16") == {"n_experts": 16} and arm_settings("moe_cf0.5") == {"capacity_factor": 0.5}
+    assert arm_settings("moe_top2") == {"router": "topk"}
+    assert arm_settings("moe_expert_choice") == {"router": "expert_choice"}
+    for bad in ("moe_e0", "moe_cf", "moe_top3", "dense"):
+        with pytest.raises(ValueError, match="an arm is one of mamba, moe, moe_e<N>"):
+            arm_settings(bad)
+    base, moe = SMOKE.model_config("mamba"), SMOKE.model_config("moe")
+    assert base.layer_kinds == (MAMBA,) * 2 and moe.layer_kinds == (MAMBA, MOE)
+    top2 = SMOKE.model_config("moe_top2").mixer_config(MOE).moe
+    assert (top2.router, top2.top_k, top2.n_experts) == ("topk", 2, 4)
+    assert SMOKE.model_config("moe_cf2").mixer_config(MOE).moe.capacity_factor_train == 2.0
+    assert SMOKE.model_config("moe").mixer_config(MOE).moe.expert_width(16) == 48           # 3·d_model
+    wide = MoEMambaConfig(**{**SMOKE.to_dict(), "d_expert": 40})
+    assert wide.model_config("moe_e16").mixer_config(MOE).moe.expert_width(16) == 40
+    # `paper`: sizes from the paper setting
+    paper = preset_config("paper")
+    assert paper.sizes() == {"d_model": 512, "n_blocks": 8, "n_experts": 42}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["n_expert=8"], "unknown config key `n_expert`; did you mean n_experts"),
+    (["arms=mamba,moe_e3x"], "unknown arm 'moe_e3x'"),
+    (["arms=mamba,mamba"], "lists an arm twice"),
+    (["arms=moe_top2", "n_experts=1"], "arm 'moe_top2'"),
+    (["ema=1.5"], "`ema` must be a number in [0, 1)"),
+    (["eval_every=7", "log_every=2"], "must be a multiple of `log_every`"),
+])
+def test_bad_keys_and_values_are_named(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["run", "moe_mamba", "--preset", "smoke", "--out", str(tmp_path / "run"), *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    if argv[0].startswith("n_expert="):
+        assert "Valid keys:" in err and "arms" in err and "capacity_factor" in err
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------ smoke run
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("moe_smoke")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MAMBA_JAX_CACHE", str(tmp_path_factory.mktemp("text_cache")))
+        assert cli.main(["run", "moe_mamba", "--preset", "smoke", "--out", str(out)]) == 0
+    return out
+
+
+def test_smoke_run_writes_results_with_sound_values(smoke_run):
+    out = smoke_run
+    assert json.loads((out / "config.json").read_text()) == SMOKE.to_dict()
+    results = json.loads((out / "results.json").read_text())
+    arms = {a["arm"]: a for a in results["arms"]}
+    assert list(arms) == ["mamba", "moe"]
+    base, moe = arms["mamba"], arms["moe"]
+    # same active parameters per token (within 10 %); the MoE model holds more in total (4 experts, top-1)
+    assert abs(moe["params_active"] - base["params_active"]) <= 0.1 * base["params_active"]
+    assert base["params_total"] == base["params_active"] and base["params_expert"] == 0
+    assert moe["params_total"] - moe["params_active"] == moe["params_expert"] * 3 // 4
+    for a in (base, moe):
+        records = read_jsonl(str(out / "arms" / a["arm"] / "metrics.jsonl"))
+        train = [r for r in records if r["kind"] == "train"]
+        evals = [r for r in records if r["kind"] == "eval"]
+        assert [r["step"] for r in train] == list(range(1, 17)) and [r["step"] for r in evals] == [8, 16]
+        # the smoothed final loss is the debiased EMA of the logged losses, written out by hand
+        losses = np.array([r["loss"] for r in train])
+        weights = SMOKE.ema ** np.arange(15, -1, -1) * (1 - SMOKE.ema)
+        assert a["final_train_loss"] == pytest.approx(float(weights @ losses / weights.sum()), rel=1e-9)
+        assert a["final_eval_loss"] == evals[-1]["eval_loss"]
+        assert 0 < a["final_eval_loss"] < math.log(259) + 0.5 and math.isfinite(a["final_train_loss"])
+        assert a["tokens_per_s"] > 0
+    assert base["dropped_fraction"] is None and 0.0 <= moe["dropped_fraction"] < 1.0
+    # the headline speedup: at Mamba's final smoothed loss, > 0, or None when the MoE arm never got there
+    cmp_ = results["comparison"]
+    assert cmp_["level"] == base["final_train_loss"] and cmp_["eval_level"] == base["final_eval_loss"]
+    moe_train = [r["loss"] for r in read_jsonl(str(out / "arms" / "moe" / "metrics.jsonl")) if r["kind"] == "train"]
+    if moe["speedup"] is None:
+        assert min(run.ema_smooth(moe_train, SMOKE.ema)) > cmp_["level"]
+    else:
+        assert moe["speedup"] > 0 and moe["steps_to_mamba_final"] <= 16
+    curve = cmp_["curves"]["moe"]
+    assert len(curve) == len(cmp_["levels"]) == 40 and cmp_["levels"][-1] == cmp_["level"]
+    assert any(v is not None for v in curve) and all(v > 0 for v in curve if v is not None)
+    table = (out / "results.md").read_text()
+    assert f"| mamba | {base['params_total']:,} | {base['params_active']:,} |" in table
+    assert f"| moe | {moe['params_total']:,} | {moe['params_active']:,} |" in table
+    assert f"| {moe['final_train_loss']:.4f} |" in table and "2.35x" in table and "1.76x" in table
+    for name in ("loss_vs_steps.png", "speedup_vs_loss.png"):
+        png = (out / name).read_bytes()
+        assert png[:8] == PNG and len(png) > 5000
+
+
+def test_cpu_and_paper_presets_build():
+    cpu = MoEMambaConfig()
+    assert cpu.preset == "cpu" and "moe_top2" in cpu.arm_names() and cpu.arm_names()[0] == "mamba"
+    assert preset_config("paper").lm_config().seq_len == 256
