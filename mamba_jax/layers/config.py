@@ -16,7 +16,8 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 # Mixer kinds, as written in layer patterns.
 MAMBA, MAMBA2, ATTENTION, MOE = "M", "M2", "A", "E"
-MIXER_KINDS = (MAMBA, MAMBA2, ATTENTION, MOE)
+MAMBA_MOE = "P"  # Mamba and MoE side by side in one block (MoE-Mamba's parallel variant)
+MIXER_KINDS = (MAMBA, MAMBA2, ATTENTION, MOE, MAMBA_MOE)
 
 # The fields of BaseLMConfig: a HybridConfig hands these to the config of each of its mixers.
 COMMON_FIELDS = ("vocab_size", "d_model", "n_layer", "rms_norm_eps", "residual_in_fp32", "tie_embeddings",

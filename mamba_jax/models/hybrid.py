@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple
 
 from mamba_jax.layers.attention import TransformerConfig
-from mamba_jax.layers.config import ATTENTION, COMMON_FIELDS, MAMBA, MAMBA2, MOE, BaseLMConfig
+from mamba_jax.layers.config import ATTENTION, COMMON_FIELDS, MAMBA, MAMBA2, MAMBA_MOE, MOE, BaseLMConfig
 from mamba_jax.layers.mamba import MambaConfig
 from mamba_jax.layers.mamba2 import Mamba2Config
 from mamba_jax.layers.moe import MoEBlockConfig
@@ -34,12 +34,13 @@ def parse_pattern(pattern: str) -> Tuple[str, ...]:
         elif pattern.startswith(MAMBA2, i):
             kinds.append(MAMBA2)
             i += 2
-        elif ch in (MAMBA, ATTENTION, MOE):
+        elif ch in (MAMBA, ATTENTION, MOE, MAMBA_MOE):
             kinds.append(ch)
             i += 1
         else:
             raise ValueError(f"HybridConfig: `pattern` {pattern!r} has {ch!r} at position {i}; a pattern is made "
-                             "of 'M' (Mamba-1), 'M2' (Mamba-2), 'A' (attention), 'E' (MoE feed-forward) and spaces")
+                             "of 'M' (Mamba-1), 'M2' (Mamba-2), 'A' (attention), 'E' (MoE feed-forward), 'P' (Mamba and "
+                             "MoE in parallel) and spaces")
     if not kinds:
         raise ValueError(f"HybridConfig: `pattern` {pattern!r} has no layers")
     return tuple(kinds)
@@ -70,18 +71,26 @@ class HybridConfig(BaseLMConfig):
             raise ValueError(f"HybridConfig: `n_layer`={self.n_layer} but `pattern` {self.pattern!r} has "
                              f"{len(kinds)} layers; leave n_layer unset")
         super().__post_init__()
-        for kind in set(kinds):
+        for kind in set(kinds) - {MAMBA_MOE} | ({MAMBA, MOE} if MAMBA_MOE in kinds else set()):
             field, cls = _SUB_CONFIGS[kind]
             if not isinstance(getattr(self, field), cls):
                 raise ValueError(f"HybridConfig: `{field}` must be a {cls.__name__}; "
                                  f"got {type(getattr(self, field)).__name__}")
             self.mixer_config(kind)  # validates the sub-config at this width and depth
+        if MAMBA_MOE in kinds:
+            self.mixer_config(MAMBA_MOE)
 
     @property
     def layer_kinds(self) -> Tuple[str, ...]:
         return parse_pattern(self.pattern)
 
     def mixer_config(self, kind: str) -> BaseLMConfig:
+        if kind == MAMBA_MOE:  # both sublayers' configs; the block's MLP (if any) as a Mamba layer's
+            from mamba_jax.layers.mamba_moe import ParallelMambaMoEConfig
+            mamba = self.mixer_config(MAMBA)
+            return ParallelMambaMoEConfig(mamba=mamba, moe=self.mixer_config(MOE), d_intermediate=mamba.d_intermediate,
+                                          mlp_bias=mamba.mlp_bias,
+                                          **{name: getattr(self, name) for name in COMMON_FIELDS})
         if kind not in _SUB_CONFIGS:
             raise ValueError(f"HybridConfig: unknown mixer kind {kind!r}")
         sub = getattr(self, _SUB_CONFIGS[kind][0])

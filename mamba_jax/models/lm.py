@@ -3,8 +3,8 @@
     embeddings (+ learned positions) → per layer: h += mixer(RMSNorm(h)); h += MLP(RMSNorm(h)) if the
     layer's config has d_intermediate > 0 → RMSNorm → head (tied to the embeddings or `lm_head`)
 
-The mixer of layer i is `config.layer_kinds[i]`: "M" Mamba-1, "M2" Mamba-2, "A" attention, each built
-from `config.mixer_config(kind)`. `MambaLM`, `Mamba2LM`, `TransformerLM` and `HybridLM` are this shell
+The mixer of layer i is `config.layer_kinds[i]`: "M" Mamba-1, "M2" Mamba-2, "A" attention, "E" MoE
+feed-forward, "P" Mamba and MoE in parallel, each built from `config.mixer_config(kind)`. `MambaLM`, `Mamba2LM`, `TransformerLM` and `HybridLM` are this shell
 with their family's config, so one cache pytree (`ModelCache`) and one `generate` serve them all.
 
 Parameters: `embeddings.embedding` (Vp, d), `position_embeddings.embedding` (learned positions only),
@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mamba_jax.layers.config import ATTENTION, MAMBA, MAMBA2, MOE, BaseLMConfig
+from mamba_jax.layers.config import ATTENTION, MAMBA, MAMBA2, MAMBA_MOE, MOE, BaseLMConfig
 from mamba_jax.layers.mlp import GatedMLP
 from mamba_jax.layers.norm import RMSNorm
 from mamba_jax.ops._checks import check_array
@@ -41,7 +41,10 @@ def mixer_module(kind: str):
     if kind == MOE:
         from mamba_jax.layers.moe import MoEMixer
         return MoEMixer, lambda config, batch_size, max_len=None: None   # token-wise: no cache
-    raise ValueError(f"unknown mixer kind {kind!r}; expected one of 'M', 'M2', 'A', 'E'")
+    if kind == MAMBA_MOE:
+        from mamba_jax.layers.mamba_moe import ParallelMambaMoE, init_parallel_cache
+        return ParallelMambaMoE, init_parallel_cache
+    raise ValueError(f"unknown mixer kind {kind!r}; expected one of 'M', 'M2', 'A', 'E', 'P'")
 
 
 class ModelCache(NamedTuple):

@@ -9,20 +9,20 @@ active parameters per token match closely. `parameter_counts` reports both model
     baseline = mamba_baseline_config(config)                  # 16 Mamba layers, same width
     counts = parameter_counts(config, params)                 # total / active per token / experts
 
-`ParallelMambaMoE` is the mixer of the paper's parallel variant (h += Mamba(norm(h)) + MoE(norm(h))); it is
-not a HybridLM layer kind yet.
+``parallel=True`` builds the paper's parallel variant: the pattern "P P ..." (`mamba_jax.layers.mamba_moe`,
+h += Mamba(norm(h)) + MoE(norm(h)) in each block) with the same sublayers.
 """
 from __future__ import annotations
 
 import math
 from typing import Any, Dict
 
-import flax.linen as nn
 import jax
 
-from mamba_jax.layers.config import MAMBA, MOE
-from mamba_jax.layers.mamba import MambaConfig, MambaMixer
-from mamba_jax.layers.moe import MoEBlockConfig, MoEConfig, MoEMixer
+from mamba_jax.layers.config import MAMBA, MAMBA_MOE, MOE
+from mamba_jax.layers.mamba import MambaConfig
+from mamba_jax.layers.mamba_moe import ParallelMambaMoE, ParallelMambaMoEConfig  # noqa: F401 (re-exported)
+from mamba_jax.layers.moe import MoEBlockConfig, MoEConfig
 from mamba_jax.models.hybrid import HybridConfig
 
 # The paper's two settings (Table 1 / Sec. 4): d_model, MoE-Mamba blocks (Mamba + MoE each), experts.
@@ -36,17 +36,14 @@ def moe_mamba_config(setting: str = "25m", *, vocab_size: int, n_experts: int = 
                      expand: int = 2, d_state: int = 16, d_expert: int = None, scan_impl: str = "auto",
                      parallel: bool = False, **common) -> HybridConfig:
     """A MoE-Mamba HybridConfig: `n_blocks` × (Mamba layer, Switch MoE layer), sequential as in the
-    paper's main model. ``parallel=True`` (the paper's parallel ablation) is a ValueError until the
-    `ParallelMambaMoE` mixer below is registered as a layer kind (`mamba_jax.models.lm.mixer_module`).
+    paper's main model; ``parallel=True`` (the paper's parallel ablation): `n_blocks` "P" layers, each
+    h += Mamba(norm(h)) + MoE(norm(h)) with the same sublayers (one norm per block instead of two).
 
     Defaults follow the paper: top-1 (Switch) routing, capacity factor 1, load-balancing α = 0.01, no
     z-loss, experts d_expert = 3·d_model with ReLU. `setting` "25m" / "100m" fills d_model, n_blocks and
     n_experts (explicit arguments win). `scan_impl`: the Mamba layers' selective-scan implementation.
     `common`: other BaseLMConfig fields (dtype, remat, ...).
     """
-    if parallel:
-        raise ValueError("moe_mamba_config: the parallel (Mamba ∥ MoE) variant is not available as a model yet "
-                         "(its mixer, ParallelMambaMoE, is not a layer kind of HybridLM); use parallel=False")
     if setting not in PAPER_SETTINGS:
         raise ValueError(f"moe_mamba_config: `setting` must be one of {tuple(PAPER_SETTINGS)}; got {setting!r}")
     base = PAPER_SETTINGS[setting]
@@ -56,7 +53,8 @@ def moe_mamba_config(setting: str = "25m", *, vocab_size: int, n_experts: int = 
     moe = MoEConfig(n_experts=n_experts, router=router, capacity_factor_train=capacity_factor,
                     capacity_factor_eval=max(capacity_factor, 2.0), aux_loss_coef=aux_loss_coef,
                     z_loss_coef=z_loss_coef, dispatch=dispatch, d_expert=d_expert)
-    return HybridConfig(pattern=" ".join([f"{MAMBA} {MOE}"] * n_blocks), vocab_size=vocab_size, d_model=d_model,
+    block = MAMBA_MOE if parallel else f"{MAMBA} {MOE}"
+    return HybridConfig(pattern=" ".join([block] * n_blocks), vocab_size=vocab_size, d_model=d_model,
                         mamba=MambaConfig(expand=expand, d_state=d_state, scan_impl=scan_impl),
                         moe=MoEBlockConfig(moe=moe), **common)
 
@@ -65,7 +63,8 @@ def mamba_baseline_config(config: HybridConfig) -> MambaConfig:
     """The paper's dense baseline of a MoE-Mamba config: plain Mamba with the same width and one Mamba
     layer in place of each MoE layer (twice the Mamba layers of the MoE model)."""
     m = config.mixer_config(MAMBA)
-    return MambaConfig(vocab_size=config.vocab_size, d_model=config.d_model, n_layer=len(config.layer_kinds),
+    n_layer = sum(2 if kind == MAMBA_MOE else 1 for kind in config.layer_kinds)
+    return MambaConfig(vocab_size=config.vocab_size, d_model=config.d_model, n_layer=n_layer,
                        d_state=m.d_state, d_conv=m.d_conv, expand=m.expand, dtype=config.dtype,
                        param_dtype=config.param_dtype, tie_embeddings=config.tie_embeddings,
                        remat=config.remat, scan_impl=m.scan_impl)
@@ -82,34 +81,10 @@ def parameter_counts(config: HybridConfig, params) -> Dict[str, Any]:
         keys = [getattr(p, "key", "") for p in path]
         if "moe" in keys and keys[-1] in ("w_in", "w_out", "b_in", "b_out"):
             expert += size
-    moe = config.mixer_config(MOE).moe if MOE in config.layer_kinds else None
+    has_moe = MOE in config.layer_kinds or MAMBA_MOE in config.layer_kinds
+    moe = config.mixer_config(MOE).moe if has_moe else None
     fraction = 0.0 if moe is None else min(moe.top_k, moe.n_experts) / moe.n_experts
     embedding = math.prod(params["embeddings"]["embedding"].shape)
     return {"total": total, "expert": expert, "active": total - expert + int(round(expert * fraction)),
             "embedding": embedding}
 
-
-class ParallelMambaMoE(nn.Module):
-    """The mixer of the paper's parallel MoE-Mamba block: a Mamba layer and an MoE layer side by side on
-    the same (normed) input, outputs summed. Inside the pre-norm residual block ``h += mixer(norm(h))``
-    it gives ``h + Mamba(norm(h)) + MoE(norm(h))``.
-
-    config: a HybridConfig; the sublayers are built from ``config.mixer_config("M")`` (params under
-    ``mamba``) and ``config.mixer_config("E")`` (params under ``moe``).
-    ``(x, positions, seq_idx, mask, cache) -> (y, cache)``: x (b, l, d_model); y (b, l, d_model) in the Mamba
-    layer's output dtype; cache: the Mamba layer's `LayerCache` (the MoE layer is token-wise, no cache).
-    The MoE sublayer sows its router loss / metrics as an "E" layer does (train mode when the caller
-    collects ``losses``).
-    Not yet a kind of `HybridLM` patterns: that needs a branch in `mamba_jax.models.lm.mixer_module`
-    (returning this class and `mamba_jax.layers.mamba.init_layer_cache`) and the kind in `parse_pattern`.
-    """
-
-    config: HybridConfig
-
-    @nn.compact
-    def __call__(self, x, *, positions=None, seq_idx=None, mask=None, cache=None):
-        y_mamba, cache = MambaMixer(self.config.mixer_config(MAMBA), name="mamba")(
-            x, positions=positions, seq_idx=seq_idx, mask=mask, cache=cache)
-        y_moe, _ = MoEMixer(self.config.mixer_config(MOE), name="moe")(x, positions=positions, seq_idx=seq_idx,
-                                                                       mask=mask)
-        return y_mamba + y_moe.astype(y_mamba.dtype), cache

@@ -46,10 +46,13 @@ def test_pattern_and_configs():
     assert (base.n_layer, base.d_model) == (4, 16)
     reference = moe_mamba_config(vocab_size=32, d_model=16, n_blocks=1, n_experts=4, scan_impl="reference")
     assert reference.mixer_config("M").scan_impl == "reference" == mamba_baseline_config(reference).scan_impl
-    with pytest.raises(ValueError, match="'E' \\(MoE feed-forward\\)"):
+    with pytest.raises(ValueError, match="'E' \\(MoE feed-forward\\), 'P' \\(Mamba and MoE in parallel\\)"):
         parse_pattern("M X")
-    with pytest.raises(ValueError, match="parallel"):
-        moe_mamba_config(vocab_size=32, parallel=True)
+    parallel = moe_mamba_config(vocab_size=32, d_model=16, n_blocks=2, n_experts=4, d_state=4, parallel=True)
+    assert parallel.layer_kinds == ("P", "P") and mamba_baseline_config(parallel).n_layer == 4
+    block = parallel.mixer_config("P")
+    assert block.mamba == CONFIG.mixer_config("M").replace(n_layer=2) and block.moe == CONFIG.mixer_config("E").replace(n_layer=2)
+    assert (block.d_model, block.d_intermediate, block.dtype) == (16, 0, "float32")
 
 
 def test_train_step_objective_is_cross_entropy_plus_weighted_router_losses(model_and_params):
@@ -116,7 +119,7 @@ def test_parameter_counts_from_the_shapes(model_and_params):
 def test_parallel_mixer_is_mamba_plus_moe_of_the_same_input():
     """y = Mamba(x) + MoE(x) with the block's own params, in train mode (router losses collected, train
     capacity) and eval mode (eval capacity), and the Mamba cache passes through unchanged."""
-    mixer = ParallelMambaMoE(CONFIG)
+    mixer = ParallelMambaMoE(CONFIG.mixer_config("P"))
     mamba, moe = MambaMixer(CONFIG.mixer_config("M")), MoEMixer(CONFIG.mixer_config("E"))
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 12, 16))
     params = nn.meta.unbox(jax.jit(mixer.init)(jax.random.PRNGKey(2), x)["params"])
@@ -154,3 +157,22 @@ def test_parallel_mixer_is_mamba_plus_moe_of_the_same_input():
     (y1, new_cache), (y1_mamba, want_cache) = out["block_step"], out["mamba_step"]
     close(y1, y1_mamba + out["moe_step"])
     jax.tree_util.tree_map(close, new_cache, want_cache)
+
+
+def test_parallel_model_places_both_sublayers_in_each_block_and_sows_their_router_losses(model_and_params):
+    """HybridLM over "P P": every block holds a Mamba and an MoE sublayer behind one norm, both MoE layers
+    sow router losses (train mode), and the parameters are the sequential "M E M E" model's less one norm
+    per block."""
+    config = moe_mamba_config(vocab_size=32, d_model=16, n_blocks=2, n_experts=4, d_state=4, parallel=True)
+    model = HybridLM(config)
+    params = init_params(model, jax.random.PRNGKey(3))
+    for i in (0, 1):
+        assert set(params[f"layers_{i}"]) == {"norm", "mixer"} and set(params[f"layers_{i}"]["mixer"]) == {"mamba", "moe"}
+    logits, sown = jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=["losses", "moe_metrics"]))(
+        params, _batch()["inputs"])
+    assert logits.shape == (4, 12, 32) and bool(jnp.all(jnp.isfinite(logits)))
+    for i in (0, 1):
+        assert float(sown["losses"][f"layers_{i}"]["mixer"]["moe"]["router_loss"][0]) > 0
+    counts, sequential = parameter_counts(config, params), parameter_counts(CONFIG, model_and_params[1])
+    assert counts["expert"] == sequential["expert"] == 2 * (4 * 16 * 48 * 2)
+    assert counts["total"] == sequential["total"] - 2 * 16 and counts["active"] == sequential["active"] - 2 * 16
