@@ -52,7 +52,9 @@ sys.exit(cli.main(sys.argv[1:]))
 
 
 def _start(out, *extra, launcher=False, hang_save_step=0, log=None):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", FAULT_WRITE_DELAY_S="0.05", FAULT_HANG_SAVE_STEP=str(hang_save_step))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", FAULT_WRITE_DELAY_S="0.05", FAULT_HANG_SAVE_STEP=str(hang_save_step),
+               # the runs compile the same programs: later ones load them from this test's own cache
+               JAX_COMPILATION_CACHE_DIR=str(out.parent / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2")
     head = [sys.executable, "-c", _LAUNCHER] if launcher else [sys.executable, "-m", "mamba_jax.cli"]
     cmd = head + ["run", "lm", "--task", "selective_copy", "--preset", "smoke", "--out", str(out), *extra]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
