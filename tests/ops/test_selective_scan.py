@@ -116,6 +116,7 @@ def test_float64_check_grads(impl, shape, with_seq_idx):
         seq_idx = args.pop("seq_idx", None)
         names = sorted(args)
 
+        @jax.jit  # one compile per transformation; the finite differences reuse it
         def f(*floats):
             y, h = selective_scan(**dict(zip(names, floats)), seq_idx=seq_idx, delta_softplus=True,
                                   return_last_state=True, impl=impl, chunk_size=4)

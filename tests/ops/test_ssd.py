@@ -118,6 +118,7 @@ def test_float64_check_grads(impl):
         seq_idx = args.pop("seq_idx")
         names = sorted(k for k, v in args.items() if v is not None)
 
+        @jax.jit  # one compile per transformation; the finite differences reuse it
         def f(*floats):
             return ssd(**dict(zip(names, floats)), seq_idx=seq_idx, chunk_size=4, dt_softplus=True,
                        return_final_states=True, impl=impl)
