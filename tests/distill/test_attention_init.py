@@ -9,6 +9,7 @@ import pytest
 
 from mamba_jax.distill.attention_init import (
     attention_to_mamba2,
+    extend_student,
     mamba2_student_config,
     new_mixer_mask,
     replaced_layers,
@@ -49,8 +50,11 @@ def test_student_config_has_one_mamba2_head_per_attention_head():
                               (0,))
 
 
+FRESH = dict(conv_init="fresh", ssm_init="fresh", gate_init="fresh")      # MambaInLlama: only x, B, C, out copied
+
+
 def test_teacher_weights_land_in_x_B_C_and_out_proj(teacher_params):
-    config, params = attention_to_mamba2(TEACHER, teacher_params, jax.random.PRNGKey(1), layers=[0, 2])
+    config, params = attention_to_mamba2(TEACHER, teacher_params, jax.random.PRNGKey(1), layers=[0, 2], **FRESH)
     fresh = init_params(HybridLM(config), jax.random.PRNGKey(1))
     h, kv, dh, d = 4, 2, 8, 32
     di = h * dh
@@ -119,3 +123,86 @@ def test_identity_conv_and_new_mixer_mask(teacher_params):
     assert not any(flat)
     with pytest.raises(ValueError, match="conv_init"):
         attention_to_mamba2(TEACHER, teacher_params, jax.random.PRNGKey(1), fraction=0.5, conv_init="zeros")
+
+
+def _silu(v):
+    return v / (1 + np.exp(-v))
+
+
+def test_default_init_makes_the_mixer_a_normalised_linear_attention(teacher_params):
+    """The defaults (identity conv, Δ = 1, A = -0.01, D = 0, open gate) make the whole student mixer, not
+    just its scan, the teacher head's linear-attention twin: per head, RMSNorm(Σ_{s≤t} e^{-0.01 (t-s)}
+    (silu(q_t)·silu(k_s)) silu(v_s)) through W_O — written out here in numpy from the teacher's weights."""
+    config, params = attention_to_mamba2(TEACHER, teacher_params, jax.random.PRNGKey(1), layers=[1])
+    m = params["layers_1"]["mixer"]
+    h, kv, dh, l, d = 4, 2, 8, 10, 32
+    di = h * dh
+    w, bias = np.asarray(m["in_proj"]["kernel"]), np.asarray(m["in_proj"]["bias"])
+    assert config.mixer_config("M2").bias
+    np.testing.assert_array_equal(w[:, :di], 0)                                    # z: no input, bias 4
+    np.testing.assert_array_equal(bias, np.r_[np.full(di, 4.0), np.zeros(w.shape[1] - di)])
+    np.testing.assert_array_equal(w[:, -h:], 0)                                    # Δ: no input ...
+    np.testing.assert_allclose(np.log1p(np.exp(np.asarray(m["dt_bias"]))), 1.0, rtol=1e-6)  # ... softplus = 1
+    np.testing.assert_allclose(np.exp(np.asarray(m["A_log"])), 0.01, rtol=1e-6)
+    np.testing.assert_array_equal(m["D"], 0)
+    np.testing.assert_array_equal(m["out_proj"]["bias"], 0)
+
+    from mamba_jax.layers.mamba2 import Mamba2Mixer
+    u = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (1, l, d)))
+    got = np.asarray(Mamba2Mixer(config.mixer_config("M2")).apply({"params": m}, jnp.asarray(u))[0])[0]
+    att = {k: np.asarray(v["kernel"]) for k, v in teacher_params["layers_1"]["mixer"].items()}
+    q = _silu(u[0] @ att["q_proj"]).reshape(l, h, dh)
+    k = _silu(u[0] @ att["k_proj"]).reshape(l, kv, dh)
+    v = _silu(u[0] @ att["v_proj"]).reshape(l, kv, dh)
+    y = np.zeros((l, h, dh))
+    for t in range(l):
+        for j in range(h):
+            for s in range(t + 1):
+                y[t, j] += np.exp(-0.01 * (t - s)) * (q[t, j] @ k[s, j // 2]) * v[s, j // 2]
+    gate = 4.0 / (1 + np.exp(-4.0))
+    y = y * gate
+    y = y / np.sqrt(np.mean(y * y, axis=-1, keepdims=True) + TEACHER.rms_norm_eps)
+    expected = y.reshape(l, di) @ att["o_proj"]
+    np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-5)
+    with pytest.raises(ValueError, match="ssm_init"):
+        attention_to_mamba2(TEACHER, teacher_params, jax.random.PRNGKey(1), layers=[1], ssm_init="zeros")
+    with pytest.raises(ValueError, match="gate_init"):
+        attention_to_mamba2(TEACHER, teacher_params, jax.random.PRNGKey(1), layers=[1], gate_init="closed")
+
+
+def test_extend_student_carries_trained_mixers_and_maps_the_new_layers(teacher_params):
+    """25 % → 50 %: layer 0's (trained) mixer and every other carried part stay bit for bit; layer 2's new
+    mixer holds the teacher's attention weights (checked in numpy) with the linear-attention settings."""
+    config, params = attention_to_mamba2(TEACHER, teacher_params, jax.random.PRNGKey(1), fraction=0.25)
+    assert config.layer_kinds == ("M2", "A", "A", "A")
+    # stand-in for stage-1 training: perturb the mixer and an MLP so that nothing equals a fresh init
+    noise = lambda tree, k: jax.tree_util.tree_map(
+        lambda a: a + 0.01 * jax.random.normal(jax.random.PRNGKey(k), a.shape, a.dtype), tree)
+    params = dict(params, layers_0={**params["layers_0"], "mixer": noise(params["layers_0"]["mixer"], 7)},
+                  layers_3={**params["layers_3"], "mlp": noise(params["layers_3"]["mlp"], 8)})
+    before = jax.tree_util.tree_map(np.array, params)
+    new_config, new = extend_student(TEACHER, teacher_params, config, params, jax.random.PRNGKey(2), fraction=0.5)
+    assert new_config.layer_kinds == ("M2", "A", "M2", "A")
+    for name in new:
+        if name != "layers_2":
+            jax.tree_util.tree_map(np.testing.assert_array_equal, new[name], before[name])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, before)                # input untouched
+    for part in ("norm", "mlp_norm", "mlp"):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, new["layers_2"][part], before["layers_2"][part])
+    h, dh, di = 4, 8, 32
+    att = {k: np.asarray(v["kernel"]) for k, v in teacher_params["layers_2"]["mixer"].items()}
+    rep = lambda w: np.concatenate([w[:, (j // 2) * dh:(j // 2 + 1) * dh] for j in range(h)], axis=1)
+    m = new["layers_2"]["mixer"]
+    w = np.asarray(m["in_proj"]["kernel"])
+    np.testing.assert_array_equal(w[:, di:2 * di], rep(att["v_proj"]))
+    np.testing.assert_array_equal(w[:, 2 * di:3 * di], rep(att["k_proj"]))
+    np.testing.assert_array_equal(w[:, 3 * di:4 * di], att["q_proj"])
+    np.testing.assert_array_equal(m["out_proj"]["kernel"], att["o_proj"])
+    np.testing.assert_array_equal(w[:, :di], 0)
+    np.testing.assert_array_equal(m["D"], 0)
+    logits = HybridLM(new_config).apply({"params": new}, jnp.arange(12, dtype=jnp.int32)[None] % 40)
+    assert logits.shape == (1, 12, 40) and bool(jnp.all(jnp.isfinite(logits)))
+    with pytest.raises(ValueError, match="must contain"):
+        extend_student(TEACHER, teacher_params, new_config, new, jax.random.PRNGKey(2), layers=[0, 1])
+    with pytest.raises(ValueError, match="different Mamba-2 config"):
+        extend_student(TEACHER, teacher_params, config, params, jax.random.PRNGKey(2), fraction=0.5, **FRESH)
