@@ -136,8 +136,8 @@ def test_hybrid_left_padding_is_exact():
     padded = jnp.concatenate([jnp.zeros((1, 3), short.dtype), short], axis=1)
     batch = jnp.concatenate([padded, long], axis=0)
     mask = jnp.concatenate([jnp.array([[0, 0, 0] + [1] * 5]), jnp.ones((1, 8), jnp.int32)], axis=0)
-    logits = model.apply({"params": params}, batch, mask=mask)
-    alone = model.apply({"params": params}, short)
+    forward = jax.jit(lambda p, x, m=None: model.apply({"params": p}, x, mask=m))
+    logits, alone = forward(params, batch, mask), forward(params, short)
     np.testing.assert_allclose(logits[0, 3:], alone[0], atol=1e-5, rtol=1e-5)
     tokens = generate(model, params, batch, 6, temperature=0.0, prompt_mask=mask)
     np.testing.assert_array_equal(tokens[0], generate(model, params, short, 6, temperature=0.0)[0])
@@ -149,11 +149,9 @@ def test_greedy_generation_is_argmax_of_forward():
     params = init_params(model, jax.random.PRNGKey(6))
     ids = _ids(7, 2, 4)
     tokens = generate(model, params, ids, 5, temperature=0.0)
-    seq = ids
-    for t in range(5):
-        nxt = jnp.argmax(model.apply({"params": params}, seq)[:, -1], axis=-1)
-        np.testing.assert_array_equal(tokens[:, t], nxt)
-        seq = jnp.concatenate([seq, nxt[:, None]], axis=1)
+    # causal model: one forward over prompt + tokens ends each prefix at position 4 + t - 1
+    logits = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, jnp.concatenate([ids, tokens], axis=1))
+    np.testing.assert_array_equal(tokens, jnp.argmax(logits[:, 3:8], axis=-1))
 
 
 def test_save_load_round_trip_keeps_pattern(tmp_path):
