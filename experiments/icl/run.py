@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 from typing import Any, Dict, Optional, Sequence
@@ -24,7 +23,7 @@ from experiments.icl.baselines import BASELINES_FOR_TASK, squared_error
 from experiments.icl.config import MODEL_SIZES, PRESETS, ICLConfig, preset_config
 from experiments.icl import probe
 from experiments.icl.train import LINEAR_TASKS, model_errors, train
-from experiments.lm.config import apply_overrides, parse_overrides
+from experiments.lm.config import parse_run_arguments, timestamped_run_dir
 from mamba_jax.bench_utils import hardware_description, markdown_table
 from mamba_jax.data.function_classes import TASKS, sample_prompts
 from mamba_jax.interop import save_pretrained
@@ -41,15 +40,8 @@ def parse_command_line(argv: Sequence[str]):
     parser.add_argument("--size", choices=tuple(MODEL_SIZES), default=None,
                         help="the papers' model sizes (d_model, layers, heads); key=value overrides still apply")
     parser.add_argument("--out", default=None, help="run directory (default: results/icl/<timestamp>)")
-    args, rest = parser.parse_known_args(list(argv))
-    flags = [item for item in rest if item.startswith("-") and not item.startswith("--config.")]
-    if flags:
-        parser.error(f"unrecognized arguments: {' '.join(flags)}")
-    try:
-        config = apply_overrides(preset_config(args.preset, args.task, args.size), parse_overrides(rest))
-    except ValueError as error:
-        parser.error(str(error))
-    out = args.out or os.path.join(RESULTS_ROOT, datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    args, config = parse_run_arguments(parser, argv, lambda a: preset_config(a.preset, a.task, a.size))
+    out = args.out or timestamped_run_dir(RESULTS_ROOT)
     return config, out
 
 

@@ -10,6 +10,7 @@ One flat, frozen dataclass (so that ``key=value`` overrides are simple), three p
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import os
 import typing
@@ -254,6 +255,26 @@ def apply_overrides(config, overrides: Mapping[str, str]):
             raise ValueError(f"unknown config key `{key}`{hint} Valid keys: {', '.join(sorted(hints))}")
         changes[key] = parse_value(key, hints[key], text)
     return dataclasses.replace(config, **changes)
+
+
+def parse_run_arguments(parser, argv: Sequence[str], make_config):
+    """`parser`'s flags from `argv`, the rest as ``key=value`` overrides (``--config.key=value`` too) of the
+    config `make_config(args)` builds. Returns (args, config); an unknown flag, key or a bad value exits
+    with argparse's usage error (status 2) naming it. Shared by the experiments' command lines."""
+    args, rest = parser.parse_known_args(list(argv))
+    flags = [item for item in rest if item.startswith("-") and not item.startswith("--config.")]
+    if flags:
+        parser.error(f"unrecognized arguments: {' '.join(flags)}")
+    try:
+        config = apply_overrides(make_config(args), parse_overrides(rest))
+    except ValueError as error:
+        parser.error(str(error))
+    return args, config
+
+
+def timestamped_run_dir(root: str) -> str:
+    """`root`/<YYYYmmdd-HHMMSS> (local time): the default run directory of an experiment."""
+    return os.path.join(root, datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
 
 
 def config_from_dict(values: Mapping[str, Any]) -> LMConfig:

@@ -22,7 +22,6 @@ and speedup_vs_loss.png.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -33,7 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from experiments.lm.config import apply_overrides, parse_overrides
+from experiments.lm.config import parse_run_arguments, timestamped_run_dir
 from experiments.moe_mamba.config import BASELINE, PRESETS, MoEMambaConfig, preset_config
 
 RESULTS_ROOT = os.path.join("results", "moe_mamba")
@@ -50,16 +49,8 @@ def parse_command_line(argv: Sequence[str]) -> Tuple[MoEMambaConfig, str]:
                                             "e.g. arms=mamba,moe,moe_e16 num_steps=200")
     parser.add_argument("--preset", choices=PRESETS, default="cpu")
     parser.add_argument("--out", default=None, help="run directory (default: results/moe_mamba/<timestamp>)")
-    args, rest = parser.parse_known_args(list(argv))
-    flags = [item for item in rest if item.startswith("-") and not item.startswith("--config.")]
-    if flags:
-        parser.error(f"unrecognized arguments: {' '.join(flags)}")
-    try:
-        config = apply_overrides(preset_config(args.preset), parse_overrides(rest))
-    except ValueError as error:
-        parser.error(str(error))
-    out = args.out or os.path.join(RESULTS_ROOT, datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    return config, out
+    args, config = parse_run_arguments(parser, argv, lambda a: preset_config(a.preset))
+    return config, args.out or timestamped_run_dir(RESULTS_ROOT)
 
 
 # ------------------------------------------------------------------------------------ the speedup measure

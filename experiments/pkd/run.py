@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import json
 import os
@@ -45,7 +44,7 @@ import numpy as np
 import optax
 from flax import serialization
 
-from experiments.lm.config import apply_overrides, parse_overrides
+from experiments.lm.config import parse_run_arguments, timestamped_run_dir
 from experiments.pkd.config import PRESETS, PKDConfig, preset_config
 from mamba_jax.bench_utils import hardware_description, markdown_table
 from mamba_jax.data.images import fashion_mnist_baselines, image_batches, load_images
@@ -73,16 +72,8 @@ def parse_command_line(argv: Sequence[str]) -> Tuple[PKDConfig, str]:
                                             "student_d_models=8,16")
     parser.add_argument("--preset", choices=PRESETS, default="cpu")
     parser.add_argument("--out", default=None, help="run directory (default: results/pkd/<timestamp>)")
-    args, rest = parser.parse_known_args(list(argv))
-    flags = [item for item in rest if item.startswith("-") and not item.startswith("--config.")]
-    if flags:
-        parser.error(f"unrecognized arguments: {' '.join(flags)}")
-    try:
-        config = apply_overrides(preset_config(args.preset), parse_overrides(rest))
-    except ValueError as error:
-        parser.error(str(error))
-    out = args.out or os.path.join(RESULTS_ROOT, datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    return config, out
+    args, config = parse_run_arguments(parser, argv, lambda a: preset_config(a.preset))
+    return config, args.out or timestamped_run_dir(RESULTS_ROOT)
 
 
 # ------------------------------------------------------------------------------------------------ losses

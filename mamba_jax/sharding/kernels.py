@@ -53,6 +53,22 @@ def scan_partition(mesh, batch: int, channels: int, groups: int):
     return batch_axes, channel_axis
 
 
+def _run_per_shard(kernel: Callable, args, specs, out_specs, mesh):
+    """``kernel(*args)`` in `jax.shard_map` over `mesh`: args[i] split by specs[i] (None args are passed
+    through as None, not as shard_map operands), outputs assembled by `out_specs`."""
+    present = [i for i, a in enumerate(args) if a is not None]
+
+    def per_shard(*given):
+        full: list = [None] * len(args)
+        for i, a in zip(present, given):
+            full[i] = a
+        return kernel(*full)
+
+    # check_vma=False: pallas_call outputs carry no varying-manual-axes annotation
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=tuple(specs[i] for i in present), out_specs=out_specs,
+                         check_vma=False)(*(args[i] for i in present))
+
+
 def shard_selective_scan(kernel: Callable, u, delta, A, B, C, D=None, z=None, delta_bias=None,
                          initial_state=None, seq_idx=None, *, return_last_state: bool = False):
     """``kernel(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)`` — a selective scan with the
@@ -71,19 +87,9 @@ def shard_selective_scan(kernel: Callable, u, delta, A, B, C, D=None, z=None, de
     bc = P(bs, None, None) if B.ndim == 3 else P(bs, None, ch, None)
     specs = (P(bs, None, ch), P(bs, None, ch), P(ch, None), bc, bc, P(ch), P(bs, None, ch), P(ch),
              P(bs, ch, None), P(bs, None))
-    present = [i for i, a in enumerate(args) if a is not None]
-
-    def per_shard(*given):
-        full: list = [None] * len(args)
-        for i, a in zip(present, given):
-            full[i] = a
-        return kernel(*full)
-
     y_spec = P(bs, None, ch)
     out_specs = (y_spec, P(bs, ch, None)) if return_last_state else y_spec
-    # check_vma=False: pallas_call outputs carry no varying-manual-axes annotation
-    return jax.shard_map(per_shard, mesh=mesh, in_specs=tuple(specs[i] for i in present), out_specs=out_specs,
-                         check_vma=False)(*(args[i] for i in present))
+    return _run_per_shard(kernel, args, specs, out_specs, mesh)
 
 
 def shard_ssd(kernel: Callable, x, dt, A, B, C, initial_states=None, seq_idx=None):
@@ -100,20 +106,9 @@ def shard_ssd(kernel: Callable, x, dt, A, B, C, initial_states=None, seq_idx=Non
     bs, hd = scan_partition(mesh, b, h, B.shape[2])
     if bs is None and hd is None:
         return kernel(*args)
-    g = B.shape[2]
-    bc = P(bs, None, hd if g > 1 else None, None)
+    bc = P(bs, None, hd if B.shape[2] > 1 else None, None)
     specs = (P(bs, None, hd, None), P(bs, None, hd), P(hd), bc, bc, P(bs, hd, None, None), P(bs, None))
-    present = [i for i, a in enumerate(args) if a is not None]
-
-    def per_shard(*given):
-        full: list = [None] * len(args)
-        for i, a in zip(present, given):
-            full[i] = a
-        return kernel(*full)
-
-    return jax.shard_map(per_shard, mesh=mesh, in_specs=tuple(specs[i] for i in present),
-                         out_specs=(P(bs, None, hd, None), P(bs, hd, None, None)),
-                         check_vma=False)(*(args[i] for i in present))
+    return _run_per_shard(kernel, args, specs, (P(bs, None, hd, None), P(bs, hd, None, None)), mesh)
 
 
 def trace_under_mesh(fn: Callable, mesh) -> Callable:
