@@ -46,6 +46,15 @@ from pallas_kernels.selective_scan.blocks import BlockSizes
 _SQUEEZED = getattr(pl, "squeezed", None)  # `None` in a block shape squeezes too (older spelling)
 
 
+def zero_pad_axis(x, axis: int, length: int):
+    """`x` zero-padded at the end of `axis` to `length` (returned as it is when already that long)."""
+    if x.shape[axis] == length:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, length - x.shape[axis])
+    return jnp.pad(x, widths)
+
+
 def _compiler_params():
     """TPU compiler params: batch and channel blocks parallel, the sequence axis sequential."""
     params_cls = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
@@ -453,12 +462,7 @@ def selective_scan(
     cfg = _Config(seq_len=l, n_lblocks=n_lblocks, block_l=bs.block_l, block_d=bs.block_d, n=n, dtype=cd,
                   softplus=bool(delta_softplus), has_z=z is not None, has_keep=seq_idx is not None)
 
-    def pad_time(x, axis=1):
-        if L == l:
-            return x
-        widths = [(0, 0)] * x.ndim
-        widths[axis] = (0, L - l)
-        return jnp.pad(x, widths)
+    pad_time = lambda x, axis=1: zero_pad_axis(x, axis, L)
 
     keep = None
     if seq_idx is not None:

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.selective_scan.kernel import _SQUEEZED, _to_col, _to_row  # shared in-kernel helpers
+from pallas_kernels.selective_scan.kernel import _SQUEEZED, _to_col, _to_row, zero_pad_axis  # shared helpers
 from pallas_kernels.ssd.blocks import BlockSizes
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -387,12 +387,7 @@ def ssd_scan(x, dt, A, B, C, initial_states=None, seq_idx=None, block_sizes: Opt
     cfg = _Config(n_chunks=n_chunks, chunk=T, n=n, p=p, heads_per_group=h // g, dtype=cd,
                   has_seg=seq_idx is not None)
 
-    def pad_time(v, axis):
-        if L == l:
-            return v
-        widths = [(0, 0)] * v.ndim
-        widths[axis] = (0, L - l)
-        return jnp.pad(v, widths)
+    pad_time = lambda v, axis: zero_pad_axis(v, axis, L)
 
     seg = None
     if seq_idx is not None:
