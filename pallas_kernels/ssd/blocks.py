@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
+TRITON_MAX_CHUNK = 64  # the Triton variant keeps (chunk, chunk) float32 tiles in registers
+TRITON_MIN_DIM = 16  # Triton matmuls need every dimension ≥ 16
 LANES = 128  # TPU lane width: the chunk is the lane dimension of the transposed (n, chunk) B/C blocks
 SUBLANES = 8  # TPU sublane count: the chunk is the sublane dimension of the (chunk, p) and (chunk, n) blocks
 
@@ -40,3 +42,13 @@ class BlockSizes:
         (·, chunk) blocks chunk % 128 == 0, unless the chunk is the whole (padded) sequence."""
         padded = -(-seq_len // self.chunk) * self.chunk
         return self.chunk % LANES == 0 or self.chunk == padded
+
+    def triton_chunk(self, seq_len: int) -> int:
+        """The chunk of the Triton (GPU) variant for a sequence of `seq_len` steps: a power of two, at most
+        `chunk` (rounded down to a power of two) and TRITON_MAX_CHUNK, at least TRITON_MIN_DIM, and no
+        longer than `seq_len` needs (rounded up)."""
+        if seq_len < 1:
+            raise ValueError(f"BlockSizes.triton_chunk: seq_len must be positive; got {seq_len}")
+        largest = 1 << (min(self.chunk, TRITON_MAX_CHUNK).bit_length() - 1)
+        needed = 1 << (seq_len - 1).bit_length()
+        return max(TRITON_MIN_DIM, min(largest, needed))

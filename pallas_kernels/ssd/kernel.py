@@ -79,6 +79,16 @@ class _Config:
     heads_per_group: int
     dtype: jnp.dtype  # state / compute dtype
     has_seg: bool
+    variant: str = "tpu"  # "tpu": grid over chunks, VMEM state; "triton": one program walks the chunks
+
+
+def _calls(cfg: _Config):
+    """The (forward, backward) pallas_call wrappers of cfg's variant."""
+    if cfg.variant == "triton":
+        from pallas_kernels.ssd import triton_kernel
+
+        return triton_kernel.forward_call, triton_kernel.backward_call
+    return _forward_call, _backward_call
 
 
 # --- in-kernel helpers ----------------------------------------------------------------------------
@@ -114,13 +124,17 @@ class _Chunk:
         # cumulative log-decay by a masked lane reduction (no (T, T) @ (T, 1) matmul with a 1-wide result)
         self.cum = jnp.sum(jnp.where(causal, dt * A, zero), axis=1, keepdims=True)
         self.cum_row = _to_row(self.cum, self.eye)
-        cum_last = self.cum[T - 1:T, :]  # (1, 1)
+        # the last step's values by masked reductions, not value slices (which the Triton lowering lacks)
+        last_col = jax.lax.broadcasted_iota(jnp.int32, (T, 1), 0) == T - 1
+        last_row = jax.lax.broadcasted_iota(jnp.int32, (1, T), 1) == T - 1
+        cum_last = jnp.sum(jnp.where(last_col, self.cum, zero), axis=0, keepdims=True)  # (1, 1)
         if cfg.has_seg:
             seg_col = _to_col(seg, self.eye)
             self.same = seg_col == seg  # (T, T) same segment
             self.mask = causal & self.same
             e_keep = (seg_col == 0).astype(cd)  # no reset since the chunk started
-            w_keep = (seg_col == seg[:, T - 1:T]).astype(cd)  # no reset until the chunk ends
+            seg_last = jnp.sum(jnp.where(last_row, seg, zero), axis=1, keepdims=True)  # (1, 1)
+            w_keep = (seg_col == seg_last).astype(cd)  # no reset until the chunk ends
         else:
             self.same = None
             self.mask = causal
@@ -128,7 +142,7 @@ class _Chunk:
         self.L = jnp.where(self.mask, jnp.exp(jnp.where(self.mask, self.cum - self.cum_row, zero)), zero)
         self.e = jnp.exp(self.cum) * e_keep  # (T, 1): decay from the chunk start to step i
         self.w = jnp.exp(cum_last - self.cum) * w_keep  # (T, 1): decay from step j to the chunk end
-        self.decay = self.e[T - 1:T, :]  # (1, 1): the entering state's decay over the whole chunk
+        self.decay = jnp.sum(jnp.where(last_col, self.e, zero), axis=0, keepdims=True)  # (1, 1): the entering state's decay over the whole chunk
 
     def L_t(self):
         """Lᵀ (T, T), built directly (Lᵀ[j, i] = exp(cum_i − cum_j) for i ≥ j in the same segment)."""
@@ -154,6 +168,15 @@ def _seg_input(cfg, r):
 # --- forward --------------------------------------------------------------------------------------
 
 
+def _fwd_chunk(cfg: _Config, S, x, dt, A, C, Bt, seg):
+    """One chunk of the forward. S: (n, p) state entering it; x (T, p); dt (1, T); A (1, 1); C (T, n);
+    Bt (n, T); seg (1, T) or None. Returns y (T, p) and the state leaving the chunk (n, p), in cd."""
+    k = _Chunk(cfg, dt, A, seg)
+    xdt = x * k.dt  # (T, p)
+    y = _mm(_mm(C, Bt) * k.L, xdt) + _mm(C, S) * k.e  # intra-chunk + entering-state contributions
+    return y, k.decay * S + _mm(Bt, xdt * k.w)
+
+
 def _fwd_kernel(*refs, cfg: _Config, names):
     r = _named(refs, names)
     s_scr = refs[len(names)]
@@ -168,11 +191,8 @@ def _fwd_kernel(*refs, cfg: _Config, names):
     if "h_starts" in r:  # kept for the backward (only when differentiating)
         r["h_starts"][...] = S
     x, dt, A, C, Bt = (_load(r, name, cd) for name in ("x", "dt", "A", "C", "Bt"))
-    k = _Chunk(cfg, dt, A, _seg_input(cfg, r))
-    xdt = x * k.dt  # (T, p)
-    y = _mm(_mm(C, Bt) * k.L, xdt) + _mm(C, S) * k.e  # intra-chunk + entering-state contributions
+    y, S = _fwd_chunk(cfg, S, x, dt, A, C, Bt, _seg_input(cfg, r))
     r["y"][...] = y.astype(r["y"].dtype)
-    S = k.decay * S + _mm(Bt, xdt * k.w)
     s_scr[...] = S
 
     @pl.when(ci == cfg.n_chunks - 1)
@@ -183,21 +203,14 @@ def _fwd_kernel(*refs, cfg: _Config, names):
 # --- backward -------------------------------------------------------------------------------------
 
 
-def _bwd_kernel(*refs, cfg: _Config, names):
-    r = _named(refs, names)
-    g_scr = refs[len(names)]
+def _bwd_chunk(cfg: _Config, G, S, x, dt, A, B, C, Ct, dy, seg):
+    """One chunk of the backward. G: (n, p) cotangent of the state leaving the chunk; S: (n, p) state
+    entering it; x, dy (T, p); dt (1, T); A (1, 1); B, C (T, n); Ct (n, T); seg (1, T) or None.
+
+    Returns dx (T, p), ddt (1, T), dB, dC (T, n), this chunk's dA term (1, 1) and the cotangent of the
+    entering state (n, p), all in cd."""
     cd = cfg.dtype
-    step = pl.program_id(2)  # the chunk grid runs in reverse: chunk n_chunks - 1 - step
-
-    @pl.when(step == 0)
-    def _():
-        g_scr[...] = r["dh_last"][...].astype(cd)
-        r["dA"][...] = jnp.zeros(r["dA"].shape, r["dA"].dtype)
-
-    G = g_scr[...]  # (n, p) cotangent of the state leaving this chunk
-    S = r["h_starts"][...].astype(cd)  # (n, p) state entering it
-    x, dt, A, B, C, Ct, dy = (_load(r, name, cd) for name in ("x", "dt", "A", "B", "C", "Ct", "dy"))
-    k = _Chunk(cfg, dt, A, _seg_input(cfg, r))
+    k = _Chunk(cfg, dt, A, seg)
     L_t = k.L_t()
     dt = k.dt  # (T, 1)
     xdt = x * dt
@@ -227,12 +240,29 @@ def _bwd_kernel(*refs, cfg: _Config, names):
     ddA = ddA + jnp.sum(jnp.where(i_ge_k, _to_row(de * k.e, k.eye), _to_row(dw * k.w, k.eye)), axis=1,
                         keepdims=True) + ddecay * k.decay
 
-    r["dx"][...] = (dxdt * dt).astype(r["dx"].dtype)
     ddt = jnp.sum(dxdt * x, axis=1, keepdims=True) + ddA * A  # (T, 1)
-    r["ddt"][...] = _to_row(ddt, k.eye).astype(r["ddt"].dtype)
-    r["dB"][...] = dB.astype(r["dB"].dtype)
-    r["dC"][...] = dC.astype(r["dC"].dtype)
-    r["dA"][...] += jnp.sum(ddA * dt, axis=0, keepdims=True).astype(r["dA"].dtype)
+    dA = jnp.sum(ddA * dt, axis=0, keepdims=True)  # (1, 1)
+    return dxdt * dt, _to_row(ddt, k.eye), dB, dC, dA, G_in
+
+
+def _bwd_kernel(*refs, cfg: _Config, names):
+    r = _named(refs, names)
+    g_scr = refs[len(names)]
+    cd = cfg.dtype
+    step = pl.program_id(2)  # the chunk grid runs in reverse: chunk n_chunks - 1 - step
+
+    @pl.when(step == 0)
+    def _():
+        g_scr[...] = r["dh_last"][...].astype(cd)
+        r["dA"][...] = jnp.zeros(r["dA"].shape, r["dA"].dtype)
+
+    G = g_scr[...]  # (n, p) cotangent of the state leaving this chunk
+    S = r["h_starts"][...].astype(cd)  # (n, p) state entering it
+    x, dt, A, B, C, Ct, dy = (_load(r, name, cd) for name in ("x", "dt", "A", "B", "C", "Ct", "dy"))
+    dx, ddt, dB, dC, dA, G_in = _bwd_chunk(cfg, G, S, x, dt, A, B, C, Ct, dy, _seg_input(cfg, r))
+    for name, v in (("dx", dx), ("ddt", ddt), ("dB", dB), ("dC", dC)):
+        r[name][...] = v.astype(r[name].dtype)
+    r["dA"][...] += dA.astype(r["dA"].dtype)
     g_scr[...] = G_in
 
     @pl.when(step == cfg.n_chunks - 1)
@@ -322,19 +352,19 @@ def _backward_call(cfg: _Config, interpret, x, dt, A, B, C, seg, h_starts, dy, d
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _ssd_core(cfg, interpret, x, dt, A, B, C, seg, h0):
-    y, h_last, _ = _forward_call(cfg, interpret, x, dt, A, B, C, seg, h0, save_starts=False)
+    y, h_last, _ = _calls(cfg)[0](cfg, interpret, x, dt, A, B, C, seg, h0, save_starts=False)
     return y, h_last
 
 
 def _ssd_core_fwd(cfg, interpret, x, dt, A, B, C, seg, h0):
-    y, h_last, h_starts = _forward_call(cfg, interpret, x, dt, A, B, C, seg, h0, save_starts=True)
+    y, h_last, h_starts = _calls(cfg)[0](cfg, interpret, x, dt, A, B, C, seg, h0, save_starts=True)
     return (y, h_last), (x, dt, A, B, C, seg, h_starts, h0)
 
 
 def _ssd_core_bwd(cfg, interpret, residuals, cotangents):
     x, dt, A, B, C, seg, h_starts, h0 = residuals
     dy, dh_last = cotangents
-    o = _backward_call(cfg, interpret, x, dt, A, B, C, seg, h_starts, dy.astype(cfg.dtype),
+    o = _calls(cfg)[1](cfg, interpret, x, dt, A, B, C, seg, h_starts, dy.astype(cfg.dtype),
                        dh_last.astype(cfg.dtype))
     b, g, L, n = B.shape
     per_group = lambda v: v.reshape(b, g, cfg.heads_per_group, L, n).sum(2)
@@ -349,8 +379,65 @@ _ssd_core.defvjp(_ssd_core_fwd, _ssd_core_bwd)
 # --- public entry point ---------------------------------------------------------------------------
 
 
+def _kernel_inputs(cd, chunk: int, n_to: int, p_to: int, x, dt, A, B, C, initial_states, seq_idx):
+    """The inputs in the kernel layout (see the module docstring), the sequence padded to a multiple of
+    `chunk` and the state dims zero-padded to n_to ≥ n, p_to ≥ p (exact: padded B/C columns and x
+    columns keep the padded state rows/columns at zero)."""
+    b, l, h, p = x.shape
+    n = B.shape[3]
+    n_chunks = -(-l // chunk)
+    L = n_chunks * chunk
+    seg = None
+    if seq_idx is not None:
+        # segment number (+1 at every change of seq_idx), made relative to the segment the chunk starts
+        # in (the state entering the chunk survives while it is 0): small exact integers in cd
+        changes = (seq_idx[:, 1:] != seq_idx[:, :-1]).astype(jnp.int32)
+        seg_g = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), jnp.cumsum(changes, axis=1)], axis=1)
+        seg_g = jnp.pad(seg_g, ((0, 0), (0, L - l)), mode="edge").reshape(b, n_chunks, chunk)
+        prev = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), seg_g[:, :-1, -1]], axis=1)  # before each chunk
+        seg = (seg_g - prev[..., None]).astype(cd).reshape(b, 1, L)
+
+    def pad(v, *axes_lengths):
+        for axis, length in axes_lengths:
+            v = zero_pad_axis(v, axis, length)
+        return v
+
+    xk = pad(jnp.transpose(x, (0, 2, 1, 3)), (2, L), (3, p_to))  # (b, h, L, p)
+    dtk = pad(jnp.transpose(dt, (0, 2, 1)), (2, L))[:, :, None, :]  # (b, h, 1, L); padded steps Δ = 0
+    Bk = pad(jnp.transpose(B, (0, 2, 1, 3)), (2, L), (3, n_to))  # (b, g, L, n)
+    Ck = pad(jnp.transpose(C, (0, 2, 1, 3)), (2, L), (3, n_to))
+    Ak = A.astype(cd).reshape(h, 1, 1)
+    h0 = (jnp.zeros((b, h, n_to, p_to), cd) if initial_states is None
+          else pad(jnp.swapaxes(initial_states, 2, 3).astype(cd), (2, n_to), (3, p_to)))  # (b, h, n, p)
+    return (xk, dtk, Ak, Bk, Ck, seg, h0), n_chunks
+
+
+def _pow2_at_least(v: int, low: int) -> int:
+    return max(low, 1 << (v - 1).bit_length())
+
+
+def _run(variant: str, interpret, cd, bs: BlockSizes, x, dt, A, B, C, initial_states, seq_idx):
+    """One variant end to end: layout, kernels, and back to y (b, l, h, p), final state (b, h, p, n)."""
+    b, l, h, p = x.shape
+    g, n = B.shape[2:]
+    if variant == "triton":
+        # Triton: power-of-two tensor sizes, matmul dims ≥ 16
+        chunk, n_to, p_to = bs.triton_chunk(l), _pow2_at_least(n, 16), _pow2_at_least(p, 16)
+    else:
+        chunk, n_to, p_to = bs.fit(l).chunk, n, p
+    args, n_chunks = _kernel_inputs(cd, chunk, n_to, p_to, x, dt, A, B, C, initial_states, seq_idx)
+    cfg = _Config(n_chunks=n_chunks, chunk=chunk, n=n_to, p=p_to, heads_per_group=h // g, dtype=cd,
+                  has_seg=seq_idx is not None, variant=variant)
+    y, h_last = _ssd_core(cfg, interpret, *args)
+    y = jnp.transpose(y[:, :, :l, :p], (0, 2, 1, 3))
+    return y, jnp.swapaxes(h_last[:, :, :n, :p], 2, 3)
+
+
+VARIANTS = ("tpu", "triton")
+
+
 def ssd_scan(x, dt, A, B, C, initial_states=None, seq_idx=None, block_sizes: Optional[BlockSizes] = None,
-             interpret=None):
+             interpret=None, variant: Optional[str] = None):
     """The SSD recurrence with the Pallas kernels; differentiable (reverse mode) through a custom VJP.
 
     Args:
@@ -361,10 +448,15 @@ def ssd_scan(x, dt, A, B, C, initial_states=None, seq_idx=None, block_sizes: Opt
       initial_states: optional (b, h, p, n) state before the first step.
       seq_idx: optional (b, l) integer ids of packed sequences; the state resets to zero wherever the id
         changes from one position to the next (the first segment starts from `initial_states`).
-      block_sizes: `BlockSizes` (default chunk 256), fitted to the problem by `BlockSizes.fit`.
-      interpret: passed to `pl.pallas_call`. None: chosen per platform when the function is lowered
-        (`jax.lax.platform_dependent`): the compiled Mosaic kernel for TPU, interpret mode elsewhere (CPU;
-        GPU until a Triton variant lands). `pltpu.InterpretParams()` interprets with TPU semantics.
+      block_sizes: `BlockSizes` (default chunk 256), fitted to the problem by `BlockSizes.fit` (TPU
+        variant) or `BlockSizes.triton_chunk` (Triton variant).
+      interpret: passed to `pl.pallas_call`. None (with `variant=None`): chosen per platform when the
+        function is lowered (`jax.lax.platform_dependent`): the compiled Mosaic kernel for TPU, the
+        compiled Triton kernel for CUDA GPUs, the TPU variant interpreted elsewhere (CPU).
+        `pltpu.InterpretParams()` interprets with TPU semantics.
+      variant: None (per platform, as above), "tpu" or "triton": that variant's kernels, compiled unless
+        `interpret` says otherwise (`variant="triton", interpret=True` runs the GPU kernels interpreted
+        on any host — how they are tested on CPU).
 
     Returns:
       (y, final_states): y (b, l, h, p) *without* the D skip and z gate, and the (b, h, p, n) state after
@@ -378,41 +470,18 @@ def ssd_scan(x, dt, A, B, C, initial_states=None, seq_idx=None, block_sizes: Opt
     g, n = B.shape[2:]
     if h % g:
         raise ValueError(f"ssd (pallas): {g} B/C groups must divide h={h}")
+    if variant is not None and variant not in VARIANTS:
+        raise ValueError(f"ssd (pallas): `variant` must be None or one of {VARIANTS}; got {variant!r}")
     cd = jnp.dtype(jnp.result_type(jnp.float32, *[v.dtype for v in (x, dt, A, B, C, initial_states)
                                                   if v is not None]))
-    bs = (block_sizes or BlockSizes()).fit(l)
-    T = bs.chunk
-    n_chunks = -(-l // T)
-    L = n_chunks * T
-    cfg = _Config(n_chunks=n_chunks, chunk=T, n=n, p=p, heads_per_group=h // g, dtype=cd,
-                  has_seg=seq_idx is not None)
-
-    pad_time = lambda v, axis: zero_pad_axis(v, axis, L)
-
-    seg = None
-    if seq_idx is not None:
-        # segment number (+1 at every change of seq_idx), made relative to the segment the chunk starts
-        # in (the state entering the chunk survives while it is 0): small exact integers in cd
-        changes = (seq_idx[:, 1:] != seq_idx[:, :-1]).astype(jnp.int32)
-        seg_g = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), jnp.cumsum(changes, axis=1)], axis=1)
-        seg_g = jnp.pad(seg_g, ((0, 0), (0, L - l)), mode="edge").reshape(b, n_chunks, T)
-        prev = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), seg_g[:, :-1, -1]], axis=1)  # before each chunk
-        seg = (seg_g - prev[..., None]).astype(cd).reshape(b, 1, L)
-
-    xk = pad_time(jnp.transpose(x, (0, 2, 1, 3)), 2)  # (b, h, L, p)
-    dtk = pad_time(jnp.transpose(dt, (0, 2, 1)), 2)[:, :, None, :]  # (b, h, 1, L); padded steps Δ = 0
-    Bk = pad_time(jnp.transpose(B, (0, 2, 1, 3)), 2)  # (b, g, L, n)
-    Ck = pad_time(jnp.transpose(C, (0, 2, 1, 3)), 2)
-    Ak = A.astype(cd).reshape(h, 1, 1)
-    h0 = (jnp.zeros((b, h, n, p), cd) if initial_states is None
-          else jnp.swapaxes(initial_states, 2, 3).astype(cd))  # (b, h, n, p)
-    args = (xk, dtk, Ak, Bk, Ck, seg, h0)
-    if interpret is None:
+    bs = block_sizes or BlockSizes()
+    args = (x, dt, A, B, C, initial_states, seq_idx)
+    if variant is None and interpret is None:
         # chosen when lowering, not when tracing: compiling for a TPU (even AOT from a CPU host) takes the
-        # Mosaic kernel, every other platform the interpreted one
-        y, h_last = jax.lax.platform_dependent(
-            *args, tpu=functools.partial(_ssd_core, cfg, False), default=functools.partial(_ssd_core, cfg, True))
-    else:
-        y, h_last = _ssd_core(cfg, interpret, *args)
-    y = jnp.transpose(y[:, :, :l], (0, 2, 1, 3))
-    return y, jnp.swapaxes(h_last, 2, 3)
+        # Mosaic kernel, for a CUDA GPU the Triton one, every other platform the interpreted TPU variant
+        return jax.lax.platform_dependent(
+            *args,
+            tpu=functools.partial(_run, "tpu", False, cd, bs),
+            cuda=functools.partial(_run, "triton", False, cd, bs),
+            default=functools.partial(_run, "tpu", True, cd, bs))
+    return _run(variant or "tpu", False if interpret is None else interpret, cd, bs, *args)
