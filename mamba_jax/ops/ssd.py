@@ -13,8 +13,10 @@ Implementations (same values and gradients):
 - ``pallas``    — the Pallas kernels of `pallas_kernels.ssd` (imported lazily): the chunked algorithm with
   the state carried in on-chip memory, forward and a backward kernel that recomputes each chunk from the
   chunk-start states the forward saved. dt_bias/softplus, D and the z gate stay here in plain JAX around
-  the kernel. TPU (Mosaic) layout; on CPU it runs in Pallas interpret mode (no GPU variant yet: on GPU it
-  also interprets). Not in `SSD_IMPLS` (the list the fast tests sweep) and never picked by ``auto``.
+  the kernel. Two variants picked when lowering: Mosaic on TPU, Triton on CUDA GPUs (lowered from a CPU
+  host in the tests, never run on a GPU yet); on CPU the TPU variant runs in Pallas interpret mode (how the
+  kernels are gradient-checked without an accelerator). Not in `SSD_IMPLS` (the list the fast tests sweep)
+  and never picked by ``auto``.
 
 State and decays are float32 for float32/bf16/fp16 inputs (float64 stays float64).
 """
