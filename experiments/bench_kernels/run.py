@@ -1,4 +1,8 @@
-"""`mamba-jax bench kernels`: the Pallas selective scan against the HBM roofline and the other impls.
+"""`mamba-jax bench kernels`: the Pallas kernels against the HBM roofline and the other impls.
+
+`--op selective_scan` (default) times the Mamba-1 selective scan; `--op ssd` the Mamba-2 SSD (see
+`ssd.py`), where the baseline `mamba_ssm` is the official Triton kernel `mamba_chunk_scan_combined`
+run through torch on the same values in the same run.
 
 For every length: forward and forward+backward time of `impl="pallas"` (median of repeats, compilation
 excluded), the bytes those passes must move at the least (every input read once, every output written
@@ -20,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
+from experiments.bench_kernels import ssd as ssd_bench
 from mamba_jax.bench_utils import hardware_description, markdown_table, time_call
 from mamba_jax.ops import selective_scan
 
@@ -74,13 +79,27 @@ def build(impl: str, chunk_size: int):
     return fwd, fwd_bwd
 
 
+def _problem(args, l: int, itemsize: int):
+    """(inputs builder, jitted-passes builder, bytes that must move) of --op at length l."""
+    if args.op == "ssd":
+        h, p, g, n = ssd_bench.shapes(args.batch, args.d, args.headdim, args.groups, args.n)
+        return (lambda dtype: ssd_bench.make_inputs(args.batch, l, h, p, g, n, dtype), ssd_bench.build,
+                ssd_bench.min_bytes(args.batch, l, h, p, g, n, itemsize))
+    return (lambda dtype: make_inputs(args.batch, l, args.d, args.n, dtype), build,
+            min_bytes(args.batch, l, args.d, args.n, itemsize))
+
+
 def bench(lengths: Sequence[int], args, impls: Sequence[str], dtype) -> Dict[int, Dict[str, Dict[str, float]]]:
     results = {}
     for l in tqdm(lengths, desc="lengths"):
-        inputs = make_inputs(args.batch, l, args.d, args.n, dtype)
+        make, build_passes, _ = _problem(args, l, dtype.itemsize)
+        inputs = make(dtype)
         results[l] = {}
         for impl in impls:
-            fwd, fwd_bwd = build(impl, args.chunk_size)
+            if impl == ssd_bench.MAMBA_SSM:
+                results[l][impl] = ssd_bench.mamba_ssm_times(inputs, args.chunk_size, args.repeats, args.forward_only)
+                continue
+            fwd, fwd_bwd = build_passes(impl, args.chunk_size)
             _, t_fwd = time_call(lambda: fwd(inputs), args.repeats)
             t_bwd = None
             if not args.forward_only:
@@ -92,7 +111,7 @@ def bench(lengths: Sequence[int], args, impls: Sequence[str], dtype) -> Dict[int
 def table_rows(results, args, itemsize: int, peak: Optional[float], kernel: str, baselines: Sequence[str]):
     rows = []
     for l, by_impl in results.items():
-        need = min_bytes(args.batch, l, args.d, args.n, itemsize)
+        need = _problem(args, l, itemsize)[2]
         for phase in ("fwd", "fwd_bwd"):
             t = by_impl[kernel][f"{phase}_s"]
             if t is None:
@@ -107,26 +126,43 @@ def table_rows(results, args, itemsize: int, peak: Optional[float], kernel: str,
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="mamba-jax bench kernels", description=__doc__.splitlines()[0])
+    parser.add_argument("--op", choices=("selective_scan", "ssd"), default="selective_scan")
     parser.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--d", type=int, default=2048, help="channels (d_inner)")
-    parser.add_argument("--n", type=int, default=16, help="state size")
+    parser.add_argument("--d", type=int, default=2048, help="channels (d_inner; heads × headdim for ssd)")
+    parser.add_argument("--n", type=int, default=None, help="state size (default 16; 128 for ssd)")
+    parser.add_argument("--headdim", type=int, default=64, help="ssd: channels per head")
+    parser.add_argument("--groups", type=int, default=1, help="ssd: B/C groups")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
     parser.add_argument("--chunk-size", type=int, default=256, help="for the chunked baselines")
     parser.add_argument("--kernel", default="pallas", help="the impl measured against the roofline")
-    parser.add_argument("--baselines", default="associative,chunked")
+    parser.add_argument("--baselines", default=None,
+                        help="default associative,chunked (selective_scan); chunked,mamba_ssm (ssd)")
     parser.add_argument("--forward-only", action="store_true")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None, help="write the measurements as JSON here")
     args = parser.parse_args(argv)
     lengths = [int(x) for x in args.lengths.split(",")]
+    if args.n is None:
+        args.n = 128 if args.op == "ssd" else 16
+    if args.baselines is None:
+        args.baselines = f"chunked,{ssd_bench.MAMBA_SSM}" if args.op == "ssd" else "associative,chunked"
     baselines = [b for b in args.baselines.split(",") if b and b != args.kernel]
+    if ssd_bench.MAMBA_SSM in baselines:
+        if args.op != "ssd":
+            parser.error(f"--baselines {ssd_bench.MAMBA_SSM} needs --op ssd")
+        why_not = ssd_bench.mamba_ssm_available()
+        if why_not:
+            print(f"skipping the {ssd_bench.MAMBA_SSM} baseline: {why_not}")
+            baselines.remove(ssd_bench.MAMBA_SSM)
     dtype = jnp.dtype(args.dtype)
     device_kind = jax.devices()[0].device_kind
     peak = peak_bandwidth(device_kind)
 
-    print(f"kernel benchmark: {args.kernel} vs {', '.join(baselines) or 'nothing'}; b={args.batch} d={args.d} "
-          f"n={args.n} {args.dtype} inputs, Δ with softplus, z gating")
+    shape = (f"b={args.batch} d={args.d} n={args.n}" if args.op == "selective_scan" else
+             f"b={args.batch} heads={args.d // args.headdim} headdim={args.headdim} groups={args.groups} n={args.n}")
+    print(f"kernel benchmark ({args.op}): {args.kernel} vs {', '.join(baselines) or 'nothing'}; {shape} "
+          f"{args.dtype} inputs, Δ with softplus, z gating")
     print(hardware_description())
     print(f"peak HBM bandwidth of {device_kind!r}: " + ("unknown (no roofline)" if peak is None
                                                         else f"{peak / 1e12:.2f} TB/s"))

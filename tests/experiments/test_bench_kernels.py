@@ -46,3 +46,39 @@ def test_bench_kernels_tiny_table(tmp_path, capsys):
         assert float(row[4]) == pytest.approx(need / t_kernel / 1e9, rel=1e-2)
         assert row[5] == "n/a"                                   # a CPU has no HBM roofline
         assert float(row[6]) == pytest.approx(t_base / t_kernel, rel=1e-2)
+
+
+def test_ssd_min_bytes_counts_each_tensor_once():
+    from experiments.bench_kernels import ssd as ssd_bench
+
+    b, l, h, p, g, n = 2, 8, 3, 4, 1, 5
+    got = ssd_bench.min_bytes(b, l, h, p, g, n, itemsize=2)
+    big, small, dt, per_head = b * l * h * p * 2, b * l * g * n * 2, b * l * h * 4, h * 4
+    # forward: x, z in and y out (b·l·h·p, 2 bytes); B, C (b·l·g·n); dt (float32); A, D, dt_bias (h, float32)
+    assert got["fwd"] == 3 * big + 2 * small + dt + 3 * per_head
+    # + backward: the inputs again and dy in; dx, dz, dB, dC, ddt, dA, dD, d dt_bias out
+    assert got["fwd_bwd"] == got["fwd"] + (2 + 1 + 2) * big + 4 * small + 2 * dt + 6 * per_head
+
+
+def test_bench_kernels_ssd_tiny_table(tmp_path, capsys):
+    """--op ssd at a tiny size: chunked vs reference, the mamba_ssm baseline dropped with its reason on a
+    host without it (torch with CUDA and mamba_ssm), the byte column from the SSD shapes."""
+    from experiments.bench_kernels import ssd as ssd_bench
+
+    out = tmp_path / "ssd.json"
+    assert cli_main(["bench", "kernels", "--op", "ssd", "--kernel", "chunked", "--baselines", "reference,mamba_ssm",
+                     "--lengths", "16", "--d", "8", "--headdim", "4", "--n", "4", "--batch", "1", "--dtype",
+                     "float32", "--chunk-size", "8", "--repeats", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    if ssd_bench.mamba_ssm_available() is not None:
+        assert "skipping the mamba_ssm baseline" in printed
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in printed.splitlines() if line.startswith("| 16 |")]
+    assert [r[1] for r in rows] == ["fwd", "fwd+bwd"]
+    for row in rows:
+        phase = "fwd_s" if row[1] == "fwd" else "fwd_bwd_s"
+        t = data["results"]["16"]["chunked"][phase]
+        need = ssd_bench.min_bytes(1, 16, 2, 4, 1, 4, 4)["fwd" if row[1] == "fwd" else "fwd_bwd"]
+        assert float(row[3]) == pytest.approx(need / 1e6, rel=1e-2, abs=1e-3)
+        assert float(row[4]) == pytest.approx(need / t / 1e9, rel=1e-2)
+        assert float(row[6]) == pytest.approx(data["results"]["16"]["reference"][phase] / t, rel=1e-2)
