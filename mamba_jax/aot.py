@@ -176,11 +176,15 @@ def _lm_model(preset: str, size: Optional[str], compute_dtype: str, overrides: D
     from mamba_jax.models import MambaLM, mamba_config
     from mamba_jax.train.optim import make_optimizer
 
+    from mamba_jax.ops import resolve_impl
+
     config = apply_overrides(preset_config(preset), overrides)
+    # "auto" resolved for the target (a TPU: the Pallas kernels), not for this host
+    scan_impl = resolve_impl(config.scan_impl, config.seq_len, backend="tpu")
     if size is None:
-        model_config = config.model_config().replace(dtype=compute_dtype, remat=remat)
+        model_config = config.model_config().replace(dtype=compute_dtype, remat=remat, scan_impl=scan_impl)
     else:
-        model_config = mamba_config(size, dtype=compute_dtype, param_dtype="float32", scan_impl=config.scan_impl,
+        model_config = mamba_config(size, dtype=compute_dtype, param_dtype="float32", scan_impl=scan_impl,
                                     remat=remat)
     return MambaLM(model_config), make_optimizer(config.optimizer_config()), config.batch_size, config.seq_len
 

@@ -104,3 +104,13 @@ def test_cli_compiles_moe_mamba_with_expert_parallelism(capsys):
     with pytest.raises(SystemExit):
         cli_main(["aot", "moe_mamba", "--topology", "v5e:2x2", "--preset", "smoke", "experts=4"])
     assert "unknown key `experts`" in capsys.readouterr().err
+
+
+def test_lm_scan_impl_auto_resolves_for_the_tpu_target():
+    """On this CPU host "auto" would mean the CPU's `chunked`; `mamba-jax aot` compiles for a TPU, so its
+    model runs the Pallas (Mosaic) kernels, and an explicit impl is kept."""
+    from mamba_jax.aot import _lm_model
+
+    assert _lm_model("smoke", None, "bfloat16", {})[0].config.scan_impl == "pallas"
+    assert _lm_model("smoke", None, "bfloat16", {"scan_impl": "chunked_associative"})[0].config.scan_impl == \
+        "chunked_associative"

@@ -18,8 +18,8 @@ Implementations (all give the same values and gradients as `reference`):
   D, z gating, delta_bias/softplus, initial/final state and seq_idx inside the kernel, float32 state in
   on-chip memory, a backward kernel that recomputes states per sequence block from the block-start states
   the forward saved. TPU (Mosaic) layout; on CPU it runs in Pallas interpret mode (how the kernels are
-  gradient-checked without an accelerator). No GPU (Triton) variant yet: on GPU it also interprets.
-  Not in `IMPLS` (the list the fast tests sweep) and never picked by ``auto`` yet.
+  gradient-checked without an accelerator). The TPU (Mosaic) or GPU (Triton) variant is picked when
+  lowering. Not in `IMPLS` (the list the fast tests sweep); ``auto`` picks it on TPU and GPU backends.
 
 The state and the discretisation are computed in float32 for float32/bf16/fp16 inputs (float64 stays
 float64); only the output is cast back to the dtype of `u`.
@@ -37,11 +37,13 @@ from mamba_jax.ops._checks import check_array, compute_dtype
 IMPLS = ("reference", "associative", "chunked", "chunked_associative")
 DEFAULT_CHUNK_SIZE = 256
 
-# impl="auto" per backend, from `mamba-jax bench scan` (README, "Benchmarks"). On CPU `chunked` runs its
-# forward at the speed of `reference` (it is the same sequential scan) and its hand-written backward
-# ~3x faster, with bounded memory. GPU/TPU: not measured yet (no accelerator in CI); the parallel
-# `chunked_associative` is the provisional choice until the Pallas kernels land.
-_AUTO_BY_BACKEND = {"cpu": "chunked"}
+# impl="auto" per backend. CPU: `chunked`, from `mamba-jax bench scan` (README, "Benchmarks"): its forward
+# runs at the speed of `reference` (the same sequential scan) and its hand-written backward ~3x faster,
+# with bounded memory. TPU and GPU: the Pallas kernels (Mosaic on TPU, AOT-compiled for v5e in the tests;
+# Triton on GPUs, lowered from a CPU host in the tests but never run on a GPU yet — pass an explicit impl,
+# e.g. "chunked_associative", if they fail on yours). Other backends: the parallel `chunked_associative`.
+# The backend is the one tracing (`jax.default_backend()`); `mamba-jax aot` resolves "auto" for its target.
+_AUTO_BY_BACKEND = {"cpu": "chunked", "tpu": "pallas", "gpu": "pallas"}
 _AUTO_DEFAULT = "chunked_associative"
 
 

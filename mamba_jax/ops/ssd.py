@@ -15,8 +15,8 @@ Implementations (same values and gradients):
   chunk-start states the forward saved. dt_bias/softplus, D and the z gate stay here in plain JAX around
   the kernel. Two variants picked when lowering: Mosaic on TPU, Triton on CUDA GPUs (lowered from a CPU
   host in the tests, never run on a GPU yet); on CPU the TPU variant runs in Pallas interpret mode (how the
-  kernels are gradient-checked without an accelerator). Not in `SSD_IMPLS` (the list the fast tests sweep)
-  and never picked by ``auto``.
+  kernels are gradient-checked without an accelerator). Not in `SSD_IMPLS` (the list the fast tests sweep);
+  ``auto`` picks it on TPU and GPU backends (`resolve_ssd_impl`).
 
 State and decays are float32 for float32/bf16/fp16 inputs (float64 stays float64).
 """
@@ -31,6 +31,18 @@ from mamba_jax.ops._checks import check_array, compute_dtype
 from mamba_jax.ops.selective_scan import selective_scan, time_step
 
 SSD_IMPLS = ("reference", "chunked")
+
+# impl="auto" per backend: the Pallas kernels on TPU and GPU (see `selective_scan._AUTO_BY_BACKEND` for
+# what has been verified where), the jnp chunked algorithm elsewhere.
+_SSD_AUTO_BY_BACKEND = {"tpu": "pallas", "gpu": "pallas"}
+
+
+def resolve_ssd_impl(impl: str, backend: Optional[str] = None) -> str:
+    """Map ``impl`` ("auto" or a concrete name) to the implementation `ssd` runs on `backend` (default:
+    the tracing backend, `jax.default_backend()`)."""
+    if impl == "auto":
+        return _SSD_AUTO_BY_BACKEND.get(backend or jax.default_backend(), "chunked")
+    return impl
 
 
 def _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, impl) -> None:
@@ -75,13 +87,14 @@ def ssd(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bias=None, dt_
       initial_states: optional (b, h, p, n).
       seq_idx: optional (b, l) int: the state resets wherever the id changes (packed sequences).
       return_final_states: also return the (b, h, p, n) state after the last step.
-      impl: "auto" (= "chunked"), "reference", "chunked" or "pallas" (`chunk_size` is then the kernel's
+      impl: "auto" ("pallas" on TPU/GPU, else "chunked"), "reference", "chunked" or "pallas" (`chunk_size` is then the kernel's
         chunk).
     Returns:
       y (b, l, h, p) in the dtype of `x`; with `return_final_states`, (y, final_states (b, h, p, n)),
       float32 (float64 for float64 inputs).
     """
     _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, impl)
+    impl = resolve_ssd_impl(impl)
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     cd = compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states)

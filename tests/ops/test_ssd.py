@@ -175,3 +175,12 @@ def test_bad_inputs(overrides, match):
     args.update(overrides)
     with pytest.raises(ValueError, match=match):
         ssd(**args)
+
+
+def test_auto_resolves_per_backend():
+    from mamba_jax.ops import resolve_ssd_impl
+
+    assert resolve_ssd_impl("auto", "cpu") == "chunked"
+    assert resolve_ssd_impl("auto", "gpu") == resolve_ssd_impl("auto", "tpu") == "pallas"
+    assert resolve_ssd_impl("reference", "tpu") == "reference"
+    assert resolve_ssd_impl("auto") == ("chunked" if jax.default_backend() == "cpu" else "pallas")
