@@ -90,6 +90,29 @@ def test_mamba_train_step_with_pallas_kernels_compiles_per_shard_for_v5e_2x2():
     assert text.count("tpu_custom_call") >= 2 * n_layer
 
 
+@pytest.mark.parametrize("strategy,mesh_text", [("tensor", "data=2,tensor=2"), ("fsdp", "fsdp=4")])
+def test_mamba2_train_step_with_pallas_ssd_compiles_per_shard_for_v5e_2x2(strategy, mesh_text):
+    """ssd_impl="pallas" in a sharded Mamba-2 train step: the SSD kernels run in shard_map (rows over the
+    data axes, heads over tensor) and the TPU program holds the Mosaic kernels: at least a forward and a
+    backward per layer (with `ssd_impl="chunked"` there are none)."""
+    pytest.importorskip("libtpu", reason="needs the optional dependency libtpu (the tpu-aot / test extra)")
+    from mamba_jax.models import Mamba2Config, Mamba2LM
+    from mamba_jax.sharding.mesh import make_mesh_from_config
+    from mamba_jax.sharding.train import sharded_training
+
+    n_layer = 2
+    model = Mamba2LM(Mamba2Config(vocab_size=64, d_model=64, n_layer=n_layer, d_state=16, headdim=32,
+                                  dtype="bfloat16", ssd_impl="pallas"))
+    tx = make_optimizer(OptimizerConfig())
+    mesh = make_mesh_from_config(aot.parse_mesh(mesh_text), aot.topology_devices("v5e:2x2"))
+    training = sharded_training(model, tx, mesh, strategy)
+    tokens = jax.ShapeDtypeStruct((8, 64), jnp.int32, sharding=training.batch_sharding)
+    batch = {"inputs": tokens, "targets": tokens,
+             "loss_mask": jax.ShapeDtypeStruct((8, 64), jnp.bool_, sharding=training.batch_sharding)}
+    text = training.train_step.jitted.lower(training.abstract_state, batch).compile().as_text()
+    assert text.count("tpu_custom_call") >= 2 * n_layer
+
+
 def test_cli_compiles_moe_mamba_with_expert_parallelism(capsys):
     pytest.importorskip("libtpu", reason="needs the optional dependency libtpu (the tpu-aot / test extra)")
     assert cli_main(["aot", "moe_mamba", "--topology", "v5e:2x2", "--preset", "smoke", "--mesh", "data=2,expert=2",
