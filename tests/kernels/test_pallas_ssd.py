@@ -16,12 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
+from hypothesis import given, settings
 from jax.test_util import check_grads
 
 from mamba_jax.ops.ssd import ssd
 from pallas_kernels.ssd import BlockSizes, ssd_scan
 from tests.kernels.test_pallas_selective_scan import assert_close
-from tests.ops.test_ssd import make_case, ssd_with_vjp
+from tests.ops.test_ssd import make_case, ssd_cases, ssd_with_vjp
 
 # float32 results: the two impls sum the same products in different orders (a scan over time vs chunked
 # matmuls), so they differ by float32 rounding of sums of at most a few hundred terms, ≲ 100·eps_f32
@@ -180,3 +181,13 @@ def test_aot_compiles_mosaic_kernels_for_a_tpu_chip():
             spec((b, l), jnp.int32))
     compiled = jax.jit(jax.grad(loss, argnums=tuple(range(9)))).lower(*args).compile()
     assert compiled.as_text().count("tpu_custom_call") == 2
+
+
+@settings(max_examples=2, deadline=None)
+@given(ssd_cases())
+def test_hypothesis_random_shapes(case_and_chunk):
+    """Random shapes and options (groups, D per head or per channel, z, dt_bias, initial states, seq_idx,
+    any chunk): two random draws per run (each one compiles the interpreted kernels, seconds on CPU)."""
+    case, chunk = case_and_chunk
+    args = make_case(**case)
+    compare_with_reference(args, chunk, key=case["seed"] % 1000)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
 from jax.test_util import check_grads
 
 from mamba_jax.ops.ssd import ssd
@@ -26,7 +27,7 @@ from pallas_kernels.gpu_lowering import lower_for_cuda, triton_kernel_names
 from pallas_kernels.ssd import BlockSizes, ssd_scan
 from tests.kernels.test_pallas_selective_scan import assert_close
 from tests.kernels.test_pallas_ssd import F32_TOL, SEQ_IDX_21
-from tests.ops.test_ssd import make_case
+from tests.ops.test_ssd import make_case, ssd_cases
 
 NAMES = ("x", "delta", "A", "B", "C", "initial_states")
 
@@ -149,3 +150,13 @@ def test_lowers_to_triton_for_cuda(dtype):
 
     assert triton_kernel_names(lower_for_cuda(forward, *args)) == ["ssd_fwd_triton"]
     assert triton_kernel_names(lower_for_cuda(gradient, *args)) == ["ssd_fwd_triton", "ssd_bwd_triton"]
+
+
+@settings(max_examples=2, deadline=None)
+@given(ssd_cases())
+def test_hypothesis_random_shapes(case_and_chunk):
+    """Random shapes (p, n, l, groups, chunk; initial states and seq_idx on or off): two draws per run."""
+    case, chunk = case_and_chunk
+    args = make_case(**case)
+    seq_idx = args.pop("seq_idx", None)
+    compare(args, seq_idx, chunk, lambda name: F32_TOL, key=case["seed"] % 1000)
