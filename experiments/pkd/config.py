@@ -18,7 +18,7 @@ from mamba_jax.data.images import DATASETS
 from mamba_jax.models.classifier import ClassifierConfig
 
 PRESETS = ("smoke", "cpu", "paper")
-IMAGE_SHAPES = {"fashion_mnist": (28, 28), "digits": (8, 8)}
+IMAGE_SHAPES = {"fashion_mnist": (28, 28), "mnist": (28, 28), "digits": (8, 8)}
 
 
 def _positive_int(name: str, value) -> None:
@@ -43,7 +43,7 @@ class PKDConfig:
     """
 
     preset: str = "cpu"
-    dataset: str = "fashion_mnist"        # fashion_mnist | digits
+    dataset: str = "fashion_mnist"        # fashion_mnist | mnist | digits
     seed: int = 0
     patch_size: int = 0                   # 0: one token per pixel row; p: p×p patches
     # -- teacher --

