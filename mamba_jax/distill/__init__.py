@@ -1,8 +1,12 @@
-"""Distillation: pure-function KD losses (`losses`), attention → Mamba-2 initialisation and progressive
+"""Distillation: pure-function KD losses (`losses`), attention → Mamba-2 / Mamba-1 initialisation and progressive
 replacement (`attention_init`) and the teacher–student train step (`train`)."""
 from mamba_jax.distill.attention_init import (
+    attention_to_mamba1,
     attention_to_mamba2,
     extend_student,
+    mamba1_group_order,
+    mamba1_mixer_from_attention,
+    mamba1_student_config,
     mamba2_mixer_from_attention,
     mamba2_student_config,
     new_mixer_mask,
@@ -29,7 +33,8 @@ from mamba_jax.distill.train import (
     teacher_logits,
 )
 
-__all__ = ["KL_KINDS", "KDConfig", "attention_to_mamba2", "extend_student", "forward_kl", "forward_kl_topk",
+__all__ = ["KL_KINDS", "KDConfig", "attention_to_mamba1", "attention_to_mamba2", "extend_student", "forward_kl", "forward_kl_topk",
            "freeze_except", "hidden_cosine", "hidden_mse", "jsd", "kd_batch_loss", "kd_loss", "kl_from_log_probs",
-           "make_kd_eval_step", "make_kd_train_step", "mamba2_mixer_from_attention", "mamba2_student_config",
+           "make_kd_eval_step", "make_kd_train_step", "mamba1_group_order", "mamba1_mixer_from_attention",
+           "mamba1_student_config", "mamba2_mixer_from_attention", "mamba2_student_config",
            "masked_mean", "new_mixer_mask", "replaced_layers", "reverse_kl", "teacher_logits"]

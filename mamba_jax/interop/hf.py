@@ -350,6 +350,10 @@ def family_for_config(raw: Mapping[str, Any]) -> HFFamily:
 
 def family_for_model(model, fn: str) -> HFFamily:
     if type(model) is MambaLM:
+        if model.config.bc_source != "conv":
+            raise ValueError(f"{fn}: MambaConfig(bc_source={model.config.bc_source!r}) (the attention-initialised "
+                             "Mamba-1 form) has no HF layout (MambaForCausalLM has x_proj); use "
+                             "mamba_jax.interop.save_pretrained")
         return MAMBA_FAMILY
     for family in families():
         if type(model) is family.model_cls:

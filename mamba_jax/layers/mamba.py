@@ -2,6 +2,12 @@
 
 Parameter names follow HF transformers' `MambaMixer` (in_proj, conv1d, x_proj, dt_proj, A_log, D,
 out_proj) so that checkpoints map one to one; torch (out, in) weights are stored transposed (in, out).
+
+`MambaConfig(bc_source="input")` is the Mamba-1 layer of MambaInLlama (arXiv 2408.15237, its
+`mamba/hybrid_mamba_layer.py`), the form an attention layer is distilled into: x, B, C and Δ come from
+the *layer input* (in_proj packs [z, x, B, C, dt_low]) instead of B, C, Δ from the conv output through
+x_proj; x and B have `d_xb` channels (an attention layer's kv_heads · head_dim) and are repeated to
+d_inner in chunks of d_state, and B/C are grouped: n_groups = d_inner / d_state groups of d_state.
 """
 from __future__ import annotations
 
@@ -18,12 +24,19 @@ from mamba_jax.ops.selective_scan import IMPLS
 from mamba_jax.layers.config import MAMBA, BaseLMConfig, check_choice, check_positive_int
 from mamba_jax.sharding import CONV, EMBED, MLP, STATE
 
+BC_SOURCES = ("conv", "input")   # where B, C, Δ come from: the conv output (official) or the layer input
+
 @dataclasses.dataclass(frozen=True)
 class MambaConfig(BaseLMConfig):
     """Hyper-parameters of a Mamba-1 language model (defaults: the official ones).
 
     d_inner = expand · d_model; dt_rank "auto" = ceil(d_model / 16). The common fields (vocabulary,
     width, depth, norms, dtypes, optional MLP) are those of `BaseLMConfig`.
+
+    bc_source: "conv" (the official block, the default) or "input" (MambaInLlama's attention-initialisable
+    form: in_proj packs [z, x, B, C, dt] from the layer input, B/C in n_groups = d_inner / d_state groups).
+    d_xb: with bc_source="input", the width of x and B before their repetition to d_inner (an attention
+    layer's kv_heads · head_dim; None: d_inner, no repetition). Must be a multiple of d_state dividing d_inner.
     """
 
     family: ClassVar[str] = "mamba"
@@ -40,6 +53,8 @@ class MambaConfig(BaseLMConfig):
     bias: bool = False
     scan_impl: str = "auto"
     scan_chunk_size: int = 256
+    bc_source: str = "conv"
+    d_xb: Optional[int] = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -48,6 +63,17 @@ class MambaConfig(BaseLMConfig):
         if self.dt_rank != "auto" and (not isinstance(self.dt_rank, int) or self.dt_rank < 1):
             raise ValueError(f"MambaConfig: `dt_rank` must be 'auto' or a positive int; got {self.dt_rank!r}")
         check_choice("MambaConfig", "scan_impl", self.scan_impl, IMPLS + ("auto", "pallas"))
+        check_choice("MambaConfig", "bc_source", self.bc_source, BC_SOURCES)
+        if self.bc_source == "conv":
+            if self.d_xb is not None:
+                raise ValueError("MambaConfig: `d_xb` is only used with bc_source='input'; leave it None")
+            return
+        if self.d_xb is not None:
+            check_positive_int("MambaConfig", "d_xb", self.d_xb)
+        n, di, dxb = self.d_state, self.d_inner, self.d_xb_value
+        if di % n or dxb % n or di % dxb:
+            raise ValueError(f"MambaConfig: with bc_source='input', `d_state`={n} must divide d_inner={di} and "
+                             f"`d_xb`={dxb}, and d_xb must divide d_inner")
 
     @property
     def layer_kinds(self) -> Tuple[str, ...]:
@@ -60,6 +86,16 @@ class MambaConfig(BaseLMConfig):
     @property
     def dt_rank_value(self) -> int:
         return math.ceil(self.d_model / 16) if self.dt_rank == "auto" else self.dt_rank
+
+    @property
+    def d_xb_value(self) -> int:
+        """Channels of x and B before their repetition to d_inner (bc_source="input"; d_inner when None)."""
+        return self.d_inner if self.d_xb is None else self.d_xb
+
+    @property
+    def n_groups(self) -> int:
+        """B/C groups of the scan: 1 (bc_source="conv") or d_inner / d_state (bc_source="input")."""
+        return 1 if self.bc_source == "conv" else self.d_inner // self.d_state
 
 
 class LayerCache(NamedTuple):
@@ -99,6 +135,16 @@ def a_log_init(key, shape, dtype=jnp.float32):
     return jnp.broadcast_to(jnp.log(jnp.arange(1, shape[1] + 1, dtype=jnp.float32)), shape).astype(dtype)
 
 
+def repeat_groups(v, size: int, repeats: int):
+    """(..., k·size) -> (..., k·repeats·size): each chunk of `size` channels repeated `repeats` times in
+    place (chunk 0, chunk 0, ..., chunk 1, ...), as grouped-query attention repeats kv heads (MambaInLlama's
+    `repeat_kv` with head_dim = d_state)."""
+    if repeats == 1:
+        return v
+    lead, width = v.shape[:-1], v.shape[-1]
+    return jnp.repeat(v.reshape(*lead, width // size, size), repeats, axis=-2).reshape(*lead, width * repeats)
+
+
 def _param(module, name, init, axes, shape, dtype):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
@@ -108,6 +154,13 @@ class MambaMixer(nn.Module):
 
     `mask` (b, l) marks real tokens (1) and left padding (0): padded positions are zeroed before and
     after the conv and get Δ = 0, so they leave the state exactly as it was.
+
+    bc_source="conv" (the official block): in_proj (d_model, 2·d_inner) → [x, z]; x_proj (d_inner,
+    dt_rank + 2·d_state) on the conv output → [dt_low, B, C].
+    bc_source="input" (MambaInLlama): in_proj (d_model, 2·d_inner + 2·d_xb + dt_rank) →
+    [z (d_inner) | x (d_xb) | B (d_xb) | C (d_inner) | dt_low (dt_rank)], no x_proj; x and B repeated to
+    d_inner in chunks of d_state (x before the conv), B, C: (b, l, d_inner / d_state, d_state), channel c
+    of the scan reads group c // d_state.
     With `cache` and l == 1 the single-step update is used (decoding).
     """
 
@@ -124,8 +177,18 @@ class MambaMixer(nn.Module):
             kernel_init=nn.with_logical_partitioning(torch_linear_init(scale), axes),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
 
-        xz = dense(2 * di, cfg.bias, (EMBED, MLP), "in_proj")(x)
-        x_in, z = jnp.split(xz, 2, axis=-1)
+        from_input = cfg.bc_source == "input"
+        if from_input:
+            dxb, rep = cfg.d_xb_value, di // cfg.d_xb_value
+            zxbcdt = dense(2 * di + 2 * dxb + r, cfg.bias, (EMBED, MLP), "in_proj")(x)
+            z, x_in, B_in, C_in, dt_low = jnp.split(
+                zxbcdt, [di, di + dxb, di + 2 * dxb, 2 * di + 2 * dxb], axis=-1)
+            x_in = repeat_groups(x_in, n, rep)                   # repeat_kv_before_conv, as MambaInLlama
+            groups = (*B_in.shape[:-1], cfg.n_groups, n)
+            B, C = repeat_groups(B_in, n, rep).reshape(groups), C_in.reshape(groups)
+        else:
+            xz = dense(2 * di, cfg.bias, (EMBED, MLP), "in_proj")(x)
+            x_in, z = jnp.split(xz, 2, axis=-1)
         keep = None if mask is None else mask[..., None].astype(x_in.dtype)
         if keep is not None:
             x_in = x_in * keep
@@ -139,8 +202,9 @@ class MambaMixer(nn.Module):
         if keep is not None:
             x_conv = x_conv * keep
 
-        x_dbl = dense(r + 2 * n, False, (MLP, None), "x_proj")(x_conv)
-        dt_low, B, C = jnp.split(x_dbl, [r, r + n], axis=-1)
+        if not from_input:
+            x_dbl = dense(r + 2 * n, False, (MLP, None), "x_proj")(x_conv)
+            dt_low, B, C = jnp.split(x_dbl, [r, r + n], axis=-1)
         dt_w = _param(self, "dt_proj_kernel", uniform_init(r ** -0.5 * cfg.dt_scale), (None, MLP), (r, di), pdt)
         dt_b = _param(self, "dt_proj_bias", dt_bias_init(cfg.dt_min, cfg.dt_max, cfg.dt_init_floor),
                       (MLP,), (di,), pdt)

@@ -37,3 +37,25 @@ def test_distilled_student_round_trips_through_save_pretrained(tmp_path):
                                   np.asarray(student.apply({"params": params}, tokens)))
     with pytest.raises(ValueError, match="save_pretrained"):
         save_hf(student, params, tmp_path / "hf")
+
+
+def test_mamba1_form_student_round_trips_and_has_no_hf_layout(tmp_path):
+    from mamba_jax.distill import attention_to_mamba1
+    from mamba_jax.layers.mamba import MambaConfig
+    from mamba_jax.models import MambaLM
+
+    teacher_params = init_params(TransformerLM(TEACHER), jax.random.PRNGKey(0))
+    config, params = attention_to_mamba1(TEACHER, teacher_params, jax.random.PRNGKey(1), fraction=0.5,
+                                         d_state=8)
+    student = HybridLM(config)
+    save_pretrained(student, params, tmp_path / "native")
+    model, loaded = load_pretrained(tmp_path / "native")
+    assert model.config == config and model.config.mamba.bc_source == "input"
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 9), 0, TEACHER.vocab_size)
+    np.testing.assert_array_equal(np.asarray(model.apply({"params": loaded}, tokens)),
+                                  np.asarray(student.apply({"params": params}, tokens)))
+    # a pure Mamba-1 LM of that form has no MambaForCausalLM layout (no x_proj): save_hf names the way out
+    lm_cfg = MambaConfig(vocab_size=40, d_model=32, n_layer=1, d_state=8, bc_source="input", d_xb=32)
+    lm = MambaLM(lm_cfg)
+    with pytest.raises(ValueError, match="bc_source='input'.*save_pretrained"):
+        save_hf(lm, init_params(lm, jax.random.PRNGKey(3)), tmp_path / "hf")
