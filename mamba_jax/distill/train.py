@@ -58,6 +58,20 @@ class KDConfig:
             raise ValueError("KDConfig: `w_kl` and `w_ce` are both 0: nothing to train on")
 
 
+# The two stages as the papers ran them: MambaInLlama's stage 1 trains only the new mixers on forward KL
+# (0.1) + CE (1.0); M1's stage 2 trains the whole student end to end on reverse KL (weight 1, T = 1).
+STAGE1_KD = KDConfig(kind="forward_kl", w_kl=0.1, w_ce=1.0)
+STAGE2_KD = KDConfig(kind="reverse_kl", w_kl=1.0, w_ce=0.0, temperature=1.0)
+
+
+def start_stage2(stage1_state: TrainState, tx: optax.GradientTransformation) -> TrainState:
+    """The student of stage 1, trained end to end from here: its parameters (as they are, frozen or not)
+    under a fresh optimiser `tx` over every parameter, the step count carried on. Pair it with
+    ``make_kd_train_step(teacher_apply, STAGE2_KD)``."""
+    fresh = TrainState.create(apply_fn=stage1_state.apply_fn, params=stage1_state.params, tx=tx)
+    return fresh.replace(step=stage1_state.step)
+
+
 def teacher_logits(teacher_apply: Callable, teacher_params, batch: Dict[str, Any], dtype: str = "float32"):
     """The frozen teacher's logits (b, l, V) for `batch` (no gradient flows into `teacher_params`)."""
     params = jax.lax.stop_gradient(teacher_params)
