@@ -47,7 +47,8 @@ def eight_devices(tmp_path_factory):
 def test_every_strategy_on_eight_devices_equals_one_device(eight_devices):
     out, _ = eight_devices
     assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stdout + out.stderr[-5000:]
-    for line in ("dp OK", "fsdp OK", "tensor OK", "pallas per shard OK", "restore onto 1 device(s) OK",
+    for line in ("dp OK", "fsdp OK", "tensor OK", "pallas per shard OK", "mamba1 input form tensor OK",
+                 "restore onto 1 device(s) OK",
                  "restore onto 4 device(s) OK"):
         assert line in out.stdout, out.stdout
 
