@@ -5,6 +5,7 @@ import dataclasses
 
 LANES = 128  # TPU vector lane width: the channel block is a multiple of it whenever d allows
 SUBLANES = 8  # TPU sublane count: the sequence block is a multiple of it whenever l allows
+TRITON_MAX_BLOCK_D = 64  # the Triton variant keeps several float32 (n, block_d) tiles in registers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,3 +58,15 @@ class BlockSizes:
         padded = -(-seq_len // self.block_l) * self.block_l
         l_ok = self.block_l % SUBLANES == 0 or self.block_l == padded
         return d_ok and l_ok
+
+    def triton_block_d(self, channels_per_group: int) -> int:
+        """The channel block of the Triton (GPU) variant for groups of `channels_per_group` channels: a
+        power of two (Triton tensor sizes), at most `block_d` (rounded down to a power of two) and
+        TRITON_MAX_BLOCK_D, and no wider than the group needs (rounded up); each group's channels are
+        then zero-padded to a multiple of it."""
+        if channels_per_group < 1:
+            raise ValueError(f"BlockSizes.triton_block_d: channels_per_group must be positive; "
+                             f"got {channels_per_group}")
+        largest = 1 << (min(self.block_d, TRITON_MAX_BLOCK_D).bit_length() - 1)
+        needed = 1 << (channels_per_group - 1).bit_length()
+        return min(largest, needed)

@@ -7,6 +7,11 @@
 Everything above happens inside the kernels; the jnp code around them only changes layouts, pads the
 sequence and sums per-block partial gradients.
 
+Two variants share the per-step math below (`_Step`, `_fwd_step`, `_bwd_step`) and the custom VJP
+(`_scan_core`, which picks the variant's pallas_calls by `_Config.variant`): this file's TPU (Mosaic)
+layout, and the GPU (Triton) layout in `triton_kernel.py` (one program walks the whole sequence; block
+sizes and padding differ, see there). `selective_scan(variant=None)` picks per platform when lowering.
+
 Layout (one program = one batch row × one channel block × one sequence block):
 
 - grid (b, d // block_d, l_pad // block_l); the sequence axis is last and sequential ("arbitrary" on TPU),
@@ -74,6 +79,7 @@ class _Config:
     softplus: bool
     has_z: bool
     has_keep: bool
+    variant: str = "tpu"  # "tpu": grid over sequence blocks, VMEM state; "triton": one program walks them
 
     @property
     def padded(self) -> bool:
@@ -160,6 +166,84 @@ class _Step:
         self.a = a
         self.dtu = dt * self.u  # (1, bd)
 
+    def advance(self, h):
+        """The state after this step from the state h (n, bd) before it."""
+        return self.a * h + self.B * self.dtu
+
+
+class _Consts:
+    """The per-program constants: Aᵀ (n, bd), D and delta_bias (1, bd), the (n, n) identity mask."""
+
+    def __init__(self, cfg, r):
+        cd = cfg.dtype
+        self.A = r["At"][...].astype(cd)
+        self.D = r["D"][...].astype(cd)
+        self.bias = r["bias"][...].astype(cd)
+        self.eye = _eye(cfg.n)
+
+    def step(self, cfg, r, t, lblock):
+        return _Step(cfg, t, lblock, r, self.bias, self.A, self.eye)
+
+
+# --- one time step, forward and backward (shared by the TPU and the Triton variant) --------------
+# t indexes rows of the row-accessed refs (`r.rows(name)`); `lblock * cfg.block_l + t` is the step's
+# position in the sequence (only used to find padded steps).
+
+
+def _fwd_step(cfg, r, c: _Consts, t, lblock, h):
+    """Step t: writes y row t and returns the new state."""
+    s = c.step(cfg, r, t, lblock)
+    h = s.advance(h)
+    y = jnp.sum(s.C * h, axis=0, keepdims=True) + c.D * s.u  # (1, bd)
+    if cfg.has_z:
+        z = _row(r.rows("z"), t).astype(cfg.dtype)
+        y = y * (z * _sigmoid(z))
+    y_rows = r.rows("y")
+    y_rows[pl.ds(t, 1), :] = y.astype(y_rows.dtype)
+    return h
+
+
+def _bwd_step(cfg, r, c: _Consts, t, lblock, h_prev, carry):
+    """The reverse of step t given the state h_prev before it: writes rows t of du, ddelta, dz, dB, dC and
+    returns the carry (g_next, dA, dD, dbias); g_next is the cotangent reaching the state before step t
+    (a_t g_t), dA (n, bd), dD and dbias (1, bd) are running sums."""
+    g_next, dA, dD, dbias = carry
+    cd = cfg.dtype
+    A, D, eye = c.A, c.D, c.eye
+    s = c.step(cfg, r, t, lblock)
+    h = s.advance(h_prev)
+    dy = _row(r.rows("dy"), t).astype(cd)  # (1, bd), cotangent of the gated output
+    if cfg.has_z:
+        dz_rows = r.rows("dz")
+        z = _row(r.rows("z"), t).astype(cd)
+        sig = _sigmoid(z)
+        y_pre = jnp.sum(s.C * h, axis=0, keepdims=True) + D * s.u
+        dz_rows[pl.ds(t, 1), :] = (dy * y_pre * sig * (1.0 + z * (1.0 - sig))).astype(dz_rows.dtype)
+        dy = dy * (z * sig)
+    du_rows, ddl_rows, dB_rows, dC_rows = (r.rows(x) for x in ("du", "ddelta", "dB", "dC"))
+    dD = dD + dy * s.u
+    g = g_next + s.C * dy  # (n, bd): cotangent of h_t
+    dC_rows[pl.ds(t, 1), :] = _to_row(jnp.sum(h * dy, axis=1, keepdims=True), eye).astype(dC_rows.dtype)
+    d_log_a = g * h_prev * s.a  # cotangent of Δ_t A
+    d_dtu = jnp.sum(g * s.B, axis=0, keepdims=True)  # (1, bd)
+    dB_rows[pl.ds(t, 1), :] = _to_row(jnp.sum(g * s.dtu, axis=1, keepdims=True), eye).astype(dB_rows.dtype)
+    ddt = jnp.sum(d_log_a * A, axis=0, keepdims=True) + d_dtu * s.u  # cotangent of Δ_t
+    dA = dA + d_log_a * s.dt
+    du_rows[pl.ds(t, 1), :] = (d_dtu * s.dt + dy * D).astype(du_rows.dtype)
+    if cfg.padded:
+        ddt = ddt * s.valid
+    if cfg.softplus:
+        ddt = ddt * _sigmoid(s.raw)
+    ddl_rows[pl.ds(t, 1), :] = ddt.astype(ddl_rows.dtype)
+    dbias = dbias + ddt
+    return s.a * g, dA, dD, dbias
+
+
+def _bwd_init(cfg, g):
+    """The initial backward carry from the cotangent g (n, bd) of the last state: zero sums."""
+    zeros_row = jnp.zeros((1, cfg.block_d), cfg.dtype)
+    return g, jnp.zeros_like(g), zeros_row, zeros_row
+
 
 # --- forward --------------------------------------------------------------------------------------
 
@@ -175,21 +259,8 @@ def _fwd_kernel(*refs, cfg: _Config, names):
         h_scr[...] = r["h0"][...].astype(cd)
 
     r["h_starts"][...] = h_scr[...]  # state before this block's first step, kept for the backward
-    A = r["At"][...].astype(cd)  # (n, bd)
-    D = r["D"][...].astype(cd)  # (1, bd)
-    bias = r["bias"][...].astype(cd)  # (1, bd)
-    eye = _eye(cfg.n)
-    y_rows = r.rows("y")
-
-    def body(t, h):
-        s = _Step(cfg, t, lblock, r, bias, A, eye)
-        h = s.a * h + s.B * s.dtu
-        y = jnp.sum(s.C * h, axis=0, keepdims=True) + D * s.u  # (1, bd)
-        if cfg.has_z:
-            z = _row(r.rows("z"), t).astype(cd)
-            y = y * (z * _sigmoid(z))
-        y_rows[pl.ds(t, 1), :] = y.astype(y_rows.dtype)
-        return h
+    c = _Consts(cfg, r)
+    body = lambda t, h: _fwd_step(cfg, r, c, t, lblock, h)
 
     h = jax.lax.fori_loop(0, cfg.block_l, body, h_scr[...])
     h_scr[...] = h
@@ -216,57 +287,21 @@ def _bwd_kernel(*refs, cfg: _Config, names):
         for name in ("dAt", "dD", "dbias"):
             r[name][...] = jnp.zeros(r[name].shape, r[name].dtype)
 
-    A = r["At"][...].astype(cd)
-    D = r["D"][...].astype(cd)
-    bias = r["bias"][...].astype(cd)
-    eye = _eye(cfg.n)
-    du_rows, ddl_rows, dB_rows, dC_rows = (r.rows(x) for x in ("du", "ddelta", "dB", "dC"))
-    dz_rows = r.rows("dz") if cfg.has_z else None
-
-    def step(t):
-        return _Step(cfg, t, lblock, r, bias, A, eye)
+    c = _Consts(cfg, r)
 
     # 1. recompute this block's states from its saved start state: hs[t] = state before step t
     def fwd_body(t, h):
         hs_scr[t] = h
-        s = step(t)
-        return s.a * h + s.B * s.dtu
+        return c.step(cfg, r, t, lblock).advance(h)
 
     jax.lax.fori_loop(0, cfg.block_l, fwd_body, r["h_starts"][...].astype(cd))
 
     # 2. reverse recurrence; g_next is the cotangent reaching h_t from step t+1 (a_{t+1} g_{t+1})
     def bwd_body(i, carry):
-        g_next, dA, dD, dbias = carry
         t = cfg.block_l - 1 - i
-        s = step(t)
-        h_prev = hs_scr[t]
-        h = s.a * h_prev + s.B * s.dtu
-        dy = _row(r.rows("dy"), t).astype(cd)  # (1, bd), cotangent of the gated output
-        if cfg.has_z:
-            z = _row(r.rows("z"), t).astype(cd)
-            sig = _sigmoid(z)
-            y_pre = jnp.sum(s.C * h, axis=0, keepdims=True) + D * s.u
-            dz_rows[pl.ds(t, 1), :] = (dy * y_pre * sig * (1.0 + z * (1.0 - sig))).astype(dz_rows.dtype)
-            dy = dy * (z * sig)
-        dD = dD + dy * s.u
-        g = g_next + s.C * dy  # (n, bd): cotangent of h_t
-        dC_rows[pl.ds(t, 1), :] = _to_row(jnp.sum(h * dy, axis=1, keepdims=True), eye).astype(dC_rows.dtype)
-        d_log_a = g * h_prev * s.a  # cotangent of Δ_t A
-        d_dtu = jnp.sum(g * s.B, axis=0, keepdims=True)  # (1, bd)
-        dB_rows[pl.ds(t, 1), :] = _to_row(jnp.sum(g * s.dtu, axis=1, keepdims=True), eye).astype(dB_rows.dtype)
-        ddt = jnp.sum(d_log_a * A, axis=0, keepdims=True) + d_dtu * s.u  # cotangent of Δ_t
-        dA = dA + d_log_a * s.dt
-        du_rows[pl.ds(t, 1), :] = (d_dtu * s.dt + dy * D).astype(du_rows.dtype)
-        if cfg.padded:
-            ddt = ddt * s.valid
-        if cfg.softplus:
-            ddt = ddt * _sigmoid(s.raw)
-        ddl_rows[pl.ds(t, 1), :] = ddt.astype(ddl_rows.dtype)
-        dbias = dbias + ddt
-        return s.a * g, dA, dD, dbias
+        return _bwd_step(cfg, r, c, t, lblock, hs_scr[t], carry)
 
-    zeros_row = jnp.zeros((1, cfg.block_d), cd)
-    init = (g_scr[...], jnp.zeros_like(A), zeros_row, zeros_row)
+    init = _bwd_init(cfg, g_scr[...])
     g, dA, dD, dbias = jax.lax.fori_loop(0, cfg.block_l, bwd_body, init)
     g_scr[...] = g
     r.flush()
@@ -337,8 +372,9 @@ def _call(kernel, cfg: _Config, interpret, name, grid, groups, d, reverse, input
     return dict(zip(out_names, outs))
 
 
-def _forward_call(cfg: _Config, interpret, u, delta, At, Bt, Ct, D, bias, z, keep, h0):
-    """Returns y (b, L, d) in u's dtype, h_last (b, n, d) and h_starts (b, n_lblocks, n, d)."""
+def _forward_call(cfg: _Config, interpret, u, delta, At, Bt, Ct, D, bias, z, keep, h0, save_starts: bool = True):
+    """Returns y (b, L, d) in u's dtype, h_last (b, n, d) and h_starts (b, n_lblocks, n, d) (written by
+    every grid step whatever `save_starts` says)."""
     b, L, d = u.shape
     n, bd, cd = cfg.n, cfg.block_d, cfg.dtype
     inputs = dict(u=u, delta=delta, At=At, B=Bt, C=Ct, D=D, bias=bias, z=z, keep=keep, h0=h0)
@@ -372,21 +408,30 @@ def _backward_call(cfg: _Config, interpret, u, delta, At, Bt, Ct, D, bias, z, ke
 # --- custom VJP on the kernel layout --------------------------------------------------------------
 
 
+def _calls(cfg: _Config):
+    """The (forward, backward) pallas_call wrappers of cfg's variant."""
+    if cfg.variant == "triton":
+        from pallas_kernels.selective_scan import triton_kernel
+
+        return triton_kernel.forward_call, triton_kernel.backward_call
+    return _forward_call, _backward_call
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _scan_core(cfg, interpret, u, delta, At, Bt, Ct, D, bias, z, keep, h0):
-    y, h_last, _ = _forward_call(cfg, interpret, u, delta, At, Bt, Ct, D, bias, z, keep, h0)
+    y, h_last, _ = _calls(cfg)[0](cfg, interpret, u, delta, At, Bt, Ct, D, bias, z, keep, h0, save_starts=False)
     return y, h_last
 
 
 def _scan_core_fwd(cfg, interpret, u, delta, At, Bt, Ct, D, bias, z, keep, h0):
-    y, h_last, h_starts = _forward_call(cfg, interpret, u, delta, At, Bt, Ct, D, bias, z, keep, h0)
+    y, h_last, h_starts = _calls(cfg)[0](cfg, interpret, u, delta, At, Bt, Ct, D, bias, z, keep, h0)
     return (y, h_last), (u, delta, At, Bt, Ct, D, bias, z, keep, h_starts, h0)
 
 
 def _scan_core_bwd(cfg, interpret, residuals, cotangents):
     u, delta, At, Bt, Ct, D, bias, z, keep, h_starts, h0 = residuals
     dy, dh_last = cotangents
-    o = _backward_call(cfg, interpret, u, delta, At, Bt, Ct, D, bias, z, keep, h_starts,
+    o = _calls(cfg)[1](cfg, interpret, u, delta, At, Bt, Ct, D, bias, z, keep, h_starts,
                        dy, dh_last.astype(cfg.dtype))
     du, ddelta, dz = o["du"], o["ddelta"], o.get("dz")
     dB_part, dC_part, dA_part, dD_part, dbias_part, dh0 = (o[k] for k in ("dB", "dC", "dAt", "dD", "dbias", "dh0"))
@@ -406,6 +451,76 @@ _scan_core.defvjp(_scan_core_fwd, _scan_core_bwd)
 
 # --- public entry point ---------------------------------------------------------------------------
 
+VARIANTS = ("tpu", "triton")
+
+
+def _pow2_at_least(v: int) -> int:
+    return 1 << (v - 1).bit_length()
+
+
+def _run(variant: str, interpret, cd, bs: BlockSizes, softplus: bool, u, delta, A, B, C, D, z, delta_bias,
+         initial_state, seq_idx):
+    """One variant end to end: layout and padding, kernels, and back to y (b, l, d), h_last (b, d, n).
+
+    TPU: block_d divides the channels per group (`BlockSizes.fit`), nothing but the sequence is padded.
+    Triton: block_d is a power of two (`BlockSizes.triton_block_d`), each group's channels are
+    zero-padded to a multiple of it and n to a power of two (padded channels and state rows stay zero)."""
+    b, l, d = u.shape
+    n = A.shape[1]
+    if B.ndim == 3:
+        B, C = B[:, :, None, :], C[:, :, None, :]
+    groups = B.shape[2]
+    dg = d // groups
+    fitted = bs.fit(l, dg)
+    if variant == "triton":
+        block_d = bs.triton_block_d(dg)
+        dgp, n_p = -(-dg // block_d) * block_d, _pow2_at_least(n)
+    else:
+        block_d, dgp, n_p = fitted.block_d, dg, n
+    block_l = fitted.block_l
+    n_lblocks = -(-l // block_l)
+    L = n_lblocks * block_l
+    cfg = _Config(seq_len=l, n_lblocks=n_lblocks, block_l=block_l, block_d=block_d, n=n_p, dtype=cd,
+                  softplus=bool(softplus), has_z=z is not None, has_keep=seq_idx is not None, variant=variant)
+
+    def pad_ch(x, axis):
+        """Zero-pads the channels of every group (axis of size d) from dg to dgp."""
+        if dgp == dg:
+            return x
+        axis %= x.ndim
+        x = x.reshape(x.shape[:axis] + (groups, dg) + x.shape[axis + 1:])
+        x = zero_pad_axis(x, axis + 1, dgp)
+        return x.reshape(x.shape[:axis] + (groups * dgp,) + x.shape[axis + 2:])
+
+    def unpad_ch(x, axis):
+        if dgp == dg:
+            return x
+        axis %= x.ndim
+        x = x.reshape(x.shape[:axis] + (groups, dgp) + x.shape[axis + 1:])
+        x = jax.lax.slice_in_dim(x, 0, dg, axis=axis + 1)
+        return x.reshape(x.shape[:axis] + (d,) + x.shape[axis + 2:])
+
+    seq = lambda x: pad_ch(zero_pad_axis(x, 1, L), 2)  # (b, l, d) -> (b, L, groups·dgp)
+
+    keep = None
+    if seq_idx is not None:
+        changed = seq_idx[:, 1:] != seq_idx[:, :-1]
+        keep = jnp.concatenate([jnp.ones((b, 1), bool), ~changed], axis=1).astype(cd)
+        keep = jnp.pad(keep, ((0, 0), (0, L - l)), constant_values=1)[..., None]  # (b, L, 1)
+
+    At = zero_pad_axis(pad_ch(A.T, 1), 0, n_p)  # (n, d): channels on lanes
+    Bt = zero_pad_axis(zero_pad_axis(jnp.swapaxes(B, 1, 2), 2, L), 3, n_p)  # (b, g, L, n)
+    Ct = zero_pad_axis(zero_pad_axis(jnp.swapaxes(C, 1, 2), 2, L), 3, n_p)
+    Dv = pad_ch((jnp.zeros((d,), cd) if D is None else D).reshape(1, d), 1)
+    bias = pad_ch((jnp.zeros((d,), cd) if delta_bias is None else delta_bias).reshape(1, d), 1)
+    h0 = (jnp.zeros((b, n_p, groups * dgp), cd) if initial_state is None
+          else zero_pad_axis(pad_ch(jnp.swapaxes(initial_state, 1, 2).astype(cd), 2), 1, n_p))  # (b, n, d)
+    args = (seq(u), seq(delta), At, Bt, Ct, Dv, bias, None if z is None else seq(z), keep, h0)
+    y, h_last = _scan_core(cfg, interpret, *args)
+    y = unpad_ch(y[:, :l], 2)
+    h_last = unpad_ch(h_last[:, :n], 2)
+    return y, jnp.swapaxes(h_last, 1, 2)
+
 
 def selective_scan(
     u,
@@ -422,6 +537,7 @@ def selective_scan(
     return_last_state: bool = False,
     block_sizes: Optional[BlockSizes] = None,
     interpret=None,
+    variant: Optional[str] = None,
 ):
     """Mamba-1 selective scan with the Pallas kernels; differentiable (reverse mode) through a custom VJP.
 
@@ -435,10 +551,15 @@ def selective_scan(
         changes from one position to the next.
       return_last_state: also return the (b, d, n) state after the last step.
       block_sizes: `BlockSizes` (default 128 channels × 128 steps), fitted to the problem by
-        `BlockSizes.fit`.
-      interpret: passed to `pl.pallas_call`. None: chosen per platform when the function is lowered
-        (`jax.lax.platform_dependent`): the compiled Mosaic kernel for TPU, interpret mode elsewhere (CPU;
-        GPU until a Triton variant lands). `pltpu.InterpretParams()` interprets with TPU semantics.
+        `BlockSizes.fit` (TPU variant; the Triton variant takes its sequence chunk from `fit` and its
+        channel block from `BlockSizes.triton_block_d`).
+      interpret: passed to `pl.pallas_call`. None (with `variant=None`): chosen per platform when the
+        function is lowered (`jax.lax.platform_dependent`): the compiled Mosaic kernel for TPU, the
+        compiled Triton kernel for CUDA GPUs, the TPU variant interpreted elsewhere (CPU).
+        `pltpu.InterpretParams()` interprets with TPU semantics.
+      variant: None (per platform, as above), "tpu" or "triton": that variant's kernels, compiled unless
+        `interpret` says otherwise (`variant="triton", interpret=True` runs the GPU kernels interpreted
+        on any host — how they are tested on CPU).
 
     Returns:
       y (b, l, d) in the dtype of `u`; with `return_last_state`, (y, last_state (b, d, n)) where the state
@@ -447,45 +568,24 @@ def selective_scan(
     Inputs are not validated beyond what the layout needs; `mamba_jax.ops.selective_scan(impl="pallas")`
     validates and then calls this.
     """
-    b, l, d = u.shape
-    n = A.shape[1]
-    if B.ndim == 3:
-        B, C = B[:, :, None, :], C[:, :, None, :]
-    groups = B.shape[2]
+    d = u.shape[2]
+    groups = 1 if B.ndim == 3 else B.shape[2]
     if d % groups:
         raise ValueError(f"selective_scan (pallas): {groups} B/C groups must divide d={d}")
+    if variant is not None and variant not in VARIANTS:
+        raise ValueError(f"selective_scan (pallas): `variant` must be None or one of {VARIANTS}; got {variant!r}")
     cd = jnp.dtype(jnp.result_type(jnp.float32, *[x.dtype for x in (u, delta, A, B, C, D, z, delta_bias,
                                                                      initial_state) if x is not None]))
-    bs = (block_sizes or BlockSizes()).fit(l, d // groups)
-    n_lblocks = -(-l // bs.block_l)
-    L = n_lblocks * bs.block_l
-    cfg = _Config(seq_len=l, n_lblocks=n_lblocks, block_l=bs.block_l, block_d=bs.block_d, n=n, dtype=cd,
-                  softplus=bool(delta_softplus), has_z=z is not None, has_keep=seq_idx is not None)
-
-    pad_time = lambda x, axis=1: zero_pad_axis(x, axis, L)
-
-    keep = None
-    if seq_idx is not None:
-        changed = seq_idx[:, 1:] != seq_idx[:, :-1]
-        keep = jnp.concatenate([jnp.ones((b, 1), bool), ~changed], axis=1).astype(cd)
-        keep = jnp.pad(keep, ((0, 0), (0, L - l)), constant_values=1)[..., None]  # (b, L, 1)
-
-    At = A.T  # (n, d): channels on lanes
-    Bt = pad_time(jnp.swapaxes(B, 1, 2), axis=2)  # (b, g, L, n)
-    Ct = pad_time(jnp.swapaxes(C, 1, 2), axis=2)
-    Dv = (jnp.zeros((d,), cd) if D is None else D).reshape(1, d)
-    bias = (jnp.zeros((d,), cd) if delta_bias is None else delta_bias).reshape(1, d)
-    h0 = (jnp.zeros((b, n, d), cd) if initial_state is None
-          else jnp.swapaxes(initial_state, 1, 2).astype(cd))  # (b, n, d)
-    args = (pad_time(u), pad_time(delta), At, Bt, Ct, Dv, bias, None if z is None else pad_time(z), keep, h0)
-    if interpret is None:
+    bs = block_sizes or BlockSizes()
+    args = (u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
+    run = lambda variant_, interpret_: functools.partial(_run, variant_, interpret_, cd, bs, delta_softplus)
+    if variant is None and interpret is None:
         # Chosen when lowering, not when tracing: compiling for a TPU (even AOT, from a CPU host) takes
-        # the Mosaic kernel, every other platform the interpreted one.
+        # the Mosaic kernel, for a CUDA GPU the Triton one, every other platform the interpreted TPU one.
         y, h_last = jax.lax.platform_dependent(
-            *args, tpu=functools.partial(_scan_core, cfg, False), default=functools.partial(_scan_core, cfg, True))
+            *args, tpu=run("tpu", False), cuda=run("triton", False), default=run("tpu", True))
     else:
-        y, h_last = _scan_core(cfg, interpret, *args)
-    y = y[:, :l]
+        y, h_last = run(variant or "tpu", False if interpret is None else interpret)(*args)
     if return_last_state:
-        return y, jnp.swapaxes(h_last, 1, 2)
+        return y, h_last
     return y
