@@ -385,12 +385,11 @@ def _forward_call(cfg: _Config, interpret, u, delta, At, Bt, Ct, D, bias, z, kee
     return o["y"], o["h_last"], o["h_starts"]
 
 
-def _backward_call(cfg: _Config, interpret, u, delta, At, Bt, Ct, D, bias, z, keep, h_starts, dy, dh_last):
-    """Returns a dict of du, ddelta, dz (b, L, d); per-channel-block dB, dC (b, d/block_d, L, n);
-    per-batch-row dAt (b, n, d), dD, dbias (b, 1, d); dh0 (b, n, d)."""
+def _backward_io(cfg: _Config, u, delta, At, Bt, Ct, D, bias, z, keep, h_starts, dy, dh_last):
+    """The backward kernel's named inputs and output shapes (both variants): du, ddelta, dz (b, L, d);
+    per-channel-block dB, dC (b, d/block_d, L, n); per-batch-row dAt (b, n, d), dD, dbias (b, 1, d); dh0."""
     b, L, d = u.shape
-    n, bd, cd = cfg.n, cfg.block_d, cfg.dtype
-    nd = d // bd
+    n, cd, nd = cfg.n, cfg.dtype, d // cfg.block_d
     inputs = dict(u=u, delta=delta, At=At, B=Bt, C=Ct, D=D, bias=bias, z=z, keep=keep, h_starts=h_starts,
                   dy=dy, dh_last=dh_last)
     outputs = dict(du=jax.ShapeDtypeStruct((b, L, d), u.dtype), ddelta=jax.ShapeDtypeStruct((b, L, d), delta.dtype))
@@ -401,6 +400,16 @@ def _backward_call(cfg: _Config, interpret, u, delta, At, Bt, Ct, D, bias, z, ke
         dAt=jax.ShapeDtypeStruct((b, n, d), cd), dD=jax.ShapeDtypeStruct((b, 1, d), cd),
         dbias=jax.ShapeDtypeStruct((b, 1, d), cd), dh0=jax.ShapeDtypeStruct((b, n, d), cd),
     )
+    return inputs, outputs
+
+
+def _backward_call(cfg: _Config, interpret, u, delta, At, Bt, Ct, D, bias, z, keep, h_starts, dy, dh_last):
+    """Returns a dict of du, ddelta, dz (b, L, d); per-channel-block dB, dC (b, d/block_d, L, n);
+    per-batch-row dAt (b, n, d), dD, dbias (b, 1, d); dh0 (b, n, d)."""
+    b, _, d = u.shape
+    n, bd, cd = cfg.n, cfg.block_d, cfg.dtype
+    nd = d // bd
+    inputs, outputs = _backward_io(cfg, u, delta, At, Bt, Ct, D, bias, z, keep, h_starts, dy, dh_last)
     return _call(_bwd_kernel, cfg, interpret, "selective_scan_bwd", (b, nd, cfg.n_lblocks), Bt.shape[1], d,
                  True, inputs, outputs, [pltpu.VMEM((cfg.block_l, n, bd), cd), pltpu.VMEM((n, bd), cd)])
 

@@ -38,7 +38,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from pallas_kernels.selective_scan.kernel import _SQUEEZED, _bwd_init, _bwd_step, _Consts, _fwd_step, _Refs
+from pallas_kernels.selective_scan.kernel import (
+    _SQUEEZED,
+    _backward_io,
+    _bwd_init,
+    _bwd_step,
+    _Consts,
+    _fwd_step,
+    _Refs,
+)
 
 NUM_WARPS = 4
 
@@ -151,18 +159,9 @@ def backward_call(cfg, interpret, u, delta, At, Bt, Ct, D, bias, z, keep, h_star
     """`kernel._backward_call` for the Triton layout (same arguments and results)."""
     b, L, d = u.shape
     n, bd, cd = cfg.n, cfg.block_d, cfg.dtype
-    nd = d // bd
-    inputs = dict(u=u, delta=delta, At=At, B=Bt, C=Ct, D=D, bias=bias, z=z, keep=keep, h_starts=h_starts,
-                  dy=dy, dh_last=dh_last)
-    outputs = dict(du=jax.ShapeDtypeStruct((b, L, d), u.dtype), ddelta=jax.ShapeDtypeStruct((b, L, d), delta.dtype))
-    if cfg.has_z:
-        outputs["dz"] = jax.ShapeDtypeStruct((b, L, d), z.dtype)
-    outputs.update(
-        dB=jax.ShapeDtypeStruct((b, nd, L, n), cd), dC=jax.ShapeDtypeStruct((b, nd, L, n), cd),
-        dAt=jax.ShapeDtypeStruct((b, n, d), cd), dD=jax.ShapeDtypeStruct((b, 1, d), cd),
-        dbias=jax.ShapeDtypeStruct((b, 1, d), cd), dh0=jax.ShapeDtypeStruct((b, n, d), cd),
-        ws=jax.ShapeDtypeStruct((b, nd, cfg.block_l, n, bd), cd),  # the per-program workspace, discarded
-    )
+    inputs, outputs = _backward_io(cfg, u, delta, At, Bt, Ct, D, bias, z, keep, h_starts, dy, dh_last)
+    # the per-program workspace, discarded
+    outputs["ws"] = jax.ShapeDtypeStruct((b, d // bd, cfg.block_l, n, bd), cd)
     barrier = interpret is None or interpret is False  # compiled: the CTA barrier; interpreted: none exists
     kernel = functools.partial(_bwd_kernel, barrier=barrier)
     o = _call(kernel, cfg, interpret, "selective_scan_bwd_triton", Bt.shape[1], inputs, outputs)
