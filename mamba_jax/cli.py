@@ -27,6 +27,7 @@ BENCHMARKS = {
     "prefill": "experiments.bench_models.prefill",
     "sharding": "experiments.bench_sharding.run",
     "kernels": "experiments.bench_kernels.run",
+    "moe": "experiments.bench_moe.run",
 }
 
 

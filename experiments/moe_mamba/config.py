@@ -98,6 +98,7 @@ class MoEMambaConfig:
     router: str = "switch"
     capacity_factor: float = 1.0
     aux_loss_coef: float = 0.01
+    jitter: float = 0.0                # router-input jitter eps (Switch); per-step rng from `seed`
     dispatch: str = "sorted"
     d_state: int = 16
     expand: int = 2
@@ -168,7 +169,8 @@ class MoEMambaConfig:
         settings = dict(arm_settings(arm))
         baseline = settings.pop("baseline", False)
         kwargs = dict(self.sizes(), router=self.router, capacity_factor=self.capacity_factor,
-                      aux_loss_coef=self.aux_loss_coef, dispatch=self.dispatch, d_state=self.d_state,
+                      aux_loss_coef=self.aux_loss_coef, jitter=self.jitter, dispatch=self.dispatch,
+                      d_state=self.d_state,
                       expand=self.expand, scan_impl=self.scan_impl, d_expert=self.d_expert or None)
         kwargs.update(settings)
         try:

@@ -153,7 +153,10 @@ def train_arm(config: MoEMambaConfig, arm: str, text, out: str) -> Dict[str, Any
     print(f"moe_mamba: arm {arm}: {counts['total']:,} parameters, {counts['active']:,} active per token",
           file=sys.stderr)
     t0 = time.perf_counter()
-    _, history = train_loop(state, make_train_step(learning_rate_schedule(lm.optimizer_config())), text.batch,
+    # the MoE router jitter's per-step keys: fold_in(fold_in(PRNGKey(seed), 1), step), deterministic given the seed
+    train_step = make_train_step(learning_rate_schedule(lm.optimizer_config()),
+                                 rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
+    _, history = train_loop(state, train_step, text.batch,
                             lm.loop_config(), metrics=metrics,
                             evaluate_fn=lambda s: text.add_bits_per_byte(evaluate(eval_step, s.params,
                                                                                   text.eval_batches)))

@@ -6,7 +6,9 @@
 
 x: (b, l, d_model) -> y: (b, l, d_model). Each sequence (batch row) is one routing group: capacity and the
 drop order are per sequence (see `mamba_jax.ops.moe` for the routing conventions). Dropped tokens get
-y = 0, so the residual connection around the layer carries them unchanged.
+y = 0, so the residual connection around the layer carries them unchanged. An optional ``token_mask``
+(b, l) (1 = real token, 0 = padding) keeps padding out of routing: no expert slot, y = 0, and no part in
+the losses and metrics.
 """
 from __future__ import annotations
 
@@ -112,19 +114,23 @@ class MoE(nn.Module):
     w_out (E, d_expert, d_model) [EXPERT, MLP, EMBED]; with `expert_bias`, b_in (E, d_expert) [EXPERT, MLP]
     and b_out (E, d_model) [EXPERT, EMBED].
 
-    __call__(x, deterministic=True) -> (y, metrics): x (b, l, d_model); y like x (dtype of x);
-    metrics: aux_loss, z_loss, router_loss (weighted sum), dropped_fraction, unrouted_fraction (scalars),
-    expert_load (E,). `deterministic=False` uses `capacity_factor_train` and, when `jitter` > 0, the
-    "jitter" rng stream.
+    __call__(x, deterministic=True, token_mask=None) -> (y, metrics): x (b, l, d_model); y like x (dtype of
+    x); metrics: aux_loss, z_loss, router_loss (weighted sum), dropped_fraction, unrouted_fraction
+    (scalars), expert_load (E,). `deterministic=False` uses `capacity_factor_train` and, when `jitter` > 0,
+    the "jitter" rng stream. token_mask: optional (b, l), 1 = real token, 0 = padding: padding takes no
+    expert capacity, gets y = 0 and is left out of every loss and metric.
     """
 
     config: MoEConfig
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True) -> Tuple[Any, Dict[str, Any]]:
+    def __call__(self, x, deterministic: bool = True, token_mask=None) -> Tuple[Any, Dict[str, Any]]:
         cfg = self.config
         if x.ndim != 3:
             raise ValueError(f"MoE: `x` must have shape (b, l, d_model); got shape {tuple(x.shape)}")
+        if token_mask is not None and tuple(getattr(token_mask, "shape", ())) != tuple(x.shape[:2]):
+            raise ValueError(f"MoE: `token_mask` must have shape (b, l) = {tuple(x.shape[:2])} like `x`; "
+                             f"got {tuple(getattr(token_mask, 'shape', ())) or type(token_mask).__name__}")
         d_model, n_exp = x.shape[-1], cfg.n_experts
         d_expert = cfg.expert_width(d_model)
         pdt, cdt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
@@ -155,7 +161,7 @@ class MoE(nn.Module):
         y, metrics = expert_parallel_moe(x, logits, w_in, w_out, b_in, b_out, activation=cfg.activation,
                                          router=cfg.router, k=cfg.top_k,
                                          capacity_factor=cfg.capacity_factor(deterministic),
-                                         dispatch=cfg.dispatch, compute_dtype=cdt)
+                                         dispatch=cfg.dispatch, compute_dtype=cdt, token_mask=token_mask)
         metrics = dict(metrics)
         metrics["router_loss"] = cfg.aux_loss_coef * metrics["aux_loss"] + cfg.z_loss_coef * metrics["z_loss"]
         return y, metrics
@@ -203,8 +209,8 @@ class MoEMixer(nn.Module):
     when the caller collects its losses — ``apply(..., mutable=["losses"])``, as the train step does — and
     evaluates otherwise. It sows ``losses/router_loss`` (aux_loss_coef·aux + z_loss_coef·z, to add to the
     objective) and ``moe_metrics/{dropped_fraction, aux_loss, z_loss}``.
-    Left-padding tokens are routed like real ones (they can take capacity); pass unpadded batches to
-    MoE models when drops matter.
+    `mask` (b, l) (1 = real token, 0 = left padding, as the model's `mask`) keeps padding out of routing:
+    padding takes no expert capacity, gets a zero output and counts in no loss or metric.
     """
 
     config: MoEBlockConfig
@@ -212,7 +218,7 @@ class MoEMixer(nn.Module):
     @nn.compact
     def __call__(self, x, *, positions=None, seq_idx=None, mask=None, cache=None):
         training = self.is_mutable_collection("losses")
-        y, metrics = MoE(self.config.moe_config, name="moe")(x, deterministic=not training)
+        y, metrics = MoE(self.config.moe_config, name="moe")(x, deterministic=not training, token_mask=mask)
         self.sow("losses", "router_loss", metrics["router_loss"])
         for name in ("dropped_fraction", "aux_loss", "z_loss"):
             self.sow("moe_metrics", name, metrics[name])

@@ -32,7 +32,8 @@ PAPER_SETTINGS = {"25m": dict(d_model=512, n_blocks=8, n_experts=42),
 
 def moe_mamba_config(setting: str = "25m", *, vocab_size: int, n_experts: int = None, d_model: int = None,
                      n_blocks: int = None, router: str = "switch", capacity_factor: float = 1.0,
-                     aux_loss_coef: float = 0.01, z_loss_coef: float = 0.0, dispatch: str = "sorted",
+                     aux_loss_coef: float = 0.01, z_loss_coef: float = 0.0, jitter: float = 0.0,
+                     dispatch: str = "sorted",
                      expand: int = 2, d_state: int = 16, d_expert: int = None, scan_impl: str = "auto",
                      parallel: bool = False, **common) -> HybridConfig:
     """A MoE-Mamba HybridConfig: `n_blocks` × (Mamba layer, Switch MoE layer), sequential as in the
@@ -40,8 +41,9 @@ def moe_mamba_config(setting: str = "25m", *, vocab_size: int, n_experts: int = 
     h += Mamba(norm(h)) + MoE(norm(h)) with the same sublayers (one norm per block instead of two).
 
     Defaults follow the paper: top-1 (Switch) routing, capacity factor 1, load-balancing α = 0.01, no
-    z-loss, experts d_expert = 3·d_model with ReLU. `setting` "25m" / "100m" fills d_model, n_blocks and
-    n_experts (explicit arguments win). `scan_impl`: the Mamba layers' selective-scan implementation.
+    z-loss, experts d_expert = 3·d_model with ReLU. `jitter`: the router-input jitter eps (Switch; 0 = off;
+    training then needs a "jitter" rng, e.g. ``make_train_step(rng=seed)``). `setting` "25m" / "100m"
+    fills d_model, n_blocks and n_experts (explicit arguments win). `scan_impl`: the Mamba layers' selective-scan implementation.
     `common`: other BaseLMConfig fields (dtype, remat, ...).
     """
     if setting not in PAPER_SETTINGS:
@@ -52,7 +54,7 @@ def moe_mamba_config(setting: str = "25m", *, vocab_size: int, n_experts: int = 
     n_experts = base["n_experts"] if n_experts is None else n_experts
     moe = MoEConfig(n_experts=n_experts, router=router, capacity_factor_train=capacity_factor,
                     capacity_factor_eval=max(capacity_factor, 2.0), aux_loss_coef=aux_loss_coef,
-                    z_loss_coef=z_loss_coef, dispatch=dispatch, d_expert=d_expert)
+                    z_loss_coef=z_loss_coef, jitter=jitter, dispatch=dispatch, d_expert=d_expert)
     block = MAMBA_MOE if parallel else f"{MAMBA} {MOE}"
     return HybridConfig(pattern=" ".join([block] * n_blocks), vocab_size=vocab_size, d_model=d_model,
                         mamba=MambaConfig(expand=expand, d_state=d_state, scan_impl=scan_impl),

@@ -24,9 +24,16 @@ Zhou et al. 2022):
   probability (ties: lower token index first); gate = p_e(token). A token may be taken by several experts
   or by none. Represented token-major with k = E (assignment j of every token is expert j).
 - **Dropped tokens** get zero output from the layer; the residual connection around it carries them.
+- **Padding** (``token_mask: (g, t)``, 1 = real token, 0 = padding; optional everywhere, None = all real):
+  padding tokens are kept out of routing. They take no expert slot (so they never cause a real token to
+  be dropped; the capacity C is still computed from the padded length t), expert choice never picks them,
+  their output is zero, and they count in none of the metrics: the aux loss's f_e and P_e, the z-loss,
+  the dropped / unrouted fractions are computed over real tokens only (a group with no real token adds
+  nothing to the aux loss's mean over groups).
 - **Aux loss** (Switch load balancing) per group ``E · Σ_e f_e · P_e``, f_e = fraction of tokens whose
   top-1 expert is e (before dropping), P_e = mean router probability of e; averaged over groups.
-  **Router z-loss** = mean over tokens of ``logsumexp(logits)²``.
+  **Router z-loss** = mean over tokens of ``logsumexp(logits)²``. Fractions (dropped, unrouted) and the
+  z-loss are means over all (real) tokens of the batch; the aux loss a mean over groups.
 
 Two dispatch paths give the same values and gradients:
 
@@ -88,6 +95,14 @@ def _check_logits(fn, logits):
     check_array(fn, "logits", logits, ("g", "t", "E"))
 
 
+def _check_token_mask(fn, token_mask, g, t):
+    """token_mask: None or (g, t) of any dtype (nonzero / True = real token) -> None or (g, t) bool."""
+    if token_mask is None:
+        return None
+    check_array(fn, "token_mask", token_mask, (g, t), kind="any")
+    return token_mask.astype(bool)
+
+
 def default_k(router: str) -> int:
     """The k of a router when none is given: switch 1, topk 2, expert_choice 1."""
     _check_choice("default_k", "router", router, ROUTERS)
@@ -130,60 +145,96 @@ def router_jitter(x, rng, eps: float):
     return (x.astype(noise.dtype) * noise).astype(x.dtype)
 
 
-def load_balancing_loss(logits):
+def _aux_loss_per_group(logits, token_mask=None):
+    """(per-group Switch aux loss (g,), group has a real token (g,) float): see `load_balancing_loss`."""
+    probs = router_probs(logits)
+    n_experts = probs.shape[-1]
+    top1 = jax.nn.one_hot(jnp.argmax(probs, axis=-1), n_experts, dtype=probs.dtype)  # (g, t, E)
+    if token_mask is None:
+        f = jnp.mean(top1, axis=1)                                                  # (g, E)
+        p = jnp.mean(probs, axis=1)                                                 # (g, E)
+        return n_experts * jnp.sum(f * p, axis=-1), jnp.ones(probs.shape[:1], probs.dtype)
+    m = token_mask.astype(probs.dtype)[..., None]                                   # (g, t, 1)
+    n = jnp.sum(m, axis=1)                                                          # (g, 1)
+    f = jnp.sum(top1 * m, axis=1) / jnp.maximum(n, 1)
+    p = jnp.sum(probs * m, axis=1) / jnp.maximum(n, 1)
+    return n_experts * jnp.sum(f * p, axis=-1), (n[:, 0] > 0).astype(probs.dtype)
+
+
+def load_balancing_loss(logits, token_mask=None):
     """Switch aux loss, averaged over groups: ``mean_g E · Σ_e f_e · P_e``.
 
     logits: (g, t, E). f_e = fraction of the group's tokens whose top-1 expert is e (before any dropping;
     not differentiated), P_e = mean router probability of e. Equals 1 for a perfectly uniform router.
+    token_mask: optional (g, t), 1 = real token, 0 = padding: f_e and P_e over the group's real tokens only;
+    the mean runs over the groups holding at least one real token (0 when none does).
     """
     _check_logits("load_balancing_loss", logits)
-    probs = router_probs(logits)
-    n_experts = probs.shape[-1]
-    top1 = jax.nn.one_hot(jnp.argmax(probs, axis=-1), n_experts, dtype=probs.dtype)  # (g, t, E)
-    f = jnp.mean(top1, axis=1)                                                      # (g, E)
-    p = jnp.mean(probs, axis=1)                                                     # (g, E)
-    return jnp.mean(n_experts * jnp.sum(f * p, axis=-1))
+    token_mask = _check_token_mask("load_balancing_loss", token_mask, *logits.shape[:2])
+    per_group, has_tokens = _aux_loss_per_group(logits, token_mask)
+    if token_mask is None:
+        return jnp.mean(per_group)
+    return jnp.sum(per_group * has_tokens) / jnp.maximum(jnp.sum(has_tokens), 1)
 
 
-def router_z_loss(logits):
-    """Router z-loss (ST-MoE): mean over all tokens of ``logsumexp(logits)²``.  logits: (..., E) -> ()."""
+def router_z_loss(logits, token_mask=None):
+    """Router z-loss (ST-MoE): mean over all tokens of ``logsumexp(logits)²``.  logits: (..., E) -> ().
+
+    token_mask: optional, logits.shape[:-1], 1 = real token, 0 = padding: the mean over real tokens only.
+    """
     logits = logits.astype(compute_dtype(logits))
-    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
+    z = jax.nn.logsumexp(logits, axis=-1) ** 2
+    if token_mask is None:
+        return jnp.mean(z)
+    check_array("router_z_loss", "token_mask", token_mask, z.shape, kind="any")
+    m = token_mask.astype(z.dtype)
+    return jnp.sum(z * m) / jnp.maximum(jnp.sum(m), 1)
 
 
 # ---------------------------------------------------------------------------------------------- routing
 
-def _positions_cumsum(expert, n_experts):
+def _positions_cumsum(expert, n_experts, valid=None):
     """Slot of each assignment in its expert's queue, GShard order, via one-hot cumsum.
 
     expert: (t, k) int -> (t, k) int32 (unbounded: >= C means dropped). Memory O(t·k·E).
+    valid: optional (t, k) bool; invalid assignments (padding) take no place in any queue (their own
+    position is meaningless; the caller marks them not kept).
     """
     t, k = expert.shape
     flat = expert.T.reshape(-1)                                 # priority order: choice-major, then token
     onehot = jax.nn.one_hot(flat, n_experts, dtype=jnp.int32)  # (k·t, E)
+    if valid is not None:
+        onehot = onehot * valid.T.reshape(-1, 1).astype(jnp.int32)
     rank = jnp.cumsum(onehot, axis=0) - 1
     pos = jnp.take_along_axis(rank, flat[:, None], axis=1)[:, 0]
     return pos.reshape(k, t).T.astype(jnp.int32)
 
 
-def _positions_sort(expert, n_experts):
-    """Same as `_positions_cumsum` via a stable sort by expert (no one-hot).  (t, k) -> (t, k) int32."""
+def _positions_sort(expert, n_experts, valid=None):
+    """Same as `_positions_cumsum` via a stable sort by expert (no one-hot).  (t, k) -> (t, k) int32.
+
+    valid: optional (t, k) bool; invalid assignments are sorted into a bucket after the last expert.
+    """
     t, k = expert.shape
     flat = expert.T.reshape(-1).astype(jnp.int32)
+    if valid is not None:
+        flat = jnp.where(valid.T.reshape(-1), flat, n_experts)
     order = jnp.argsort(flat, stable=True)                      # by expert, priority order within one
     sorted_expert = flat[order]
-    counts = jnp.zeros((n_experts,), jnp.int32).at[flat].add(1)
+    counts = jnp.zeros((n_experts + 1,), jnp.int32).at[flat].add(1)
     starts = jnp.cumsum(counts) - counts
     rank_sorted = jnp.arange(k * t, dtype=jnp.int32) - starts[sorted_expert]
     pos = jnp.zeros((k * t,), jnp.int32).at[order].set(rank_sorted)
     return pos.reshape(k, t).T
 
 
-def route_token_choice(logits, k: int, capacity: int, *, positions: str = "cumsum") -> Routing:
+def route_token_choice(logits, k: int, capacity: int, *, positions: str = "cumsum",
+                       token_mask=None) -> Routing:
     """Switch (k = 1) / top-k token-choice routing with capacity and GShard drop order.
 
     logits: (g, t, E); k: experts per token (<= E); capacity: C slots per expert per group;
-    positions: "cumsum" (one-hot, O(t·k·E)) or "sort" (stable argsort) — equal results.
+    positions: "cumsum" (one-hot, O(t·k·E)) or "sort" (stable argsort) — equal results;
+    token_mask: optional (g, t), 1 = real token, 0 = padding (padding takes no slot and is never kept).
     Returns a `Routing` with (g, t, k) arrays. Gates: k = 1 raw probability; k > 1 renormalised over the
     k chosen experts (before dropping).
     """
@@ -192,28 +243,39 @@ def route_token_choice(logits, k: int, capacity: int, *, positions: str = "cumsu
     n_experts = logits.shape[-1]
     _check_k(fn, k, n_experts)
     _check_choice(fn, "positions", positions, POSITION_METHODS)
+    token_mask = _check_token_mask(fn, token_mask, *logits.shape[:2])
     probs = router_probs(logits)
     top_p, top_e = jax.lax.top_k(probs, k)                      # (g, t, k), descending
     gate = top_p / jnp.sum(top_p, axis=-1, keepdims=True) if k > 1 else top_p
     pos_fn = _positions_cumsum if positions == "cumsum" else _positions_sort
-    pos = jax.vmap(lambda e: pos_fn(e, n_experts))(top_e)
-    kept = pos < capacity
+    if token_mask is None:
+        pos = jax.vmap(lambda e: pos_fn(e, n_experts))(top_e)
+        kept = pos < capacity
+    else:
+        valid = jnp.broadcast_to(token_mask[..., None], top_e.shape)
+        pos = jax.vmap(lambda e, v: pos_fn(e, n_experts, v))(top_e, valid)
+        kept = (pos < capacity) & valid
     return Routing(top_e.astype(jnp.int32), jnp.where(kept, pos, capacity).astype(jnp.int32),
                    jnp.where(kept, gate, 0), kept)
 
 
-def route_expert_choice(logits, capacity: int) -> Routing:
+def route_expert_choice(logits, capacity: int, *, token_mask=None) -> Routing:
     """Expert-choice routing: each expert takes its top-C tokens of the group by router probability.
 
-    logits: (g, t, E); capacity: C (<= t). Returns a `Routing` with (g, t, E) arrays: assignment j of a
-    token is expert j, kept when expert j chose the token, at the slot given by the token's rank.
+    logits: (g, t, E); capacity: C (<= t); token_mask: optional (g, t), 1 = real token, 0 = padding (never
+    chosen: an expert takes its top-C real tokens, fewer when the group has fewer than C).
+    Returns a `Routing` with (g, t, E) arrays: assignment j of a token is expert j, kept when expert j chose
+    the token, at the slot given by the token's rank.
     """
     fn = "route_expert_choice"
     _check_logits(fn, logits)
     g, t, n_experts = logits.shape
     if not 1 <= capacity <= t:
         raise ValueError(f"{fn}: `capacity` must be in [1, t={t}]; got {capacity}")
+    token_mask = _check_token_mask(fn, token_mask, g, t)
     probs = router_probs(logits)
+    # padding ranks below every real token (probabilities are >= 0)
+    score = probs if token_mask is None else jnp.where(token_mask[..., None], probs, -1.0)
 
     def one_group(p):                                           # p: (t, E)
         _, tok = jax.lax.top_k(p.T, capacity)                   # (E, C) token of each slot
@@ -221,21 +283,25 @@ def route_expert_choice(logits, capacity: int) -> Routing:
         pos = pos.at[jnp.arange(n_experts)[:, None], tok].set(jnp.arange(capacity, dtype=jnp.int32)[None, :])
         return pos.T                                            # (t, E)
 
-    pos = jax.vmap(one_group)(probs)
+    pos = jax.vmap(one_group)(score)
     kept = pos < capacity
+    if token_mask is not None:
+        kept = kept & token_mask[..., None]
+        pos = jnp.where(kept, pos, capacity)
     expert = jnp.broadcast_to(jnp.arange(n_experts, dtype=jnp.int32), (g, t, n_experts))
     return Routing(expert, pos, jnp.where(kept, probs, 0), kept)
 
 
-def route(logits, *, router: str, k: int, capacity: int, positions: str = "cumsum") -> Routing:
-    """Dispatch to `route_token_choice` (switch: k must be 1; topk) or `route_expert_choice` (k unused)."""
+def route(logits, *, router: str, k: int, capacity: int, positions: str = "cumsum", token_mask=None) -> Routing:
+    """Dispatch to `route_token_choice` (switch: k must be 1; topk) or `route_expert_choice` (k unused).
+    token_mask: optional (g, t), 1 = real token, 0 = padding (kept out of routing)."""
     _check_choice("route", "router", router, ROUTERS)
     if router == "expert_choice":
-        return route_expert_choice(logits, capacity)
+        return route_expert_choice(logits, capacity, token_mask=token_mask)
     if router == "switch" and k != 1:
         raise ValueError(f"route: the switch router routes each token to k=1 expert; got `k`={k!r} "
                          "(use router='topk')")
-    return route_token_choice(logits, k, capacity, positions=positions)
+    return route_token_choice(logits, k, capacity, positions=positions, token_mask=token_mask)
 
 
 # --------------------------------------------------------------------------------------------- dispatch
@@ -315,7 +381,43 @@ def expert_ffn(xe, w_in, w_out, b_in=None, b_out=None, activation: str = "relu")
 
 # ----------------------------------------------------------------------------------------------- metrics
 
-def routing_metrics(logits, routing: Routing, capacity: int, router: str) -> Dict[str, jax.Array]:
+def routing_metric_sums(logits, routing: Routing, capacity: int, router: str, token_mask=None
+                        ) -> Dict[str, tuple]:
+    """The metrics of `routing_metrics` as ``name -> (numerator, denominator)`` sums over this batch's
+    groups, so that shards holding different groups can add them up (``psum``) before dividing
+    (`finish_routing_metrics`): exact means over all groups / real tokens whatever the sharding.
+
+    logits: (g, t, E); routing: (g, t, k) arrays; token_mask: optional (g, t), 1 = real, 0 = padding.
+    Numerators are scalars except expert_load's (E,); denominators are scalars.
+    """
+    g, t, n_experts = logits.shape
+    kept = routing.kept
+    real = jnp.ones((g, t), jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
+    n_real = jnp.sum(real)
+    k = kept.shape[-1]
+    unrouted = jnp.sum(jnp.logical_not(jnp.any(kept, axis=-1)).astype(jnp.float32) * real)
+    if router == "expert_choice":
+        dropped = (unrouted, n_real)
+    else:
+        dropped = (jnp.sum(jnp.logical_not(kept).astype(jnp.float32) * real[..., None]), n_real * k)
+    per_expert = jnp.zeros((g, n_experts), jnp.float32)
+    per_expert = jax.vmap(lambda z, e, m: z.at[e.reshape(-1)].add(m.reshape(-1).astype(jnp.float32)))(
+        per_expert, routing.expert, kept)
+    aux, has_tokens = _aux_loss_per_group(logits, None if token_mask is None else token_mask.astype(bool))
+    z = jax.nn.logsumexp(logits.astype(compute_dtype(logits)), axis=-1) ** 2          # (g, t)
+    return {"aux_loss": (jnp.sum(aux * has_tokens), jnp.sum(has_tokens)),
+            "z_loss": (jnp.sum(z * real.astype(z.dtype)), n_real.astype(z.dtype)),
+            "dropped_fraction": dropped,
+            "unrouted_fraction": (unrouted, n_real),
+            "expert_load": (jnp.sum(per_expert, axis=0) / capacity, jnp.asarray(g, jnp.float32))}
+
+
+def finish_routing_metrics(sums: Dict[str, tuple]) -> Dict[str, jax.Array]:
+    """``numerator / max(denominator, 1)`` of each entry of `routing_metric_sums` (0 for an empty batch)."""
+    return {name: num / jnp.maximum(den, 1).astype(jnp.result_type(num)) for name, (num, den) in sums.items()}
+
+
+def routing_metrics(logits, routing: Routing, capacity: int, router: str, token_mask=None) -> Dict[str, jax.Array]:
     """Scalars and per-expert loads of one routing.
 
     aux_loss: `load_balancing_loss`; z_loss: `router_z_loss`;
@@ -323,35 +425,28 @@ def routing_metrics(logits, routing: Routing, capacity: int, router: str) -> Dic
       tokens no expert took (assignments are not requests there);
     unrouted_fraction: fraction of tokens with no kept assignment (their layer output is zero);
     expert_load: (E,), kept assignments of each expert / C (fraction of its slots used), mean over groups.
+    token_mask: optional (g, t), 1 = real token, 0 = padding: every fraction and loss over real tokens only
+    (padding is never kept, so it uses no load either).
     """
-    n_experts = logits.shape[-1]
-    kept = routing.kept
-    unrouted = jnp.mean(jnp.logical_not(jnp.any(kept, axis=-1)).astype(jnp.float32))
-    if router == "expert_choice":
-        dropped = unrouted
-    else:
-        dropped = jnp.mean(jnp.logical_not(kept).astype(jnp.float32))
-    per_expert = jnp.zeros(kept.shape[:1] + (n_experts,), jnp.float32)
-    per_expert = jax.vmap(lambda z, e, m: z.at[e.reshape(-1)].add(m.reshape(-1).astype(jnp.float32)))(
-        per_expert, routing.expert, kept)
-    return {"aux_loss": load_balancing_loss(logits), "z_loss": router_z_loss(logits),
-            "dropped_fraction": dropped, "unrouted_fraction": unrouted,
-            "expert_load": jnp.mean(per_expert, axis=0) / capacity}
+    return finish_routing_metrics(routing_metric_sums(logits, routing, capacity, router, token_mask))
 
 
 # ------------------------------------------------------------------------------------------------- layer
 
 def mixture_of_experts(x, logits, expert_fn: Callable, *, router: str = "switch", k: int | None = None,
-        capacity_factor: float = 1.0, dispatch: str = "dense"):
+        capacity_factor: float = 1.0, dispatch: str = "dense", token_mask=None, metric_sums: bool = False):
     """Route, dispatch, run the experts, combine.
 
     x: (g, t, d) tokens in groups; logits: (g, t, E) router logits (computed in float32 or wider by the
     caller; cast here to at least float32); expert_fn: (g, E, C, d) -> (g, E, C, d_out);
     router: "switch" | "topk" | "expert_choice"; k: assignments per token (None: `default_k(router)`;
     for expert choice it only enters the capacity, as the mean number of experts per token);
-    capacity_factor: > 0, see `expert_capacity`; dispatch: "dense" | "sorted" (equal results).
+    capacity_factor: > 0, see `expert_capacity`; dispatch: "dense" | "sorted" (equal results);
+    token_mask: optional (g, t), 1 = real token, 0 = padding — padding takes no expert slot, gets y = 0 and
+    counts in no metric (see the module docstring); metric_sums: return `routing_metric_sums` instead
+    of the finished metrics (for callers that add them up over shards).
 
-    Returns (y, metrics): y (g, t, d_out) in x's dtype, zero for unrouted tokens; metrics as
+    Returns (y, metrics): y (g, t, d_out) in x's dtype, zero for unrouted and padding tokens; metrics as
     `routing_metrics`.
     """
     fn = "mixture_of_experts"
@@ -363,10 +458,11 @@ def mixture_of_experts(x, logits, expert_fn: Callable, *, router: str = "switch"
     n_experts = logits.shape[-1]
     k = default_k(router) if k is None else k
     _check_k(fn, k, n_experts)
+    token_mask = _check_token_mask(fn, token_mask, g, t)
     capacity = expert_capacity(t, n_experts, k, capacity_factor)
     logits = logits.astype(compute_dtype(logits, x))
     routing = route(logits, router=router, k=k, capacity=capacity,
-                    positions="cumsum" if dispatch == "dense" else "sort")
+                    positions="cumsum" if dispatch == "dense" else "sort", token_mask=token_mask)
     if dispatch == "dense":
         disp, comb = dense_dispatch_tensors(routing, n_experts, capacity)
         ye = expert_fn(dispatch_dense(x, disp))                             # (g, E, C, d_out)
@@ -376,4 +472,5 @@ def mixture_of_experts(x, logits, expert_fn: Callable, *, router: str = "switch"
         xe = dispatch_sorted(x, slot_token).reshape(g, n_experts, capacity, x.shape[-1])
         ye = expert_fn(xe)
         y = combine_sorted(ye.reshape(g, n_experts * capacity, ye.shape[-1]), flat_slot, routing.gate)
-    return y.astype(x.dtype), routing_metrics(logits, routing, capacity, router)
+    sums = routing_metric_sums(logits, routing, capacity, router, token_mask)
+    return y.astype(x.dtype), sums if metric_sums else finish_routing_metrics(sums)

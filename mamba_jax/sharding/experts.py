@@ -9,7 +9,8 @@ capacity and drops are per group, so they do not depend on the sharding), then
     its own experts' FFNs                                            -> (g_local · n_ep, E / n_ep, C, d)
     all_to_all back                                                  -> (g_local, E, C, d)
 
-and combines. The metrics (means over groups) are averaged over the devices holding different groups.
+and combines. The metrics are added up as (numerator, denominator) sums over the devices holding different
+groups before dividing, so they equal the one-device metrics (also with a `token_mask` of padding).
 With no mesh in context (or an `expert` axis of size 1) this is `mixture_of_experts` itself.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Optional
 import jax
 from jax.sharding import PartitionSpec as P
 
-from mamba_jax.ops.moe import expert_ffn, mixture_of_experts
+from mamba_jax.ops.moe import expert_ffn, finish_routing_metrics, mixture_of_experts
 from mamba_jax.sharding.kernels import context_mesh
 
 EXPERT_AXIS = "expert"
@@ -28,7 +29,7 @@ GROUP_MESH_AXES = ("data", "fsdp", EXPERT_AXIS)
 
 
 def _local_moe(x, logits, w_in, w_out, b_in, b_out, *, activation, router, k, capacity_factor, dispatch,
-               compute_dtype, expert_axis: Optional[str]):
+               compute_dtype, expert_axis: Optional[str], token_mask=None, metric_sums: bool = False):
     cast = lambda a: None if a is None else a.astype(compute_dtype)  # noqa: E731
 
     def experts(xe):
@@ -40,16 +41,17 @@ def _local_moe(x, logits, w_in, w_out, b_in, b_out, *, activation, router, k, ca
         return ye
 
     return mixture_of_experts(x, logits, experts, router=router, k=k, capacity_factor=capacity_factor,
-                              dispatch=dispatch)
+                              dispatch=dispatch, token_mask=token_mask, metric_sums=metric_sums)
 
 
 def expert_parallel_moe(x, logits, w_in, w_out, b_in=None, b_out=None, *, activation: str = "relu",
                         router: str = "switch", k: Optional[int] = None, capacity_factor: float = 1.0,
-                        dispatch: str = "sorted", compute_dtype="float32"):
+                        dispatch: str = "sorted", compute_dtype="float32", token_mask=None):
     """An MoE layer's expert computation, expert-parallel on the context mesh.
 
     x: (g, t, d) routing groups; logits: (g, t, E); w_in (E, d, f), w_out (E, f, d_out), b_in (E, f),
-    b_out (E, d_out). Returns (y (g, t, d_out), metrics) as `mixture_of_experts`.
+    b_out (E, d_out); token_mask: optional (g, t), 1 = real token, 0 = padding (kept out of routing, see
+    `mixture_of_experts`). Returns (y (g, t, d_out), metrics) as `mixture_of_experts`.
     Raises ValueError when E is not divisible by the `expert` axis or g by the group-sharding axes.
     """
     opts = dict(activation=activation, router=router, k=k, capacity_factor=capacity_factor, dispatch=dispatch,
@@ -57,7 +59,7 @@ def expert_parallel_moe(x, logits, w_in, w_out, b_in=None, b_out=None, *, activa
     mesh = context_mesh()
     n_ep = 1 if mesh is None else mesh.shape.get(EXPERT_AXIS, 1)
     if n_ep == 1:
-        return _local_moe(x, logits, w_in, w_out, b_in, b_out, expert_axis=None, **opts)
+        return _local_moe(x, logits, w_in, w_out, b_in, b_out, expert_axis=None, token_mask=token_mask, **opts)
     n_experts, groups = logits.shape[-1], x.shape[0]
     if n_experts % n_ep:
         raise ValueError(f"MoE: `n_experts`={n_experts} must be divisible by the mesh's `expert` axis "
@@ -72,13 +74,24 @@ def expert_parallel_moe(x, logits, w_in, w_out, b_in=None, b_out=None, *, activa
     per_expert = [w_in, w_out] + [b for b in (b_in, b_out) if b is not None]
     has_bias = b_in is not None, b_out is not None
 
-    def per_shard(x, logits, w_in, w_out, *biases):
-        biases = list(biases)
-        b_in = biases.pop(0) if has_bias[0] else None
-        b_out = biases.pop(0) if has_bias[1] else None
-        y, metrics = _local_moe(x, logits, w_in, w_out, b_in, b_out, expert_axis=EXPERT_AXIS, **opts)
-        return y, jax.lax.pmean(metrics, group_axes)   # every metric is a mean over groups
+    has_mask = token_mask is not None
+    if has_mask and getattr(token_mask, "shape", None) != x.shape[:2]:
+        raise ValueError(f"MoE: `token_mask` must have shape (g, t) = {tuple(x.shape[:2])}; "
+                         f"got {getattr(token_mask, 'shape', type(token_mask).__name__)}")
+
+    def per_shard(x, logits, *rest):
+        rest = list(rest)
+        mask = rest.pop(0) if has_mask else None
+        w_in, w_out = rest.pop(0), rest.pop(0)
+        b_in = rest.pop(0) if has_bias[0] else None
+        b_out = rest.pop(0) if has_bias[1] else None
+        y, sums = _local_moe(x, logits, w_in, w_out, b_in, b_out, expert_axis=EXPERT_AXIS, token_mask=mask,
+                             metric_sums=True, **opts)
+        # numerators and denominators summed over the shards of groups, then divided
+        return y, finish_routing_metrics(jax.lax.psum(sums, group_axes))
 
     expert_specs = [P(EXPERT_AXIS, *([None] * (w.ndim - 1))) for w in per_expert]
-    return jax.shard_map(per_shard, mesh=mesh, in_specs=(tokens, tokens, *expert_specs),
-                         out_specs=(tokens, P()))(x, logits, *per_expert)
+    masks = [token_mask] if has_mask else []
+    mask_specs = [P(group_axes, None)] if has_mask else []
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=(tokens, tokens, *mask_specs, *expert_specs),
+                         out_specs=(tokens, P()))(x, logits, *masks, *per_expert)

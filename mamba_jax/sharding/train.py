@@ -114,7 +114,7 @@ def _with_batch_check(jitted, mesh, rules, sharding, batch_argnum: int):
 def sharded_training(model, tx: optax.GradientTransformation, mesh, strategy: Union[str, Rules] = "fsdp", *,
                      learning_rate_fn: Optional[Callable] = None, donate: bool = True, grad_accum_steps: int = 1,
                      logical_axes=None, init_fn: Optional[Callable] = None, seq_len: int = 8,
-                     fsdp_fallback: Optional[bool] = None) -> ShardedTraining:
+                     fsdp_fallback: Optional[bool] = None, rng=None) -> ShardedTraining:
     """Shardings and compiled init/train/eval functions for `model` on `mesh` under `strategy`.
 
     Args:
@@ -122,7 +122,8 @@ def sharded_training(model, tx: optax.GradientTransformation, mesh, strategy: Un
       tx: the optax optimiser (e.g. `make_optimizer(...)`).
       mesh: an Auto-axis mesh (`make_mesh_from_config(MeshConfig(...))`).
       strategy: "dp", "fsdp", "tensor", "fsdp_tensor", or a rules table.
-      learning_rate_fn, donate, grad_accum_steps: as in `make_train_step`.
+      learning_rate_fn, donate, grad_accum_steps, rng: as in `make_train_step` (rng: the per-step key of
+        the model's training-time noise, e.g. the MoE router jitter).
       logical_axes / init_fn(rng) -> params: override `param_axes(model)` / `model.init` on (1, seq_len)
         zeros (e.g. for models with other inputs).
       fsdp_fallback: see `logical_to_shardings`.
@@ -150,7 +151,8 @@ def sharded_training(model, tx: optax.GradientTransformation, mesh, strategy: Un
 
     # traced with the mesh in context, so that Pallas kernels run per shard (`sharding.kernels`)
     init_state = trace_under_mesh(jax.jit(make_state, out_shardings=state_sh), mesh)
-    train = trace_under_mesh(jax.jit(make_train_step(learning_rate_fn, donate=False, grad_accum_steps=grad_accum_steps),
+    train = trace_under_mesh(jax.jit(make_train_step(learning_rate_fn, donate=False, grad_accum_steps=grad_accum_steps,
+                                                     rng=rng),
                                      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl),
                                      donate_argnums=(0,) if donate else ()), mesh)
     evaluate = trace_under_mesh(jax.jit(make_eval_step(model.apply), in_shardings=(param_sh, batch_sh),

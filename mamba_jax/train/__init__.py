@@ -21,10 +21,11 @@ from mamba_jax.train.step import (
     masked_cross_entropy,
     masked_token_stats,
     split_micro_batches,
+    step_rng,
 )
 
 __all__ = ["Checkpointer", "LR_SCHEDULES", "LoopConfig", "MetricsWriter", "OptimizerConfig", "TensorBoardWriter",
            "TrainState", "accumulated_grads", "create_train_state", "decays", "evaluate", "learning_rate_schedule",
            "make_eval_step", "make_optimizer", "make_train_step", "masked_cross_entropy", "masked_token_stats",
-           "path_names", "read_jsonl", "read_tensorboard_scalars", "split_micro_batches", "train_loop",
+           "path_names", "read_jsonl", "read_tensorboard_scalars", "split_micro_batches", "step_rng", "train_loop",
            "weight_decay_mask"]

@@ -11,6 +11,24 @@ from flax.training import train_state
 
 Batch = Mapping[str, jax.Array]  # inputs/targets (b, l) int32, loss_mask (b, l) bool, optional seq_idx (b, l) int
 TrainState = train_state.TrainState
+JITTER_RNG = "jitter"   # the rng stream of the MoE router jitter (`mamba_jax.layers.moe.MoE`)
+
+
+def as_key(rng) -> jax.Array:
+    """A PRNG key from an int seed or a key (returned as is). Raises ValueError naming `rng` otherwise."""
+    if isinstance(rng, bool):
+        raise ValueError(f"`rng` must be an int seed or a jax PRNG key; got {rng!r}")
+    if isinstance(rng, (int, np.integer)):
+        return jax.random.PRNGKey(int(rng))
+    if not hasattr(rng, "dtype"):
+        raise ValueError(f"`rng` must be an int seed or a jax PRNG key; got {type(rng).__name__}")
+    return rng
+
+
+def step_rng(rng, step) -> jax.Array:
+    """The key of optimizer step `step` (int or int32 scalar array): ``fold_in(rng, step)`` — a fresh key per
+    step, a function of the seed and the step only (so a resumed run draws the same keys)."""
+    return jax.random.fold_in(as_key(rng), step)
 
 
 def forward(apply_fn: Callable, params, batch: Batch) -> jax.Array:
@@ -23,15 +41,19 @@ def forward(apply_fn: Callable, params, batch: Batch) -> jax.Array:
     return apply_fn({"params": params}, batch["inputs"])
 
 
-def forward_train(apply_fn: Callable, params, batch: Batch):
+def forward_train(apply_fn: Callable, params, batch: Batch, rng: Optional[jax.Array] = None):
     """(logits, router_loss, moe_metrics) of a training forward: as `forward`, with the losses the model
     sows collected (``mutable=["losses", "moe_metrics"]``, which also puts MoE layers in train mode).
+    rng: optional PRNG key, given to the model as its ``"jitter"`` rng stream (MoE router jitter,
+    `MoEConfig.jitter`); None passes no rngs (a model with jitter > 0 then fails asking for it).
 
     router_loss: the sum of every sown ``losses`` value (MoE load-balancing + z losses, already weighted
     by their coefficients), or None when the model sows none. moe_metrics: the mean over layers of each
     sown ``moe_metrics`` entry (e.g. dropped_fraction), {} without MoE layers.
     """
     kwargs = {"seq_idx": batch["seq_idx"]} if "seq_idx" in batch else {}
+    if rng is not None:
+        kwargs["rngs"] = {JITTER_RNG: rng}
     logits, sown = apply_fn({"params": params}, batch["inputs"], mutable=["losses", "moe_metrics"], **kwargs)
     losses = jax.tree_util.tree_leaves(sown.get("losses", {}))
     router_loss = sum(losses[1:], losses[0]) if losses else None
@@ -99,7 +121,8 @@ def split_micro_batches(batch: Batch, grad_accum_steps: int) -> Batch:
     return jax.tree_util.tree_map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
 
 
-def accumulated_grads(apply_fn: Callable, params, batch: Batch, grad_accum_steps: int = 1):
+def accumulated_grads(apply_fn: Callable, params, batch: Batch, grad_accum_steps: int = 1,
+                      rng: Optional[jax.Array] = None):
     """Gradient of the batch's mean answer-token cross-entropy, summed over `grad_accum_steps`
     micro-batches (a `lax.scan`, so only one micro-batch's activations are alive at a time).
 
@@ -109,12 +132,16 @@ def accumulated_grads(apply_fn: Callable, params, batch: Batch, grad_accum_steps
     order, even when micro-batches hold different numbers of answer tokens.
     Returns ``(grads, stats)``: grads with the structure of `params` (accumulated in float32 when k > 1),
     stats the `masked_token_stats` summed over the micro-batches.
+    rng: optional PRNG key for the model's "jitter" stream (`forward_train`); micro-batch j gets
+    ``fold_in(rng, j)``. None: no rngs.
     """
     tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
 
-    def micro(params, mb):
+    def micro(params, mb, j):
+        key = None if rng is None else jax.random.fold_in(rng, j)
+
         def loss_fn(p):
-            logits, router_loss, moe_metrics = forward_train(apply_fn, p, mb)
+            logits, router_loss, moe_metrics = forward_train(apply_fn, p, mb, key)
             stats = masked_token_stats(logits, mb["targets"], mb["loss_mask"])
             loss = stats["nll_sum"] / tokens
             if router_loss is not None:   # MoE layers: their balancing losses join the objective
@@ -126,20 +153,23 @@ def accumulated_grads(apply_fn: Callable, params, batch: Batch, grad_accum_steps
         return grads, stats
 
     if grad_accum_steps == 1:
-        return micro(params, batch)
+        return micro(params, batch, 0)
     micro_batches = split_micro_batches(batch, grad_accum_steps)
+    index = jnp.arange(grad_accum_steps, dtype=jnp.int32)
 
-    def body(carry, mb):
-        return jax.tree_util.tree_map(lambda acc, x: acc + x.astype(acc.dtype), carry, micro(params, mb)), None
+    def body(carry, mb_j):
+        mb, j = mb_j
+        return jax.tree_util.tree_map(lambda acc, x: acc + x.astype(acc.dtype), carry, micro(params, mb, j)), None
 
     # float32 accumulators (also for lower-precision params), one per gradient leaf and stat
-    shapes = jax.eval_shape(micro, params, jax.tree_util.tree_map(lambda x: x[0], micro_batches))
+    shapes = jax.eval_shape(micro, params, jax.tree_util.tree_map(lambda x: x[0], micro_batches), index[0])
     zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)), shapes)
-    (grads, stats), _ = jax.lax.scan(body, zeros, micro_batches)
+    (grads, stats), _ = jax.lax.scan(body, zeros, (micro_batches, index))
     return grads, stats
 
 
-def make_train_step(learning_rate_fn: Optional[Callable] = None, *, donate: bool = True, grad_accum_steps: int = 1):
+def make_train_step(learning_rate_fn: Optional[Callable] = None, *, donate: bool = True, grad_accum_steps: int = 1,
+                    rng=None):
     """A jitted ``train_step(state, batch) -> (state, metrics)``: one optimizer step per call.
 
     `batch`: inputs/targets (b, l) int32, loss_mask (b, l) bool and, for packed documents, seq_idx (b, l)
@@ -155,12 +185,22 @@ def make_train_step(learning_rate_fn: Optional[Callable] = None, *, donate: bool
     metrics (float32 scalars, pooled over the whole batch): loss, accuracy, exact_match, grad_norm
     (before clipping) and, when `learning_rate_fn` is given, the learning rate used at this step. With
     `donate` the input state's buffers are reused (do not touch the old state afterwards).
+
+    rng: None (default: the model gets no rngs, as before) or an int seed / PRNG key for the model's
+    random training-time noise — the MoE router jitter (`MoEConfig.jitter`, rng stream "jitter"). Step
+    ``state.step`` uses ``step_rng(rng, state.step)`` (a fresh key per step, deterministic given the seed
+    and the same after a resume); evaluation (`make_eval_step`) never jitters.
     """
     if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
         raise ValueError(f"make_train_step: `grad_accum_steps` must be a positive int; got {grad_accum_steps!r}")
+    try:
+        base_key = None if rng is None else as_key(rng)
+    except ValueError as error:
+        raise ValueError(f"make_train_step: {error}") from None
 
     def train_step(state: TrainState, batch: Batch):
-        grads, s = accumulated_grads(state.apply_fn, state.params, batch, grad_accum_steps)
+        key = None if base_key is None else jax.random.fold_in(base_key, state.step)
+        grads, s = accumulated_grads(state.apply_fn, state.params, batch, grad_accum_steps, key)
         tokens = jnp.maximum(s["tokens"], 1.0)
         loss = s["nll_sum"] / tokens
         metrics = {"loss": loss, "accuracy": s["correct"] / tokens, "exact_match": s["exact"] / s["sequences"],

@@ -1,7 +1,8 @@
 """Expert parallelism (experts over the `expert` mesh axis, tokens exchanged with all_to_all in
 shard_map) on 8 fake CPU devices equals one device: the MoE layer without and with dropped tokens (same
 outputs, metrics, gradients and the same dropped tokens), a MoE-Mamba train step under the fsdp strategy,
-and a clear error when the experts do not divide over the axis. Runs expert_parallel_checks.py in a
+left padding kept out of routing (token_mask), and a clear error when the experts do not divide over
+the axis. Runs expert_parallel_checks.py in a
 subprocess (the device count must be set before jax is imported)."""
 import os
 import subprocess
@@ -15,6 +16,7 @@ def test_expert_parallel_equals_one_device():
     out = subprocess.run([sys.executable, CHECKS], capture_output=True, text=True, timeout=900, env=env,
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(CHECKS))))
     assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stdout + out.stderr[-5000:]
-    for line in ("MoE layer no drops OK", "MoE layer drops OK", "MoE layer top-2 drops OK", "bad expert count OK",
+    for line in ("MoE layer no drops OK", "MoE layer drops OK", "MoE layer top-2 drops OK", "MoE layer padding OK",
+                 "bad expert count OK",
                  "MoE-Mamba train step OK"):
         assert line in out.stdout, out.stdout
