@@ -1,4 +1,5 @@
-"""Lowering Pallas Triton kernels for an NVIDIA GPU from a host without one.
+"""Pallas Triton kernels: the shared `pallas_call` (`triton_call`) and lowering them for an NVIDIA GPU from
+a host without one.
 
 `jax.export` lowers a function for another platform without its backend: for `platforms=["cuda"]` every
 Triton-variant `pallas_call` is lowered to Triton IR (TTIR) on this host, so Pallas-level errors — shapes
@@ -35,3 +36,26 @@ def triton_kernel_names(mlir_text: str) -> list[str]:
             m = re.search(r'name = "([^"]+)"', line)
             names.append(m.group(1) if m else "?")
     return names
+
+
+def triton_call(kernel_for, inputs, outputs, specs, grid, *, name: str, interpret, num_warps: int):
+    """`pl.pallas_call` on the Triton backend with named operands: the non-None `inputs` (name → array)
+    then `outputs` (name → `jax.ShapeDtypeStruct`), each with its BlockSpec in `specs` (name → spec).
+    `kernel_for(in_names, out_names)` returns the kernel body for the operands present. One stage: the
+    kernels walk their sequence in a loop of their own. Returns name → output array."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltr
+
+    in_names = tuple(k for k, v in inputs.items() if v is not None)
+    out_names = tuple(outputs)
+    outs = pl.pallas_call(
+        kernel_for(in_names, out_names),
+        out_shape=tuple(outputs.values()),
+        grid=grid,
+        in_specs=[specs[k] for k in in_names],
+        out_specs=tuple(specs[k] for k in out_names),
+        compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name=name,
+    )(*(inputs[k] for k in in_names))
+    return dict(zip(out_names, outs))

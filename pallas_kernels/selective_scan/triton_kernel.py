@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
+from pallas_kernels.gpu_lowering import triton_call
 from pallas_kernels.selective_scan.kernel import (
     _SQUEEZED,
     _backward_io,
@@ -126,20 +127,9 @@ def _bwd_kernel(*refs, cfg, names, barrier: bool):
 
 def _call(kernel, cfg, interpret, name, groups, inputs, outputs):
     b, L, d = inputs["u"].shape
-    specs = _specs(cfg, L, groups, d)
-    in_names = tuple(k for k, v in inputs.items() if v is not None)
-    out_names = tuple(outputs)
-    outs = pl.pallas_call(
-        functools.partial(kernel, cfg=cfg, names=(in_names, out_names)),
-        out_shape=tuple(outputs.values()),
-        grid=(b, d // cfg.block_d),
-        in_specs=[specs[k] for k in in_names],
-        out_specs=tuple(specs[k] for k in out_names),
-        compiler_params=pltr.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
-        interpret=interpret,
-        name=name,
-    )(*(inputs[k] for k in in_names))
-    return dict(zip(out_names, outs))
+    return triton_call(lambda i, o: functools.partial(kernel, cfg=cfg, names=(i, o)), inputs, outputs,
+                       _specs(cfg, L, groups, d), (b, d // cfg.block_d), name=name, interpret=interpret,
+                       num_warps=NUM_WARPS)
 
 
 def forward_call(cfg, interpret, u, delta, At, Bt, Ct, D, bias, z, keep, h0, save_starts: bool = True):

@@ -28,8 +28,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltr
 
+from pallas_kernels.gpu_lowering import triton_call
 from pallas_kernels.selective_scan.kernel import _SQUEEZED
 from pallas_kernels.ssd.kernel import _bwd_chunk, _fwd_chunk, _named
 
@@ -116,20 +116,8 @@ def _bwd_kernel(*refs, cfg, names):
 
 def _call(kernel, cfg, interpret, name, inputs, outputs):
     b, h, L, _ = inputs["x"].shape
-    specs = _specs(cfg, L)
-    in_names = tuple(k for k, v in inputs.items() if v is not None)
-    out_names = tuple(outputs)
-    outs = pl.pallas_call(
-        functools.partial(kernel, cfg=cfg, names=in_names + out_names),
-        out_shape=tuple(outputs.values()),
-        grid=(b, h),
-        in_specs=[specs[k] for k in in_names],
-        out_specs=tuple(specs[k] for k in out_names),
-        compiler_params=pltr.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
-        interpret=interpret,
-        name=name,
-    )(*(inputs[k] for k in in_names))
-    return dict(zip(out_names, outs))
+    return triton_call(lambda i, o: functools.partial(kernel, cfg=cfg, names=i + o), inputs, outputs,
+                       _specs(cfg, L), (b, h), name=name, interpret=interpret, num_warps=NUM_WARPS)
 
 
 def forward_call(cfg, interpret, x, dt, A, B, C, seg, h0, save_starts: bool):
