@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Tests run in parallel (pytest-xdist, one worker per core, at most 4); `make test PYTEST_ARGS=` runs serially.
+# The 30 slowest tests are listed at the end (where CI time goes).
 PYTEST_ARGS ?= -n auto --maxprocesses=4
 
 .PHONY: demo test install install-test bench clean
@@ -24,7 +25,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/mamba-jax run icl --preset cpu
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS) --durations=30
 
 bench: $(VENV)/.installed-test
 	$(VENV)/bin/mamba-jax bench scan

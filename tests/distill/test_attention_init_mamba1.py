@@ -192,6 +192,8 @@ def test_teacher_weights_land_in_x_B_C_and_out_proj(teacher_params, d_state):
             np.testing.assert_array_equal(s["mixer"][name], fresh_m[name])
     for name in ("embeddings", "norm_f"):
         jax.tree_util.tree_map(np.testing.assert_array_equal, params[name], teacher_params[name])
+    if d_state != 16:
+        return
     # multi-head attention: the order is the identity, i.e. exactly MambaInLlama's copy
     mha = TEACHER.replace(n_kv_heads=None)
     mha_params = init_params(TransformerLM(mha), jax.random.PRNGKey(5))
@@ -286,7 +288,7 @@ def test_gradients_reach_every_mixer_parameter(teacher_params):
         logits = HybridLM(config).apply({"params": p}, tokens)
         return jnp.mean(jax.nn.log_softmax(logits)[..., 3])
 
-    grads = jax.grad(loss)(params)
+    grads = jax.jit(jax.grad(loss))(params)
     for layer in ("layers_0", "layers_2"):
         norms = {"/".join(str(getattr(k, "key", k)) for k in path): float(jnp.linalg.norm(g))
                  for path, g in jax.tree_util.tree_leaves_with_path(grads[layer]["mixer"])}

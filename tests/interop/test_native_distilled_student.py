@@ -33,8 +33,8 @@ def test_distilled_student_round_trips_through_save_pretrained(tmp_path):
     for path, value in flat:
         np.testing.assert_array_equal(np.asarray(flat_loaded[path]), np.asarray(value), err_msg=str(path))
     tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 9), 0, TEACHER.vocab_size)
-    np.testing.assert_array_equal(np.asarray(model.apply({"params": loaded}, tokens)),
-                                  np.asarray(student.apply({"params": params}, tokens)))
+    np.testing.assert_array_equal(np.asarray(jax.jit(model.apply)({"params": loaded}, tokens)),
+                                  np.asarray(jax.jit(student.apply)({"params": params}, tokens)))
     with pytest.raises(ValueError, match="save_pretrained"):
         save_hf(student, params, tmp_path / "hf")
 
@@ -52,8 +52,8 @@ def test_mamba1_form_student_round_trips_and_has_no_hf_layout(tmp_path):
     model, loaded = load_pretrained(tmp_path / "native")
     assert model.config == config and model.config.mamba.bc_source == "input"
     tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 9), 0, TEACHER.vocab_size)
-    np.testing.assert_array_equal(np.asarray(model.apply({"params": loaded}, tokens)),
-                                  np.asarray(student.apply({"params": params}, tokens)))
+    np.testing.assert_array_equal(np.asarray(jax.jit(model.apply)({"params": loaded}, tokens)),
+                                  np.asarray(jax.jit(student.apply)({"params": params}, tokens)))
     # a pure Mamba-1 LM of that form has no MambaForCausalLM layout (no x_proj): save_hf names the way out
     lm_cfg = MambaConfig(vocab_size=40, d_model=32, n_layer=1, d_state=8, bc_source="input", d_xb=32)
     lm = MambaLM(lm_cfg)
