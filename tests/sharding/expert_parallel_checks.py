@@ -3,7 +3,8 @@ test_expert_parallel.py): prints one line per check and "OK" at the end."""
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+# appended: keeps the caller's flags (tests/conftest.py); the last device count wins
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

@@ -104,6 +104,6 @@ def main(out_dir, port, process_id, num_processes):
 
 
 if __name__ == "__main__":   # (the test imports this module for its config: set the devices only here)
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
     main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))

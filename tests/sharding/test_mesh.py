@@ -22,7 +22,7 @@ def test_batch_sharded_forward_on_two_host_devices_equals_one_device():
     """Runs in a subprocess: the fake device count must be set before jax starts."""
     code = textwrap.dedent("""
         import os
-        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
         import jax, jax.numpy as jnp, numpy as np
         from mamba_jax.models import MambaConfig, MambaLM, init_params
         from mamba_jax.sharding import make_mesh

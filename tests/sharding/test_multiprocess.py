@@ -43,7 +43,6 @@ def _run_workers(out_dir, meanwhile=lambda: None):
     meanwhile's result)."""
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    env.pop("XLA_FLAGS", None)
     logs = [(open(out_dir / f"out{i}.txt", "w+"), open(out_dir / f"err{i}.txt", "w+")) for i in range(NUM_PROCESSES)]
     procs = [subprocess.Popen([sys.executable, WORKER, str(out_dir), str(port), str(i), str(NUM_PROCESSES)],
                               stdout=o, stderr=e, env=env, cwd=ROOT) for i, (o, e) in enumerate(logs)]
