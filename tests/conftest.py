@@ -16,3 +16,18 @@ from hypothesis import settings  # noqa: E402
 
 settings.register_profile("default", deadline=None, print_blob=True)
 settings.load_profile("default")
+
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every cached compiled program after each test module.
+
+    Each compiled CPU program keeps ~17 memory mappings (measured) and a process may hold 65,530
+    (`vm.max_map_count`); a worker that compiled ~3,700 programs crashed inside the compiler with SIGSEGV.
+    Modules rarely share compiled programs, so this costs almost no recompilation."""
+    yield
+    jax.clear_caches()
