@@ -69,8 +69,11 @@ def test_step_metrics_equal_kd_loss_on_the_teachers_logits(setup):
     t = setup["teacher"].apply({"params": setup["teacher_params"]}, batch["inputs"])
     want = kd_loss(s, batch["targets"], teacher_logits=t, kind="reverse_kl", w_kl=1.0, w_ce=0.5, temperature=2.0,
                    mask=batch["loss_mask"])[1]
+    # The jitted step and the eager forward round differently (float32 logits agree to ~1e-6 relative). The
+    # KL of two near-equal distributions is a difference of O(log V) log-probabilities, so its rounding error
+    # is absolute, ~1e-6 here, however small the KL itself (0.0038 on this batch): hence abs=1e-6.
     for key in ("loss", "kl", "ce", "accuracy"):
-        assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-5)
+        assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-5, abs=1e-6)
 
 
 def test_stored_top_k_outputs_give_the_on_the_fly_step(setup):
