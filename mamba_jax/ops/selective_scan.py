@@ -19,7 +19,8 @@ Implementations (all give the same values and gradients as `reference`):
   on-chip memory, a backward kernel that recomputes states per sequence block from the block-start states
   the forward saved. TPU (Mosaic) layout; on CPU it runs in Pallas interpret mode (how the kernels are
   gradient-checked without an accelerator). The TPU (Mosaic) or GPU (Triton) variant is picked when
-  lowering. Not in `IMPLS` (the list the fast tests sweep); ``auto`` picks it on TPU and GPU backends.
+  lowering. Not in `IMPLS` (the list the fast tests sweep); ``auto`` picks it on TPU only (on GPU once a GPU
+  run has verified the Triton variant; until then ``auto`` there is ``chunked_associative``).
 
 The state and the discretisation are computed in float32 for float32/bf16/fp16 inputs (float64 stays
 float64); only the output is cast back to the dtype of `u`.
@@ -39,11 +40,12 @@ DEFAULT_CHUNK_SIZE = 256
 
 # impl="auto" per backend. CPU: `chunked`, from `mamba-jax bench scan` (README, "Benchmarks"): its forward
 # runs at the speed of `reference` (the same sequential scan) and its hand-written backward ~3x faster,
-# with bounded memory. TPU and GPU: the Pallas kernels (Mosaic on TPU, AOT-compiled for v5e in the tests;
-# Triton on GPUs, lowered from a CPU host in the tests but never run on a GPU yet — pass an explicit impl,
-# e.g. "chunked_associative", if they fail on yours). Other backends: the parallel `chunked_associative`.
-# The backend is the one tracing (`jax.default_backend()`); `mamba-jax aot` resolves "auto" for its target.
-_AUTO_BY_BACKEND = {"cpu": "chunked", "tpu": "pallas", "gpu": "pallas"}
+# with bounded memory. TPU: the Pallas (Mosaic) kernels, AOT-compiled for v5e in the tests. GPU: the plain-JAX
+# `chunked_associative` until a GPU run has verified the Triton kernels (they are lowered from a CPU host in
+# the tests but have never run on a GPU): pass impl="pallas" explicitly to use them. Other backends: the
+# parallel `chunked_associative`. The backend is the one tracing (`jax.default_backend()`); `mamba-jax aot`
+# resolves "auto" for its target.
+_AUTO_BY_BACKEND = {"cpu": "chunked", "tpu": "pallas", "gpu": "chunked_associative"}
 _AUTO_DEFAULT = "chunked_associative"
 
 

@@ -16,7 +16,7 @@ Implementations (same values and gradients):
   the kernel. Two variants picked when lowering: Mosaic on TPU, Triton on CUDA GPUs (lowered from a CPU
   host in the tests, never run on a GPU yet); on CPU the TPU variant runs in Pallas interpret mode (how the
   kernels are gradient-checked without an accelerator). Not in `SSD_IMPLS` (the list the fast tests sweep);
-  ``auto`` picks it on TPU and GPU backends (`resolve_ssd_impl`).
+  ``auto`` picks it on TPU only, not yet on GPU (`resolve_ssd_impl`).
 
 State and decays are float32 for float32/bf16/fp16 inputs (float64 stays float64).
 """
@@ -32,9 +32,10 @@ from mamba_jax.ops.selective_scan import selective_scan, time_step
 
 SSD_IMPLS = ("reference", "chunked")
 
-# impl="auto" per backend: the Pallas kernels on TPU and GPU (see `selective_scan._AUTO_BY_BACKEND` for
-# what has been verified where), the jnp chunked algorithm elsewhere.
-_SSD_AUTO_BY_BACKEND = {"tpu": "pallas", "gpu": "pallas"}
+# impl="auto" per backend: the Pallas kernels on TPU; the jnp chunked algorithm elsewhere, GPUs included until a
+# GPU run has verified the Triton variant (impl="pallas" selects it explicitly; see
+# `selective_scan._AUTO_BY_BACKEND`).
+_SSD_AUTO_BY_BACKEND = {"tpu": "pallas"}
 
 
 def resolve_ssd_impl(impl: str, backend: Optional[str] = None) -> str:

@@ -217,7 +217,8 @@ def test_selective_state_update_equals_one_scan_step():
 def test_auto_is_a_real_impl_and_matches_reference():
     for l in (1, 1024, 16384):
         assert resolve_impl("auto", l, "cpu") == "chunked"
-        assert resolve_impl("auto", l, "gpu") == resolve_impl("auto", l, "tpu") == "pallas"
+        assert resolve_impl("auto", l, "tpu") == "pallas"
+        assert resolve_impl("auto", l, "gpu") == "chunked_associative"   # until the Triton kernels ran on a GPU
         assert resolve_impl("auto", l, "metal") in IMPLS
     args = make_case(29, 1, 12, 3, 2)
     assert_close(run_scan(args, "auto")[0], run_scan(args, "reference")[0], 0, 0)

@@ -181,6 +181,7 @@ def test_auto_resolves_per_backend():
     from mamba_jax.ops import resolve_ssd_impl
 
     assert resolve_ssd_impl("auto", "cpu") == "chunked"
-    assert resolve_ssd_impl("auto", "gpu") == resolve_ssd_impl("auto", "tpu") == "pallas"
+    assert resolve_ssd_impl("auto", "tpu") == "pallas"
+    assert resolve_ssd_impl("auto", "gpu") == "chunked"   # until a GPU run has verified the Triton kernels
     assert resolve_ssd_impl("reference", "tpu") == "reference"
-    assert resolve_ssd_impl("auto") == ("chunked" if jax.default_backend() == "cpu" else "pallas")
+    assert resolve_ssd_impl("auto") == ("pallas" if jax.default_backend() == "tpu" else "chunked")
