@@ -49,6 +49,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from mamba_jax.layers import MambaConfig
+from mamba_jax.layers.config import cast_params
 from mamba_jax.models.mamba import MambaLM
 
 __all__ = ["HFFamily", "TensorSpec", "config_from_dict", "config_to_hf_dict", "families", "load_hf",
@@ -363,7 +364,8 @@ def family_for_model(model, fn: str) -> HFFamily:
 
 def params_from_torch_tensors(tensors: Mapping[str, np.ndarray], config, param_dtype: Any = np.float32,
                               family: HFFamily = MAMBA_FAMILY) -> Dict[str, Any]:
-    """Our parameter tree (numpy arrays in `param_dtype`) from torch-named tensors of `family`.
+    """Our parameter tree from torch-named tensors of `family`, in `param_dtype` (A_log, D and the Δ bias in
+    float32, as the model creates them: `cast_params`).
 
     Accepts the family's embedding name or an alias. Raises ValueError naming every missing tensor, a
     tensor with the wrong shape (got vs expected), or every unused tensor. With tied embeddings a present
@@ -386,8 +388,7 @@ def params_from_torch_tensors(tensors: Mapping[str, np.ndarray], config, param_d
     if unused:
         raise ValueError(f"load_hf: the checkpoint has tensor(s) the model does not use: {unused}")
 
-    dtype = np.dtype(param_dtype)
-    cast = lambda x: np.asarray(x).astype(dtype)
+    cast = np.asarray
     params: Dict[str, Any] = {}
     for spec in specs:
         value = tensors[spec.name]
@@ -405,7 +406,7 @@ def params_from_torch_tensors(tensors: Mapping[str, np.ndarray], config, param_d
                                  f"from `{embed_names[0]}`; set tie_word_embeddings/tie_embeddings to false")
     else:
         _set_path(params, ("lm_head", "kernel"), cast(transpose(_vocab_table(tensors, family.head_name, config))))
-    return params
+    return jax.tree_util.tree_map(np.asarray, cast_params(params, param_dtype))
 
 
 def params_to_torch_tensors(params: Mapping[str, Any], config, family: HFFamily = MAMBA_FAMILY

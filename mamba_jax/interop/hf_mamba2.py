@@ -6,8 +6,8 @@ config.json (transformers `Mamba2Config`) -> Mamba2Config:
 
     hidden_size → d_model, num_hidden_layers → n_layer, state_size → d_state, conv_kernel → d_conv,
     expand, head_dim → headdim, num_heads (must equal expand·hidden_size / head_dim), n_groups → ngroups,
-    use_bias → bias, use_conv_bias → conv_bias, layer_norm_epsilon → rms_norm_eps (every norm, the gated
-    one included), time_step_{min,max,floor} → dt_{min,max,init_floor}, time_step_limit → dt_limit_{min,max}
+    use_bias → bias, use_conv_bias → conv_bias, layer_norm_epsilon → rms_norm_eps and gated_norm_eps (HF
+    uses it for every norm, the gated one included), time_step_{min,max,floor} → dt_{min,max,init_floor}, time_step_limit → dt_limit_{min,max}
     (an infinite upper limit is None), chunk_size, residual_in_fp32, tie_word_embeddings → tie_embeddings.
     HF normalises after gating (norm_before_gate=False) and has no MLP: other settings are refused.
 
@@ -159,6 +159,7 @@ def config_from_hf(raw: Mapping[str, Any]) -> Dict[str, Any]:
         norm_before_gate=False,
         chunk_size=int(raw.get("chunk_size", 256)),
         rms_norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)),
+        gated_norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)),
         residual_in_fp32=bool(raw.get("residual_in_fp32", True)),
         tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
         pad_vocab_size_multiple=int(raw.get("pad_vocab_size_multiple", 8)),
@@ -173,6 +174,10 @@ def config_to_hf(config: Mamba2Config) -> Dict[str, Any]:
     """
     if config.norm_before_gate:
         raise ValueError("save_hf: `norm_before_gate`=True has no HF Mamba-2 equivalent (HF normalises after gating)")
+    if config.gated_norm_eps != config.rms_norm_eps:
+        raise ValueError(f"save_hf: HF Mamba-2 uses one epsilon (layer_norm_epsilon) for every norm; this config has "
+                         f"rms_norm_eps={config.rms_norm_eps} and gated_norm_eps={config.gated_norm_eps} "
+                         "(use mamba_jax.interop.save_pretrained, or make them equal)")
     if config.d_intermediate:
         raise ValueError(f"save_hf: `d_intermediate`={config.d_intermediate} (an MLP per layer) has no HF Mamba-2 "
                          "equivalent; use mamba_jax.interop.save_pretrained")

@@ -17,6 +17,7 @@ import numpy as np
 
 from mamba_jax.interop.hf import (NATIVE_MODEL_TYPE, check_param_tree, read_config, read_safetensors,
                                   unbox_params, write_checkpoint)
+from mamba_jax.layers.config import cast_params
 from mamba_jax.models import HybridLM, Mamba2LM, MambaLM, TransformerLM
 from mamba_jax.models.icl import InContextRegressor
 
@@ -93,4 +94,4 @@ def load_pretrained(path, *, dtype: str = "float32", param_dtype: str = "float32
     else:
         raise ValueError(f"load_pretrained: config.json `task` is {task!r}; expected {ICL_TASK!r} or none")
     check_param_tree(host, model, "load_pretrained", example)
-    return model, jax.tree_util.tree_map(lambda x: jnp.asarray(x, config.jnp_param_dtype), host)
+    return model, cast_params(host, config.jnp_param_dtype)

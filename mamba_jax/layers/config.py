@@ -24,9 +24,43 @@ COMMON_FIELDS = ("vocab_size", "d_model", "n_layer", "rms_norm_eps", "residual_i
                  "pad_vocab_size_multiple", "initializer_range", "dtype", "param_dtype")
 
 
+# SSM parameters kept in (at least) float32 whatever `param_dtype` is, as the official code keeps them: the
+# decay exp(Δ·A) and softplus(Δ + bias) are precision-critical, and these leaves are tiny (d or d·n values).
+FLOAT32_PARAM_NAMES = frozenset({"A_log", "D", "dt_proj_bias", "dt_bias"})
+
+
+def ssm_param_dtype(param_dtype):
+    """The dtype of the `FLOAT32_PARAM_NAMES` leaves: float32, or float64 for float64 models."""
+    return jnp.promote_types(jnp.float32, param_dtype)
+
+
+def cast_params(params, param_dtype):
+    """Every leaf of a parameter tree in `param_dtype`, except the `FLOAT32_PARAM_NAMES` leaves (in
+    `ssm_param_dtype`) — what a model built with that param_dtype creates. Leaves may be numpy or jax arrays."""
+    import jax
+
+    def cast(path, leaf):
+        name = getattr(path[-1], "key", None) if path else None
+        dtype = ssm_param_dtype(param_dtype) if name in FLOAT32_PARAM_NAMES else jnp.dtype(param_dtype)
+        return jnp.asarray(leaf, dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def check_positive_int(owner: str, name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{owner}: `{name}` must be a positive int; got {value!r}")
+
+
+def check_dt_range(owner: str, dt_min, dt_max, dt_init_floor) -> None:
+    """The Δ initialisation range: 0 < dt_min <= dt_max and dt_init_floor > 0 (else the inverse softplus
+    of the init is NaN or the range is empty)."""
+    for name, value in (("dt_min", dt_min), ("dt_max", dt_max), ("dt_init_floor", dt_init_floor)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{owner}: `{name}` must be a number > 0 (Δ is a positive time step); got {value!r}")
+    if dt_min > dt_max:
+        raise ValueError(f"{owner}: need `dt_min` <= `dt_max` (Δ is initialised in [dt_min, dt_max]); "
+                         f"got dt_min={dt_min!r} > dt_max={dt_max!r}")
 
 
 def check_choice(owner: str, name: str, value, choices) -> None:

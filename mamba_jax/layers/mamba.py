@@ -21,7 +21,8 @@ import jax.numpy as jnp
 
 from mamba_jax.ops import causal_conv1d, selective_scan, selective_state_update
 from mamba_jax.ops.selective_scan import IMPLS
-from mamba_jax.layers.config import MAMBA, BaseLMConfig, check_choice, check_positive_int
+from mamba_jax.layers.config import (MAMBA, BaseLMConfig, check_choice, check_dt_range, check_positive_int,
+                                     ssm_param_dtype)
 from mamba_jax.sharding import CONV, EMBED, MLP, STATE
 
 BC_SOURCES = ("conv", "input")   # where B, C, Δ come from: the conv output (official) or the layer input
@@ -62,6 +63,7 @@ class MambaConfig(BaseLMConfig):
             check_positive_int("MambaConfig", name, getattr(self, name))
         if self.dt_rank != "auto" and (not isinstance(self.dt_rank, int) or self.dt_rank < 1):
             raise ValueError(f"MambaConfig: `dt_rank` must be 'auto' or a positive int; got {self.dt_rank!r}")
+        check_dt_range("MambaConfig", self.dt_min, self.dt_max, self.dt_init_floor)
         check_choice("MambaConfig", "scan_impl", self.scan_impl, IMPLS + ("auto", "pallas"))
         check_choice("MambaConfig", "bc_source", self.bc_source, BC_SOURCES)
         if self.bc_source == "conv":
@@ -206,14 +208,15 @@ class MambaMixer(nn.Module):
             x_dbl = dense(r + 2 * n, False, (MLP, None), "x_proj")(x_conv)
             dt_low, B, C = jnp.split(x_dbl, [r, r + n], axis=-1)
         dt_w = _param(self, "dt_proj_kernel", uniform_init(r ** -0.5 * cfg.dt_scale), (None, MLP), (r, di), pdt)
+        sdt = ssm_param_dtype(pdt)   # A_log, D and the Δ bias stay float32 under a bf16 param_dtype
         dt_b = _param(self, "dt_proj_bias", dt_bias_init(cfg.dt_min, cfg.dt_max, cfg.dt_init_floor),
-                      (MLP,), (di,), pdt)
+                      (MLP,), (di,), sdt)
         # Δ in float32: softplus(dt_low · W + b), zero at padding.
         delta = jax.nn.softplus(dt_low.astype(jnp.float32) @ dt_w.astype(jnp.float32) + dt_b.astype(jnp.float32))
         if mask is not None:
             delta = delta * mask[..., None].astype(delta.dtype)
-        A_log = _param(self, "A_log", a_log_init, (MLP, STATE), (di, n), pdt)
-        D = _param(self, "D", nn.initializers.ones, (MLP,), (di,), pdt)
+        A_log = _param(self, "A_log", a_log_init, (MLP, STATE), (di, n), sdt)
+        D = _param(self, "D", nn.initializers.ones, (MLP,), (di,), sdt)
         A = -jnp.exp(A_log.astype(jnp.float32))
         initial_state = None if cache is None else cache.ssm_state
 

@@ -4,8 +4,9 @@ Parameter names follow HF transformers' `Mamba2Mixer` (in_proj, conv1d, dt_bias,
 out_proj); torch (out, in) weights are stored transposed (in, out): `in_proj.kernel`, `conv1d_kernel`
 (k, conv_dim), `conv1d_bias`, `dt_bias`, `A_log`, `D` (nheads,), `norm_weight` (d_inner,), `out_proj.kernel`.
 
-The gated RMSNorm uses `rms_norm_eps` (HF: `layer_norm_epsilon` for every norm; the official block: a
-fixed 1e-5, which is the default). Δ is clamped to [dt_limit_min, dt_limit_max] in the parallel forward
+The gated RMSNorm uses `gated_norm_eps`, a fixed 1e-5 by default as in the official block (whose
+`RMSNormGated` ignores the model's norm epsilon); HF uses `layer_norm_epsilon` for every norm, and `load_hf`
+sets gated_norm_eps from it. Δ is clamped to [dt_limit_min, dt_limit_max] in the parallel forward
 and in the decoding step alike (the official and HF steps skip the clamp; with the default limits
 (0, inf) the two agree).
 """
@@ -19,7 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mamba_jax.layers.config import MAMBA2, BaseLMConfig, check_choice, check_positive_int
+from mamba_jax.layers.config import (MAMBA2, BaseLMConfig, check_choice, check_dt_range, check_positive_int,
+                                     ssm_param_dtype)
 from mamba_jax.layers.mamba import _param, dt_bias_init, residual_out_scale, torch_linear_init, uniform_init
 from mamba_jax.ops import causal_conv1d, gated_rms_norm, selective_state_update
 from mamba_jax.ops._checks import check_array
@@ -35,7 +37,8 @@ class Mamba2Config(BaseLMConfig):
     the conv runs over xBC, conv_dim = d_inner + 2 · ngroups · d_state channels. A = -exp(A_log) with
     A ~ U[A_init_min, A_init_max] per head at init; Δ = softplus(dt + dt_bias), clamped to
     [dt_limit_min, dt_limit_max] (None: no upper limit). The gated RMSNorm normalises each of the
-    ngroups groups of d_inner / ngroups channels.
+    ngroups groups of d_inner / ngroups channels, with epsilon `gated_norm_eps` (the official block's fixed
+    1e-5, independent of `rms_norm_eps`).
     """
 
     family: ClassVar[str] = "mamba2"
@@ -55,6 +58,7 @@ class Mamba2Config(BaseLMConfig):
     conv_bias: bool = True
     bias: bool = False
     norm_before_gate: bool = False
+    gated_norm_eps: float = 1e-5
     chunk_size: int = 256
     ssd_impl: str = "auto"
 
@@ -71,6 +75,14 @@ class Mamba2Config(BaseLMConfig):
             raise ValueError(f"Mamba2Config: need 0 < A_init_min <= A_init_max; got "
                              f"({self.A_init_min}, {self.A_init_max})")
         check_choice("Mamba2Config", "ssd_impl", self.ssd_impl, SSD_IMPLS + ("auto", "pallas"))
+        check_dt_range("Mamba2Config", self.dt_min, self.dt_max, self.dt_init_floor)
+        if not (isinstance(self.dt_limit_min, (int, float)) and self.dt_limit_min >= 0
+                and (self.dt_limit_max is None or self.dt_limit_max > self.dt_limit_min)):
+            raise ValueError(f"Mamba2Config: need 0 <= `dt_limit_min` < `dt_limit_max` (None: no upper limit); "
+                             f"got ({self.dt_limit_min!r}, {self.dt_limit_max!r})")
+        if isinstance(self.gated_norm_eps, bool) or not isinstance(self.gated_norm_eps, (int, float)) \
+                or not self.gated_norm_eps > 0:
+            raise ValueError(f"Mamba2Config: `gated_norm_eps` must be a number > 0; got {self.gated_norm_eps!r}")
 
     @property
     def layer_kinds(self) -> Tuple[str, ...]:
@@ -182,9 +194,10 @@ class Mamba2Mixer(nn.Module):
         xs, B, C = jnp.split(xBC, [di, di + g * n], axis=-1)
         xs, B, C = xs.reshape(b, l, h, p), B.reshape(b, l, g, n), C.reshape(b, l, g, n)
 
-        dt_bias = _param(self, "dt_bias", dt_bias_init(cfg.dt_min, cfg.dt_max, cfg.dt_init_floor), (HEADS,), (h,), pdt)
-        A_log = _param(self, "A_log", a_log_uniform_init(cfg.A_init_min, cfg.A_init_max), (HEADS,), (h,), pdt)
-        D = _param(self, "D", nn.initializers.ones, (HEADS,), (h,), pdt)
+        sdt = ssm_param_dtype(pdt)   # A_log, D and the Δ bias stay float32 under a bf16 param_dtype
+        dt_bias = _param(self, "dt_bias", dt_bias_init(cfg.dt_min, cfg.dt_max, cfg.dt_init_floor), (HEADS,), (h,), sdt)
+        A_log = _param(self, "A_log", a_log_uniform_init(cfg.A_init_min, cfg.A_init_max), (HEADS,), (h,), sdt)
+        D = _param(self, "D", nn.initializers.ones, (HEADS,), (h,), sdt)
         # Δ (b, l, h) in float32: clamp(softplus(dt + dt_bias)), exactly 0 at padding.
         delta = jnp.clip(jax.nn.softplus(dt.astype(cd) + dt_bias.astype(cd)), cfg.dt_limit_min, cfg.dt_limit_max)
         if mask is not None:
@@ -201,7 +214,7 @@ class Mamba2Mixer(nn.Module):
             y, ssm_state = out if cache is not None else (out, None)
 
         norm_w = _param(self, "norm_weight", nn.initializers.ones, (MLP,), (di,), pdt)
-        y = gated_rms_norm(y.reshape(b, l, di), z, norm_w, di // g, cfg.rms_norm_eps, cfg.norm_before_gate)
+        y = gated_rms_norm(y.reshape(b, l, di), z, norm_w, di // g, cfg.gated_norm_eps, cfg.norm_before_gate)
         out = dense(cfg.d_model, cfg.bias, (MLP, EMBED), "out_proj", scale=residual_out_scale(cfg))(y)
         new_cache = None if cache is None else Mamba2Cache(conv_state, ssm_state)
         return out, new_cache

@@ -229,7 +229,7 @@ _BASE = dict(model_type="mamba2", vocab_size=10, hidden_size=16, num_hidden_laye
 def test_config_to_hf_round_trips_through_transformers():
     ours = Mamba2Config(vocab_size=70, d_model=48, n_layer=3, d_state=12, expand=3, headdim=9, ngroups=4,
                         d_conv=3, bias=True, conv_bias=False, dt_limit_min=0.01, dt_limit_max=0.5,
-                        chunk_size=64, rms_norm_eps=1e-6, tie_embeddings=False)
+                        chunk_size=64, rms_norm_eps=1e-6, gated_norm_eps=1e-6, tie_embeddings=False)
     raw = config_to_hf(ours)
     assert raw["model_type"] == "mamba2" and raw["architectures"] == ["Mamba2ForCausalLM"]
     hf = transformers.Mamba2Config(**{k: v for k, v in raw.items() if k not in ("architectures", "model_type")})
@@ -250,6 +250,14 @@ def test_infinite_limits_read_in_both_spellings():
 def test_config_to_hf_refuses_norm_before_gate():
     with pytest.raises(ValueError, match="norm_before_gate"):
         config_to_hf(Mamba2Config(norm_before_gate=True))
+
+
+def test_gated_norm_eps_is_the_official_fixed_one_and_hf_sets_it():
+    # the official block's RMSNormGated has a fixed eps 1e-5, whatever the model's norm epsilon
+    assert Mamba2Config(rms_norm_eps=1e-6).gated_norm_eps == 1e-5
+    assert config_from_hf({**_BASE, "layer_norm_epsilon": 1e-6})["gated_norm_eps"] == 1e-6   # HF: one eps
+    with pytest.raises(ValueError, match="gated_norm_eps=1e-05"):
+        config_to_hf(Mamba2Config(rms_norm_eps=1e-6))
 
 
 @pytest.mark.parametrize("change,pattern", [

@@ -244,7 +244,10 @@ def test_bfloat16_checkpoint_loads_in_param_dtype(small_dir, tmp_path):
     bf.to(torch.bfloat16).save_pretrained(tmp_path)
     model, params = load_hf(tmp_path, param_dtype="bfloat16", dtype="bfloat16")
     a_log = params["layers_1"]["mixer"]["A_log"]
-    assert a_log.dtype == jnp.bfloat16 and model.config.jnp_dtype == jnp.bfloat16
+    # A_log, D and the Δ bias load in float32 (as the model creates them), the rest in param_dtype
+    assert a_log.dtype == jnp.float32 and model.config.jnp_dtype == jnp.bfloat16
+    assert params["layers_1"]["mixer"]["D"].dtype == params["layers_1"]["mixer"]["dt_proj_bias"].dtype == jnp.float32
+    assert params["layers_1"]["mixer"]["conv1d_kernel"].dtype == jnp.bfloat16
     expected = bf.backbone.layers[1].mixer.A_log.detach().float().numpy()
     np.testing.assert_array_equal(np.asarray(a_log, np.float32), expected)
     expected_conv = bf.backbone.layers[0].mixer.conv1d.weight.detach().float().numpy()[:, 0, :].T

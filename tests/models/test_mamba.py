@@ -98,6 +98,9 @@ def test_untied_head_and_biases():
     (dict(dt_rank=-1), "`dt_rank` must be 'auto' or a positive int"),
     (dict(dtype="int8"), "`dtype` must be one of"),
     (dict(scan_impl="magic"), "`scan_impl` must be one of"),
+    (dict(dt_min=0.2, dt_max=0.1), r"`dt_min` <= `dt_max`.*dt_min=0.2 > dt_max=0.1"),
+    (dict(dt_min=0.0), "`dt_min` must be a number > 0"),
+    (dict(dt_max=-1.0), "`dt_max` must be a number > 0"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):

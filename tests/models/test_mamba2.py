@@ -325,6 +325,11 @@ def test_hidden_states_and_untied_head():
     (dict(chunk_size=0), "`chunk_size` must be a positive int"),
     (dict(A_init_min=0.0), "A_init_min"),
     (dict(ssd_impl="magic"), "`ssd_impl` must be one of"),
+    (dict(dt_min=0.2, dt_max=0.1), r"`dt_min` <= `dt_max`.*dt_min=0.2 > dt_max=0.1"),
+    (dict(dt_min=0.0), "`dt_min` must be a number > 0"),
+    (dict(dt_init_floor=-1e-4), "`dt_init_floor` must be a number > 0"),
+    (dict(dt_limit_min=0.5, dt_limit_max=0.1), "dt_limit_min"),
+    (dict(gated_norm_eps=0.0), "`gated_norm_eps` must be a number > 0"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
