@@ -16,7 +16,6 @@ Arms (`arms`, comma-separated, run in that order, all on the same batches from t
 * ``moe`` — MoE-Mamba: n_blocks × (Mamba, MoE) with `n_experts`, `router`, `capacity_factor`.
 * ``moe_e<N>`` — as ``moe`` with N experts (``moe_e1``: one expert, a dense FFN of the same active size).
 * ``moe_top2`` — top-2 routing (gates renormalised over the two experts: twice the active expert weights).
-* ``moe_expert_choice`` — expert-choice routing (each expert picks its tokens; no dropped-token count).
 * ``moe_cf<X>`` — capacity factor X (e.g. ``moe_cf0.5``, ``moe_cf2``).
 * ``moe_parallel`` — Mamba and MoE side by side in each block, h += Mamba(norm(h)) + MoE(norm(h)).
 """
@@ -32,8 +31,8 @@ from mamba_jax.layers.config import BaseLMConfig
 from mamba_jax.models.moe_mamba import PAPER_SETTINGS, mamba_baseline_config, moe_mamba_config
 
 PRESETS = ("smoke", "cpu", "paper")
-ROUTER_NAMES = ("switch", "topk", "expert_choice")
-ARM_FORMS = ("mamba", "moe", "moe_e<N>", "moe_top2", "moe_expert_choice", "moe_cf<X>", "moe_parallel")
+ROUTER_NAMES = ("switch", "topk")   # expert choice is not causal: refused in language models
+ARM_FORMS = ("mamba", "moe", "moe_e<N>", "moe_top2", "moe_cf<X>", "moe_parallel")
 BASELINE = "mamba"
 
 
@@ -51,7 +50,9 @@ def arm_settings(arm: str) -> Dict[str, Any]:
     if arm == "moe_top2":
         return {"router": "topk"}
     if arm == "moe_expert_choice":
-        return {"router": "expert_choice"}
+        raise ValueError("MoEMambaConfig: the arm 'moe_expert_choice' was removed: expert-choice routing picks "
+                         "each expert's tokens over the whole sequence, later tokens included, so it is not a "
+                         "valid causal language model (its 0.87x was a leak from the future)")
     if arm == "moe_parallel":
         return {"parallel": True}
     m = re.fullmatch(r"moe_e([0-9]+)", arm)
@@ -82,7 +83,7 @@ class MoEMambaConfig:
 
     preset: str = "cpu"
     seed: int = 0
-    arms: str = "mamba,moe,moe_e1,moe_e4,moe_e16,moe_e32,moe_top2,moe_expert_choice,moe_cf0.5,moe_cf2"
+    arms: str = "mamba,moe,moe_e1,moe_e4,moe_e16,moe_e32,moe_top2,moe_cf0.5,moe_cf2"
     # -- text (byte-level, `mamba_jax.data.text` through the `lm` experiment's TextData) --
     text_root: str = ""                # "" = the Python standard library's sources
     text_pattern: str = "*.py"
@@ -205,7 +206,7 @@ _PRESETS: Dict[str, Dict[str, Any]] = {
     "cpu": {},
     # the paper's sizes (d_model, blocks, 42 experts from `setting`); step count, batch and learning rate are
     # this project's choice for a GPU/TPU run, not the paper's exact schedule
-    "paper": dict(arms="mamba,moe,moe_e1,moe_e4,moe_e8,moe_e16,moe_e32,moe_top2,moe_expert_choice,moe_cf0.5,"
+    "paper": dict(arms="mamba,moe,moe_e1,moe_e4,moe_e8,moe_e16,moe_e32,moe_top2,moe_cf0.5,"
                        "moe_cf2", text_max_files=0, seq_len=256, d_model=0, n_blocks=0, n_experts=0,
                   batch_size=64, num_steps=25_000, learning_rate=1e-3, warmup_steps=1000, ema=0.99, log_every=10,
                   eval_every=500, eval_batches=32),

@@ -172,7 +172,7 @@ def train_arm(config: MoEMambaConfig, arm: str, text, out: str) -> Dict[str, Any
         "final_eval_loss": float(evals[-1]["eval_loss"]),
         "final_eval_bits_per_byte": float(evals[-1]["eval_bits_per_byte"]),
         "tokens_per_s": train_tokens_per_s(history),
-        # expert choice never drops a token by construction of its metric; the baseline has no router
+        # the baseline has no router
         "dropped_fraction": float(np.mean(dropped)) if dropped else None,
         "wall_time_s": time.perf_counter() - t0,
     }
@@ -257,8 +257,7 @@ def results_markdown(results: Dict[str, Any]) -> str:
                           f"{cfg['num_steps']} steps, orders of magnitude below the paper; it checks the "
                           f"pipeline and the direction of the effect, not the paper's number."]
     lines += ["", "Dropped-token fraction: mean over training steps of the tokens that found their chosen "
-                  "expert full (averaged over MoE layers; expert-choice routing reports tokens no expert "
-                  "picked). Tokens/s: median over logged train steps after the first (jit), this machine.",
+                  "expert full (averaged over MoE layers). Tokens/s: median over logged train steps after the first (jit), this machine.",
               "", results["hardware"], ""]
     return "\n".join(lines)
 

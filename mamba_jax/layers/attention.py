@@ -129,7 +129,9 @@ class Attention(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x, *, positions=None, seq_idx=None, mask=None, cache: Optional[KVCache] = None):
+    def __call__(self, x, *, positions=None, seq_idx=None, mask=None, cache: Optional[KVCache] = None,
+                 deterministic: bool = True):
+        del deterministic  # no train-only behaviour (no dropout)
         cfg, fn = self.config, "Attention"
         h, kv, dh = cfg.n_heads, cfg.kv_heads, cfg.head_dim_value
         check_array(fn, "x", x, ("b", "l", cfg.d_model))
@@ -150,7 +152,7 @@ class Attention(nn.Module):
         if cfg.position_embedding == "rope":
             q = rotary_embedding(q, positions, cfg.rope_theta)
             k = rotary_embedding(k, positions, cfg.rope_theta)
-        valid = jnp.ones((b, l), bool) if mask is None else mask.astype(bool)
+        valid = jnp.ones((b, l), bool) if mask is None else mask != 0
 
         if cache is None:
             slots = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))

@@ -155,7 +155,8 @@ class MambaMixer(nn.Module):
     """Mamba-1 mixer. x: (b, l, d_model) -> (b, l, d_model), plus the new LayerCache when one is given.
 
     `mask` (b, l) marks real tokens (1) and left padding (0): padded positions are zeroed before and
-    after the conv and get Δ = 0, so they leave the state exactly as it was.
+    after the conv and get Δ = 0, so they leave the state exactly as it was (by selection: a NaN at a
+    padding position reaches no real one).
 
     bc_source="conv" (the official block): in_proj (d_model, 2·d_inner) → [x, z]; x_proj (d_inner,
     dt_rank + 2·d_state) on the conv output → [dt_low, B, C].
@@ -169,8 +170,9 @@ class MambaMixer(nn.Module):
     config: MambaConfig
 
     @nn.compact
-    def __call__(self, x, *, positions=None, seq_idx=None, mask=None, cache: Optional[LayerCache] = None):
-        del positions  # the recurrence carries position implicitly
+    def __call__(self, x, *, positions=None, seq_idx=None, mask=None, cache: Optional[LayerCache] = None,
+                 deterministic: bool = True):
+        del positions, deterministic  # the recurrence carries position; no train-only behaviour
         cfg = self.config
         di, n, r, k = cfg.d_inner, cfg.d_state, cfg.dt_rank_value, cfg.d_conv
         pdt, dt_ = cfg.jnp_param_dtype, cfg.jnp_dtype
@@ -191,9 +193,10 @@ class MambaMixer(nn.Module):
         else:
             xz = dense(2 * di, cfg.bias, (EMBED, MLP), "in_proj")(x)
             x_in, z = jnp.split(xz, 2, axis=-1)
-        keep = None if mask is None else mask[..., None].astype(x_in.dtype)
-        if keep is not None:
-            x_in = x_in * keep
+        # Masks select (`where`), never multiply: whatever a padding position holds (NaN included) stays there.
+        real = None if mask is None else (mask != 0)[..., None]
+        if real is not None:
+            x_in = jnp.where(real, x_in, jnp.zeros((), x_in.dtype))
 
         conv_w = _param(self, "conv1d_kernel", uniform_init(1 / math.sqrt(k)), (CONV, MLP), (k, di), pdt)
         conv_b = (_param(self, "conv1d_bias", uniform_init(1 / math.sqrt(k)), (MLP,), (di,), pdt)
@@ -201,8 +204,8 @@ class MambaMixer(nn.Module):
         x_conv, conv_state = causal_conv1d(
             x_in, conv_w.astype(dt_), None if conv_b is None else conv_b.astype(dt_),
             conv_state=None if cache is None else cache.conv_state, seq_idx=seq_idx, activation="silu")
-        if keep is not None:
-            x_conv = x_conv * keep
+        if real is not None:
+            x_conv = jnp.where(real, x_conv, jnp.zeros((), x_conv.dtype))
 
         if not from_input:
             x_dbl = dense(r + 2 * n, False, (MLP, None), "x_proj")(x_conv)
@@ -213,8 +216,10 @@ class MambaMixer(nn.Module):
                       (MLP,), (di,), sdt)
         # Δ in float32: softplus(dt_low · W + b), zero at padding.
         delta = jax.nn.softplus(dt_low.astype(jnp.float32) @ dt_w.astype(jnp.float32) + dt_b.astype(jnp.float32))
-        if mask is not None:
-            delta = delta * mask[..., None].astype(delta.dtype)
+        if real is not None:
+            delta = jnp.where(real, delta, jnp.zeros((), delta.dtype))
+            if from_input:   # B and C read the layer input directly, not the zeroed conv output
+                B, C = (jnp.where(real[..., None], v, jnp.zeros((), v.dtype)) for v in (B, C))
         A_log = _param(self, "A_log", a_log_init, (MLP, STATE), (di, n), sdt)
         D = _param(self, "D", nn.initializers.ones, (MLP,), (di,), sdt)
         A = -jnp.exp(A_log.astype(jnp.float32))

@@ -164,8 +164,9 @@ class Mamba2Mixer(nn.Module):
     config: Mamba2Config
 
     @nn.compact
-    def __call__(self, x, *, positions=None, seq_idx=None, mask=None, cache: Optional[Mamba2Cache] = None):
-        del positions  # the recurrence carries position implicitly
+    def __call__(self, x, *, positions=None, seq_idx=None, mask=None, cache: Optional[Mamba2Cache] = None,
+                 deterministic: bool = True):
+        del positions, deterministic  # the recurrence carries position; no train-only behaviour
         cfg = self.config
         _check_inputs(cfg, x, mask, cache)
         b, l, _ = x.shape
@@ -179,9 +180,10 @@ class Mamba2Mixer(nn.Module):
 
         zxbcdt = dense(2 * di + 2 * g * n + h, cfg.bias, (EMBED, MLP), "in_proj")(x)
         z, xBC, dt = jnp.split(zxbcdt, [di, di + cfg.conv_dim], axis=-1)
-        keep = None if mask is None else mask[..., None].astype(xBC.dtype)
-        if keep is not None:
-            xBC = xBC * keep
+        # Masks select (`where`), never multiply: whatever a padding position holds (NaN included) stays there.
+        real = None if mask is None else (mask != 0)[..., None]
+        if real is not None:
+            xBC = jnp.where(real, xBC, jnp.zeros((), xBC.dtype))
 
         conv_w = _param(self, "conv1d_kernel", uniform_init(1 / math.sqrt(k)), (CONV, MLP), (k, cfg.conv_dim), pdt)
         conv_b = (_param(self, "conv1d_bias", uniform_init(1 / math.sqrt(k)), (MLP,), (cfg.conv_dim,), pdt)
@@ -189,8 +191,8 @@ class Mamba2Mixer(nn.Module):
         xBC, conv_state = causal_conv1d(
             xBC, conv_w.astype(dt_), None if conv_b is None else conv_b.astype(dt_),
             conv_state=None if cache is None else cache.conv_state, seq_idx=seq_idx, activation="silu")
-        if keep is not None:
-            xBC = xBC * keep
+        if real is not None:
+            xBC = jnp.where(real, xBC, jnp.zeros((), xBC.dtype))
         xs, B, C = jnp.split(xBC, [di, di + g * n], axis=-1)
         xs, B, C = xs.reshape(b, l, h, p), B.reshape(b, l, g, n), C.reshape(b, l, g, n)
 
@@ -200,8 +202,8 @@ class Mamba2Mixer(nn.Module):
         D = _param(self, "D", nn.initializers.ones, (HEADS,), (h,), sdt)
         # Δ (b, l, h) in float32: clamp(softplus(dt + dt_bias)), exactly 0 at padding.
         delta = jnp.clip(jax.nn.softplus(dt.astype(cd) + dt_bias.astype(cd)), cfg.dt_limit_min, cfg.dt_limit_max)
-        if mask is not None:
-            delta = delta * mask[..., None].astype(cd)
+        if real is not None:
+            delta = jnp.where(real, delta, jnp.zeros((), cd))
         A = -jnp.exp(A_log.astype(cd))
 
         if cache is not None and l == 1:

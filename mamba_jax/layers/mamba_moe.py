@@ -43,15 +43,16 @@ class ParallelMambaMoE(nn.Module):
     """``(x, positions, seq_idx, mask, cache) -> (Mamba(x) + MoE(x), cache)``: x (b, l, d_model); the output
     is in the Mamba layer's dtype; cache: the Mamba layer's `LayerCache` (the MoE layer is token-wise).
     Params: ``mamba`` (a `MambaMixer`) and ``moe`` (a `MoEMixer`, which sows its router loss and metrics as
-    an "E" layer does: train mode when the caller collects ``losses``)."""
+    an "E" layer does; `deterministic=False` trains it)."""
 
     config: ParallelMambaMoEConfig
 
     @nn.compact
-    def __call__(self, x, *, positions=None, seq_idx=None, mask=None, cache=None):
+    def __call__(self, x, *, positions=None, seq_idx=None, mask=None, cache=None, deterministic: bool = True):
         y_mamba, cache = MambaMixer(self.config.mamba, name="mamba")(
             x, positions=positions, seq_idx=seq_idx, mask=mask, cache=cache)
-        y_moe, _ = MoEMixer(self.config.moe, name="moe")(x, positions=positions, seq_idx=seq_idx, mask=mask)
+        y_moe, _ = MoEMixer(self.config.moe, name="moe")(x, positions=positions, seq_idx=seq_idx, mask=mask,
+                                                         deterministic=deterministic)
         return y_mamba + y_moe.astype(y_mamba.dtype), cache
 
 

@@ -4,9 +4,11 @@
     y, metrics = MoE(cfg).apply({"params": params}, x, deterministic=False, rngs={"jitter": key})
     loss = task_loss + metrics["router_loss"]        # aux_loss_coef · aux_loss + z_loss_coef · z_loss
 
-x: (b, l, d_model) -> y: (b, l, d_model). Each sequence (batch row) is one routing group: capacity and the
-drop order are per sequence (see `mamba_jax.ops.moe` for the routing conventions). Dropped tokens get
-y = 0, so the residual connection around the layer carries them unchanged. An optional ``token_mask``
+x: (b, l, d_model) -> y: (b, l, d_model). With a capacity factor, each sequence (batch row) is one routing
+group: capacity and the (causal, token-major) drop order are per sequence (see `mamba_jax.ops.moe` for the
+routing conventions); dropped tokens get y = 0, so the residual connection around the layer carries them
+unchanged. With capacity factor None the layer is dropless: every token reaches its k experts, and its
+output depends on nothing but its own input (the default in evaluation and decoding). An optional ``token_mask``
 (b, l) (1 = real token, 0 = padding) keeps padding out of routing: no expert slot, y = 0, and no part in
 the losses and metrics.
 """
@@ -41,7 +43,10 @@ class MoEConfig:
     k: assignments per token; None = the router's default (switch 1, topk 2, expert_choice 1). The switch
        router needs k = 1; for expert choice k only scales the capacity (mean experts per token).
     capacity_factor_train / capacity_factor_eval: C = ceil(cf · l · k / E) slots per expert per sequence
-       (min 1, max l); the eval factor is used when `deterministic=True`.
+       (min 1, max l), or None: dropless (no capacity, nothing dropped; token-choice routers only). The eval
+       factor is used when `deterministic=True`. Defaults: train 1.0, eval None — dropless evaluation and
+       decoding, so decoding one token at a time equals the full forward and no token's output depends on
+       another's. For expert choice (which has no dropless form) an eval factor of None means the train one.
     aux_loss_coef, z_loss_coef: weights of the Switch load-balancing loss and the router z-loss in
        `metrics["router_loss"]`.
     jitter: eps of the multiplicative U[1−eps, 1+eps] noise on the router input (train only; rng "jitter").
@@ -54,8 +59,8 @@ class MoEConfig:
     n_experts: int = 8
     router: str = "switch"
     k: Optional[int] = None
-    capacity_factor_train: float = 1.0
-    capacity_factor_eval: float = 2.0
+    capacity_factor_train: Optional[float] = 1.0
+    capacity_factor_eval: Optional[float] = None
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0
     jitter: float = 0.0
@@ -81,7 +86,11 @@ class MoEConfig:
             raise ValueError(f"{owner}: `k` (default {self.top_k} for router={self.router!r}) must be <= "
                              f"`n_experts` ({self.n_experts}); set `k` or `n_experts`")
         for name in ("capacity_factor_train", "capacity_factor_eval"):
-            _check_number(owner, name, getattr(self, name), low=0, low_inclusive=False)
+            if getattr(self, name) is not None:
+                _check_number(owner, name, getattr(self, name), low=0, low_inclusive=False)
+        if self.router == "expert_choice" and self.capacity_factor_train is None:
+            raise ValueError(f"{owner}: router='expert_choice' has no dropless form (each expert takes its top-C "
+                             "tokens): `capacity_factor_train` must be a number > 0, not None")
         for name in ("aux_loss_coef", "z_loss_coef"):
             _check_number(owner, name, getattr(self, name), low=0, low_inclusive=True)
         _check_number(owner, "jitter", self.jitter, low=0, low_inclusive=True, high=1)
@@ -100,8 +109,11 @@ class MoEConfig:
     def expert_width(self, d_model: int) -> int:
         return 3 * d_model if self.d_expert is None else self.d_expert
 
-    def capacity_factor(self, deterministic: bool) -> float:
-        return self.capacity_factor_eval if deterministic else self.capacity_factor_train
+    def capacity_factor(self, deterministic: bool) -> Optional[float]:
+        """The capacity factor in use (None: dropless)."""
+        if not deterministic or (self.router == "expert_choice" and self.capacity_factor_eval is None):
+            return self.capacity_factor_train
+        return self.capacity_factor_eval
 
     def replace(self, **changes) -> "MoEConfig":
         return dataclasses.replace(self, **changes)
@@ -171,6 +183,8 @@ class MoE(nn.Module):
 class MoEBlockConfig(BaseLMConfig):
     """An MoE feed-forward layer as a layer of a pattern ("E" in `HybridConfig.pattern`): the block is
     ``h += MoE(norm(h))``. `moe` holds the routing and expert settings; its dtypes follow this config's.
+    The layer sits in causal decoders, so expert-choice routing (each expert ranks the whole sequence,
+    later tokens included) is refused here; the `MoE` module itself keeps it for bidirectional models.
     """
 
     family: ClassVar[str] = "moe"
@@ -181,6 +195,11 @@ class MoEBlockConfig(BaseLMConfig):
         super().__post_init__()
         if not isinstance(self.moe, MoEConfig):
             raise ValueError(f"MoEBlockConfig: `moe` must be a MoEConfig; got {type(self.moe).__name__}")
+        if self.moe.router == "expert_choice":
+            raise ValueError("MoEBlockConfig: router='expert_choice' is not causal — each expert picks its tokens "
+                             "over the whole sequence, later tokens included, so a token's output would depend on "
+                             "the future — and is refused in decoder models; use router='switch' or 'topk' "
+                             "(expert choice stays available in the `MoE` layer for bidirectional models)")
 
     @property
     def layer_kinds(self) -> Tuple[str, ...]:
@@ -204,11 +223,12 @@ class MoEBlockConfig(BaseLMConfig):
 class MoEMixer(nn.Module):
     """The "E" layer of a pattern: the `MoE` FFN behind the block interface of the mixers.
 
-    ``(x, positions, seq_idx, mask, cache) -> (y, cache)``; x (b, l, d_model). Token-wise, so it keeps no
-    cache and ignores positions/seq_idx. Train vs eval: the layer *trains* (train capacity factor, jitter)
-    when the caller collects its losses — ``apply(..., mutable=["losses"])``, as the train step does — and
-    evaluates otherwise. It sows ``losses/router_loss`` (aux_loss_coef·aux + z_loss_coef·z, to add to the
-    objective) and ``moe_metrics/{dropped_fraction, aux_loss, z_loss}``.
+    ``(x, positions, seq_idx, mask, cache, deterministic) -> (y, cache)``; x (b, l, d_model). Keeps no cache
+    and ignores positions/seq_idx. `deterministic=False` trains (train capacity factor, jitter: the train step
+    passes it through the model); True (the default) evaluates — dropless by default, so the layer is
+    token-wise and decoding equals the forward. It sows ``losses/router_loss`` (aux_loss_coef·aux +
+    z_loss_coef·z, to add to the objective) and ``moe_metrics/{dropped_fraction, aux_loss, z_loss}``, read
+    when the caller makes those collections mutable.
     `mask` (b, l) (1 = real token, 0 = left padding, as the model's `mask`) keeps padding out of routing:
     padding takes no expert capacity, gets a zero output and counts in no loss or metric.
     """
@@ -216,9 +236,8 @@ class MoEMixer(nn.Module):
     config: MoEBlockConfig
 
     @nn.compact
-    def __call__(self, x, *, positions=None, seq_idx=None, mask=None, cache=None):
-        training = self.is_mutable_collection("losses")
-        y, metrics = MoE(self.config.moe_config, name="moe")(x, deterministic=not training, token_mask=mask)
+    def __call__(self, x, *, positions=None, seq_idx=None, mask=None, cache=None, deterministic: bool = True):
+        y, metrics = MoE(self.config.moe_config, name="moe")(x, deterministic=deterministic, token_mask=mask)
         self.sow("losses", "router_loss", metrics["router_loss"])
         for name in ("dropped_fraction", "aux_loss", "z_loss"):
             self.sow("moe_metrics", name, metrics[name])

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from mamba_jax.layers.config import ATTENTION, MAMBA, MAMBA2, MAMBA_MOE, MOE, BaseLMConfig
 from mamba_jax.layers.mlp import GatedMLP
 from mamba_jax.layers.norm import RMSNorm
-from mamba_jax.ops._checks import check_array
+from mamba_jax.ops._checks import check_array, check_mask_values, check_token_ids, concrete_value
 from mamba_jax.ops.attention import segment_ids
 from mamba_jax.sharding import EMBED, VOCAB
 from mamba_jax.sharding.kernels import constrain_batch
@@ -92,6 +92,18 @@ def token_positions(mask, seq_idx, start, batch: int, length: int):
     return pos - jnp.take_along_axis(pos, segment_start, axis=1) + jnp.where(segment == 0, start[:, None], 0)
 
 
+def check_learned_positions(fn: str, positions, n_positions: int) -> None:
+    """Learned absolute positions have `n_positions` rows: a position past them would read NaN. Raises
+    ValueError when the (static) length or a concrete position id is out of range."""
+    if positions.shape[1] > n_positions:
+        raise ValueError(f"{fn}: {positions.shape[1]} tokens exceed the {n_positions} learned position embeddings "
+                         "(max_position_embeddings)")
+    value = concrete_value(positions)
+    if value is not None and value.size and (value.max() >= n_positions or value.min() < 0):
+        raise ValueError(f"{fn}: position id {int(value.max())} is past the {n_positions} learned position "
+                         "embeddings (max_position_embeddings): the sequence (with its cache) is too long")
+
+
 class DecoderBlock(nn.Module):
     """Pre-norm residual block: h += mixer(norm(h)); h += mlp(mlp_norm(h)) when the config has an MLP.
 
@@ -100,6 +112,7 @@ class DecoderBlock(nn.Module):
 
     config: BaseLMConfig
     kind: str
+    deterministic: bool = True   # False: train-mode mixers (MoE train capacity and jitter)
 
     @nn.compact
     def __call__(self, h, *, positions, seq_idx=None, mask=None, cache=None):
@@ -107,7 +120,8 @@ class DecoderBlock(nn.Module):
         mixer_cls, _ = mixer_module(self.kind)
         normed = RMSNorm(cfg.rms_norm_eps, cfg.jnp_param_dtype, name="norm")(h)
         out, new_cache = mixer_cls(cfg, name="mixer")(
-            normed.astype(cfg.jnp_dtype), positions=positions, seq_idx=seq_idx, mask=mask, cache=cache)
+            normed.astype(cfg.jnp_dtype), positions=positions, seq_idx=seq_idx, mask=mask, cache=cache,
+            deterministic=self.deterministic)
         h = h + out.astype(h.dtype)
         if cfg.d_intermediate:
             normed = RMSNorm(cfg.rms_norm_eps, cfg.jnp_param_dtype, name="mlp_norm")(h)
@@ -121,13 +135,17 @@ class DecoderLM(nn.Module):
     `model.apply({"params": params}, input_ids)` → logits (b, l, vocab_size), float32.
 
     Args:
-      input_ids: (b, l) int tokens — or `inputs_embeds` (b, l, d_model) float vectors in their place.
+      input_ids: (b, l) int tokens in [0, vocab_size) — or `inputs_embeds` (b, l, d_model) float vectors in
+        their place. Called eagerly, a real token outside the vocabulary raises ValueError (naming the id
+        and its position); under `jit` ids are clipped into range (padding may hold any id).
       positions: optional (b, l) int position ids (default: counted from `mask`, `seq_idx` and the cache).
       seq_idx: optional (b, l) int; packed sequences: no mixing across a change of id.
-      mask: optional (b, l), 1 for real tokens and 0 for left padding; a padded row gives exactly what
-        the unpadded row gives alone.
+      mask: optional (b, l) of 0/1 (checked when concrete), 1 for real tokens and 0 for left padding; a padded
+        row gives exactly what the unpadded row gives alone. Masks select, so padding may hold anything.
       cache: a ModelCache (`init_cache`) to continue from; the result then carries the new cache.
       return_hidden_states: also return the residual stream after the embeddings and after each layer.
+      deterministic: True (default) evaluates; False trains the layers that behave differently in training
+        (MoE: train capacity factor and router jitter). The train step passes False.
     Returns:
       logits, or an `LMOutput` when a cache or hidden states are requested.
 
@@ -148,7 +166,8 @@ class DecoderLM(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids=None, *, inputs_embeds=None, positions=None, seq_idx=None, mask=None,
-                 cache: Optional[ModelCache] = None, return_hidden_states: bool = False):
+                 cache: Optional[ModelCache] = None, return_hidden_states: bool = False,
+                 deterministic: bool = True):
         cfg = self.config
         name = type(self).__name__
         if (input_ids is None) == (inputs_embeds is None):
@@ -163,6 +182,9 @@ class DecoderLM(nn.Module):
             b, l = inputs_embeds.shape[:2]
         if mask is not None:
             check_array(name, "mask", mask, (b, l), kind="any")
+            check_mask_values(name, "mask", mask)
+        if input_ids is not None:
+            check_token_ids(name, "input_ids", input_ids, cfg.vocab_size, mask)
         if seq_idx is not None:
             check_array(name, "seq_idx", seq_idx, (b, l), kind="int")
         if positions is not None:
@@ -180,10 +202,15 @@ class DecoderLM(nn.Module):
                 embedding_init=nn.with_logical_partitioning(
                     nn.initializers.normal(cfg.initializer_range), (VOCAB, EMBED)),
                 name="embeddings")
-        h = embed(input_ids) if input_ids is not None else inputs_embeds.astype(cfg.jnp_dtype)
+        # ids outside [0, vocab_size) would read padding rows of the table (or NaN, or wrap): clip in the graph
+        h = (embed(jnp.clip(input_ids, 0, cfg.vocab_size - 1)) if input_ids is not None
+             else inputs_embeds.astype(cfg.jnp_dtype))
+        if mask is not None:   # select: padding enters the stack as zeros, whatever its embedding holds
+            h = jnp.where((mask != 0)[..., None], h, jnp.zeros((), h.dtype))
         if positions is None:
             positions = token_positions(mask, seq_idx, None if cache is None else cache.positions, b, l)
         if cfg.learned_positions:
+            check_learned_positions(name, positions, cfg.learned_positions)
             h = h + nn.Embed(
                 cfg.learned_positions, cfg.d_model, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
                 embedding_init=nn.with_logical_partitioning(
@@ -194,7 +221,7 @@ class DecoderLM(nn.Module):
         new_layers = []
         block_cls = nn.remat(DecoderBlock) if cfg.remat and cache is None else DecoderBlock
         for i, kind in enumerate(kinds):
-            h, layer_cache = block_cls(cfg, kind, name=f"layers_{i}")(
+            h, layer_cache = block_cls(cfg, kind, deterministic, name=f"layers_{i}")(
                 h, positions=positions, seq_idx=seq_idx, mask=mask,
                 cache=None if cache is None else cache.layers[i])
             h = constrain_batch(h)   # on a mesh: the residual stream stays batch-sharded (see the function)

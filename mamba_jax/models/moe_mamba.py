@@ -40,8 +40,9 @@ def moe_mamba_config(setting: str = "25m", *, vocab_size: int, n_experts: int = 
     paper's main model; ``parallel=True`` (the paper's parallel ablation): `n_blocks` "P" layers, each
     h += Mamba(norm(h)) + MoE(norm(h)) with the same sublayers (one norm per block instead of two).
 
-    Defaults follow the paper: top-1 (Switch) routing, capacity factor 1, load-balancing α = 0.01, no
-    z-loss, experts d_expert = 3·d_model with ReLU. `jitter`: the router-input jitter eps (Switch; 0 = off;
+    Defaults follow the paper: top-1 (Switch) routing, capacity factor 1 in training, load-balancing
+    α = 0.01, no z-loss, experts d_expert = 3·d_model with ReLU; evaluation and decoding are dropless (a
+    causal model's eval loss must not depend on later tokens through capacity). `jitter`: the router-input jitter eps (Switch; 0 = off;
     training then needs a "jitter" rng, e.g. ``make_train_step(rng=seed)``). `setting` "25m" / "100m"
     fills d_model, n_blocks and n_experts (explicit arguments win). `scan_impl`: the Mamba layers' selective-scan implementation.
     `common`: other BaseLMConfig fields (dtype, remat, ...).
@@ -53,7 +54,7 @@ def moe_mamba_config(setting: str = "25m", *, vocab_size: int, n_experts: int = 
     n_blocks = base["n_blocks"] if n_blocks is None else n_blocks
     n_experts = base["n_experts"] if n_experts is None else n_experts
     moe = MoEConfig(n_experts=n_experts, router=router, capacity_factor_train=capacity_factor,
-                    capacity_factor_eval=max(capacity_factor, 2.0), aux_loss_coef=aux_loss_coef,
+                    capacity_factor_eval=None, aux_loss_coef=aux_loss_coef,
                     z_loss_coef=z_loss_coef, jitter=jitter, dispatch=dispatch, d_expert=d_expert)
     block = MAMBA_MOE if parallel else f"{MAMBA} {MOE}"
     return HybridConfig(pattern=" ".join([block] * n_blocks), vocab_size=vocab_size, d_model=d_model,

@@ -7,8 +7,9 @@ Conventions (batch-first, heads before head_dim, as the Flax layers produce them
 
 Rotary embeddings follow HF Llama (`rotate_half`: the two halves of head_dim are the real and imaginary
 parts, not interleaved pairs). Softmax and rotary are computed in float32 (float64 inputs stay float64).
-Masked logits get a large finite negative value, so a fully masked query row stays finite (it averages
-the values uniformly) instead of turning into NaN.
+Masks select, never multiply: masked logits get a large finite negative value, values no query may read
+are replaced by zeros, and a query with no allowed key (a padding query) outputs zeros — so whatever a
+masked position holds, NaN included, reaches no output.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def dot_product_attention(q, k, v, allowed, scale: Optional[float] = None):
 
     q: (b, lq, h, dh); k: (b, lk, kv, dh); v: (b, lk, kv, dv); allowed: (b, lq, lk) bool; h % kv == 0.
     scale defaults to 1/sqrt(dh). Logits and softmax in float32 (float64 inputs: float64).
-    Returns (b, lq, h, dv) in q's dtype.
+    Returns (b, lq, h, dv) in q's dtype; zeros for a query with no allowed key.
     """
     fn = "dot_product_attention"
     check_array(fn, "q", q, ("b", "lq", "h", "dh"))
@@ -72,7 +73,13 @@ def dot_product_attention(q, k, v, allowed, scale: Optional[float] = None):
     logits = logits - jnp.max(logits, axis=-1, keepdims=True)
     probs = jnp.exp(logits)
     probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(cd), preferred_element_type=cd)
+    # A masked key has probability exactly 0, but 0 · NaN = NaN: values no query may read are selected away
+    # (padding, unwritten cache slots), so whatever they hold never reaches an output.
+    readable = jnp.any(allowed.astype(bool), axis=1)[:, :, None, None]                     # (b, lk, 1, 1)
+    v = jnp.where(readable, v.astype(cd), jnp.zeros((), cd))
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=cd)
+    attends = jnp.any(allowed.astype(bool), axis=2)[:, :, None, None, None]                # (b, lq, 1, 1, 1)
+    out = jnp.where(attends, out, jnp.zeros((), cd))
     return out.reshape(b, lq, h, v.shape[-1]).astype(q.dtype)
 
 

@@ -17,11 +17,18 @@ Zhou et al. 2022):
   experts. Gates: k = 1 uses the raw probability p_e (Switch: this is what trains the router); k > 1
   renormalises over the chosen experts, ``gate_j = p_{e_j} / Σ_{i≤k} p_{e_i}`` (GShard top-2, Mixtral).
   Renormalisation happens before dropping; a dropped assignment's gate is 0, the others keep theirs.
-- **Dropping order** (deterministic, GShard): an expert's slots are filled in priority order — all first
-  choices in token order, then all second choices in token order, and so on; assignments beyond ``C``
-  are dropped. No probability-based priority.
+- **Dropping order** (deterministic, causal): an expert's slots are granted in token order — all k choices
+  of token t (first choice first) before any choice of token t+1 — and assignments beyond ``C`` are
+  dropped. Whether an assignment is kept therefore depends only on the tokens at or before it, never on
+  later ones (GShard's choice-major order, all first choices before any second choice, lets a later token's
+  first choice evict an earlier token's second choice: a leak from the future in a causal model).
+- **Dropless** (``capacity_factor=None``, `mixture_of_experts_dropless`): every assignment is computed, with
+  a grouped matmul over the assignments sorted by expert (`jax.lax.ragged_dot`, O(t·k·d·f) work): routing is
+  then token-wise, so a token's output depends on nothing but itself (the decoder models' default in
+  evaluation and decoding, where decoding one token at a time must equal the full forward).
 - **Expert choice** (``router="expert_choice"``): each expert takes its top-C tokens by router
-  probability (ties: lower token index first); gate = p_e(token). A token may be taken by several experts
+  probability (ties: lower token index first); gate = p_e(token). It ranks a token against the whole
+  group, later tokens included, so it is for bidirectional models only (the decoder "E" layer refuses it). A token may be taken by several experts
   or by none. Represented token-major with k = E (assignment j of every token is expert j).
 - **Dropped tokens** get zero output from the layer; the residual connection around it carries them.
 - **Padding** (``token_mask: (g, t)``, 1 = real token, 0 = padding; optional everywhere, None = all real):
@@ -194,20 +201,20 @@ def router_z_loss(logits, token_mask=None):
 # ---------------------------------------------------------------------------------------------- routing
 
 def _positions_cumsum(expert, n_experts, valid=None):
-    """Slot of each assignment in its expert's queue, GShard order, via one-hot cumsum.
+    """Slot of each assignment in its expert's queue, token-major (causal) order, via one-hot cumsum.
 
     expert: (t, k) int -> (t, k) int32 (unbounded: >= C means dropped). Memory O(t·k·E).
     valid: optional (t, k) bool; invalid assignments (padding) take no place in any queue (their own
     position is meaningless; the caller marks them not kept).
     """
     t, k = expert.shape
-    flat = expert.T.reshape(-1)                                 # priority order: choice-major, then token
-    onehot = jax.nn.one_hot(flat, n_experts, dtype=jnp.int32)  # (k·t, E)
+    flat = expert.reshape(-1)                                   # priority order: token-major, then choice
+    onehot = jax.nn.one_hot(flat, n_experts, dtype=jnp.int32)  # (t·k, E)
     if valid is not None:
-        onehot = onehot * valid.T.reshape(-1, 1).astype(jnp.int32)
+        onehot = jnp.where(valid.reshape(-1, 1), onehot, 0)
     rank = jnp.cumsum(onehot, axis=0) - 1
     pos = jnp.take_along_axis(rank, flat[:, None], axis=1)[:, 0]
-    return pos.reshape(k, t).T.astype(jnp.int32)
+    return pos.reshape(t, k).astype(jnp.int32)
 
 
 def _positions_sort(expert, n_experts, valid=None):
@@ -216,21 +223,21 @@ def _positions_sort(expert, n_experts, valid=None):
     valid: optional (t, k) bool; invalid assignments are sorted into a bucket after the last expert.
     """
     t, k = expert.shape
-    flat = expert.T.reshape(-1).astype(jnp.int32)
+    flat = expert.reshape(-1).astype(jnp.int32)                 # token-major priority, as `_positions_cumsum`
     if valid is not None:
-        flat = jnp.where(valid.T.reshape(-1), flat, n_experts)
+        flat = jnp.where(valid.reshape(-1), flat, n_experts)
     order = jnp.argsort(flat, stable=True)                      # by expert, priority order within one
     sorted_expert = flat[order]
     counts = jnp.zeros((n_experts + 1,), jnp.int32).at[flat].add(1)
     starts = jnp.cumsum(counts) - counts
     rank_sorted = jnp.arange(k * t, dtype=jnp.int32) - starts[sorted_expert]
     pos = jnp.zeros((k * t,), jnp.int32).at[order].set(rank_sorted)
-    return pos.reshape(k, t).T
+    return pos.reshape(t, k)
 
 
 def route_token_choice(logits, k: int, capacity: int, *, positions: str = "cumsum",
                        token_mask=None) -> Routing:
-    """Switch (k = 1) / top-k token-choice routing with capacity and GShard drop order.
+    """Switch (k = 1) / top-k token-choice routing with capacity and the causal (token-major) drop order.
 
     logits: (g, t, E); k: experts per token (<= E); capacity: C slots per expert per group;
     positions: "cumsum" (one-hot, O(t·k·E)) or "sort" (stable argsort) — equal results;
@@ -441,7 +448,8 @@ def mixture_of_experts(x, logits, expert_fn: Callable, *, router: str = "switch"
     caller; cast here to at least float32); expert_fn: (g, E, C, d) -> (g, E, C, d_out);
     router: "switch" | "topk" | "expert_choice"; k: assignments per token (None: `default_k(router)`;
     for expert choice it only enters the capacity, as the mean number of experts per token);
-    capacity_factor: > 0, see `expert_capacity`; dispatch: "dense" | "sorted" (equal results);
+    capacity_factor: > 0, see `expert_capacity` (for no capacity, see `mixture_of_experts_dropless`);
+    dispatch: "dense" | "sorted" (equal results);
     token_mask: optional (g, t), 1 = real token, 0 = padding — padding takes no expert slot, gets y = 0 and
     counts in no metric (see the module docstring); metric_sums: return `routing_metric_sums` instead
     of the finished metrics (for callers that add them up over shards).
@@ -461,6 +469,8 @@ def mixture_of_experts(x, logits, expert_fn: Callable, *, router: str = "switch"
     token_mask = _check_token_mask(fn, token_mask, g, t)
     capacity = expert_capacity(t, n_experts, k, capacity_factor)
     logits = logits.astype(compute_dtype(logits, x))
+    if token_mask is not None:   # select, never multiply: a NaN at a padding position must not spread
+        x = jnp.where(token_mask[..., None], x, jnp.zeros((), x.dtype))
     routing = route(logits, router=router, k=k, capacity=capacity,
                     positions="cumsum" if dispatch == "dense" else "sort", token_mask=token_mask)
     if dispatch == "dense":
@@ -473,4 +483,93 @@ def mixture_of_experts(x, logits, expert_fn: Callable, *, router: str = "switch"
         ye = expert_fn(xe)
         y = combine_sorted(ye.reshape(g, n_experts * capacity, ye.shape[-1]), flat_slot, routing.gate)
     sums = routing_metric_sums(logits, routing, capacity, router, token_mask)
+    return y.astype(x.dtype), sums if metric_sums else finish_routing_metrics(sums)
+
+
+# ---------------------------------------------------------------------------------------------- dropless
+
+def route_dropless(logits, k: int, *, token_mask=None) -> Routing:
+    """Token-choice routing with no capacity: every real token keeps its k most probable experts.
+
+    logits: (g, t, E); token_mask: optional (g, t), 1 = real, 0 = padding (padding is never kept).
+    Returns a `Routing` of (g, t, k) arrays (position 0 everywhere: there are no slots). Gates as
+    `route_token_choice`: k = 1 the raw probability, k > 1 renormalised over the chosen experts.
+    """
+    fn = "route_dropless"
+    _check_logits(fn, logits)
+    _check_k(fn, k, logits.shape[-1])
+    token_mask = _check_token_mask(fn, token_mask, *logits.shape[:2])
+    top_p, top_e = jax.lax.top_k(router_probs(logits), k)
+    gate = top_p / jnp.sum(top_p, axis=-1, keepdims=True) if k > 1 else top_p
+    kept = jnp.ones(top_e.shape, bool) if token_mask is None else jnp.broadcast_to(token_mask[..., None], top_e.shape)
+    return Routing(top_e.astype(jnp.int32), jnp.zeros(top_e.shape, jnp.int32), jnp.where(kept, gate, 0), kept)
+
+
+def grouped_expert_ffn(x, expert, w_in, w_out, b_in=None, b_out=None, activation: str = "relu",
+                       first_expert=0):
+    """Each row through its own expert's FFN, as one grouped matmul (`jax.lax.ragged_dot`).
+
+    x: (m, d) rows (assignments); expert: (m,) int, the expert of each row; w_in: (E_l, d, f), w_out:
+    (E_l, f, d_out), b_in: (E_l, f), b_out: (E_l, d_out) — the weights of experts first_expert ...
+    first_expert + E_l − 1 (all experts when first_expert = 0 and E_l = E; a slice of them on an
+    expert-parallel device). Rows whose expert is not among these get zero output.
+    Returns (m, d_out): ``act(x_i @ w_in[e_i] + b_in[e_i]) @ w_out[e_i] + b_out[e_i]``. Work O(m·d·f).
+    """
+    _check_choice("grouped_expert_ffn", "activation", activation, tuple(ACTIVATIONS))
+    n_local = w_in.shape[0]
+    local_e = expert.astype(jnp.int32) - first_expert
+    is_local = (local_e >= 0) & (local_e < n_local)
+    bucket = jnp.where(is_local, local_e, n_local)              # other experts' rows sort to the end
+    order = jnp.argsort(bucket, stable=True)
+    sizes = jnp.zeros((n_local + 1,), jnp.int32).at[bucket].add(1)[:n_local]
+    xs, es, ls = x[order], jnp.minimum(bucket[order], n_local - 1), is_local[order][:, None]
+    h = jax.lax.ragged_dot(xs, w_in, sizes)                     # rows past sum(sizes) come out zero
+    if b_in is not None:
+        h = h + jnp.where(ls, b_in[es], jnp.zeros((), h.dtype))
+    h = ACTIVATIONS[activation](h)
+    y = jax.lax.ragged_dot(h, w_out, sizes)
+    if b_out is not None:
+        y = y + b_out[es]
+    y = jnp.where(ls, y, jnp.zeros((), y.dtype))
+    return jnp.zeros_like(y).at[order].set(y)
+
+
+def mixture_of_experts_dropless(x, logits, w_in, w_out, b_in=None, b_out=None, *, router: str = "switch",
+                                k: int | None = None, activation: str = "relu", expert_dtype=None,
+                                token_mask=None, metric_sums: bool = False, first_expert=0):
+    """Dropless MoE: every real token through its k experts, ``y_t = Σ_j gate_j · FFN_{e_j}(x_t)``.
+
+    Token-wise: a token's output depends on its own input only (no capacity, no competition), so a causal
+    model's decoding equals its forward. x: (g, t, d); logits: (g, t, E); weights as `grouped_expert_ffn`
+    (a slice of the experts starting at `first_expert` on an expert-parallel device: the other experts'
+    contributions are then zero, to be summed over devices); router: "switch" or "topk" (expert choice has
+    no dropless form); expert_dtype: of the expert matmuls (default x's); token_mask: optional (g, t),
+    1 = real, 0 = padding (y = 0, counted in no metric). Returns (y (g, t, d_out) in x's dtype, metrics as
+    `routing_metrics`, with dropped_fraction 0 and expert_load relative to a uniform share ceil(t·k/E)).
+    """
+    fn = "mixture_of_experts_dropless"
+    check_array(fn, "x", x, ("g", "t", "d"))
+    check_array(fn, "logits", logits, (x.shape[0], x.shape[1], "E"))
+    _check_choice(fn, "router", router, ROUTERS)
+    if router == "expert_choice":
+        raise ValueError(f"{fn}: expert-choice routing has no dropless form (each expert takes its top-C "
+                         "tokens); give it a capacity factor")
+    g, t, d = x.shape
+    n_experts = logits.shape[-1]
+    k = default_k(router) if k is None else k
+    _check_k(fn, k, n_experts)
+    token_mask = _check_token_mask(fn, token_mask, g, t)
+    logits = logits.astype(compute_dtype(logits, x))
+    routing = route_dropless(logits, k, token_mask=token_mask)
+    cdt = x.dtype if expert_dtype is None else jnp.dtype(expert_dtype)
+    xc = x.astype(cdt)
+    if token_mask is not None:
+        xc = jnp.where(token_mask[..., None], xc, jnp.zeros((), cdt))
+    rows = jnp.repeat(xc.reshape(g * t, d), k, axis=0)                      # (g·t·k, d), token-major
+    cast = lambda a: None if a is None else a.astype(cdt)  # noqa: E731
+    ye = grouped_expert_ffn(rows, routing.expert.reshape(-1), cast(w_in), cast(w_out), cast(b_in), cast(b_out),
+                            activation, first_expert)
+    ye = ye.reshape(g, t, k, -1).astype(routing.gate.dtype)
+    y = jnp.einsum("gtk,gtkd->gtd", routing.gate, jnp.where(routing.kept[..., None], ye, 0))
+    sums = routing_metric_sums(logits, routing, expert_capacity(t, n_experts, k, 1.0), router, token_mask)
     return y.astype(x.dtype), sums if metric_sums else finish_routing_metrics(sums)

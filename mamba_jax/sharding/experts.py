@@ -12,6 +12,11 @@ capacity and drops are per group, so they do not depend on the sharding), then
 and combines. The metrics are added up as (numerator, denominator) sums over the devices holding different
 groups before dividing, so they equal the one-device metrics (also with a `token_mask` of padding).
 With no mesh in context (or an `expert` axis of size 1) this is `mixture_of_experts` itself.
+
+Dropless (``capacity_factor=None``, `mixture_of_experts_dropless`) has no fixed-size buffer to exchange, so
+tokens move the other way: each device all-gathers the tokens of its `expert`-axis peers, runs its own
+experts' share of every assignment (a grouped matmul; the other experts' rows give zero), and a
+reduce-scatter (`psum_scatter`) sums the shares and returns every device its own tokens.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from typing import Optional
 import jax
 from jax.sharding import PartitionSpec as P
 
-from mamba_jax.ops.moe import expert_ffn, finish_routing_metrics, mixture_of_experts
+from mamba_jax.ops.moe import expert_ffn, finish_routing_metrics, mixture_of_experts, mixture_of_experts_dropless
 from mamba_jax.sharding.kernels import context_mesh
 
 EXPERT_AXIS = "expert"
@@ -31,6 +36,14 @@ GROUP_MESH_AXES = ("data", "fsdp", EXPERT_AXIS)
 def _local_moe(x, logits, w_in, w_out, b_in, b_out, *, activation, router, k, capacity_factor, dispatch,
                compute_dtype, expert_axis: Optional[str], token_mask=None, metric_sums: bool = False):
     cast = lambda a: None if a is None else a.astype(compute_dtype)  # noqa: E731
+    if capacity_factor is None:
+        if expert_axis is None:
+            return mixture_of_experts_dropless(x, logits, w_in, w_out, b_in, b_out, router=router, k=k,
+                                               activation=activation, expert_dtype=compute_dtype,
+                                               token_mask=token_mask, metric_sums=metric_sums)
+        return _dropless_expert_parallel(x, logits, w_in, w_out, b_in, b_out, router=router, k=k,
+                                         activation=activation, compute_dtype=compute_dtype,
+                                         expert_axis=expert_axis, token_mask=token_mask)
 
     def experts(xe):
         if expert_axis is not None:   # tokens to the devices holding their experts
@@ -44,14 +57,31 @@ def _local_moe(x, logits, w_in, w_out, b_in, b_out, *, activation, router, k, ca
                               dispatch=dispatch, token_mask=token_mask, metric_sums=metric_sums)
 
 
+def _dropless_expert_parallel(x, logits, w_in, w_out, b_in, b_out, *, router, k, activation, compute_dtype,
+                              expert_axis: str, token_mask=None):
+    """Inside shard_map: this device's experts' share of the dropless MoE of its `expert`-axis peers' tokens,
+    summed over the axis and scattered back. Returns (y (g_local, t, d_out), metric sums).
+
+    The metric sums cover the gathered tokens, so every device of the `expert` axis holds the same sums and
+    the caller's psum over the group axes counts them n_ep times — numerators and denominators alike, so
+    the finished ratios are exact."""
+    gather = lambda a: None if a is None else jax.lax.all_gather(a, expert_axis, axis=0, tiled=True)  # noqa: E731
+    first = jax.lax.axis_index(expert_axis) * w_in.shape[0]
+    share, sums = mixture_of_experts_dropless(gather(x), gather(logits), w_in, w_out, b_in, b_out, router=router,
+                                              k=k, activation=activation, expert_dtype=compute_dtype,
+                                              token_mask=gather(token_mask), metric_sums=True, first_expert=first)
+    return jax.lax.psum_scatter(share, expert_axis, scatter_dimension=0, tiled=True), sums
+
+
 def expert_parallel_moe(x, logits, w_in, w_out, b_in=None, b_out=None, *, activation: str = "relu",
-                        router: str = "switch", k: Optional[int] = None, capacity_factor: float = 1.0,
+                        router: str = "switch", k: Optional[int] = None, capacity_factor: Optional[float] = 1.0,
                         dispatch: str = "sorted", compute_dtype="float32", token_mask=None):
     """An MoE layer's expert computation, expert-parallel on the context mesh.
 
     x: (g, t, d) routing groups; logits: (g, t, E); w_in (E, d, f), w_out (E, f, d_out), b_in (E, f),
     b_out (E, d_out); token_mask: optional (g, t), 1 = real token, 0 = padding (kept out of routing, see
-    `mixture_of_experts`). Returns (y (g, t, d_out), metrics) as `mixture_of_experts`.
+    `mixture_of_experts`); capacity_factor None: dropless (`mixture_of_experts_dropless`).
+    Returns (y (g, t, d_out), metrics) as `mixture_of_experts`.
     Raises ValueError when E is not divisible by the `expert` axis or g by the group-sharding axes.
     """
     opts = dict(activation=activation, router=router, k=k, capacity_factor=capacity_factor, dispatch=dispatch,

@@ -42,8 +42,9 @@ def forward(apply_fn: Callable, params, batch: Batch) -> jax.Array:
 
 
 def forward_train(apply_fn: Callable, params, batch: Batch, rng: Optional[jax.Array] = None):
-    """(logits, router_loss, moe_metrics) of a training forward: as `forward`, with the losses the model
-    sows collected (``mutable=["losses", "moe_metrics"]``, which also puts MoE layers in train mode).
+    """(logits, router_loss, moe_metrics) of a training forward: as `forward`, in train mode
+    (``deterministic=False``: MoE train capacity and jitter), with the losses the model sows collected
+    (``mutable=["losses", "moe_metrics"]``).
     rng: optional PRNG key, given to the model as its ``"jitter"`` rng stream (MoE router jitter,
     `MoEConfig.jitter`); None passes no rngs (a model with jitter > 0 then fails asking for it).
 
@@ -54,7 +55,8 @@ def forward_train(apply_fn: Callable, params, batch: Batch, rng: Optional[jax.Ar
     kwargs = {"seq_idx": batch["seq_idx"]} if "seq_idx" in batch else {}
     if rng is not None:
         kwargs["rngs"] = {JITTER_RNG: rng}
-    logits, sown = apply_fn({"params": params}, batch["inputs"], mutable=["losses", "moe_metrics"], **kwargs)
+    logits, sown = apply_fn({"params": params}, batch["inputs"], mutable=["losses", "moe_metrics"],
+                            deterministic=False, **kwargs)
     losses = jax.tree_util.tree_leaves(sown.get("losses", {}))
     router_loss = sum(losses[1:], losses[0]) if losses else None
     by_name: Dict[str, list] = {}

@@ -79,7 +79,8 @@ def test_arm_names_and_their_models():
     assert arm_settings("mamba") == {"baseline": True} and arm_settings("moe") == {}
     assert arm_settings("moe_e16") == {"n_experts": 16} and arm_settings("moe_cf0.5") == {"capacity_factor": 0.5}
     assert arm_settings("moe_top2") == {"router": "topk"}
-    assert arm_settings("moe_expert_choice") == {"router": "expert_choice"}
+    with pytest.raises(ValueError, match="'moe_expert_choice' was removed: expert-choice routing .* not a valid causal"):
+        arm_settings("moe_expert_choice")
     for bad in ("moe_e0", "moe_cf", "moe_top3", "dense"):
         with pytest.raises(ValueError, match="an arm is one of mamba, moe, moe_e<N>"):
             arm_settings(bad)

@@ -60,7 +60,8 @@ def test_train_step_objective_is_cross_entropy_plus_weighted_router_losses(model
     batch = _batch()
 
     def by_hand(p):
-        logits, sown = model.apply({"params": p}, batch["inputs"], mutable=["losses", "moe_metrics"])
+        logits, sown = model.apply({"params": p}, batch["inputs"], mutable=["losses", "moe_metrics"],
+                                   deterministic=False)
         ce = masked_token_stats(logits, batch["targets"], batch["loss_mask"])["nll_sum"] / batch["loss_mask"].sum()
         aux = sum(sown["moe_metrics"][f"layers_{i}"]["mixer"]["aux_loss"][0] for i in (1, 3))
         return ce + 0.01 * aux, (ce, aux)
@@ -78,17 +79,21 @@ def test_train_step_objective_is_cross_entropy_plus_weighted_router_losses(model
     assert float(jnp.abs(router).max()) > 0                                      # the router learns
 
 
-def test_training_uses_the_train_capacity_and_eval_the_eval_capacity(model_and_params):
+def test_training_uses_the_train_capacity_and_eval_is_dropless(model_and_params):
     _, params = model_and_params
     tight = moe_mamba_config(vocab_size=32, d_model=16, n_blocks=2, n_experts=4, capacity_factor=0.25, d_state=4)
-    assert tight.mixer_config("E").moe.capacity_factor_eval == 2.0
+    assert tight.mixer_config("E").moe.capacity_factor_eval is None
     model = HybridLM(tight)
     inputs = _batch()["inputs"]
-    _, train_sown = model.apply({"params": params}, inputs, mutable=["losses", "moe_metrics"])
-    _, eval_sown = model.apply({"params": params}, inputs, mutable=["moe_metrics"])   # losses not collected: eval
+    collect = ["losses", "moe_metrics"]
+    train_logits, train_sown = model.apply({"params": params}, inputs, mutable=collect, deterministic=False)
+    eval_logits, eval_sown = model.apply({"params": params}, inputs, mutable=collect)     # deterministic: eval
     drop = lambda s: float(s["moe_metrics"]["layers_1"]["mixer"]["dropped_fraction"][0])
     # capacity ceil(0.25 · 12 / 4) = 1 slot per expert: at least 12 − 4 of 12 tokens dropped when training
-    assert drop(train_sown) >= 8 / 12 - 1e-6 and drop(eval_sown) < drop(train_sown)
+    assert drop(train_sown) >= 8 / 12 - 1e-6 and drop(eval_sown) == 0.0
+    # collecting the losses no longer switches the mode: the flag does
+    np.testing.assert_array_equal(eval_logits, model.apply({"params": params}, inputs))
+    assert float(jnp.abs(train_logits - eval_logits).max()) > 1e-3
 
 
 def test_grad_accumulation_equals_the_whole_batch(model_and_params):
@@ -117,8 +122,8 @@ def test_parameter_counts_from_the_shapes(model_and_params):
 
 
 def test_parallel_mixer_is_mamba_plus_moe_of_the_same_input():
-    """y = Mamba(x) + MoE(x) with the block's own params, in train mode (router losses collected, train
-    capacity) and eval mode (eval capacity), and the Mamba cache passes through unchanged."""
+    """y = Mamba(x) + MoE(x) with the block's own params, in train mode (deterministic=False: train
+    capacity) and eval mode (dropless), and the Mamba cache passes through unchanged."""
     mixer = ParallelMambaMoE(CONFIG.mixer_config("P"))
     mamba, moe = MambaMixer(CONFIG.mixer_config("M")), MoEMixer(CONFIG.mixer_config("E"))
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 12, 16))
@@ -134,10 +139,10 @@ def test_parallel_mixer_is_mamba_plus_moe_of_the_same_input():
     def both_ways(params, x, cache):      # one compile for every apply below
         x1 = x[:, :1]
         return {
-            "block_train": mixer.apply({"params": params}, x, mutable=collect),
+            "block_train": mixer.apply({"params": params}, x, mutable=collect, deterministic=False),
             "block_eval": mixer.apply({"params": params}, x)[0],
             "mamba": mamba.apply({"params": params["mamba"]}, x)[0],
-            "moe_train": moe.apply({"params": params["moe"]}, x, mutable=collect),
+            "moe_train": moe.apply({"params": params["moe"]}, x, mutable=collect, deterministic=False),
             "moe_eval": moe.apply({"params": params["moe"]}, x)[0],
             # decoding one token: the Mamba layer's cache goes in and comes out as the Mamba layer gives it
             "block_step": mixer.apply({"params": params}, x1, cache=cache),

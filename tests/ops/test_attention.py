@@ -83,7 +83,7 @@ def test_rotary_keeps_bfloat16_and_position_zero_is_identity():
 
 def attention_numpy(q, k, v, allowed, scale):
     """A float64 loop: per batch row, query head i reads kv head i // (h / kv); softmax over allowed keys,
-    uniform over all keys when none is allowed."""
+    zeros when none is allowed."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     b, lq, h, _ = q.shape
     kv = k.shape[2]
@@ -94,7 +94,6 @@ def attention_numpy(q, k, v, allowed, scale):
             for i in range(lq):
                 keys = np.flatnonzero(allowed[bi, i])
                 if keys.size == 0:
-                    out[bi, i, hi] = v[bi, :, kh].mean(axis=0)
                     continue
                 s = np.array([q[bi, i, hi] @ k[bi, j, kh] * scale for j in keys])
                 p = np.exp(s - s.max())
@@ -191,3 +190,25 @@ def test_segment_ids_count_changes():
 def test_bad_inputs_name_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_nan_under_a_mask_reaches_no_output():
+    """Keys/values no query may read (padding) hold NaN: the outputs of every query equal those with the
+    NaNs replaced by anything finite (masks select). A probability-times-value product would give NaN
+    everywhere (0 · NaN), which this test sees."""
+    r = _rng(7)
+    b, l, h, dh = 2, 6, 2, 4
+    q, k, v = (jnp.asarray(r.randn(b, l, h, dh), jnp.float32) for _ in range(3))
+    slots = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    valid = jnp.asarray([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], bool)
+    allowed = attention_mask(slots, slots, key_valid=valid)
+    poison = lambda a: jnp.where(valid[:, :, None, None], a, jnp.nan)
+    clean = dot_product_attention(q, k, v, allowed)
+    dirty = dot_product_attention(q, poison(k), poison(v), allowed)
+    np.testing.assert_array_equal(np.asarray(dirty), np.asarray(clean))
+    assert np.isfinite(np.asarray(dirty)).all()
+    np.testing.assert_array_equal(np.asarray(dirty)[0, :2], 0.0)   # padding queries attend to nothing
+    # the multiply-based form this replaced leaks the NaN into every real query of the row
+    probs = jax.nn.softmax(jnp.where(allowed[:, None], jnp.einsum("bqhd,bkhd->bhqk", q, poison(k)), -1e30), -1)
+    leaky = jnp.einsum("bhqk,bkhd->bqhd", probs, poison(v))
+    assert np.isnan(np.asarray(leaky)[0, 2:]).all()

@@ -115,18 +115,19 @@ TOP2_LOGITS = [[3.0, 1.0, 0.0], [1.0, 3.0, 0.0], [3.0, 0.0, 1.0], [3.0, 1.0, 0.0
 
 
 @pytest.mark.parametrize("positions", ["cumsum", "sort"])
-def test_top2_gshard_drop_order(positions):
-    """Expert 0 is the first choice of tokens 0, 2, 3 (slots 0, 1, 2) and the second choice of token 1.
-    First choices go before second choices, so token 1's second choice is dropped although token 1 comes
-    before tokens 2 and 3."""
+def test_top2_causal_drop_order(positions):
+    """Expert 0 is the first choice of tokens 0, 2, 3 and the second choice of token 1. Slots go in token
+    order (all of token t's choices before token t+1's), so expert 0 fills with tokens 0, 1, 2 and token 3's
+    first choice is dropped: a token is never displaced by a later one (GShard's choice-major order would
+    drop token 1's second choice in favour of token 3, a leak from the future)."""
     logits = jnp.asarray([TOP2_LOGITS], jnp.float32)
     r = route_jit(logits, router="topk", k=2, capacity=3, positions=positions)
     np.testing.assert_array_equal(r.expert[0], [[0, 1], [1, 0], [0, 2], [0, 1]])
-    np.testing.assert_array_equal(r.position[0], [[0, 1], [0, 3], [1, 0], [2, 2]])
-    np.testing.assert_array_equal(r.kept[0], [[True, True], [True, False], [True, True], [True, True]])
+    np.testing.assert_array_equal(r.position[0], [[0, 0], [1, 1], [2, 0], [3, 2]])
+    np.testing.assert_array_equal(r.kept[0], [[True, True], [True, True], [True, True], [False, True]])
     # gates renormalised over the two chosen experts: the third logit does not enter
     hi, lo = math.exp(3) / (math.exp(3) + math.exp(1)), math.exp(1) / (math.exp(3) + math.exp(1))
-    np.testing.assert_allclose(r.gate[0], [[hi, lo], [hi, 0.0], [hi, lo], [hi, lo]], rtol=1e-6)
+    np.testing.assert_allclose(r.gate[0], [[hi, lo], [hi, lo], [hi, lo], [0.0, lo]], rtol=1e-6)
 
 
 def test_top2_hand_case_output_and_metrics():
@@ -134,8 +135,8 @@ def test_top2_hand_case_output_and_metrics():
     logits = jnp.asarray([TOP2_LOGITS], jnp.float32)
     hi, lo = math.exp(3) / (math.exp(3) + math.exp(1)), math.exp(1) / (math.exp(3) + math.exp(1))
     xs = np.asarray(x[0])
-    expected = np.stack([(hi * 1 + lo * 2) * xs[0], hi * 2 * xs[1], (hi * 1 + lo * 3) * xs[2],
-                         (hi * 1 + lo * 2) * xs[3]])
+    expected = np.stack([(hi * 1 + lo * 2) * xs[0], (hi * 2 + lo * 1) * xs[1], (hi * 1 + lo * 3) * xs[2],
+                         lo * 2 * xs[3]])
     for dispatch in ("dense", "sorted"):
         y, m = moe_scaled(x, logits, router="topk", k=2, dispatch=dispatch)
         np.testing.assert_allclose(y[0], expected, rtol=1e-5, atol=1e-6, err_msg=dispatch)
@@ -197,7 +198,8 @@ def test_router_jitter():
 # ------------------------------------------------------------------------------ independent numpy loop
 
 def numpy_moe(x, logits, w_in, w_out, router, k, capacity):
-    """Token-by-token reference: softmax, choices, GShard drop order (or expert choice), ReLU FFN experts."""
+    """Token-by-token reference: softmax, choices, causal drop order (token by token, each token's choices in
+    order; or expert choice), ReLU FFN experts."""
     x, logits = np.asarray(x, np.float64), np.asarray(logits, np.float64)
     g, t, _ = x.shape
     n_exp = logits.shape[-1]
@@ -217,8 +219,8 @@ def numpy_moe(x, logits, w_in, w_out, router, k, capacity):
         if k > 1:
             gates = gates / gates.sum(-1, keepdims=True)
         used = np.zeros(n_exp, int)
-        for j in range(k):                  # first choices of all tokens, then second choices, ...
-            for tok in range(t):
+        for tok in range(t):                # token by token; within a token, first choice first
+            for j in range(k):
                 e = choices[tok, j]
                 if used[e] < capacity:
                     used[e] += 1
@@ -308,10 +310,10 @@ def test_cumsum_and_sort_positions_agree(t, k, n_exp):
     both = jax.jit(lambda e: (_positions_cumsum(e, n_exp), _positions_sort(e, n_exp)), **FAST)
     cumsum, sort = both(expert)
     np.testing.assert_array_equal(cumsum, sort)
-    counts = np.zeros(n_exp, int)                    # the queue position by hand: choice-major, token order
+    counts = np.zeros(n_exp, int)                    # the queue position by hand: token-major, choice order
     expected = np.zeros((t, k), int)
-    for j in range(k):
-        for tok in range(t):
+    for tok in range(t):
+        for j in range(k):
             expected[tok, j] = counts[expert[tok, j]]
             counts[expert[tok, j]] += 1
     np.testing.assert_array_equal(cumsum, expected)

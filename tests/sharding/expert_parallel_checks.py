@@ -31,7 +31,7 @@ def close(got, want, what):
 def layer_checks(mesh):
     x = jax.random.normal(jax.random.PRNGKey(0), (8, 12, 16))
     for name, cf, router, dispatch in (("no drops", 16.0, "switch", "sorted"), ("drops", 0.5, "switch", "dense"),
-                                       ("top-2 drops", 0.75, "topk", "sorted")):
+                                       ("top-2 drops", 0.75, "topk", "sorted"), ("dropless top-2", None, "topk", "sorted")):
         layer = MoE(MoEConfig(n_experts=8, router=router, capacity_factor_eval=cf, dispatch=dispatch, d_expert=24))
         params = layer.init(jax.random.PRNGKey(1), x)["params"]
         params = jax.tree_util.tree_map(lambda p: p.unbox() if hasattr(p, "unbox") else p, params,
@@ -46,35 +46,41 @@ def layer_checks(mesh):
         with jax.set_mesh(mesh):
             jaxpr = str(jax.make_jaxpr(fn)(params, x))
             (got_l, (got_y, got_m)), got_g = fn(params, x)
-        assert "all_to_all" in jaxpr, "no all-to-all in the expert-parallel program"
+        if cf is None:   # dropless: tokens gathered over the expert axis, shares reduce-scattered back
+            assert "all_gather" in jaxpr and "reduce_scatter" in jaxpr, "dropless: no all-gather/reduce-scatter"
+        else:
+            assert "all_to_all" in jaxpr, "no all-to-all in the expert-parallel program"
         close(got_y, want_y, name)
         close(got_m, want_m, name)                 # same loads, same dropped fraction
         close(got_g, want_g, name)
         assert np.array_equal(np.all(np.asarray(got_y) == 0, -1), np.all(np.asarray(want_y) == 0, -1)), name
-        if cf < 1:
+        if cf is not None and cf < 1:
             assert float(want_m["dropped_fraction"]) > 0, name
         print(f"MoE layer {name} OK", flush=True)
     # left padding (a different amount per sequence, so the shards hold different numbers of real tokens):
-    # padding kept out of routing, metrics summed over the shards before dividing, equal to one device
-    layer = MoE(MoEConfig(n_experts=8, router="topk", capacity_factor_eval=0.75, dispatch="sorted", d_expert=24))
-    params = layer.init(jax.random.PRNGKey(1), x)["params"]
-    params = jax.tree_util.tree_map(lambda p: p.unbox() if hasattr(p, "unbox") else p, params,
-                                    is_leaf=lambda p: hasattr(p, "unbox"))
+    # padding kept out of routing, metrics summed over the shards before dividing, equal to one device;
+    # with a capacity and dropless
     mask = jnp.arange(12)[None, :] >= jnp.asarray([0, 11, 3, 5, 7, 2, 12, 9])[:, None]   # row 6: all padding
+    for name, cf in (("padding", 0.75), ("dropless padding", None)):
+        layer = MoE(MoEConfig(n_experts=8, router="topk", capacity_factor_eval=cf, dispatch="sorted", d_expert=24))
+        params = layer.init(jax.random.PRNGKey(1), x)["params"]
+        params = jax.tree_util.tree_map(lambda p: p.unbox() if hasattr(p, "unbox") else p, params,
+                                        is_leaf=lambda p: hasattr(p, "unbox"))
 
-    def masked_loss(p, x):
-        y, m = layer.apply({"params": p}, x, token_mask=mask)
-        return jnp.sum(jnp.sin(y)) + m["aux_loss"] + m["z_loss"], (y, m)
+        def masked_loss(p, x):
+            y, m = layer.apply({"params": p}, x, token_mask=mask)
+            return jnp.sum(jnp.sin(y)) + m["aux_loss"] + m["z_loss"], (y, m)
 
-    fn = jax.jit(jax.value_and_grad(masked_loss, argnums=(0, 1), has_aux=True))
-    (_, (want_y, want_m)), want_g = fn(params, x)
-    with jax.set_mesh(mesh):
-        (_, (got_y, got_m)), got_g = fn(params, x)
-    close(got_y, want_y, "padding")
-    close(got_m, want_m, "padding")
-    close(got_g, want_g, "padding")
-    assert np.all(np.asarray(want_y)[~np.asarray(mask)] == 0) and float(want_m["dropped_fraction"]) > 0
-    print("MoE layer padding OK", flush=True)
+        fn = jax.jit(jax.value_and_grad(masked_loss, argnums=(0, 1), has_aux=True))
+        (_, (want_y, want_m)), want_g = fn(params, x)
+        with jax.set_mesh(mesh):
+            (_, (got_y, got_m)), got_g = fn(params, x)
+        close(got_y, want_y, name)
+        close(got_m, want_m, name)
+        close(got_g, want_g, name)
+        assert np.all(np.asarray(want_y)[~np.asarray(mask)] == 0)
+        assert (float(want_m["dropped_fraction"]) > 0) == (cf is not None), name
+        print(f"MoE layer {name} OK", flush=True)
     try:
         bad = MoE(MoEConfig(n_experts=6))
         p = bad.init(jax.random.PRNGKey(1), x)

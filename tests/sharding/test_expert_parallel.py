@@ -1,6 +1,6 @@
 """Expert parallelism (experts over the `expert` mesh axis, tokens exchanged with all_to_all in
 shard_map) on 8 fake CPU devices equals one device: the MoE layer without and with dropped tokens (same
-outputs, metrics, gradients and the same dropped tokens), a MoE-Mamba train step under the fsdp strategy,
+outputs, metrics, gradients and the same dropped tokens) and dropless (all-gather + reduce-scatter), a MoE-Mamba train step under the fsdp strategy,
 left padding kept out of routing (token_mask), and a clear error when the experts do not divide over
 the axis. Runs expert_parallel_checks.py in a
 subprocess (the device count must be set before jax is imported)."""
@@ -16,7 +16,8 @@ def test_expert_parallel_equals_one_device():
     out = subprocess.run([sys.executable, CHECKS], capture_output=True, text=True, timeout=900, env=env,
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(CHECKS))))
     assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stdout + out.stderr[-5000:]
-    for line in ("MoE layer no drops OK", "MoE layer drops OK", "MoE layer top-2 drops OK", "MoE layer padding OK",
+    for line in ("MoE layer no drops OK", "MoE layer drops OK", "MoE layer top-2 drops OK", "MoE layer dropless top-2 OK",
+                 "MoE layer padding OK", "MoE layer dropless padding OK",
                  "bad expert count OK",
                  "MoE-Mamba train step OK"):
         assert line in out.stdout, out.stdout
