@@ -7,34 +7,93 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mamba_jax.inference.sampling import check_sampling_args, filter_logits, sample_logits
+from mamba_jax.layers.attention import KVCache
 from mamba_jax.models.lm import DecoderLM, ModelCache, init_cache
-from mamba_jax.ops._checks import check_array
+from mamba_jax.ops._checks import (check_array, check_left_padded, check_mask_values, check_token_ids,
+                                   concrete_value)
 
 __all__ = ["filter_logits", "generate", "init_cache", "prefill", "sample_logits", "step"]
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("max_len",))
+def _kv_slots(cache: Optional[ModelCache]):
+    """(next slot, max_len) of the cache's first KV cache when both are known (concrete), else None."""
+    if cache is None:
+        return None
+    for layer in cache.layers:
+        if isinstance(layer, KVCache):
+            index = concrete_value(layer.index)
+            return None if index is None else (int(index), layer.key.shape[1])
+    return None
+
+
+def _real_tokens(n_columns: int, mask) -> int:
+    """The most real tokens in a row of a chunk: its columns, or the largest row sum of a concrete mask."""
+    m = concrete_value(mask)
+    return n_columns if m is None else int((m != 0).sum(axis=1).max(initial=0))
+
+
+def _check_fits(fn: str, model: DecoderLM, cache: Optional[ModelCache], n_columns: int, n_real: int) -> None:
+    """KV cache overflow and learned positions past their table are errors, not NaN or a silent overwrite.
+    n_columns: slots the chunk writes (padding included); n_real: the most real tokens a row adds."""
+    slots = _kv_slots(cache)
+    if slots is not None and slots[0] + n_columns > slots[1]:
+        raise ValueError(f"{fn}: the KV cache holds {slots[1]} slots and {slots[0]} are used; {n_columns} more "
+                         f"tokens do not fit (size the cache with `init_cache(config, batch, max_len)` for the "
+                         "prompt, its padding and every generated token)")
+    n_pos = model.config.learned_positions
+    used = 0 if cache is None else concrete_value(cache.positions)
+    if n_pos and used is not None and int(np.max(used, initial=0)) + n_real > n_pos:
+        raise ValueError(f"{fn}: {int(np.max(used, initial=0)) + n_real} positions exceed the model's {n_pos} "
+                         "learned position embeddings (max_position_embeddings)")
+
+
 def prefill(model: DecoderLM, params, input_ids, cache: Optional[ModelCache] = None, mask=None, *,
             max_len: Optional[int] = None):
     """Run a prompt (or the next chunk of one) through the model.
 
-    input_ids: (b, l) int; cache: a ModelCache to continue from (a fresh one when None, sized for
-    `max_len` tokens when the model has attention — default l); mask: optional (b, l) with 0 at left
-    padding. Returns (logits (b, l, vocab) float32, the cache after the last position).
-    Prefilling two chunks one after the other equals prefilling their concatenation.
+    input_ids: (b, l) int in [0, vocab_size); cache: a ModelCache to continue from (a fresh one when None,
+    sized for `max_len` tokens when the model has attention — default l); mask: optional (b, l) of 0/1 with 0
+    at left padding (padding may hold any id). Returns (logits (b, l, vocab) float32, the cache after the
+    last position). Prefilling two chunks one after the other equals prefilling their concatenation.
+    Raises ValueError (when the arrays are concrete) for an id outside the vocabulary at a real position, a
+    mask value other than 0/1, a chunk that overflows the KV cache, or positions past learned embeddings.
     """
+    check_array("prefill", "input_ids", input_ids, ("b", "l"), kind="int")
+    if mask is not None:
+        check_array("prefill", "mask", mask, input_ids.shape, kind="any")
+        check_mask_values("prefill", "mask", mask)
+    check_token_ids("prefill", "input_ids", input_ids, model.config.vocab_size, mask)
+    if cache is None and max_len is not None and max_len < input_ids.shape[1]:
+        raise ValueError(f"prefill: `max_len`={max_len} is shorter than the prompt ({input_ids.shape[1]} tokens)")
+    _check_fits("prefill", model, cache, input_ids.shape[1], _real_tokens(input_ids.shape[1], mask))
+    return _prefill(model, params, input_ids, cache, mask, max_len=max_len)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("max_len",))
+def _prefill(model: DecoderLM, params, input_ids, cache, mask, *, max_len):
     if cache is None:
         cache = init_cache(model.config, input_ids.shape[0], input_ids.shape[1] if max_len is None else max_len)
     out = model.apply({"params": params}, input_ids, mask=mask, cache=cache)
     return out.logits, out.cache
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def step(model: DecoderLM, params, token_ids, cache: ModelCache):
-    """Advance every sequence by one token. token_ids: (b,) int -> (logits (b, vocab), new cache)."""
+    """Advance every sequence by one token. token_ids: (b,) int -> (logits (b, vocab), new cache).
+
+    Raises ValueError when the KV cache is full (its index is read from the device: one scalar) or, for
+    concrete ids, when one is outside the vocabulary. Inside `jit` (as in `generate`) the jitted step runs
+    without those checks: ids are clipped into range and an overflowing KV cache gives NaN logits."""
     check_array("step", "token_ids", token_ids, ("b",), kind="int")
+    check_token_ids("step", "token_ids", token_ids, model.config.vocab_size)
+    _check_fits("step", model, cache, 1, 1)
+    return _step(model, params, token_ids, cache)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _step(model: DecoderLM, params, token_ids, cache: ModelCache):
     out = model.apply({"params": params}, token_ids[:, None], cache=cache)
     return out.logits[:, 0], out.cache
 
@@ -51,17 +110,28 @@ def generate(model: DecoderLM, params, prompt_ids, max_new_tokens: int, *, tempe
       top_k, top_p: optional filters applied before sampling.
       eos_id: once a row emits it, the row keeps emitting `eos_id`.
       rng: a jax PRNG key (required when temperature > 0).
-      prompt_mask: optional (b, l), 1 for real tokens and 0 for left padding; padded rows give
-        exactly the tokens their unpadded prompt gives alone. The last column must be real tokens.
+      prompt_mask: optional (b, l) of 0/1, 1 for real tokens and 0 for left padding; padded rows give
+        exactly the tokens their unpadded prompt gives alone. It must be left-padded (each row zeros then
+        ones, the last column real): a right-padded mask raises ValueError.
     Returns:
       (b, max_new_tokens) int32 generated tokens.
     """
     check_array("generate", "prompt_ids", prompt_ids, ("b", "l"), kind="int")
     if prompt_mask is not None:
         check_array("generate", "prompt_mask", prompt_mask, prompt_ids.shape, kind="any")
+        check_mask_values("generate", "prompt_mask", prompt_mask)
+        check_left_padded("generate", "prompt_mask", prompt_mask)
+    check_token_ids("generate", "prompt_ids", prompt_ids, model.config.vocab_size, prompt_mask)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"generate: `max_new_tokens` must be a positive int; got {max_new_tokens!r}")
     check_sampling_args(temperature, top_k, top_p)
+    if eos_id is not None and not (isinstance(eos_id, int) and 0 <= eos_id < model.config.vocab_size):
+        raise ValueError(f"generate: `eos_id` must be None or an int in [0, vocab_size={model.config.vocab_size}); "
+                         f"got {eos_id!r}")
+    n_pos, n_prompt = model.config.learned_positions, _real_tokens(prompt_ids.shape[1], prompt_mask)
+    if n_pos and n_prompt + max_new_tokens > n_pos:
+        raise ValueError(f"generate: the prompt ({n_prompt} real tokens) and {max_new_tokens} new tokens exceed the "
+                         f"model's {n_pos} learned position embeddings (max_position_embeddings)")
     if temperature > 0 and rng is None:
         raise ValueError("generate: `rng` (a jax.random key) is required when temperature > 0")
     if rng is None:
@@ -74,8 +144,8 @@ def generate(model: DecoderLM, params, prompt_ids, max_new_tokens: int, *, tempe
                    static_argnames=("max_new_tokens", "temperature", "top_k", "top_p", "eos_id"))
 def _generate(model, params, prompt_ids, prompt_mask, rng, *, max_new_tokens, temperature, top_k, top_p,
               eos_id):
-    logits, cache = prefill(model, params, prompt_ids, None, prompt_mask,
-                            max_len=prompt_ids.shape[1] + max_new_tokens)
+    logits, cache = _prefill(model, params, prompt_ids, None, prompt_mask,
+                             max_len=prompt_ids.shape[1] + max_new_tokens)
     done = jnp.zeros(prompt_ids.shape[:1], bool)
 
     def body(carry, _):
@@ -85,7 +155,7 @@ def _generate(model, params, prompt_ids, prompt_mask, rng, *, max_new_tokens, te
         if eos_id is not None:
             token = jnp.where(done, eos_id, token)
             done = done | (token == eos_id)
-        next_logits, cache = step(model, params, token, cache)
+        next_logits, cache = _step(model, params, token, cache)
         return (next_logits, cache, rng, done), token
 
     _, tokens = jax.lax.scan(body, (logits[:, -1], cache, rng, done), None, length=max_new_tokens)

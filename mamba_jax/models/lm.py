@@ -92,10 +92,10 @@ def token_positions(mask, seq_idx, start, batch: int, length: int):
     return pos - jnp.take_along_axis(pos, segment_start, axis=1) + jnp.where(segment == 0, start[:, None], 0)
 
 
-def check_learned_positions(fn: str, positions, n_positions: int) -> None:
+def check_learned_positions(fn: str, positions, n_positions: int, padded: bool) -> None:
     """Learned absolute positions have `n_positions` rows: a position past them would read NaN. Raises
-    ValueError when the (static) length or a concrete position id is out of range."""
-    if positions.shape[1] > n_positions:
+    ValueError when the (static) length of an unpadded chunk, or a concrete position id, is out of range."""
+    if not padded and positions.shape[1] > n_positions:
         raise ValueError(f"{fn}: {positions.shape[1]} tokens exceed the {n_positions} learned position embeddings "
                          "(max_position_embeddings)")
     value = concrete_value(positions)
@@ -210,7 +210,7 @@ class DecoderLM(nn.Module):
         if positions is None:
             positions = token_positions(mask, seq_idx, None if cache is None else cache.positions, b, l)
         if cfg.learned_positions:
-            check_learned_positions(name, positions, cfg.learned_positions)
+            check_learned_positions(name, positions, cfg.learned_positions, padded=mask is not None)
             h = h + nn.Embed(
                 cfg.learned_positions, cfg.d_model, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
                 embedding_init=nn.with_logical_partitioning(

@@ -1,6 +1,6 @@
 """Training: optimiser, train state, step functions, loop, checkpointing, metrics."""
 from mamba_jax.train.checkpoint import Checkpointer
-from mamba_jax.train.loop import LoopConfig, train_loop
+from mamba_jax.train.loop import LoopConfig, NonFiniteLossError, train_loop
 from mamba_jax.train.metrics import MetricsWriter, TensorBoardWriter, read_jsonl, read_tensorboard_scalars
 from mamba_jax.train.optim import (
     LR_SCHEDULES,
@@ -24,7 +24,7 @@ from mamba_jax.train.step import (
     step_rng,
 )
 
-__all__ = ["Checkpointer", "LR_SCHEDULES", "LoopConfig", "MetricsWriter", "OptimizerConfig", "TensorBoardWriter",
+__all__ = ["Checkpointer", "LR_SCHEDULES", "LoopConfig", "MetricsWriter", "NonFiniteLossError", "OptimizerConfig", "TensorBoardWriter",
            "TrainState", "accumulated_grads", "create_train_state", "decays", "evaluate", "learning_rate_schedule",
            "make_eval_step", "make_optimizer", "make_train_step", "masked_cross_entropy", "masked_token_stats",
            "path_names", "read_jsonl", "read_tensorboard_scalars", "split_micro_batches", "step_rng", "train_loop",

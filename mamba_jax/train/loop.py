@@ -45,6 +45,27 @@ class LoopConfig:
                              f"(0, num_steps={self.num_steps}]; got {self.stop_after!r}")
 
 
+class NonFiniteLossError(FloatingPointError):
+    """A train step returned a NaN or infinite loss. `step` is the first such step (1-based, as logged);
+    `last_checkpoint` the newest checkpoint step on disk (None without a checkpointer or checkpoint), which
+    holds the last good state: the loop saves nothing after a non-finite loss."""
+
+    def __init__(self, step: int, loss: float, last_checkpoint: Optional[int], directory: Optional[str] = None):
+        self.step, self.loss, self.last_checkpoint = step, loss, last_checkpoint
+        where = ("no checkpoint was saved" if last_checkpoint is None
+                 else f"the last good checkpoint is step {last_checkpoint}" + (f" in {directory}" if directory else ""))
+        super().__init__(f"train_loop: the loss is {loss} at step {step}; training stopped before saving anything "
+                         f"after it ({where}). Lower the learning rate, clip gradients or check the data "
+                         "(e.g. a target id outside the vocabulary) and resume from that checkpoint.")
+
+
+def _first_non_finite(window: List[Mapping[str, Any]], first_step: int):
+    """(step, loss) of the first non-finite `loss` of a window of step metrics, or None."""
+    losses = np.asarray(jax.device_get([m["loss"] for m in window]), np.float64)
+    bad = np.flatnonzero(~np.isfinite(losses))
+    return None if bad.size == 0 else (first_step + int(bad[0]), float(losses[bad[0]]))
+
+
 def _is_boundary(step: int, every: int, last: int) -> bool:
     return step % every == 0 or step == last
 
@@ -80,6 +101,9 @@ def train_loop(state, train_step: Callable, get_batch: Optional[Callable[[int], 
       checkpointer / checkpoint_meta: save ``state`` and ``checkpoint_meta(step)`` (default
         ``{"step": step}``) every `checkpoint_every` steps, at `stop_after` and at the end.
     Returns ``(state, history)``, history the list of records written by this call.
+    Raises `NonFiniteLossError` (naming the step and the last good checkpoint) when a step's ``loss`` is
+    NaN or infinite. Losses are checked once per `log_every` window, before anything of that window is
+    logged or saved (checkpoints fall on window ends), so no checkpoint ever holds a state after a bad step.
     """
     if (get_batch is None) == (data_iterator is None):
         raise ValueError("train_loop: pass exactly one of `get_batch` (step -> batch) and `data_iterator`")
@@ -104,6 +128,17 @@ def train_loop(state, train_step: Callable, get_batch: Optional[Callable[[int], 
         window.append(step_metrics)
         bar.update(1)
         if _is_boundary(step, config.log_every, end):
+            if "loss" in window[0]:
+                bad = _first_non_finite(window, step - len(window) + 1)
+                if bad is not None:
+                    bar.close()
+                    if metrics is not None:
+                        metrics.flush()
+                    last = None
+                    if checkpointer is not None:
+                        checkpointer.wait()
+                        last = checkpointer.latest_step()
+                    raise NonFiniteLossError(*bad, last, getattr(checkpointer, "directory", None))
             record = {"kind": "train", "step": step, **_mean_metrics(window)}
             now = time.perf_counter()
             record["tokens_per_s"] = config.tokens_per_step * len(window) / max(now - t_window, 1e-9)

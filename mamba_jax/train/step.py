@@ -9,6 +9,8 @@ import numpy as np
 import optax
 from flax.training import train_state
 
+from mamba_jax.ops._checks import check_token_ids
+
 Batch = Mapping[str, jax.Array]  # inputs/targets (b, l) int32, loss_mask (b, l) bool, optional seq_idx (b, l) int
 TrainState = train_state.TrainState
 JITTER_RNG = "jitter"   # the rng stream of the MoE router jitter (`mamba_jax.layers.moe.MoE`)
@@ -81,17 +83,25 @@ def masked_token_stats(logits: jax.Array, targets: jax.Array, loss_mask: jax.Arr
     """Sums over the masked (answer) positions.
 
     Args:
-      logits: (b, l, v) float; targets: (b, l) int; loss_mask: (b, l) bool.
+      logits: (b, l, v) float; targets: (b, l) int; loss_mask: (b, l) bool (or 0/1).
     Returns float32 scalars: ``nll_sum`` (summed cross-entropy), ``correct`` (argmax == target),
     ``tokens`` (masked positions), ``exact`` (sequences whose answer positions are all correct) and
     ``sequences`` (b).
+
+    The mask selects (`where`): a target outside [0, v) or a NaN/inf logit at a position the mask leaves out
+    changes nothing (a masked target is replaced before the cross-entropy, so it cannot reach the loss or
+    its gradient). At a masked-in position, a target outside the vocabulary gives NaN: a loud failure,
+    which `train_loop` turns into an error naming the step.
     """
-    mask = loss_mask.astype(jnp.float32)
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    hit = jnp.argmax(logits, axis=-1) == targets
-    all_hit = jnp.all(hit | ~loss_mask.astype(bool), axis=-1)
-    return {"nll_sum": jnp.sum(nll * mask), "correct": jnp.sum(hit * mask), "tokens": jnp.sum(mask),
-            "exact": jnp.sum(all_hit.astype(jnp.float32)),
+    keep = jnp.asarray(loss_mask) != 0
+    safe_targets = jnp.where(keep, targets, 0)
+    logits = jnp.where(keep[..., None], logits.astype(jnp.float32), 0.0)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, safe_targets)
+    nll = jnp.where((safe_targets >= 0) & (safe_targets < logits.shape[-1]), nll, jnp.nan)
+    hit = (jnp.argmax(logits, axis=-1) == safe_targets) & keep
+    all_hit = jnp.all(hit | ~keep, axis=-1)
+    return {"nll_sum": jnp.sum(jnp.where(keep, nll, 0.0)), "correct": jnp.sum(hit.astype(jnp.float32)),
+            "tokens": jnp.sum(keep.astype(jnp.float32)), "exact": jnp.sum(all_hit.astype(jnp.float32)),
             "sequences": jnp.asarray(targets.shape[0], jnp.float32)}
 
 
@@ -217,15 +227,38 @@ def make_train_step(learning_rate_fn: Optional[Callable] = None, *, donate: bool
     return jax.jit(train_step, donate_argnums=(0,) if donate else ())
 
 
+def check_batch_ids(fn: str, batch: Batch, vocab_size: Optional[int]) -> None:
+    """Concrete (host) batches: every ``inputs`` id, and every ``targets`` id the ``loss_mask`` keeps, lies in
+    [0, vocab_size) — else ValueError naming the id, its position and vocab_size. Traced batches pass."""
+    if vocab_size is None:
+        return
+    check_token_ids(fn, "batch['inputs']", batch["inputs"], vocab_size)
+    if "targets" in batch:
+        check_token_ids(fn, "batch['targets']", batch["targets"], vocab_size, batch.get("loss_mask"))
+
+
+def model_vocab_size(apply_fn: Callable) -> Optional[int]:
+    """The vocabulary of a bound ``model.apply`` (None when it is not a language model's)."""
+    return getattr(getattr(getattr(apply_fn, "__self__", None), "config", None), "vocab_size", None)
+
+
 def make_eval_step(apply_fn: Callable):
-    """A jitted ``eval_step(params, batch) -> dict`` of summed answer-position stats (`masked_token_stats`);
-    a batch's ``seq_idx``, when present, goes to the model (`forward`)."""
+    """A ``eval_step(params, batch) -> dict`` of summed answer-position stats (`masked_token_stats`), jitted;
+    a batch's ``seq_idx``, when present, goes to the model (`forward`). Called with host (concrete) arrays it
+    first checks the ids against the model's vocabulary (`check_batch_ids`)."""
 
     def eval_step(params, batch: Batch):
         logits = forward(apply_fn, params, batch)
         return masked_token_stats(logits, batch["targets"], batch["loss_mask"])
 
-    return jax.jit(eval_step)
+    jitted = jax.jit(eval_step)
+    vocab_size = model_vocab_size(apply_fn)
+
+    def checked_eval_step(params, batch: Batch):
+        check_batch_ids("eval_step", batch, vocab_size)
+        return jitted(params, batch)
+
+    return checked_eval_step
 
 
 def evaluate(eval_step: Callable, params, batches: Iterable[Batch]) -> Dict[str, float]:

@@ -205,14 +205,21 @@ def test_bfloat16_model_and_cache():
     assert cache.layers[1].value.dtype == jnp.bfloat16
 
 
-def test_cache_overflow_gives_nan_not_silent_garbage():
+def test_cache_overflow_is_an_error_and_nan_under_jit():
+    """From Python, `step`/`prefill` read the cache index and refuse a token that does not fit; inside jit
+    (where the index is traced) the overflowing step gives NaN logits, never silently overwritten slots."""
+    from mamba_jax import inference
     cfg = CONFIGS["rope_mha"]
     model = TransformerLM(cfg)
     params = init_jit(model)
     logits, cache = prefill(model, params, ids(12, 1, 4), max_len=5)
     ok, cache = step(model, params, jnp.asarray([1]), cache)
     assert bool(jnp.all(jnp.isfinite(ok)))
-    over, _ = step(model, params, jnp.asarray([1]), cache)
+    with pytest.raises(ValueError, match=r"step: the KV cache holds 5 slots and 5 are used; 1 more tokens do not fit"):
+        step(model, params, jnp.asarray([1]), cache)
+    with pytest.raises(ValueError, match=r"prefill: the KV cache holds 5 slots and 5 are used; 2 more"):
+        prefill(model, params, ids(12, 1, 2), cache)
+    over, _ = inference._step(model, params, jnp.asarray([1]), cache)   # the jitted step, as `generate` runs it
     assert bool(jnp.all(jnp.isnan(over)))
 
 
