@@ -42,8 +42,9 @@ class MoEConfig:
     n_experts: E. router: "switch" (top-1), "topk" or "expert_choice".
     k: assignments per token; None = the router's default (switch 1, topk 2, expert_choice 1). The switch
        router needs k = 1; for expert choice k only scales the capacity (mean experts per token).
-    capacity_factor_train / capacity_factor_eval: C = ceil(cf · l · k / E) slots per expert per sequence
-       (min 1, max l), or None: dropless (no capacity, nothing dropped; token-choice routers only). The eval
+    capacity_factor_train / capacity_factor_eval: the causal capacity (`mamba_jax.ops.moe`): an expert keeps
+       at most ceil(cf · (p + 1) · k / E) assignments of a document's first p + 1 tokens, in a buffer of
+       C = ceil(cf · l · k / E) slots per expert per sequence (min 1, max l); or None: dropless (no capacity, nothing dropped; token-choice routers only). The eval
        factor is used when `deterministic=True`. Defaults: train 1.0, eval None — dropless evaluation and
        decoding, so decoding one token at a time equals the full forward and no token's output depends on
        another's. For expert choice (which has no dropless form) an eval factor of None means the train one.
@@ -126,17 +127,18 @@ class MoE(nn.Module):
     w_out (E, d_expert, d_model) [EXPERT, MLP, EMBED]; with `expert_bias`, b_in (E, d_expert) [EXPERT, MLP]
     and b_out (E, d_model) [EXPERT, EMBED].
 
-    __call__(x, deterministic=True, token_mask=None) -> (y, metrics): x (b, l, d_model); y like x (dtype of
-    x); metrics: aux_loss, z_loss, router_loss (weighted sum), dropped_fraction, unrouted_fraction
+    __call__(x, deterministic=True, token_mask=None, seq_idx=None) -> (y, metrics): x (b, l, d_model); y like
+    x (dtype of x); metrics: aux_loss, z_loss, router_loss (weighted sum), dropped_fraction, unrouted_fraction
     (scalars), expert_load (E,). `deterministic=False` uses `capacity_factor_train` and, when `jitter` > 0,
     the "jitter" rng stream. token_mask: optional (b, l), 1 = real token, 0 = padding: padding takes no
-    expert capacity, gets y = 0 and is left out of every loss and metric.
+    expert capacity, gets y = 0 and is left out of every loss and metric. seq_idx: optional (b, l) int,
+    packed documents: the causal capacity restarts at each (a document's routing ignores the others).
     """
 
     config: MoEConfig
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True, token_mask=None) -> Tuple[Any, Dict[str, Any]]:
+    def __call__(self, x, deterministic: bool = True, token_mask=None, seq_idx=None) -> Tuple[Any, Dict[str, Any]]:
         cfg = self.config
         if x.ndim != 3:
             raise ValueError(f"MoE: `x` must have shape (b, l, d_model); got shape {tuple(x.shape)}")
@@ -173,7 +175,8 @@ class MoE(nn.Module):
         y, metrics = expert_parallel_moe(x, logits, w_in, w_out, b_in, b_out, activation=cfg.activation,
                                          router=cfg.router, k=cfg.top_k,
                                          capacity_factor=cfg.capacity_factor(deterministic),
-                                         dispatch=cfg.dispatch, compute_dtype=cdt, token_mask=token_mask)
+                                         dispatch=cfg.dispatch, compute_dtype=cdt, token_mask=token_mask,
+                                         seq_idx=seq_idx)
         metrics = dict(metrics)
         metrics["router_loss"] = cfg.aux_loss_coef * metrics["aux_loss"] + cfg.z_loss_coef * metrics["z_loss"]
         return y, metrics
@@ -224,7 +227,7 @@ class MoEMixer(nn.Module):
     """The "E" layer of a pattern: the `MoE` FFN behind the block interface of the mixers.
 
     ``(x, positions, seq_idx, mask, cache, deterministic) -> (y, cache)``; x (b, l, d_model). Keeps no cache
-    and ignores positions/seq_idx. `deterministic=False` trains (train capacity factor, jitter: the train step
+    and ignores positions; `seq_idx` restarts the training capacity at each packed document. `deterministic=False` trains (train capacity factor, jitter: the train step
     passes it through the model); True (the default) evaluates — dropless by default, so the layer is
     token-wise and decoding equals the forward. It sows ``losses/router_loss`` (aux_loss_coef·aux +
     z_loss_coef·z, to add to the objective) and ``moe_metrics/{dropped_fraction, aux_loss, z_loss}``, read
@@ -237,7 +240,8 @@ class MoEMixer(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, positions=None, seq_idx=None, mask=None, cache=None, deterministic: bool = True):
-        y, metrics = MoE(self.config.moe_config, name="moe")(x, deterministic=deterministic, token_mask=mask)
+        y, metrics = MoE(self.config.moe_config, name="moe")(x, deterministic=deterministic, token_mask=mask,
+                                                             seq_idx=seq_idx)
         self.sow("losses", "router_loss", metrics["router_loss"])
         for name in ("dropped_fraction", "aux_loss", "z_loss"):
             self.sow("moe_metrics", name, metrics[name])

@@ -22,7 +22,7 @@ from mamba_jax.layers.config import ATTENTION, MAMBA, MAMBA2, MAMBA_MOE, MOE, Ba
 from mamba_jax.layers.mlp import GatedMLP
 from mamba_jax.layers.norm import RMSNorm
 from mamba_jax.ops._checks import check_array, check_mask_values, check_token_ids, concrete_value
-from mamba_jax.ops.attention import segment_ids
+from mamba_jax.ops.positions import token_positions
 from mamba_jax.sharding import EMBED, VOCAB
 from mamba_jax.sharding.kernels import constrain_batch
 
@@ -68,28 +68,6 @@ class LMOutput(NamedTuple):
     logits: jax.Array
     cache: Optional[ModelCache]
     hidden_states: Optional[Tuple[jax.Array, ...]]
-
-
-def token_positions(mask, seq_idx, start, batch: int, length: int):
-    """Position ids (b, l) int32 of the tokens of a chunk.
-
-    Positions count real tokens only (left padding, `mask` == 0, does not advance them; a pad gets the
-    position of the next real token), restart at 0 where `seq_idx` changes (packed sequences), and
-    continue from `start` (b,) — the tokens consumed before this chunk — in the first sequence of a row.
-    """
-    if mask is not None:
-        pos = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
-    else:
-        pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    if start is None:
-        start = jnp.zeros((batch,), jnp.int32)
-    if seq_idx is None:
-        return pos + start[:, None]
-    segment = segment_ids(seq_idx)
-    idx = jnp.arange(length, dtype=jnp.int32)
-    new_segment = jnp.concatenate([jnp.ones((batch, 1), bool), segment[:, 1:] != segment[:, :-1]], axis=1)
-    segment_start = jax.lax.cummax(jnp.where(new_segment, idx, 0), axis=1)
-    return pos - jnp.take_along_axis(pos, segment_start, axis=1) + jnp.where(segment == 0, start[:, None], 0)
 
 
 def check_learned_positions(fn: str, positions, n_positions: int, padded: bool) -> None:

@@ -10,30 +10,32 @@ Zhou et al. 2022):
 
 - **Router in float32.** Logits are cast to at least float32 (float64 stays float64, so float64 gradient
   checks are meaningful) and softmaxed over experts.
-- **Capacity** ``C = ceil(capacity_factor · t · k / E)``, at least 1 and at most ``t`` (an expert can never
-  receive more than the ``t`` tokens of a group: a token's k choices are distinct experts). See
-  `expert_capacity`.
-- **Token choice** (``router="switch"``, k = 1, or ``"topk"``): every token picks its k most probable
-  experts. Gates: k = 1 uses the raw probability p_e (Switch: this is what trains the router); k > 1
-  renormalises over the chosen experts, ``gate_j = p_{e_j} / Σ_{i≤k} p_{e_i}`` (GShard top-2, Mixtral).
-  Renormalisation happens before dropping; a dropped assignment's gate is 0, the others keep theirs.
-- **Dropping order** (deterministic, causal): an expert's slots are granted in token order — all k choices
-  of token t (first choice first) before any choice of token t+1 — and assignments beyond ``C`` are
-  dropped. Whether an assignment is kept therefore depends only on the tokens at or before it, never on
-  later ones (GShard's choice-major order, all first choices before any second choice, lets a later token's
-  first choice evict an earlier token's second choice: a leak from the future in a causal model).
+- **Capacity** (causal): an expert may keep at most ``cap[p] = ceil(capacity_factor · (p + 1) · k / E)``
+  assignments of a document's first p + 1 tokens (`prefix_capacity`), so the row buffer
+  ``C = ceil(capacity_factor · t · k / E)`` (at least 1, at most t; `expert_capacity`) holds everything kept.
+  Slots are granted in token order (a token's k choices go to distinct experts); an assignment is dropped
+  when its expert has used its budget so far. The decision depends only on the token's own document up to
+  and including the token: never on later tokens, nor on the sequence length, left padding or other packed
+  documents (`seq_idx`; exactly so when each document's length is a multiple of E / (capacity_factor · k) —
+  otherwise a full row buffer can drop a later document's assignments). A fixed budget C per sequence
+  (GShard, Switch) makes early tokens' fate depend on the length t, and GShard's choice-major order (all
+  first choices before any second choice) lets a later token's first choice evict an earlier token's
+  second: both leak across positions in a causal model. See `causal_slots`.
 - **Dropless** (``capacity_factor=None``, `mixture_of_experts_dropless`): every assignment is computed, with
   a grouped matmul over the assignments sorted by expert (`jax.lax.ragged_dot`, O(t·k·d·f) work): routing is
   then token-wise, so a token's output depends on nothing but itself (the decoder models' default in
   evaluation and decoding, where decoding one token at a time must equal the full forward).
 - **Expert choice** (``router="expert_choice"``): each expert takes its top-C tokens by router
-  probability (ties: lower token index first); gate = p_e(token). It ranks a token against the whole
-  group, later tokens included, so it is for bidirectional models only (the decoder "E" layer refuses it). A token may be taken by several experts
-  or by none. Represented token-major with k = E (assignment j of every token is expert j).
+  probability (ties: lower token index first); gate = p_e(token), with a fixed budget
+  C = `expert_capacity`(t, E, k, capacity_factor). A token may be taken by several experts or by none.
+  Represented token-major with k = E (assignment j of every token is expert j). It ranks a token against
+  the whole group, later tokens included, so it is for bidirectional models only (the decoder "E" layer
+  refuses it).
 - **Dropped tokens** get zero output from the layer; the residual connection around it carries them.
 - **Padding** (``token_mask: (g, t)``, 1 = real token, 0 = padding; optional everywhere, None = all real):
   padding tokens are kept out of routing. They take no expert slot (so they never cause a real token to
-  be dropped; the capacity C is still computed from the padded length t), expert choice never picks them,
+  be dropped, and the causal budget counts real tokens only; the buffer C is sized from the padded length t),
+  expert choice never picks them,
   their output is zero, and they count in none of the metrics: the aux loss's f_e and P_e, the z-loss,
   the dropped / unrouted fractions are computed over real tokens only (a group with no real token adds
   nothing to the aux loss's mean over groups).
@@ -60,12 +62,13 @@ from typing import Callable, Dict, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mamba_jax.ops._checks import check_array, compute_dtype
+from mamba_jax.ops.positions import token_positions
 
 ROUTERS = ("switch", "topk", "expert_choice")
 DISPATCHES = ("dense", "sorted")
-POSITION_METHODS = ("cumsum", "sort")
 ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu}
 
 
@@ -200,69 +203,98 @@ def router_z_loss(logits, token_mask=None):
 
 # ---------------------------------------------------------------------------------------------- routing
 
-def _positions_cumsum(expert, n_experts, valid=None):
-    """Slot of each assignment in its expert's queue, token-major (causal) order, via one-hot cumsum.
+def prefix_capacity(n_tokens: int, n_experts: int, k: int, capacity_factor: float) -> np.ndarray:
+    """The causal capacity schedule, (n_tokens,) int32: an expert may have kept at most
+    ``cap[p] = max(1, ceil(capacity_factor · (p + 1) · k / E))`` assignments of a sequence's first p + 1
+    tokens. Static (numpy, rounded to 9 decimals before the ceiling as `expert_capacity`); cap[t − 1] is the
+    row capacity C, so the kept assignments always fit C slots."""
+    p = np.arange(1, n_tokens + 1, dtype=np.float64)
+    return np.maximum(np.ceil(np.round(capacity_factor * p * k / n_experts, 9)), 1).astype(np.int32)
 
-    expert: (t, k) int -> (t, k) int32 (unbounded: >= C means dropped). Memory O(t·k·E).
-    valid: optional (t, k) bool; invalid assignments (padding) take no place in any queue (their own
-    position is meaningless; the caller marks them not kept).
+
+def _segmented_cummin(values, starts):
+    """Running minimum along axis 1 restarting where `starts` is True.  values: (g, t, E); starts: (g, t, 1)."""
+    def combine(a, b):
+        (va, sa), (vb, sb) = a, b
+        return jnp.where(sb, vb, jnp.minimum(va, vb)), sa | sb
+    return jax.lax.associative_scan(combine, (values, jnp.broadcast_to(starts, values.shape)), axis=1)[0]
+
+
+def causal_slots(expert, valid, n_experts: int, capacity_factor: float, doc_start, doc_pos):
+    """Which assignments an expert keeps under the causal capacity, and their buffer slots.
+
+    expert: (g, t, k) int, distinct experts per token; valid: (g, t, k) bool (False: padding);
+    doc_start: (g, t) bool, True at the first position of every document (always at 0; where `seq_idx`
+    changes); doc_pos: (g, t) int, each token's position among its document's real tokens.
+    Rule: in token order (a token's k choices are distinct experts), expert e keeps an assignment iff it
+    has kept fewer than ``cap[p]`` (`prefix_capacity`) of the document's earlier assignments, p the token's
+    position in its document. The kept count K follows K_p = min(K_{p-1} + d_p, cap[p]) (d_p: demand), whose
+    closed form K_p = D_p + min(0, min_{q<=p} (cap[q] − D_q)) (D: cumulative demand) needs only a cumsum
+    and a segmented running minimum — no sequential scan. A decision depends on the document's tokens up to
+    and including this one, nothing else: causal, the same at any sequence length, with any left padding,
+    and for a document packed with others. Slots count the row's kept assignments per expert; the row
+    buffer C = cap[t − 1] holds them all for a single document per row, and for packed documents whose
+    lengths are multiples of E / (capacity_factor · k) (otherwise a full buffer drops the later ones).
+    Returns (kept (g, t, k) bool, slot (g, t, k) int32 — meaningful where kept).
     """
-    t, k = expert.shape
-    flat = expert.reshape(-1)                                   # priority order: token-major, then choice
-    onehot = jax.nn.one_hot(flat, n_experts, dtype=jnp.int32)  # (t·k, E)
-    if valid is not None:
-        onehot = jnp.where(valid.reshape(-1, 1), onehot, 0)
-    rank = jnp.cumsum(onehot, axis=0) - 1
-    pos = jnp.take_along_axis(rank, flat[:, None], axis=1)[:, 0]
-    return pos.reshape(t, k).astype(jnp.int32)
+    g, t, k = expert.shape
+    schedule = prefix_capacity(t, n_experts, k, capacity_factor)
+    capacity, table = min(int(schedule[-1]), t), jnp.asarray(schedule)
+    onehot = jax.nn.one_hot(expert, n_experts, dtype=jnp.int32)                     # (g, t, k, E)
+    demand = jnp.sum(jnp.where(valid[..., None], onehot, 0), axis=2)               # (g, t, E) in {0, 1}
+    cum = jnp.cumsum(demand, axis=1)
+    idx = jnp.arange(t, dtype=jnp.int32)
+    start_idx = jax.lax.cummax(jnp.where(doc_start, idx, 0), axis=1)                # (g, t)
+    before_doc = jnp.take_along_axis(cum - demand, start_idx[..., None], axis=1)   # demand before the document
+    cum_doc = cum - before_doc
+    cap = table[jnp.clip(doc_pos, 0, t - 1)][..., None]                             # (g, t, 1)
+    kept_count = cum_doc + jnp.minimum(_segmented_cummin(cap - cum_doc, doc_start[..., None]), 0)
+    previous = jnp.concatenate([jnp.zeros_like(kept_count[:, :1]), kept_count[:, :-1]], axis=1)
+    previous = jnp.where(doc_start[..., None], 0, previous)
+    kept_te = (demand > 0) & (kept_count > previous)                                # (g, t, E)
+    slot_te = jnp.cumsum(kept_te.astype(jnp.int32), axis=1) - 1
+    kept_te = kept_te & (slot_te < capacity)
+    kept = jnp.take_along_axis(kept_te, expert, axis=2) & valid
+    slot = jnp.take_along_axis(slot_te, expert, axis=2)
+    return kept, slot.astype(jnp.int32)
 
 
-def _positions_sort(expert, n_experts, valid=None):
-    """Same as `_positions_cumsum` via a stable sort by expert (no one-hot).  (t, k) -> (t, k) int32.
-
-    valid: optional (t, k) bool; invalid assignments are sorted into a bucket after the last expert.
-    """
-    t, k = expert.shape
-    flat = expert.reshape(-1).astype(jnp.int32)                 # token-major priority, as `_positions_cumsum`
-    if valid is not None:
-        flat = jnp.where(valid.reshape(-1), flat, n_experts)
-    order = jnp.argsort(flat, stable=True)                      # by expert, priority order within one
-    sorted_expert = flat[order]
-    counts = jnp.zeros((n_experts + 1,), jnp.int32).at[flat].add(1)
-    starts = jnp.cumsum(counts) - counts
-    rank_sorted = jnp.arange(k * t, dtype=jnp.int32) - starts[sorted_expert]
-    pos = jnp.zeros((k * t,), jnp.int32).at[order].set(rank_sorted)
-    return pos.reshape(t, k)
+def _documents(token_mask, seq_idx, g: int, t: int):
+    """(doc_start (g, t) bool, doc_pos (g, t) int32) of rows with optional padding and packed documents."""
+    idx = jnp.arange(t, dtype=jnp.int32)
+    if seq_idx is None:
+        doc_start = jnp.broadcast_to(idx == 0, (g, t))
+    else:
+        doc_start = jnp.concatenate([jnp.ones((g, 1), bool), seq_idx[:, 1:] != seq_idx[:, :-1]], axis=1)
+    return doc_start, token_positions(token_mask, seq_idx, None, g, t)
 
 
-def route_token_choice(logits, k: int, capacity: int, *, positions: str = "cumsum",
-                       token_mask=None) -> Routing:
-    """Switch (k = 1) / top-k token-choice routing with capacity and the causal (token-major) drop order.
+def route_token_choice(logits, k: int, capacity_factor: float, *, token_mask=None, seq_idx=None) -> Routing:
+    """Switch (k = 1) / top-k token-choice routing with the causal capacity (`causal_slots`).
 
-    logits: (g, t, E); k: experts per token (<= E); capacity: C slots per expert per group;
-    positions: "cumsum" (one-hot, O(t·k·E)) or "sort" (stable argsort) — equal results;
-    token_mask: optional (g, t), 1 = real token, 0 = padding (padding takes no slot and is never kept).
-    Returns a `Routing` with (g, t, k) arrays. Gates: k = 1 raw probability; k > 1 renormalised over the
-    k chosen experts (before dropping).
+    logits: (g, t, E); k: experts per token (<= E); capacity_factor: > 0, the row buffer holds
+    C = `expert_capacity`(t, E, k, capacity_factor) slots per expert and an expert keeps at most
+    ceil(capacity_factor · (p + 1) · k / E) assignments of a document's first p + 1 tokens;
+    token_mask: optional (g, t), 1 = real token, 0 = padding (padding takes no slot and is never kept);
+    seq_idx: optional (g, t) int, packed documents (the capacity schedule restarts at each).
+    Returns a `Routing` with (g, t, k) arrays (position: the slot, C when dropped). Gates: k = 1 raw
+    probability; k > 1 renormalised over the k chosen experts (before dropping).
     """
     fn = "route_token_choice"
     _check_logits(fn, logits)
-    n_experts = logits.shape[-1]
+    g, t, n_experts = logits.shape
     _check_k(fn, k, n_experts)
-    _check_choice(fn, "positions", positions, POSITION_METHODS)
-    token_mask = _check_token_mask(fn, token_mask, *logits.shape[:2])
+    capacity = expert_capacity(t, n_experts, k, capacity_factor)
+    token_mask = _check_token_mask(fn, token_mask, g, t)
+    if seq_idx is not None:
+        check_array(fn, "seq_idx", seq_idx, (g, t), kind="int")
     probs = router_probs(logits)
     top_p, top_e = jax.lax.top_k(probs, k)                      # (g, t, k), descending
     gate = top_p / jnp.sum(top_p, axis=-1, keepdims=True) if k > 1 else top_p
-    pos_fn = _positions_cumsum if positions == "cumsum" else _positions_sort
-    if token_mask is None:
-        pos = jax.vmap(lambda e: pos_fn(e, n_experts))(top_e)
-        kept = pos < capacity
-    else:
-        valid = jnp.broadcast_to(token_mask[..., None], top_e.shape)
-        pos = jax.vmap(lambda e, v: pos_fn(e, n_experts, v))(top_e, valid)
-        kept = (pos < capacity) & valid
-    return Routing(top_e.astype(jnp.int32), jnp.where(kept, pos, capacity).astype(jnp.int32),
+    valid = jnp.ones(top_e.shape, bool) if token_mask is None else jnp.broadcast_to(token_mask[..., None], top_e.shape)
+    doc_start, doc_pos = _documents(token_mask, seq_idx, g, t)
+    kept, slot = causal_slots(top_e, valid, n_experts, capacity_factor, doc_start, doc_pos)
+    return Routing(top_e.astype(jnp.int32), jnp.where(kept, slot, capacity).astype(jnp.int32),
                    jnp.where(kept, gate, 0), kept)
 
 
@@ -299,16 +331,18 @@ def route_expert_choice(logits, capacity: int, *, token_mask=None) -> Routing:
     return Routing(expert, pos, jnp.where(kept, probs, 0), kept)
 
 
-def route(logits, *, router: str, k: int, capacity: int, positions: str = "cumsum", token_mask=None) -> Routing:
-    """Dispatch to `route_token_choice` (switch: k must be 1; topk) or `route_expert_choice` (k unused).
-    token_mask: optional (g, t), 1 = real token, 0 = padding (kept out of routing)."""
+def route(logits, *, router: str, k: int, capacity_factor: float, token_mask=None, seq_idx=None) -> Routing:
+    """Dispatch to `route_token_choice` (switch: k must be 1; topk) or `route_expert_choice` (capacity
+    C = `expert_capacity`(t, E, k, capacity_factor); k only scales it). token_mask: optional (g, t), 1 = real
+    token, 0 = padding (kept out of routing); seq_idx: optional (g, t) packed documents (token choice)."""
     _check_choice("route", "router", router, ROUTERS)
     if router == "expert_choice":
-        return route_expert_choice(logits, capacity, token_mask=token_mask)
+        g, t, n_experts = logits.shape
+        return route_expert_choice(logits, expert_capacity(t, n_experts, k, capacity_factor), token_mask=token_mask)
     if router == "switch" and k != 1:
         raise ValueError(f"route: the switch router routes each token to k=1 expert; got `k`={k!r} "
                          "(use router='topk')")
-    return route_token_choice(logits, k, capacity, positions=positions, token_mask=token_mask)
+    return route_token_choice(logits, k, capacity_factor, token_mask=token_mask, seq_idx=seq_idx)
 
 
 # --------------------------------------------------------------------------------------------- dispatch
@@ -441,7 +475,8 @@ def routing_metrics(logits, routing: Routing, capacity: int, router: str, token_
 # ------------------------------------------------------------------------------------------------- layer
 
 def mixture_of_experts(x, logits, expert_fn: Callable, *, router: str = "switch", k: int | None = None,
-        capacity_factor: float = 1.0, dispatch: str = "dense", token_mask=None, metric_sums: bool = False):
+        capacity_factor: float = 1.0, dispatch: str = "dense", token_mask=None, seq_idx=None,
+        metric_sums: bool = False):
     """Route, dispatch, run the experts, combine.
 
     x: (g, t, d) tokens in groups; logits: (g, t, E) router logits (computed in float32 or wider by the
@@ -451,7 +486,8 @@ def mixture_of_experts(x, logits, expert_fn: Callable, *, router: str = "switch"
     capacity_factor: > 0, see `expert_capacity` (for no capacity, see `mixture_of_experts_dropless`);
     dispatch: "dense" | "sorted" (equal results);
     token_mask: optional (g, t), 1 = real token, 0 = padding — padding takes no expert slot, gets y = 0 and
-    counts in no metric (see the module docstring); metric_sums: return `routing_metric_sums` instead
+    counts in no metric (see the module docstring); seq_idx: optional (g, t) int, packed documents (the
+    causal capacity restarts at each); metric_sums: return `routing_metric_sums` instead
     of the finished metrics (for callers that add them up over shards).
 
     Returns (y, metrics): y (g, t, d_out) in x's dtype, zero for unrouted and padding tokens; metrics as
@@ -471,8 +507,8 @@ def mixture_of_experts(x, logits, expert_fn: Callable, *, router: str = "switch"
     logits = logits.astype(compute_dtype(logits, x))
     if token_mask is not None:   # select, never multiply: a NaN at a padding position must not spread
         x = jnp.where(token_mask[..., None], x, jnp.zeros((), x.dtype))
-    routing = route(logits, router=router, k=k, capacity=capacity,
-                    positions="cumsum" if dispatch == "dense" else "sort", token_mask=token_mask)
+    routing = route(logits, router=router, k=k, capacity_factor=capacity_factor, token_mask=token_mask,
+                    seq_idx=seq_idx)
     if dispatch == "dense":
         disp, comb = dense_dispatch_tensors(routing, n_experts, capacity)
         ye = expert_fn(dispatch_dense(x, disp))                             # (g, E, C, d_out)

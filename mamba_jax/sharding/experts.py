@@ -34,7 +34,7 @@ GROUP_MESH_AXES = ("data", "fsdp", EXPERT_AXIS)
 
 
 def _local_moe(x, logits, w_in, w_out, b_in, b_out, *, activation, router, k, capacity_factor, dispatch,
-               compute_dtype, expert_axis: Optional[str], token_mask=None, metric_sums: bool = False):
+               compute_dtype, expert_axis: Optional[str], token_mask=None, seq_idx=None, metric_sums: bool = False):
     cast = lambda a: None if a is None else a.astype(compute_dtype)  # noqa: E731
     if capacity_factor is None:
         if expert_axis is None:
@@ -54,7 +54,7 @@ def _local_moe(x, logits, w_in, w_out, b_in, b_out, *, activation, router, k, ca
         return ye
 
     return mixture_of_experts(x, logits, experts, router=router, k=k, capacity_factor=capacity_factor,
-                              dispatch=dispatch, token_mask=token_mask, metric_sums=metric_sums)
+                              dispatch=dispatch, token_mask=token_mask, seq_idx=seq_idx, metric_sums=metric_sums)
 
 
 def _dropless_expert_parallel(x, logits, w_in, w_out, b_in, b_out, *, router, k, activation, compute_dtype,
@@ -75,12 +75,13 @@ def _dropless_expert_parallel(x, logits, w_in, w_out, b_in, b_out, *, router, k,
 
 def expert_parallel_moe(x, logits, w_in, w_out, b_in=None, b_out=None, *, activation: str = "relu",
                         router: str = "switch", k: Optional[int] = None, capacity_factor: Optional[float] = 1.0,
-                        dispatch: str = "sorted", compute_dtype="float32", token_mask=None):
+                        dispatch: str = "sorted", compute_dtype="float32", token_mask=None, seq_idx=None):
     """An MoE layer's expert computation, expert-parallel on the context mesh.
 
     x: (g, t, d) routing groups; logits: (g, t, E); w_in (E, d, f), w_out (E, f, d_out), b_in (E, f),
     b_out (E, d_out); token_mask: optional (g, t), 1 = real token, 0 = padding (kept out of routing, see
-    `mixture_of_experts`); capacity_factor None: dropless (`mixture_of_experts_dropless`).
+    `mixture_of_experts`); seq_idx: optional (g, t) int, packed documents (the causal capacity restarts at
+    each); capacity_factor None: dropless (`mixture_of_experts_dropless`).
     Returns (y (g, t, d_out), metrics) as `mixture_of_experts`.
     Raises ValueError when E is not divisible by the `expert` axis or g by the group-sharding axes.
     """
@@ -89,7 +90,8 @@ def expert_parallel_moe(x, logits, w_in, w_out, b_in=None, b_out=None, *, activa
     mesh = context_mesh()
     n_ep = 1 if mesh is None else mesh.shape.get(EXPERT_AXIS, 1)
     if n_ep == 1:
-        return _local_moe(x, logits, w_in, w_out, b_in, b_out, expert_axis=None, token_mask=token_mask, **opts)
+        return _local_moe(x, logits, w_in, w_out, b_in, b_out, expert_axis=None, token_mask=token_mask,
+                          seq_idx=seq_idx, **opts)
     n_experts, groups = logits.shape[-1], x.shape[0]
     if n_experts % n_ep:
         raise ValueError(f"MoE: `n_experts`={n_experts} must be divisible by the mesh's `expert` axis "
@@ -104,24 +106,26 @@ def expert_parallel_moe(x, logits, w_in, w_out, b_in=None, b_out=None, *, activa
     per_expert = [w_in, w_out] + [b for b in (b_in, b_out) if b is not None]
     has_bias = b_in is not None, b_out is not None
 
-    has_mask = token_mask is not None
-    if has_mask and getattr(token_mask, "shape", None) != x.shape[:2]:
-        raise ValueError(f"MoE: `token_mask` must have shape (g, t) = {tuple(x.shape[:2])}; "
-                         f"got {getattr(token_mask, 'shape', type(token_mask).__name__)}")
+    for name, arr in (("token_mask", token_mask), ("seq_idx", seq_idx)):
+        if arr is not None and getattr(arr, "shape", None) != x.shape[:2]:
+            raise ValueError(f"MoE: `{name}` must have shape (g, t) = {tuple(x.shape[:2])}; "
+                             f"got {getattr(arr, 'shape', type(arr).__name__)}")
+    has_mask, has_seq = token_mask is not None, seq_idx is not None and capacity_factor is not None
 
     def per_shard(x, logits, *rest):
         rest = list(rest)
         mask = rest.pop(0) if has_mask else None
+        seq = rest.pop(0) if has_seq else None
         w_in, w_out = rest.pop(0), rest.pop(0)
         b_in = rest.pop(0) if has_bias[0] else None
         b_out = rest.pop(0) if has_bias[1] else None
         y, sums = _local_moe(x, logits, w_in, w_out, b_in, b_out, expert_axis=EXPERT_AXIS, token_mask=mask,
-                             metric_sums=True, **opts)
+                             seq_idx=seq, metric_sums=True, **opts)
         # numerators and denominators summed over the shards of groups, then divided
         return y, finish_routing_metrics(jax.lax.psum(sums, group_axes))
 
     expert_specs = [P(EXPERT_AXIS, *([None] * (w.ndim - 1))) for w in per_expert]
-    masks = [token_mask] if has_mask else []
-    mask_specs = [P(group_axes, None)] if has_mask else []
+    masks = [token_mask] * has_mask + [seq_idx] * has_seq
+    mask_specs = [P(group_axes, None)] * (has_mask + has_seq)
     return jax.shard_map(per_shard, mesh=mesh, in_specs=(tokens, tokens, *mask_specs, *expert_specs),
                          out_specs=(tokens, P()))(x, logits, *masks, *per_expert)

@@ -86,10 +86,9 @@ def test_jitter_without_an_rng_fails_naming_it(params):
 @pytest.mark.parametrize("parallel", [False, True])
 def test_left_padding_gives_the_logits_and_router_losses_of_the_unpadded_rows(parallel):
     """Rows left-padded with 5 pad tokens (token ids 7 and 0: the pad value is free) give, at their real
-    positions, the logits of the real tokens alone (eval and train mode), and the same router losses and
-    MoE metrics. The capacity factor is large enough that no token is dropped at either length (capacity
-    = the row length)."""
-    config = moe_mamba_config(capacity_factor=4.0, parallel=parallel, **KW)
+    positions, the logits of the real tokens alone (eval mode, dropless; and train mode with a capacity
+    that binds: the causal budget counts real tokens only), and the same router losses and MoE metrics."""
+    config = moe_mamba_config(capacity_factor=0.5, parallel=parallel, **KW)
     model = HybridLM(config)
     p = init_params(model, jax.random.PRNGKey(1))
     real = np.random.default_rng(2).integers(1, 32, (2, 6)).astype(np.int32)
@@ -100,7 +99,8 @@ def test_left_padding_gives_the_logits_and_router_losses_of_the_unpadded_rows(pa
     mask = (np.arange(l) >= l - 6)[None, :].repeat(2, 0).astype(np.int32)
 
     apply = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask=mask))
-    train = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask=mask, mutable=["losses", "moe_metrics"]))
+    train = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask=mask, mutable=["losses", "moe_metrics"],
+                                                     deterministic=False))
     want = apply(p, jnp.asarray(real), None)
     got = apply(p, jnp.asarray(ids), jnp.asarray(mask))
     np.testing.assert_allclose(got[:, l - 6:], want, rtol=1e-5, atol=1e-5)
@@ -109,6 +109,9 @@ def test_left_padding_gives_the_logits_and_router_losses_of_the_unpadded_rows(pa
     np.testing.assert_allclose(got_t[:, l - 6:], want_t, rtol=1e-5, atol=1e-5)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got_sown), jax.tree_util.tree_leaves(want_sown)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    dropped = [float(v) for path, v in jax.tree_util.tree_leaves_with_path(want_sown)
+               if "dropped_fraction" in jax.tree_util.keystr(path)]
+    assert max(dropped) > 0                                # the capacity binds in training
 
 
 def test_token_mask_shape_is_checked():

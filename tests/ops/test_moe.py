@@ -11,7 +11,7 @@ from jax.test_util import check_grads
 
 from mamba_jax.ops import (expert_capacity, expert_ffn, load_balancing_loss, mixture_of_experts, route,
                            router_jitter, router_z_loss)
-from mamba_jax.ops.moe import _positions_cumsum, _positions_sort
+from mamba_jax.ops.moe import causal_slots, prefix_capacity
 
 
 # Tiny programs, many compiles: XLA:CPU backend optimisation level 0 compiles ~40% faster (same results).
@@ -32,7 +32,7 @@ def moe_scaled(x, logits, *, router, k=None, cf=1.0, dispatch="dense"):
                               dispatch=dispatch)
 
 
-route_jit = jax.jit(route, static_argnames=("router", "k", "capacity", "positions"), **FAST)
+route_jit = jax.jit(route, static_argnames=("router", "k", "capacity_factor"), **FAST)
 
 
 def scale_by_expert(xe):
@@ -71,25 +71,26 @@ SWITCH_LOGITS = [[2.0, 0.0], [1.0, 0.0], [0.0, 3.0], [5.0, 0.0]]
 
 
 def test_switch_hand_case():
-    """4 tokens, 2 experts, capacity ceil(1·4·1/2) = 2. Top-1 choices: e0, e0, e1, e0. Token 3 arrives
-    third at expert 0 and is dropped although its probability (sigmoid(5)) is the highest: order is token
-    order, not probability."""
+    """4 tokens, 2 experts, capacity factor 1: an expert keeps at most ceil((p + 1)/2) = 1, 1, 2, 2 of the
+    first p + 1 tokens (row buffer C = 2). Top-1 choices: e0, e0, e1, e0. Token 1 is expert 0's second
+    token while its budget is still 1: dropped; token 3 finds the budget grown to 2: kept. Order is token
+    order, not probability, and no token is ever displaced by a later one."""
     x = jnp.asarray(np.arange(1.0, 13.0).reshape(1, 4, 3), jnp.float32)
     logits = jnp.asarray([SWITCH_LOGITS], jnp.float32)
     p0 = [sigmoid(a - b) for a, b in SWITCH_LOGITS]             # P(expert 0) per token
     probs = [[q, 1.0 - q] for q in p0]
 
-    r = route_jit(logits, router="switch", k=1, capacity=2)
+    r = route_jit(logits, router="switch", k=1, capacity_factor=1.0)
     np.testing.assert_array_equal(r.expert[0, :, 0], [0, 0, 1, 0])
-    np.testing.assert_array_equal(r.position[0, :, 0], [0, 1, 0, 2])   # 2 == capacity: dropped
-    np.testing.assert_array_equal(r.kept[0, :, 0], [True, True, True, False])
-    np.testing.assert_allclose(r.gate[0, :, 0], [probs[0][0], probs[1][0], probs[2][1], 0.0], rtol=1e-6)
+    np.testing.assert_array_equal(r.position[0, :, 0], [0, 2, 0, 1])   # 2 == capacity: dropped
+    np.testing.assert_array_equal(r.kept[0, :, 0], [True, False, True, True])
+    np.testing.assert_allclose(r.gate[0, :, 0], [probs[0][0], 0.0, probs[2][1], probs[3][0]], rtol=1e-6)
 
     for dispatch in ("dense", "sorted"):
         y, m = moe_scaled(x, logits, router="switch", cf=1.0, dispatch=dispatch)
         xs = np.asarray(x[0])
-        expected = np.stack([probs[0][0] * 1 * xs[0], probs[1][0] * 1 * xs[1], probs[2][1] * 2 * xs[2],
-                             np.zeros(3)])
+        expected = np.stack([probs[0][0] * 1 * xs[0], np.zeros(3), probs[2][1] * 2 * xs[2],
+                             probs[3][0] * 1 * xs[3]])
         np.testing.assert_allclose(y[0], expected, rtol=1e-6, atol=1e-6, err_msg=dispatch)
         f = [3 / 4, 1 / 4]                                       # fraction of tokens with top-1 e
         P = [sum(p[e] for p in probs) / 4 for e in range(2)]     # mean router probability of e
@@ -110,24 +111,25 @@ def test_switch_hand_case_with_room_keeps_everyone():
     np.testing.assert_allclose(m["expert_load"], [3 / 3, 1 / 3])
 
 
-# (first choice, second choice) per token: (0,1) (1,0) (0,2) (0,1); capacity ceil(1·4·2/3) = 3.
+# (first choice, second choice) per token: (0,1) (1,0) (0,2) (0,1); capacity factor 1: budgets
+# ceil(2·(p + 1)/3) = 1, 2, 2, 3 after p + 1 tokens, row buffer C = ceil(1·4·2/3) = 3.
 TOP2_LOGITS = [[3.0, 1.0, 0.0], [1.0, 3.0, 0.0], [3.0, 0.0, 1.0], [3.0, 1.0, 0.0]]
 
 
-@pytest.mark.parametrize("positions", ["cumsum", "sort"])
-def test_top2_causal_drop_order(positions):
-    """Expert 0 is the first choice of tokens 0, 2, 3 and the second choice of token 1. Slots go in token
-    order (all of token t's choices before token t+1's), so expert 0 fills with tokens 0, 1, 2 and token 3's
-    first choice is dropped: a token is never displaced by a later one (GShard's choice-major order would
-    drop token 1's second choice in favour of token 3, a leak from the future)."""
+def test_top2_causal_drop_order():
+    """Expert 0 is chosen by every token (first choice of tokens 0, 2, 3; second of token 1). Slots go in
+    token order: tokens 0 and 1 fill expert 0's budget of 2 after three tokens, so token 2's first choice
+    is dropped; by token 3 the budget is 3 and it is kept. (GShard's choice-major order with a fixed
+    budget of 3 would instead drop token 1's second choice in favour of token 3's first: a later token
+    evicting an earlier one.)"""
     logits = jnp.asarray([TOP2_LOGITS], jnp.float32)
-    r = route_jit(logits, router="topk", k=2, capacity=3, positions=positions)
+    r = route_jit(logits, router="topk", k=2, capacity_factor=1.0)
     np.testing.assert_array_equal(r.expert[0], [[0, 1], [1, 0], [0, 2], [0, 1]])
-    np.testing.assert_array_equal(r.position[0], [[0, 0], [1, 1], [2, 0], [3, 2]])
-    np.testing.assert_array_equal(r.kept[0], [[True, True], [True, True], [True, True], [False, True]])
+    np.testing.assert_array_equal(r.position[0], [[0, 0], [1, 1], [3, 0], [2, 2]])
+    np.testing.assert_array_equal(r.kept[0], [[True, True], [True, True], [False, True], [True, True]])
     # gates renormalised over the two chosen experts: the third logit does not enter
     hi, lo = math.exp(3) / (math.exp(3) + math.exp(1)), math.exp(1) / (math.exp(3) + math.exp(1))
-    np.testing.assert_allclose(r.gate[0], [[hi, lo], [hi, lo], [hi, lo], [0.0, lo]], rtol=1e-6)
+    np.testing.assert_allclose(r.gate[0], [[hi, lo], [hi, lo], [0.0, lo], [hi, lo]], rtol=1e-6)
 
 
 def test_top2_hand_case_output_and_metrics():
@@ -135,8 +137,8 @@ def test_top2_hand_case_output_and_metrics():
     logits = jnp.asarray([TOP2_LOGITS], jnp.float32)
     hi, lo = math.exp(3) / (math.exp(3) + math.exp(1)), math.exp(1) / (math.exp(3) + math.exp(1))
     xs = np.asarray(x[0])
-    expected = np.stack([(hi * 1 + lo * 2) * xs[0], (hi * 2 + lo * 1) * xs[1], (hi * 1 + lo * 3) * xs[2],
-                         lo * 2 * xs[3]])
+    expected = np.stack([(hi * 1 + lo * 2) * xs[0], (hi * 2 + lo * 1) * xs[1], lo * 3 * xs[2],
+                         (hi * 1 + lo * 2) * xs[3]])
     for dispatch in ("dense", "sorted"):
         y, m = moe_scaled(x, logits, router="topk", k=2, dispatch=dispatch)
         np.testing.assert_allclose(y[0], expected, rtol=1e-5, atol=1e-6, err_msg=dispatch)
@@ -155,7 +157,7 @@ def test_expert_choice_hand_case():
     p = np.exp(EC_LOGITS) / np.exp(EC_LOGITS).sum(1, keepdims=True)
     assert p[1, 0] > p[0, 0] > p[3, 0] and p[0, 1] > p[2, 1] > p[3, 1] and p[2, 2] > p[1, 2] > p[3, 2]
     logits = jnp.asarray([EC_LOGITS], jnp.float32)
-    r = route_jit(logits, router="expert_choice", k=1, capacity=2)
+    r = route_jit(logits, router="expert_choice", k=1, capacity_factor=1.5)     # C = ceil(1.5·4/3) = 2
     np.testing.assert_array_equal(r.position[0], [[1, 0, 2], [0, 2, 1], [2, 1, 0], [2, 2, 2]])
     np.testing.assert_allclose(r.gate[0], np.where(np.asarray(r.kept[0]), p, 0.0), rtol=1e-6)
 
@@ -197,9 +199,10 @@ def test_router_jitter():
 
 # ------------------------------------------------------------------------------ independent numpy loop
 
-def numpy_moe(x, logits, w_in, w_out, router, k, capacity):
-    """Token-by-token reference: softmax, choices, causal drop order (token by token, each token's choices in
-    order; or expert choice), ReLU FFN experts."""
+def numpy_moe(x, logits, w_in, w_out, router, k, cf):
+    """Token-by-token reference: softmax, choices, the causal capacity (token by token, an expert keeps an
+    assignment while it has kept fewer than ceil(cf·(p+1)·k/E) of the first p+1 tokens; or expert choice
+    with C = ceil(cf·t·k/E)), ReLU FFN experts."""
     x, logits = np.asarray(x, np.float64), np.asarray(logits, np.float64)
     g, t, _ = x.shape
     n_exp = logits.shape[-1]
@@ -211,7 +214,7 @@ def numpy_moe(x, logits, w_in, w_out, router, k, capacity):
         p /= p.sum(-1, keepdims=True)
         if router == "expert_choice":
             for e in range(n_exp):
-                for tok in np.argsort(-p[:, e], kind="stable")[:capacity]:
+                for tok in np.argsort(-p[:, e], kind="stable")[:capacity_by_hand(t, n_exp, k, cf)]:
                     y[gi, tok] += p[tok, e] * ffn(e, x[gi, tok])
             continue
         choices = np.argsort(-p, axis=-1, kind="stable")[:, :k]
@@ -222,7 +225,7 @@ def numpy_moe(x, logits, w_in, w_out, router, k, capacity):
         for tok in range(t):                # token by token; within a token, first choice first
             for j in range(k):
                 e = choices[tok, j]
-                if used[e] < capacity:
+                if used[e] < max(1, math.ceil(round(cf * (tok + 1) * k / n_exp, 9))):
                     used[e] += 1
                     y[gi, tok] += gates[tok, j] * ffn(e, x[gi, tok])
     return y
@@ -291,7 +294,7 @@ def test_dense_and_sorted_match_numpy_loop_and_agree_in_gradients(seed, shape, r
         return out
 
     ((_, (y_d, m_d)), g_d), ((_, (y_s, m_s)), g_s) = loss_and_grads((x, logits, w_in, w_out))
-    ref = numpy_moe(x, logits, w_in, w_out, router, k, capacity_by_hand(t, n_exp, k, cf))
+    ref = numpy_moe(x, logits, w_in, w_out, router, k, cf)
     np.testing.assert_allclose(y_d, ref, rtol=2e-5, atol=2e-5, err_msg="dense vs numpy")
     np.testing.assert_allclose(y_s, ref, rtol=2e-5, atol=2e-5, err_msg="sorted vs numpy")
     if cf < 1:
@@ -303,20 +306,55 @@ def test_dense_and_sorted_match_numpy_loop_and_agree_in_gradients(seed, shape, r
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"grad {name}")
 
 
-@pytest.mark.parametrize("t, k, n_exp", [(1, 1, 4), (29, 3, 7)])
-def test_cumsum_and_sort_positions_agree(t, k, n_exp):
-    rng = np.random.default_rng(t)
-    expert = jnp.asarray(np.stack([rng.choice(n_exp, k, replace=False) for _ in range(t)]), jnp.int32)
-    both = jax.jit(lambda e: (_positions_cumsum(e, n_exp), _positions_sort(e, n_exp)), **FAST)
-    cumsum, sort = both(expert)
-    np.testing.assert_array_equal(cumsum, sort)
-    counts = np.zeros(n_exp, int)                    # the queue position by hand: token-major, choice order
-    expected = np.zeros((t, k), int)
+def sequential_slots(expert, valid, n_exp, cf, doc_start, capacity):
+    """The causal capacity as a plain loop: documents restart the budget and the per-document count; slots
+    count the row's kept assignments per expert and stop at the row buffer C."""
+    t, k = expert.shape
+    kept, slot = np.zeros((t, k), bool), np.full((t, k), -1)
+    in_doc, row = np.zeros(n_exp, int), np.zeros(n_exp, int)
+    p = -1
     for tok in range(t):
+        if doc_start[tok]:
+            in_doc[:], p = 0, -1
+        if valid[tok, 0]:
+            p += 1
+        budget = max(1, math.ceil(round(cf * (max(p, 0) + 1) * k / n_exp, 9)))
         for j in range(k):
-            expected[tok, j] = counts[expert[tok, j]]
-            counts[expert[tok, j]] += 1
-    np.testing.assert_array_equal(cumsum, expected)
+            e = expert[tok, j]
+            if valid[tok, j] and in_doc[e] < budget and row[e] < capacity:
+                kept[tok, j], slot[tok, j] = True, row[e]
+                in_doc[e] += 1
+                row[e] += 1
+    return kept, slot
+
+
+@pytest.mark.parametrize("t, k, n_exp, cf", [(1, 1, 4, 1.0), (29, 3, 7, 0.6), (40, 1, 4, 0.5), (33, 2, 5, 1.3)])
+def test_causal_slots_match_a_sequential_loop(t, k, n_exp, cf):
+    """The closed form (cumsum + segmented running minimum) against the sequential definition, with left
+    padding, inner padding and packed documents, including rows whose packed documents fill the buffer."""
+    rng = np.random.default_rng(t * 10 + k)
+    g = 6
+    expert = np.stack([np.stack([rng.choice(n_exp, k, replace=False) for _ in range(t)]) for _ in range(g)])
+    expert[1] = 0 if k == 1 else expert[1]                       # a row overloading one expert
+    valid = np.ones((g, t), bool)
+    valid[2, : t // 3] = False                                    # left padding
+    valid[3, rng.random(t) < 0.3] = False                         # scattered padding
+    doc_start = np.zeros((g, t), bool)
+    doc_start[:, 0] = True
+    doc_start[4, rng.random(t) < 0.2] = True                      # packed documents
+    doc_start[5, ::3] = True                                      # many short documents: the buffer fills
+    seq_idx = np.cumsum(doc_start, axis=1).astype(np.int32)
+    from mamba_jax.ops.positions import token_positions
+    doc_pos = token_positions(jnp.asarray(valid), jnp.asarray(seq_idx), None, g, t)
+    valid_k = np.repeat(valid[..., None], k, axis=2)
+    kept, slot = jax.jit(causal_slots, static_argnums=(2, 3), **FAST)(
+        jnp.asarray(expert, jnp.int32), jnp.asarray(valid_k), n_exp, cf, jnp.asarray(doc_start), doc_pos)
+    capacity = min(int(prefix_capacity(t, n_exp, k, cf)[-1]), t)
+    for i in range(g):
+        want_kept, want_slot = sequential_slots(expert[i], valid_k[i], n_exp, cf, doc_start[i], capacity)
+        np.testing.assert_array_equal(np.asarray(kept[i]), want_kept, err_msg=f"row {i}")
+        np.testing.assert_array_equal(np.where(want_kept, np.asarray(slot[i]), -1), want_slot, err_msg=f"row {i}")
+    assert not np.asarray(kept).all() and np.asarray(kept).any()
 
 
 @pytest.mark.parametrize("router, k, cf, dispatch", [("switch", 1, 0.75, "sorted"), ("topk", 2, 0.75, "dense"),
@@ -345,7 +383,7 @@ def test_router_runs_in_float32_for_bf16_inputs():
     y, m = moe_ffn(xb, lb, w_in.astype(jnp.bfloat16), w_out.astype(jnp.bfloat16), router="switch")
     assert y.dtype == jnp.bfloat16
     assert m["aux_loss"].dtype == jnp.float32 and m["z_loss"].dtype == jnp.float32
-    r = route_jit(lb, router="topk", k=2, capacity=4)
+    r = route_jit(lb, router="topk", k=2, capacity_factor=1.0)
     assert r.gate.dtype == jnp.float32
 
 

@@ -1,6 +1,6 @@
-"""`token_mask` (padding kept out of MoE routing): a hand-computed case where a padding token would take the
-last slot of an expert and drop a real token; routing a padded group equals routing its real tokens alone
-(same capacity) for every router and both slot-position methods; metrics equal those of the real tokens
+"""`token_mask` (padding kept out of MoE routing): a hand-computed case where a padding token would use an
+expert's budget and drop a real token; routing a padded group equals routing its real tokens alone for
+every router; metrics equal those of the real tokens
 alone; padding output is zero; dense == sorted; argument errors name `token_mask`."""
 import functools
 import math
@@ -26,7 +26,7 @@ def moe(x, logits, token_mask, *, router, k=None, cf=1.0, dispatch="dense"):
                               dispatch=dispatch, token_mask=token_mask)
 
 
-route_jit = jax.jit(route, static_argnames=("router", "k", "capacity", "positions"), **FAST)
+route_jit = jax.jit(route, static_argnames=("router", "k", "capacity_factor"), **FAST)
 
 
 def sigmoid(z):
@@ -39,22 +39,22 @@ PAD_LOGITS = [[4.0, 0.0], [2.0, 0.0], [1.0, 0.0], [3.0, 0.0]]
 
 @pytest.mark.parametrize("dispatch", ["dense", "sorted"])
 def test_padding_takes_no_slot_hand_case(dispatch):
-    """4 tokens (token 0 padding), 2 experts, capacity ceil(1·4·1/2) = 2; all prefer expert 0.
-    Without the mask token 0 takes slot 0, token 1 slot 1, and real tokens 2 and 3 are dropped. With it,
-    tokens 1 and 2 take the two slots and only token 3 is dropped — exactly what the 3 real tokens alone
-    give (capacity ceil(1·3/2) = 2 as well)."""
+    """4 tokens (token 0 padding), 2 experts, capacity factor 1: expert 0 keeps at most ceil((p + 1)/2) =
+    1, 1, 2, 2 of a sequence's first p + 1 tokens; all prefer expert 0. Without the mask token 0 is kept and
+    tokens 1 and 3 are dropped. With it, the real tokens count from p = 0: tokens 1 and 3 are kept and
+    token 2 is dropped — exactly what the 3 real tokens alone give."""
     x = jnp.asarray(np.arange(1.0, 13.0).reshape(1, 4, 3), jnp.float32)
     logits = jnp.asarray([PAD_LOGITS], jnp.float32)
     mask = jnp.asarray([[0, 1, 1, 1]], jnp.int32)
     p0 = [sigmoid(a - b) for a, b in PAD_LOGITS]
 
     y_nomask, m_nomask = moe(x, logits, None, router="switch", dispatch=dispatch)
-    assert float(m_nomask["dropped_fraction"]) == pytest.approx(0.5)                # tokens 2, 3 of 4
-    np.testing.assert_allclose(y_nomask[0, 2], 0.0)
+    assert float(m_nomask["dropped_fraction"]) == pytest.approx(0.5)                # tokens 1, 3 of 4
+    np.testing.assert_allclose(y_nomask[0, 1], 0.0)
 
     y, m = moe(x, logits, mask, router="switch", dispatch=dispatch)
     xs = np.asarray(x[0])
-    np.testing.assert_allclose(y[0], np.stack([np.zeros(3), p0[1] * xs[1], p0[2] * xs[2], np.zeros(3)]),
+    np.testing.assert_allclose(y[0], np.stack([np.zeros(3), p0[1] * xs[1], np.zeros(3), p0[3] * xs[3]]),
                                rtol=1e-6, atol=1e-6)
     # metrics over the 3 real tokens only, by hand
     real = PAD_LOGITS[1:]
@@ -74,11 +74,11 @@ def test_padding_takes_no_slot_hand_case(dispatch):
 
 
 def test_expert_choice_never_picks_padding():
-    """Expert choice, 4 tokens (tokens 0 and 3 padding, the most probable for expert 0), capacity 2: the
-    experts take real tokens only."""
+    """Expert choice, 4 tokens (tokens 0 and 3 padding, the most probable for expert 0), capacity
+    ceil(1·4·1/2) = 2: the experts take real tokens only."""
     logits = jnp.asarray([[[5.0, 0.0], [1.0, 0.0], [0.0, 1.0], [6.0, 0.0]]], jnp.float32)
     mask = jnp.asarray([[False, True, True, False]])
-    r = route_jit(logits, router="expert_choice", k=1, capacity=2, token_mask=mask)
+    r = route_jit(logits, router="expert_choice", k=1, capacity_factor=1.0, token_mask=mask)
     np.testing.assert_array_equal(r.kept[0], [[False, False], [True, True], [True, True], [False, False]])
     np.testing.assert_array_equal(r.position[0, 0], [2, 2])                      # not kept: position C
     np.testing.assert_array_equal(r.position[0, 1:3], [[0, 1], [1, 0]])
@@ -95,20 +95,29 @@ def _random_case(seed, g, t, n_exp, d=3):
     return x, logits, mask, n_real
 
 
-@pytest.mark.parametrize("router, k, positions", [("switch", 1, "cumsum"), ("switch", 1, "sort"),
-                                                  ("topk", 2, "cumsum"), ("topk", 2, "sort"),
-                                                  ("expert_choice", 1, "cumsum")])
-def test_padded_routing_equals_routing_the_real_tokens_alone(router, k, positions):
-    """Per group, the real tokens' routing with padding equals their routing without it at the same
-    capacity (padding takes no slot and shifts no position); padding is never kept and has gate 0."""
-    g, t, n_exp, capacity = 4, 10, 4, 3
+@pytest.mark.parametrize("router, k", [("switch", 1), ("topk", 2), ("expert_choice", 1)])
+def test_padded_routing_equals_routing_the_real_tokens_alone(router, k):
+    """Per group, the real tokens' routing with padding equals their routing without it (padding takes no
+    slot and shifts no position; token choice: at the same capacity factor, whose causal budget counts real
+    tokens only; expert choice, whose fixed budget comes from the length: at the same budget); padding is
+    never kept and has gate 0."""
+    from mamba_jax.ops.moe import route_expert_choice
+    g, t, n_exp, cf = 4, 10, 4, 0.75
     _, logits, mask, n_real = _random_case(1, g, t, n_exp)
-    r = route_jit(logits, router=router, k=k, capacity=capacity, positions=positions, token_mask=jnp.asarray(mask))
+    if router == "expert_choice":
+        capacity = 3
+        ec = jax.jit(route_expert_choice, static_argnames="capacity", **FAST)
+        r = ec(logits, capacity=capacity, token_mask=jnp.asarray(mask))
+    else:
+        r = route_jit(logits, router=router, k=k, capacity_factor=cf, token_mask=jnp.asarray(mask))
     assert not np.any(np.asarray(r.kept)[~mask]) and np.all(np.asarray(r.gate)[~mask] == 0)
+    assert not np.asarray(r.kept)[mask].all()                     # the budget binds
     for i in range(g):
         real = logits[i:i + 1, t - n_real[i]:]
-        cap = min(capacity, int(n_real[i])) if router == "expert_choice" else capacity
-        alone = route_jit(real, router=router, k=k, capacity=cap, positions=positions)
+        if router == "expert_choice":
+            alone = ec(real, capacity=min(capacity, int(n_real[i])))
+        else:
+            alone = route_jit(real, router=router, k=k, capacity_factor=cf)
         got = jax.tree_util.tree_map(lambda a: np.asarray(a[i, t - n_real[i]:]), r)
         np.testing.assert_array_equal(got.kept, alone.kept[0], err_msg=f"group {i}")
         np.testing.assert_array_equal(np.where(got.kept, got.position, -1),
@@ -135,7 +144,7 @@ def test_metrics_are_those_of_the_real_tokens_and_dense_equals_sorted(router, k,
     # fractions over real tokens, from the routing (padding never kept)
     kp = k or 1
     capacity = math.ceil(round(cf * t * kp / n_exp, 9))
-    r = route(logits, router=router, k=kp, capacity=capacity, token_mask=jnp.asarray(mask))
+    r = route(logits, router=router, k=kp, capacity_factor=cf, token_mask=jnp.asarray(mask))
     kept = np.asarray(r.kept)[mask]                                                # (real tokens, k)
     unrouted = np.mean(~kept.any(-1))
     np.testing.assert_allclose(m_d["unrouted_fraction"], unrouted, rtol=1e-6)
@@ -176,6 +185,6 @@ def test_bad_token_mask_is_named():
     with pytest.raises(ValueError, match=r"mixture_of_experts: `token_mask` must have shape \(2, 4\); got \(2, 3\)"):
         mixture_of_experts(x, logits, scale_by_expert, token_mask=jnp.ones((2, 3)))
     with pytest.raises(ValueError, match="route_expert_choice: `token_mask`"):
-        route(logits, router="expert_choice", k=1, capacity=2, token_mask=jnp.ones((4,)))
+        route(logits, router="expert_choice", k=1, capacity_factor=1.0, token_mask=jnp.ones((4,)))
     with pytest.raises(ValueError, match="load_balancing_loss: `token_mask`"):
         load_balancing_loss(logits, jnp.ones((2, 4, 1)))
