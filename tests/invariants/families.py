@@ -1,8 +1,7 @@
 """The model families the invariants run on, and parameters at a trained scale.
 
 Every layer kind the library offers appears: Mamba-1 ("M", each scan impl that runs on CPU — Pallas
-interpreted — and MambaInLlama's
-attention-initialisable form), Mamba-2 ("M2", each SSD impl), attention ("A", rotary with GQA, learned
+interpreted — and MambaInLlama's attention-initialisable form), Mamba-2 ("M2", each SSD impl), attention ("A", rotary with GQA, learned
 positions), MoE ("E", each causal router; expert choice is refused in decoders), Mamba + MoE in parallel
 ("P"), and hybrids mixing them. Sizes are tiny (compile time is what the suite pays for) but the parameters
 are not at their initialisation: `trained_scale` moves every weight off its init and shifts Δ so that
