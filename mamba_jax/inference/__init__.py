@@ -40,9 +40,9 @@ def _check_fits(fn: str, model: DecoderLM, cache: Optional[ModelCache], n_column
     n_columns: slots the chunk writes (padding included); n_real: the most real tokens a row adds."""
     slots = _kv_slots(cache)
     if slots is not None and slots[0] + n_columns > slots[1]:
-        raise ValueError(f"{fn}: the KV cache holds {slots[1]} slots and {slots[0]} are used; {n_columns} more "
-                         f"tokens do not fit (size the cache with `init_cache(config, batch, max_len)` for the "
-                         "prompt, its padding and every generated token)")
+        raise ValueError(f"{fn}: the KV cache holds {slots[1]} slots, {slots[0]} of them used: no room for "
+                         f"{n_columns} more token(s) (size the cache with `init_cache(config, batch, max_len)` for "
+                         "the prompt, its padding and every generated token)")
     n_pos = model.config.learned_positions
     used = 0 if cache is None else concrete_value(cache.positions)
     if n_pos and used is not None and int(np.max(used, initial=0)) + n_real > n_pos:

@@ -77,7 +77,7 @@ def check_mask_values(fn: str, name: str, mask) -> None:
     bad = (m != 0) & (m != 1)
     if bad.any():
         pos = _first_index(bad)
-        raise ValueError(f"{fn}: `{name}` must hold only 0 and 1 (1 = real token, 0 = padding); got {m[pos]!r} "
+        raise ValueError(f"{fn}: `{name}` must hold only 0 and 1 (1 = real token, 0 = padding); got {m[pos].item()!r} "
                          f"at position {pos}")
 
 

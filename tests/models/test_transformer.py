@@ -215,9 +215,9 @@ def test_cache_overflow_is_an_error_and_nan_under_jit():
     logits, cache = prefill(model, params, ids(12, 1, 4), max_len=5)
     ok, cache = step(model, params, jnp.asarray([1]), cache)
     assert bool(jnp.all(jnp.isfinite(ok)))
-    with pytest.raises(ValueError, match=r"step: the KV cache holds 5 slots and 5 are used; 1 more tokens do not fit"):
+    with pytest.raises(ValueError, match=r"step: the KV cache holds 5 slots, 5 of them used: no room for 1 more token\(s\)"):
         step(model, params, jnp.asarray([1]), cache)
-    with pytest.raises(ValueError, match=r"prefill: the KV cache holds 5 slots and 5 are used; 2 more"):
+    with pytest.raises(ValueError, match=r"prefill: the KV cache holds 5 slots, 5 of them used: no room for 2 more"):
         prefill(model, params, ids(12, 1, 2), cache)
     over, _ = inference._step(model, params, jnp.asarray([1]), cache)   # the jitted step, as `generate` runs it
     assert bool(jnp.all(jnp.isnan(over)))
