@@ -132,7 +132,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--n-blocks", type=_positive_int, default=2,
                         help="MoE-Mamba blocks (Mamba + MoE); the baseline has twice as many Mamba layers")
     parser.add_argument("--n-experts", type=_positive_int, default=8)
-    parser.add_argument("--router", choices=("switch", "topk", "expert_choice"), default="switch")
+    parser.add_argument("--router", choices=("switch", "topk"), default="switch")   # expert choice: not causal
     parser.add_argument("--capacity-factor", type=float, default=1.0)
     parser.add_argument("--d-expert", type=int, default=0,
                         help="expert FFN width; 0 = 3·d_model (the paper's; at d_model 64, 251 equalises the "
