@@ -164,10 +164,11 @@ def _aux_loss_per_group(logits, token_mask=None):
         f = jnp.mean(top1, axis=1)                                                  # (g, E)
         p = jnp.mean(probs, axis=1)                                                 # (g, E)
         return n_experts * jnp.sum(f * p, axis=-1), jnp.ones(probs.shape[:1], probs.dtype)
-    m = token_mask.astype(probs.dtype)[..., None]                                   # (g, t, 1)
-    n = jnp.sum(m, axis=1)                                                          # (g, 1)
-    f = jnp.sum(top1 * m, axis=1) / jnp.maximum(n, 1)
-    p = jnp.sum(probs * m, axis=1) / jnp.maximum(n, 1)
+    m = token_mask.astype(bool)[..., None]                                          # (g, t, 1)
+    n = jnp.sum(m.astype(probs.dtype), axis=1)                                      # (g, 1)
+    zero = jnp.zeros((), probs.dtype)                # select: a NaN logit at padding changes nothing
+    f = jnp.sum(jnp.where(m, top1, zero), axis=1) / jnp.maximum(n, 1)
+    p = jnp.sum(jnp.where(m, probs, zero), axis=1) / jnp.maximum(n, 1)
     return n_experts * jnp.sum(f * p, axis=-1), (n[:, 0] > 0).astype(probs.dtype)
 
 
@@ -197,8 +198,8 @@ def router_z_loss(logits, token_mask=None):
     if token_mask is None:
         return jnp.mean(z)
     check_array("router_z_loss", "token_mask", token_mask, z.shape, kind="any")
-    m = token_mask.astype(z.dtype)
-    return jnp.sum(z * m) / jnp.maximum(jnp.sum(m), 1)
+    m = token_mask.astype(bool)
+    return jnp.sum(jnp.where(m, z, jnp.zeros((), z.dtype))) / jnp.maximum(jnp.sum(m.astype(z.dtype)), 1)
 
 
 # ---------------------------------------------------------------------------------------------- routing
@@ -447,7 +448,7 @@ def routing_metric_sums(logits, routing: Routing, capacity: int, router: str, to
     aux, has_tokens = _aux_loss_per_group(logits, None if token_mask is None else token_mask.astype(bool))
     z = jax.nn.logsumexp(logits.astype(compute_dtype(logits)), axis=-1) ** 2          # (g, t)
     return {"aux_loss": (jnp.sum(aux * has_tokens), jnp.sum(has_tokens)),
-            "z_loss": (jnp.sum(z * real.astype(z.dtype)), n_real.astype(z.dtype)),
+            "z_loss": (jnp.sum(jnp.where(real > 0, z, jnp.zeros((), z.dtype))), n_real.astype(z.dtype)),
             "dropped_fraction": dropped,
             "unrouted_fraction": (unrouted, n_real),
             "expert_load": (jnp.sum(per_expert, axis=0) / capacity, jnp.asarray(g, jnp.float32))}
@@ -507,6 +508,7 @@ def mixture_of_experts(x, logits, expert_fn: Callable, *, router: str = "switch"
     logits = logits.astype(compute_dtype(logits, x))
     if token_mask is not None:   # select, never multiply: a NaN at a padding position must not spread
         x = jnp.where(token_mask[..., None], x, jnp.zeros((), x.dtype))
+        logits = jnp.where(token_mask[..., None], logits, jnp.zeros((), logits.dtype))
     routing = route(logits, router=router, k=k, capacity_factor=capacity_factor, token_mask=token_mask,
                     seq_idx=seq_idx)
     if dispatch == "dense":
@@ -596,6 +598,8 @@ def mixture_of_experts_dropless(x, logits, w_in, w_out, b_in=None, b_out=None, *
     _check_k(fn, k, n_experts)
     token_mask = _check_token_mask(fn, token_mask, g, t)
     logits = logits.astype(compute_dtype(logits, x))
+    if token_mask is not None:   # select: a NaN logit at padding reaches neither the routing nor its gradient
+        logits = jnp.where(token_mask[..., None], logits, jnp.zeros((), logits.dtype))
     routing = route_dropless(logits, k, token_mask=token_mask)
     cdt = x.dtype if expert_dtype is None else jnp.dtype(expert_dtype)
     xc = x.astype(cdt)

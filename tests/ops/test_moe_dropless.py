@@ -128,9 +128,27 @@ def test_nan_at_padding_reaches_no_real_token(dropless):
         return mixture_of_experts(xx, lg, lambda xe: expert_ffn(xe, w_in, w_out), router="switch",
                                   capacity_factor=1.0, dispatch="dense", token_mask=mask)[0]
 
+    def run_and_grads(xx, lg):      # outputs, metrics and gradients, with NaN only under the mask
+        (loss, (y, m)), grads = jax.value_and_grad(
+            lambda a, b: (lambda y, m: (jnp.sum(jnp.where(mask[..., None], y, 0) ** 2) + m["aux_loss"] + m["z_loss"],
+                                        (y, m)))(*run_full(a, b)), argnums=(0, 1), has_aux=True)(xx, lg)
+        return y, m, grads
+
+    def run_full(xx, lg):
+        if dropless:
+            return mixture_of_experts_dropless(xx, lg, w_in, w_out, router="switch", token_mask=mask)
+        return mixture_of_experts(xx, lg, lambda xe: expert_ffn(xe, w_in, w_out), router="switch",
+                                  capacity_factor=1.0, dispatch="dense", token_mask=mask)
+
     clean, dirty = run(x, logits), run(poison(x), poison(logits))
     np.testing.assert_array_equal(np.asarray(dirty)[np.asarray(mask)], np.asarray(clean)[np.asarray(mask)])
     assert np.isfinite(np.asarray(dirty)[np.asarray(mask)]).all()
+    _, m_clean, g_clean = run_and_grads(x, logits)
+    _, m_dirty, g_dirty = run_and_grads(poison(x), poison(logits))
+    for name in m_clean:           # the metrics (aux, z-loss, fractions, loads) see no NaN either
+        np.testing.assert_allclose(m_dirty[name], m_clean[name], rtol=1e-6, err_msg=name)
+    for a, b in zip(g_dirty, g_clean):   # nor do the gradients (zero at the padding)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
 def test_expert_choice_has_no_dropless_form():
