@@ -34,6 +34,8 @@ from typing import Dict, List, Optional, Sequence
 import grain
 import numpy as np
 
+from mamba_jax.ops._checks import check_token_ids
+
 Rows = Dict[str, np.ndarray]
 
 ROW_KEYS = ("input_ids", "targets", "loss_mask", "seq_idx")
@@ -332,6 +334,9 @@ def pack_documents(token_arrays: Sequence[np.ndarray], seq_len: int, eos_id: int
         if tokens.ndim != 1 or (tokens.size and not np.issubdtype(tokens.dtype, np.integer)):
             raise ValueError(f"pack_documents: `token_arrays[{i}]` must be a 1-D int array; got shape "
                              f"{tokens.shape}, dtype {tokens.dtype}")
+        if tokens.size and tokens.min() < 0:
+            raise ValueError(f"pack_documents: `token_arrays[{i}]` holds the id {int(tokens.min())} at position "
+                             f"{int(np.argmin(tokens))}; token ids are >= 0")
         tokens = tokens.astype(np.int32)
         x = tokens if bos_id is None else np.concatenate([np.int32([bos_id]), tokens])
         if x.size == 0:
@@ -543,10 +548,8 @@ class TextLMData:
         _check_rows("TextLMData", rows)
         self.rows = rows
         self.tokenizer = ByteTokenizer() if tokenizer is None else tokenizer
-        top = int(max(rows["input_ids"].max(), rows["targets"].max()))
-        if top >= self.tokenizer.vocab_size:
-            raise ValueError(f"TextLMData: `tokenizer` has {self.tokenizer.vocab_size} ids but `rows` hold id {top}; "
-                             f"pass the tokenizer the rows were packed with")
+        for key in ("input_ids", "targets"):    # every id, padding included: the rows feed the model as they are
+            check_token_ids("TextLMData", f"rows[{key!r}]", np.asarray(rows[key]), self.tokenizer.vocab_size)
         self.batch_size = batch_size
         self.dataset = text_dataset(rows, seed=seed, batch_size=batch_size, shard_index=shard_index,
                                     shard_count=shard_count, shuffle=shuffle, num_epochs=num_epochs)

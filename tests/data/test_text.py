@@ -383,7 +383,10 @@ def test_bpe_trains_round_trips_and_reloads(corpus, tmp_path):
     (lambda: packed_text_rows(seq_len=8, split="valid"), "`split` must be one of"),
     (lambda: packed_text_rows(seq_len=8, eval_fraction=1.5), "`eval_fraction` must be in"),
     (lambda: TextLMData(index_rows(4), seed=0, batch_size=2).batch(-1), "`step` must be an int"),
-    (lambda: TextLMData(index_rows(300), seed=0, batch_size=2), "`tokenizer` has 259 ids"),
+    (lambda: TextLMData(index_rows(300), seed=0, batch_size=2),
+     r"TextLMData: `rows\['input_ids'\]` holds the id 259 at position \(\d+, \d+\), outside the vocabulary \[0, vocab_size=259\)"),
+    (lambda: pack_documents([np.array([1, 2]), np.array([3, -4, 5])], 4, 0, 1),
+     r"pack_documents: `token_arrays\[1\]` holds the id -4 at position 1"),
 ])
 def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
