@@ -123,7 +123,7 @@ def compile_train_step(model, tx, topology: str, mesh_config, strategy: str, bat
 
     from mamba_jax.sharding.mesh import make_mesh_from_config
     from mamba_jax.sharding.rules import check_batch
-    from mamba_jax.sharding.train import sharded_training
+    from mamba_jax.train import sharded_training
 
     devices = topology_devices(topology)
     mesh = make_mesh_from_config(mesh_config, devices)

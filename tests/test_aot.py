@@ -75,7 +75,7 @@ def test_mamba_train_step_with_pallas_kernels_compiles_per_shard_for_v5e_2x2():
     tpu_custom_call per layer for the forward and one for the backward), not interpreted ones."""
     pytest.importorskip("libtpu", reason="needs the optional dependency libtpu (the tpu-aot / test extra)")
     from mamba_jax.sharding.mesh import make_mesh_from_config
-    from mamba_jax.sharding.train import sharded_training
+    from mamba_jax.train import sharded_training
 
     n_layer = 2
     model = MambaLM(MambaConfig(vocab_size=64, d_model=64, n_layer=n_layer, d_state=8, dtype="bfloat16",
@@ -98,7 +98,7 @@ def test_mamba2_train_step_with_pallas_ssd_compiles_per_shard_for_v5e_2x2(strate
     pytest.importorskip("libtpu", reason="needs the optional dependency libtpu (the tpu-aot / test extra)")
     from mamba_jax.models import Mamba2Config, Mamba2LM
     from mamba_jax.sharding.mesh import make_mesh_from_config
-    from mamba_jax.sharding.train import sharded_training
+    from mamba_jax.train import sharded_training
 
     n_layer = 2
     model = Mamba2LM(Mamba2Config(vocab_size=64, d_model=64, n_layer=n_layer, d_state=16, headdim=32,

@@ -79,7 +79,7 @@ def measure(model, tx, mesh, strategy: str, batch, steps: int, seed: int):
     import jax
 
     from mamba_jax.bench_utils import time_call
-    from mamba_jax.sharding import sharded_training
+    from mamba_jax.train import sharded_training
 
     tr = sharded_training(model, tx, mesh, strategy, seq_len=batch["inputs"].shape[1])
     state = tr.init_state(jax.random.PRNGKey(seed))

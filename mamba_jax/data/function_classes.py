@@ -2,8 +2,8 @@
 
 Each prompt is one random function f from a function class, evaluated at ``n_points`` random inputs:
 ``xs[b, i] ~ N(0, I_d)`` (or ``N(0, Σ)`` for the skewed task) and ``ys[b, i] = f_b(xs[b, i])``. A model
-reads the interleaved sequence ``x_1, y_1, x_2, y_2, ...`` (see `interleave`) and predicts ``y_i`` from
-``x_i`` and the ``i - 1`` earlier pairs.
+reads the interleaved sequence ``x_1, y_1, x_2, y_2, ...`` (`mamba_jax.models.icl.interleave`) and
+predicts ``y_i`` from ``x_i`` and the ``i - 1`` earlier pairs.
 
 Function classes (``TASKS``), all pure jax functions of a PRNG key:
 
@@ -198,12 +198,3 @@ def sample_prompts(key: jax.Array, task: str, batch: int, n_points: int, d: int,
     if noise_std > 0:
         ys = ys + noise_std * jax.random.normal(kn, ys.shape, dtype=jnp.float32)
     return xs, ys.astype(jnp.float32)
-
-
-def interleave(xs: jax.Array, ys: jax.Array) -> jax.Array:
-    """(b, n, d) xs and (b, n) ys -> (b, 2n, d) prompt ``[x_1, (y_1, 0, ..., 0), x_2, (y_2, 0, ...), ...]``."""
-    if xs.ndim != 3 or ys.shape != xs.shape[:2]:
-        raise ValueError(f"interleave: `xs` must be (b, n, d) and `ys` (b, n); got {xs.shape}, {ys.shape}")
-    y_rows = jnp.zeros_like(xs).at[..., 0].set(ys.astype(xs.dtype))
-    b, n, d = xs.shape
-    return jnp.stack([xs, y_rows], axis=2).reshape(b, 2 * n, d)

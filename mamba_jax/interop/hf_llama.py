@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Tuple
 
-from mamba_jax.interop.hf import LM_HEAD, HFFamily, TensorSpec, keep, transpose
+from mamba_jax.interop.hf_common import LM_HEAD, HFFamily, TensorSpec, keep, transpose
 from mamba_jax.layers.attention import TransformerConfig
 from mamba_jax.models.transformer import TransformerLM
 

@@ -31,8 +31,8 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, Mapping, Tuple
 
-from mamba_jax.interop.hf import (EMBED_HF, EMBED_OFFICIAL, LM_HEAD, HFFamily, TensorSpec, conv_to_ours,
-                                  conv_to_torch, keep, official_ssm_cfg, transpose)
+from mamba_jax.interop.hf_common import (EMBED_HF, EMBED_OFFICIAL, LM_HEAD, HFFamily, TensorSpec, conv_to_ours,
+                                         conv_to_torch, keep, official_ssm_cfg, transpose)
 from mamba_jax.layers.mamba2 import Mamba2Config
 from mamba_jax.models.mamba2 import Mamba2LM
 

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mamba_jax.interop.hf import (NATIVE_MODEL_TYPE, check_param_tree, read_config, read_safetensors,
-                                  unbox_params, write_checkpoint)
+from mamba_jax.interop.hf_common import (NATIVE_MODEL_TYPE, check_param_tree, read_config, read_safetensors,
+                                         unbox_params, write_checkpoint)
 from mamba_jax.layers.config import cast_params
 from mamba_jax.models import HybridLM, Mamba2LM, MambaLM, TransformerLM
 from mamba_jax.models.icl import InContextRegressor

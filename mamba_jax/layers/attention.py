@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from mamba_jax.layers.config import ATTENTION, BaseLMConfig, check_choice, check_positive_int
 from mamba_jax.ops._checks import check_array
 from mamba_jax.ops.attention import attention_mask, dot_product_attention, rotary_embedding, segment_ids
-from mamba_jax.sharding import EMBED, HEADS
+from mamba_jax.axes import EMBED, HEADS
 
 POSITION_EMBEDDINGS = ("rope", "learned", "none")
 

@@ -19,11 +19,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mamba_jax.ops import causal_conv1d, selective_scan, selective_state_update
-from mamba_jax.ops.selective_scan import IMPLS
+from mamba_jax.axes import CONV, EMBED, MLP, STATE
 from mamba_jax.layers.config import (MAMBA, BaseLMConfig, check_choice, check_dt_range, check_positive_int,
                                      ssm_param_dtype)
-from mamba_jax.sharding import CONV, EMBED, MLP, STATE
+from mamba_jax.layers.init import (a_log_init, dt_bias_init, logical_param, residual_out_scale, torch_linear_init,
+                                   uniform_init)
+from mamba_jax.ops import causal_conv1d, selective_state_update
+from mamba_jax.ops.selective_scan import IMPLS
+from mamba_jax.sharding.kernels import selective_scan_on_mesh
 
 BC_SOURCES = ("conv", "input")   # where B, C, Δ come from: the conv output (official) or the layer input
 
@@ -111,32 +114,6 @@ class LayerCache(NamedTuple):
     ssm_state: jax.Array
 
 
-def torch_linear_init(scale: float = 1.0):
-    """torch.nn.Linear's default U(±1/sqrt(fan_in)), times `scale`."""
-    return nn.initializers.variance_scaling(scale ** 2 / 3.0, "fan_in", "uniform")
-
-
-def uniform_init(bound: float):
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-    return init
-
-
-def dt_bias_init(dt_min: float, dt_max: float, dt_init_floor: float):
-    """Inverse softplus of dt ~ exp(U[log dt_min, log dt_max]), floored at dt_init_floor."""
-    def init(key, shape, dtype=jnp.float32):
-        log_dt = jax.random.uniform(key, shape, jnp.float32, math.log(dt_min), math.log(dt_max))
-        dt = jnp.maximum(jnp.exp(log_dt), dt_init_floor)
-        return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
-    return init
-
-
-def a_log_init(key, shape, dtype=jnp.float32):
-    """S4D-real: A_log[c, i] = log(i + 1), so A = -exp(A_log) = -(1..n) for every channel."""
-    del key
-    return jnp.broadcast_to(jnp.log(jnp.arange(1, shape[1] + 1, dtype=jnp.float32)), shape).astype(dtype)
-
-
 def repeat_groups(v, size: int, repeats: int):
     """(..., k·size) -> (..., k·repeats·size): each chunk of `size` channels repeated `repeats` times in
     place (chunk 0, chunk 0, ..., chunk 1, ...), as grouped-query attention repeats kv heads (MambaInLlama's
@@ -145,10 +122,6 @@ def repeat_groups(v, size: int, repeats: int):
         return v
     lead, width = v.shape[:-1], v.shape[-1]
     return jnp.repeat(v.reshape(*lead, width // size, size), repeats, axis=-2).reshape(*lead, width * repeats)
-
-
-def _param(module, name, init, axes, shape, dtype):
-    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
 class MambaMixer(nn.Module):
@@ -198,8 +171,8 @@ class MambaMixer(nn.Module):
         if real is not None:
             x_in = jnp.where(real, x_in, jnp.zeros((), x_in.dtype))
 
-        conv_w = _param(self, "conv1d_kernel", uniform_init(1 / math.sqrt(k)), (CONV, MLP), (k, di), pdt)
-        conv_b = (_param(self, "conv1d_bias", uniform_init(1 / math.sqrt(k)), (MLP,), (di,), pdt)
+        conv_w = logical_param(self, "conv1d_kernel", uniform_init(1 / math.sqrt(k)), (CONV, MLP), (k, di), pdt)
+        conv_b = (logical_param(self, "conv1d_bias", uniform_init(1 / math.sqrt(k)), (MLP,), (di,), pdt)
                   if cfg.conv_bias else None)
         x_conv, conv_state = causal_conv1d(
             x_in, conv_w.astype(dt_), None if conv_b is None else conv_b.astype(dt_),
@@ -210,9 +183,9 @@ class MambaMixer(nn.Module):
         if not from_input:
             x_dbl = dense(r + 2 * n, False, (MLP, None), "x_proj")(x_conv)
             dt_low, B, C = jnp.split(x_dbl, [r, r + n], axis=-1)
-        dt_w = _param(self, "dt_proj_kernel", uniform_init(r ** -0.5 * cfg.dt_scale), (None, MLP), (r, di), pdt)
+        dt_w = logical_param(self, "dt_proj_kernel", uniform_init(r ** -0.5 * cfg.dt_scale), (None, MLP), (r, di), pdt)
         sdt = ssm_param_dtype(pdt)   # A_log, D and the Δ bias stay float32 under a bf16 param_dtype
-        dt_b = _param(self, "dt_proj_bias", dt_bias_init(cfg.dt_min, cfg.dt_max, cfg.dt_init_floor),
+        dt_b = logical_param(self, "dt_proj_bias", dt_bias_init(cfg.dt_min, cfg.dt_max, cfg.dt_init_floor),
                       (MLP,), (di,), sdt)
         # Δ in float32: softplus(dt_low · W + b), zero at padding.
         delta = jax.nn.softplus(dt_low.astype(jnp.float32) @ dt_w.astype(jnp.float32) + dt_b.astype(jnp.float32))
@@ -220,8 +193,8 @@ class MambaMixer(nn.Module):
             delta = jnp.where(real, delta, jnp.zeros((), delta.dtype))
             if from_input:   # B and C read the layer input directly, not the zeroed conv output
                 B, C = (jnp.where(real[..., None], v, jnp.zeros((), v.dtype)) for v in (B, C))
-        A_log = _param(self, "A_log", a_log_init, (MLP, STATE), (di, n), sdt)
-        D = _param(self, "D", nn.initializers.ones, (MLP,), (di,), sdt)
+        A_log = logical_param(self, "A_log", a_log_init, (MLP, STATE), (di, n), sdt)
+        D = logical_param(self, "D", nn.initializers.ones, (MLP,), (di,), sdt)
         A = -jnp.exp(A_log.astype(jnp.float32))
         initial_state = None if cache is None else cache.ssm_state
 
@@ -230,18 +203,13 @@ class MambaMixer(nn.Module):
                 cache.ssm_state, x_conv[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], D=D, z=z[:, 0])
             y = y[:, None]
         else:
-            y, ssm_state = selective_scan(
+            y, ssm_state = selective_scan_on_mesh(
                 x_conv, delta, A, B, C, D=D, z=z, initial_state=initial_state, seq_idx=seq_idx,
                 return_last_state=True, impl=cfg.scan_impl, chunk_size=cfg.scan_chunk_size)
 
         out = dense(cfg.d_model, cfg.bias, (MLP, EMBED), "out_proj", scale=residual_out_scale(cfg))(y)
         new_cache = None if cache is None else LayerCache(conv_state, ssm_state)
         return out, new_cache
-
-
-def residual_out_scale(config: BaseLMConfig) -> float:
-    """The official rescaling of the output projections: 1/sqrt(residual branches per layer · n_layer)."""
-    return 1.0 / math.sqrt(config.n_layer * (2 if config.d_intermediate else 1))
 
 
 def init_layer_cache(config: MambaConfig, batch_size: int, max_len: Optional[int] = None) -> LayerCache:

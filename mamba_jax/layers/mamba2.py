@@ -22,11 +22,12 @@ import jax.numpy as jnp
 
 from mamba_jax.layers.config import (MAMBA2, BaseLMConfig, check_choice, check_dt_range, check_positive_int,
                                      ssm_param_dtype)
-from mamba_jax.layers.mamba import _param, dt_bias_init, residual_out_scale, torch_linear_init, uniform_init
+from mamba_jax.layers.init import dt_bias_init, logical_param, residual_out_scale, torch_linear_init, uniform_init
 from mamba_jax.ops import causal_conv1d, gated_rms_norm, selective_state_update
 from mamba_jax.ops._checks import check_array
-from mamba_jax.ops.ssd import SSD_IMPLS, ssd
-from mamba_jax.sharding import CONV, EMBED, HEADS, MLP
+from mamba_jax.ops.ssd import SSD_IMPLS
+from mamba_jax.axes import CONV, EMBED, HEADS, MLP
+from mamba_jax.sharding.kernels import ssd_on_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,8 +186,8 @@ class Mamba2Mixer(nn.Module):
         if real is not None:
             xBC = jnp.where(real, xBC, jnp.zeros((), xBC.dtype))
 
-        conv_w = _param(self, "conv1d_kernel", uniform_init(1 / math.sqrt(k)), (CONV, MLP), (k, cfg.conv_dim), pdt)
-        conv_b = (_param(self, "conv1d_bias", uniform_init(1 / math.sqrt(k)), (MLP,), (cfg.conv_dim,), pdt)
+        conv_w = logical_param(self, "conv1d_kernel", uniform_init(1 / math.sqrt(k)), (CONV, MLP), (k, cfg.conv_dim), pdt)
+        conv_b = (logical_param(self, "conv1d_bias", uniform_init(1 / math.sqrt(k)), (MLP,), (cfg.conv_dim,), pdt)
                   if cfg.conv_bias else None)
         xBC, conv_state = causal_conv1d(
             xBC, conv_w.astype(dt_), None if conv_b is None else conv_b.astype(dt_),
@@ -197,9 +198,9 @@ class Mamba2Mixer(nn.Module):
         xs, B, C = xs.reshape(b, l, h, p), B.reshape(b, l, g, n), C.reshape(b, l, g, n)
 
         sdt = ssm_param_dtype(pdt)   # A_log, D and the Δ bias stay float32 under a bf16 param_dtype
-        dt_bias = _param(self, "dt_bias", dt_bias_init(cfg.dt_min, cfg.dt_max, cfg.dt_init_floor), (HEADS,), (h,), sdt)
-        A_log = _param(self, "A_log", a_log_uniform_init(cfg.A_init_min, cfg.A_init_max), (HEADS,), (h,), sdt)
-        D = _param(self, "D", nn.initializers.ones, (HEADS,), (h,), sdt)
+        dt_bias = logical_param(self, "dt_bias", dt_bias_init(cfg.dt_min, cfg.dt_max, cfg.dt_init_floor), (HEADS,), (h,), sdt)
+        A_log = logical_param(self, "A_log", a_log_uniform_init(cfg.A_init_min, cfg.A_init_max), (HEADS,), (h,), sdt)
+        D = logical_param(self, "D", nn.initializers.ones, (HEADS,), (h,), sdt)
         # Δ (b, l, h) in float32: clamp(softplus(dt + dt_bias)), exactly 0 at padding.
         delta = jnp.clip(jax.nn.softplus(dt.astype(cd) + dt_bias.astype(cd)), cfg.dt_limit_min, cfg.dt_limit_max)
         if real is not None:
@@ -210,12 +211,12 @@ class Mamba2Mixer(nn.Module):
             y, ssm_state = _decode_step(cache.ssm_state, xs[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], D)
             y = y[:, None]
         else:
-            out = ssd(xs, delta, A, B, C, cfg.chunk_size, D=D, seq_idx=seq_idx,
+            out = ssd_on_mesh(xs, delta, A, B, C, cfg.chunk_size, D=D, seq_idx=seq_idx,
                       initial_states=None if cache is None else cache.ssm_state,
                       return_final_states=cache is not None, impl=cfg.ssd_impl)
             y, ssm_state = out if cache is not None else (out, None)
 
-        norm_w = _param(self, "norm_weight", nn.initializers.ones, (MLP,), (di,), pdt)
+        norm_w = logical_param(self, "norm_weight", nn.initializers.ones, (MLP,), (di,), pdt)
         y = gated_rms_norm(y.reshape(b, l, di), z, norm_w, di // g, cfg.gated_norm_eps, cfg.norm_before_gate)
         out = dense(cfg.d_model, cfg.bias, (MLP, EMBED), "out_proj", scale=residual_out_scale(cfg))(y)
         new_cache = None if cache is None else Mamba2Cache(conv_state, ssm_state)

@@ -5,8 +5,8 @@ import flax.linen as nn
 import jax
 
 from mamba_jax.layers.config import BaseLMConfig
-from mamba_jax.layers.mamba import residual_out_scale, torch_linear_init
-from mamba_jax.sharding import EMBED, MLP
+from mamba_jax.layers.init import residual_out_scale, torch_linear_init
+from mamba_jax.axes import EMBED, MLP
 
 
 class GatedMLP(nn.Module):

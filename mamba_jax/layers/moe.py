@@ -18,12 +18,11 @@ import dataclasses
 from typing import Any, ClassVar, Dict, Optional, Tuple
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from mamba_jax.layers.config import DTYPES, MOE, BaseLMConfig, check_choice, check_positive_int
 from mamba_jax.ops.moe import ACTIVATIONS, DISPATCHES, ROUTERS, default_k, router_jitter
-from mamba_jax.sharding import EMBED, EXPERT, MLP
+from mamba_jax.axes import EMBED, EXPERT, MLP
 from mamba_jax.sharding.experts import expert_parallel_moe
 
 

@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mamba_jax.ops import rms_norm
-from mamba_jax.sharding import EMBED
+from mamba_jax.axes import EMBED
 
 
 class RMSNorm(nn.Module):

@@ -11,14 +11,23 @@ after the read-in and after every layer through the same final norm and read-out
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-from mamba_jax.data.function_classes import interleave
+from mamba_jax.axes import EMBED
 from mamba_jax.layers.config import BaseLMConfig
 from mamba_jax.layers.norm import RMSNorm
 from mamba_jax.models.lm import DecoderLM
 from mamba_jax.ops._checks import check_array
-from mamba_jax.sharding import EMBED
+
+
+def interleave(xs: jax.Array, ys: jax.Array) -> jax.Array:
+    """(b, n, d) xs and (b, n) ys -> (b, 2n, d) prompt ``[x_1, (y_1, 0, ..., 0), x_2, (y_2, 0, ...), ...]``."""
+    if xs.ndim != 3 or ys.shape != xs.shape[:2]:
+        raise ValueError(f"interleave: `xs` must be (b, n, d) and `ys` (b, n); got {xs.shape}, {ys.shape}")
+    y_rows = jnp.zeros_like(xs).at[..., 0].set(ys.astype(xs.dtype))
+    b, n, d = xs.shape
+    return jnp.stack([xs, y_rows], axis=2).reshape(b, 2 * n, d)
 
 
 class InContextRegressor(nn.Module):

@@ -23,7 +23,7 @@ from mamba_jax.layers.mlp import GatedMLP
 from mamba_jax.layers.norm import RMSNorm
 from mamba_jax.ops._checks import check_array, check_mask_values, check_token_ids, concrete_value
 from mamba_jax.ops.positions import token_positions
-from mamba_jax.sharding import EMBED, VOCAB
+from mamba_jax.axes import EMBED, VOCAB
 from mamba_jax.sharding.kernels import constrain_batch
 
 

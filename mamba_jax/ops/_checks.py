@@ -85,7 +85,6 @@ def check_token_ids(fn: str, name: str, ids, vocab_size: int, mask=None) -> None
     """Raise ValueError when a concrete `ids` array has a real token (`mask` != 0, or every token when `mask`
     is None) outside [0, vocab_size), naming the id, its position and vocab_size. Padding (mask 0) may hold
     any id: it is never read."""
-    import numpy as np
 
     v = concrete_value(ids)
     if v is None:

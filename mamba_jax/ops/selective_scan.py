@@ -146,21 +146,13 @@ def selective_scan(
     b, l, d = u.shape
     n = A.shape[1]
     impl = resolve_impl(impl, l)
-    if impl == "pallas":
-        from mamba_jax.sharding.kernels import shard_selective_scan
+    if impl == "pallas":   # on a sharded program, run it per shard: `mamba_jax.sharding.selective_scan_on_mesh`
         from pallas_kernels.selective_scan import BlockSizes
         from pallas_kernels.selective_scan import selective_scan as pallas_selective_scan
 
-        blocks = None if chunk_size is None else BlockSizes(block_l=chunk_size)
-
-        def kernel(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx):
-            return pallas_selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
-                                         delta_softplus=delta_softplus, initial_state=initial_state,
-                                         seq_idx=seq_idx, return_last_state=return_last_state, block_sizes=blocks)
-
-        # on a sharded program (a mesh in context) each device scans its own rows and channels
-        return shard_selective_scan(kernel, u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx,
-                                    return_last_state=return_last_state)
+        return pallas_selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                                     initial_state=initial_state, seq_idx=seq_idx, return_last_state=return_last_state,
+                                     block_sizes=None if chunk_size is None else BlockSizes(block_l=chunk_size))
     cd = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
 
     dt = time_step(delta, delta_bias, delta_softplus, cd)

@@ -101,18 +101,12 @@ def ssd(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bias=None, dt_
     cd = compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states)
     delta = time_step(dt, dt_bias, dt_softplus, cd)
 
-    if impl == "pallas":
+    if impl == "pallas":   # on a sharded program, run it per shard: `mamba_jax.sharding.ssd_on_mesh`
         from pallas_kernels.ssd import BlockSizes
         from pallas_kernels.ssd import ssd_scan as pallas_ssd_scan
 
-        from mamba_jax.sharding.kernels import shard_ssd
-
-        def kernel(x, delta, A, B, C, initial_states, seq_idx):
-            return pallas_ssd_scan(x, delta, A, B, C, initial_states=initial_states, seq_idx=seq_idx,
+        y, final = pallas_ssd_scan(x, delta, A, B, C, initial_states=initial_states, seq_idx=seq_idx,
                                    block_sizes=BlockSizes(chunk=chunk_size))
-
-        # on a sharded program (a mesh in context) each device runs the kernel on its own rows and heads
-        y, final = shard_ssd(kernel, x, delta, A, B, C, initial_states, seq_idx)
     elif impl == "reference":
         y, final = _ssd_reference(x.astype(cd), delta, A.astype(cd), B.astype(cd), C.astype(cd),
                                   initial_states, seq_idx)

@@ -1,15 +1,16 @@
-"""Logical axis names for parameters and activations, the rules that map them to mesh axes, and sharded training.
+"""Meshes, the rules that map logical axis names (`mamba_jax.axes`) to mesh axes, and the per-shard wrappers
+(`shard_map`) around kernels and experts. Below the layers: it knows nothing of models or training
+(sharded training is `mamba_jax.train.sharded`).
 
-Modules annotate parameters with the logical names below (``nn.with_logical_partitioning``); only this
-package maps them to mesh axes. The scale-out work extends the rules table; nothing else imports
-``jax.sharding`` directly.
+Modules annotate parameters with the logical names of `mamba_jax.axes` (``nn.with_logical_partitioning``);
+only this package maps them to mesh axes.
 
 The one sharding model: meshes with **Auto** axes (`make_mesh`, `make_mesh_from_config(MeshConfig(...))`,
 axes "data", "fsdp", "tensor", "expert") and `jax.jit(..., in_shardings=..., out_shardings=...)` (what
 `pjit` became) — GSPMD propagates the shardings through the unmodified modules, no mesh context needed.
 
     mesh = make_mesh_from_config(MeshConfig(data=2, fsdp=4))
-    tr = sharded_training(model, make_optimizer(cfg), mesh, "fsdp")   # "dp" | "fsdp" | "tensor" | "fsdp_tensor"
+    tr = sharded_training(model, make_optimizer(cfg), mesh, "fsdp")   # mamba_jax.train; "dp" | "fsdp" | "tensor" | ...
     state = tr.init_state(jax.random.PRNGKey(0))                       # created sharded
     state, metrics = tr.train_step(state, batch)                       # metrics replicated
     state, meta = Checkpointer(path).restore(tr.abstract_state)        # any saved device count
@@ -20,22 +21,8 @@ does not divide its mesh axes. Multi-process runs: `mamba_jax.sharding.distribut
 """
 from __future__ import annotations
 
-BATCH, LENGTH, EMBED, MLP, HEADS, STATE, EXPERT, VOCAB, CONV = (
-    "batch", "length", "embed", "mlp", "heads", "state", "expert", "vocab", "conv")
-
-# logical axis -> mesh axis (or None: replicated). Data parallel over `data`/`fsdp`, tensor
-# parallel over the inner (mlp/heads/vocab) dimension.
-DEFAULT_RULES = (
-    (BATCH, ("data", "fsdp", "expert")),
-    (LENGTH, None),
-    (EMBED, "fsdp"),
-    (MLP, "tensor"),
-    (HEADS, "tensor"),
-    (STATE, None),
-    (EXPERT, "expert"),
-    (VOCAB, "tensor"),
-    (CONV, None),
-)
+from mamba_jax.axes import (BATCH, CONV, DEFAULT_RULES, EMBED, EXPERT, HEADS, LENGTH, MLP,  # noqa: F401 (re-exported)
+                            STATE, VOCAB)
 
 
 def make_mesh(axis_shapes, axis_names, devices=None):
@@ -64,8 +51,6 @@ def make_mesh(axis_shapes, axis_names, devices=None):
                              axis_types=(jax.sharding.AxisType.Auto,) * len(axis_names))
 
 
-# The scale-out API (below the constants it uses). `sharded_training` and friends import
-# `mamba_jax.train`, so they load on first use (layers import this package).
 from mamba_jax.sharding.mesh import MESH_AXES, MeshConfig, make_mesh_from_config  # noqa: E402
 from mamba_jax.sharding.rules import (  # noqa: E402
     DP_RULES,
@@ -82,30 +67,18 @@ from mamba_jax.sharding.rules import (  # noqa: E402
     strategy_rules,
 )
 
-_TRAIN_NAMES = ("ShardedTraining", "sharded_training", "train_state_shardings", "follow_param_shardings")
-
-
-def __getattr__(name):
-    if name in _TRAIN_NAMES:
-        from mamba_jax.sharding import train
-        return getattr(train, name)
-    raise AttributeError(f"module 'mamba_jax.sharding' has no attribute {name!r}")
-
-
 __all__ = ["BATCH", "CONV", "DEFAULT_RULES", "DP_RULES", "EMBED", "EXPERT", "FSDP_RULES", "HEADS", "LENGTH",
            "MESH_AXES", "MLP", "MeshConfig", "STATE", "STRATEGIES", "TENSOR_RULES", "VOCAB", "batch_axes",
            "batch_sharding", "check_batch", "logical_to_shardings", "logical_to_spec", "make_mesh",
-           "make_mesh_from_config", "replicated", "shard_batch", "strategy_rules", *_TRAIN_NAMES]
-
-# Multi-process helpers (`jax.distributed`): `mamba_jax.sharding.distributed`, loaded on first use.
-_train_getattr = __getattr__
+           "make_mesh_from_config", "replicated", "shard_batch", "strategy_rules"]
 
 
-def __getattr__(name):  # noqa: F811
+def __getattr__(name):
+    # Multi-process helpers (`jax.distributed`): `mamba_jax.sharding.distributed`, loaded on first use.
     if name == "distributed":
         import importlib
         return importlib.import_module("mamba_jax.sharding.distributed")
-    return _train_getattr(name)
+    raise AttributeError(f"module 'mamba_jax.sharding' has no attribute {name!r}")
 
 
 __all__.append("distributed")

@@ -1,12 +1,14 @@
-"""Running Pallas kernels on a sharded program: `jax.shard_map` over the mesh in context.
+"""Running the scans on a sharded program: `jax.shard_map` over the mesh in context.
 
 GSPMD cannot partition a Mosaic (TPU Pallas) custom call ("Mosaic kernels cannot be automatically
 partitioned"), so a kernel inside a sharded `jax.jit` must run per shard. The selective scan is
 independent per sequence and per channel, so each device scans its own rows (batch over the
 data-parallel axes) and its own channels (d_inner over `tensor`) with no communication at all.
 
-The mesh comes from the context (`with jax.set_mesh(mesh):` — `ShardedTraining` and `mamba-jax aot`
-trace under it); with no mesh in context the kernel is called as it is.
+`selective_scan_on_mesh` and `ssd_on_mesh` have the contracts of `mamba_jax.ops.selective_scan` and
+`mamba_jax.ops.ssd` (which know nothing of meshes); the layers call them. When the op resolves to the Pallas
+kernels and a mesh is in context (`with jax.set_mesh(mesh):` — sharded training and `mamba-jax aot` trace
+under it) the op runs per shard; otherwise it is the op itself.
 """
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ from typing import Callable
 
 import jax
 from jax.sharding import PartitionSpec as P
+
+from mamba_jax.ops.selective_scan import resolve_impl, selective_scan
+from mamba_jax.ops.ssd import resolve_ssd_impl, ssd
 
 BATCH_MESH_AXES = ("data", "fsdp", "expert")
 CHANNEL_MESH_AXIS = "tensor"
@@ -69,19 +74,27 @@ def _run_per_shard(kernel: Callable, args, specs, out_specs, mesh):
                          check_vma=False)(*(args[i] for i in present))
 
 
-def shard_selective_scan(kernel: Callable, u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                         initial_state=None, seq_idx=None, *, return_last_state: bool = False):
-    """``kernel(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)`` — a selective scan with the
-    contract of `mamba_jax.ops.selective_scan` — run per shard on the context mesh (or directly without
-    one). Shapes: u, delta, z (b, l, d); A (d, n); B, C (b, l, n) or (b, l, g, n); D, delta_bias (d,);
-    initial_state (b, d, n); seq_idx (b, l). Returns y (b, l, d) [and the last state (b, d, n)]."""
+def selective_scan_on_mesh(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus: bool = False,
+                           initial_state=None, seq_idx=None, return_last_state: bool = False, impl: str = "auto",
+                           chunk_size=None):
+    """`mamba_jax.ops.selective_scan` (same arguments and results), run per shard when it resolves to the
+    Pallas kernels on a sharded program: rows over the data-parallel axes, channels over `tensor` (when the
+    B/C groups allow), no communication. Shapes: u, delta, z (b, l, d); A (d, n); B, C (b, l, n) or
+    (b, l, g, n); D, delta_bias (d,); initial_state (b, d, n); seq_idx (b, l)."""
+    opts = dict(delta_softplus=delta_softplus, return_last_state=return_last_state, chunk_size=chunk_size)
     args = (u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
     mesh = context_mesh()
-    if mesh is None:
-        return kernel(*args)
+    if mesh is None or resolve_impl(impl, u.shape[1]) != "pallas":
+        return selective_scan(*args[:5], D=D, z=z, delta_bias=delta_bias, initial_state=initial_state,
+                              seq_idx=seq_idx, impl=impl, **opts)
     b, _, d = u.shape
     groups = 1 if B.ndim == 3 else B.shape[2]
     bs, ch = scan_partition(mesh, b, d, groups)
+
+    def kernel(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx):
+        return selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state,
+                              seq_idx=seq_idx, impl="pallas", **opts)
+
     if bs is None and ch is None:
         return kernel(*args)
     bc = P(bs, None, None) if B.ndim == 3 else P(bs, None, ch, None)
@@ -92,28 +105,39 @@ def shard_selective_scan(kernel: Callable, u, delta, A, B, C, D=None, z=None, de
     return _run_per_shard(kernel, args, specs, out_specs, mesh)
 
 
-def shard_ssd(kernel: Callable, x, dt, A, B, C, initial_states=None, seq_idx=None):
-    """``kernel(x, dt, A, B, C, initial_states, seq_idx) -> (y, final_states)`` — the SSD recurrence with
-    the contract of `pallas_kernels.ssd.ssd_scan` — run per shard on the context mesh (or directly without
-    one): rows over the data-parallel axes, heads over `tensor` (when the B/C groups allow, as in
-    `scan_partition`), no communication. Shapes: x (b, l, h, p); dt (b, l, h); A (h,); B, C (b, l, g, n);
-    initial_states (b, h, p, n); seq_idx (b, l). Returns y (b, l, h, p) and final_states (b, h, p, n)."""
-    args = (x, dt, A, B, C, initial_states, seq_idx)
+def ssd_on_mesh(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bias=None, dt_softplus: bool = False,
+                initial_states=None, seq_idx=None, return_final_states: bool = False, impl: str = "auto"):
+    """`mamba_jax.ops.ssd` (same arguments and results), run per shard when it resolves to the Pallas
+    kernels on a sharded program: rows over the data-parallel axes, heads over `tensor` (when the B/C groups
+    allow, as in `scan_partition`), no communication. Shapes: x, z (b, l, h, p); dt (b, l, h); A, dt_bias
+    (h,); D (h,) or (h, p); B, C (b, l, g, n); initial_states (b, h, p, n); seq_idx (b, l)."""
+    opts = dict(chunk_size=chunk_size, dt_softplus=dt_softplus)
+    args = (x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
     mesh = context_mesh()
-    if mesh is None:
-        return kernel(*args)
+    if mesh is None or resolve_ssd_impl(impl) != "pallas":
+        return ssd(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states, seq_idx=seq_idx,
+                   return_final_states=return_final_states, impl=impl, **opts)
     b, _, h, _ = x.shape
     bs, hd = scan_partition(mesh, b, h, B.shape[2])
+
+    def kernel(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx):
+        return ssd(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states, seq_idx=seq_idx,
+                   return_final_states=True, impl="pallas", **opts)
+
     if bs is None and hd is None:
-        return kernel(*args)
-    bc = P(bs, None, hd if B.shape[2] > 1 else None, None)
-    specs = (P(bs, None, hd, None), P(bs, None, hd), P(hd), bc, bc, P(bs, hd, None, None), P(bs, None))
-    return _run_per_shard(kernel, args, specs, (P(bs, None, hd, None), P(bs, hd, None, None)), mesh)
+        out = kernel(*args)
+    else:
+        bc = P(bs, None, hd if B.shape[2] > 1 else None, None)
+        d_spec = None if D is None else (P(hd) if D.ndim == 1 else P(hd, None))
+        specs = (P(bs, None, hd, None), P(bs, None, hd), P(hd), bc, bc, d_spec, P(bs, None, hd, None), P(hd),
+                 P(bs, hd, None, None), P(bs, None))
+        out = _run_per_shard(kernel, args, specs, (P(bs, None, hd, None), P(bs, hd, None, None)), mesh)
+    return out if return_final_states else out[0]
 
 
 def trace_under_mesh(fn: Callable, mesh) -> Callable:
     """`fn` (a jitted function) called — and so traced — with `mesh` in context, so that kernels inside
-    it run per shard (`shard_selective_scan`). Keeps `.lower` working the same way."""
+    it run per shard (`selective_scan_on_mesh`, `ssd_on_mesh`). Keeps `.lower` working the same way."""
 
     def call(*args, **kwargs):
         with jax.set_mesh(mesh):

@@ -14,12 +14,13 @@ dimension that is divisible by the fsdp size, and stays replicated when it has n
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mamba_jax.sharding import BATCH, CONV, DEFAULT_RULES, EMBED, EXPERT, HEADS, LENGTH, MLP, STATE, VOCAB
+from mamba_jax.axes import BATCH, CONV, DEFAULT_RULES, EMBED, EXPERT, HEADS, LENGTH, MLP, STATE, VOCAB
+from mamba_jax.pytree import path_names
 
 Rules = Tuple[Tuple[str, Any], ...]
 
@@ -100,7 +101,6 @@ def _describe_axes(mesh, axes: Sequence[str]) -> str:
 
 
 def _path_str(path) -> str:
-    from mamba_jax.train.optim import path_names
     return "/".join(path_names(path))
 
 

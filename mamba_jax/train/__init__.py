@@ -11,6 +11,7 @@ from mamba_jax.train.optim import (
     path_names,
     weight_decay_mask,
 )
+from mamba_jax.train.sharded import ShardedTraining, follow_param_shardings, sharded_training, train_state_shardings
 from mamba_jax.train.step import (
     TrainState,
     accumulated_grads,
@@ -24,7 +25,8 @@ from mamba_jax.train.step import (
     step_rng,
 )
 
-__all__ = ["Checkpointer", "LR_SCHEDULES", "LoopConfig", "MetricsWriter", "NonFiniteLossError", "OptimizerConfig", "TensorBoardWriter",
+__all__ = ["Checkpointer", "LR_SCHEDULES", "LoopConfig", "MetricsWriter", "NonFiniteLossError", "ShardedTraining",
+           "follow_param_shardings", "sharded_training", "train_state_shardings", "OptimizerConfig", "TensorBoardWriter",
            "TrainState", "accumulated_grads", "create_train_state", "decays", "evaluate", "learning_rate_schedule",
            "make_eval_step", "make_optimizer", "make_train_step", "masked_cross_entropy", "masked_token_stats",
            "path_names", "read_jsonl", "read_tensorboard_scalars", "split_micro_batches", "step_rng", "train_loop",

@@ -6,26 +6,15 @@ As in the official Mamba training recipe, no weight decay goes to A_log, D, any 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence, Tuple
+from typing import Sequence
 
 import jax
 import optax
 
+from mamba_jax.pytree import path_names  # noqa: F401 (re-exported: mamba_jax.train.path_names)
+
 NO_DECAY_LEAF_NAMES = frozenset({"A_log", "D"})
 LR_SCHEDULES = ("cosine", "linear")
-
-
-def _key_name(entry) -> str:
-    """The name of one pytree key-path entry (dict key, attribute name or sequence index)."""
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
-def path_names(path: Sequence[Any]) -> Tuple[str, ...]:
-    """A pytree key path as a tuple of names, e.g. ('layers_0', 'mixer', 'A_log')."""
-    return tuple(_key_name(entry) for entry in path)
 
 
 def decays(names: Sequence[str]) -> bool:

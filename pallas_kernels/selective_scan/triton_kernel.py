@@ -1,6 +1,6 @@
 """Mamba-1 selective scan as Pallas kernels for GPUs (the Triton backend), forward and backward.
 
-The per-step math is the TPU variant's (`kernel._fwd_step`, `kernel._bwd_step`, `kernel._Step`: the same
+The per-step math is shared with the TPU variant (`step._fwd_step`, `step._bwd_step`, `step._Step`: the same
 formulas, the same precision, the same residuals); what differs is how programs are laid out, because
 Triton programs run in no order and have no scratch memory carried from one grid step to the next:
 
@@ -39,7 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels.gpu_lowering import triton_call
-from pallas_kernels.selective_scan.kernel import (
+from pallas_kernels.selective_scan.step import (
     _SQUEEZED,
     _backward_io,
     _bwd_init,

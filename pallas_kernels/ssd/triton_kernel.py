@@ -1,6 +1,6 @@
 """Mamba-2 SSD chunked scan as Pallas kernels for GPUs (the Triton backend), forward and backward.
 
-The chunk math is the TPU variant's (`kernel._fwd_chunk`, `kernel._bwd_chunk`: the same formulas, the
+The chunk math is shared with the TPU variant (`step._fwd_chunk`, `step._bwd_chunk`: the same formulas, the
 same precision); what differs is how programs are laid out, because Triton programs run in no order and
 have no scratch memory carried from one grid step to the next:
 
@@ -30,8 +30,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.gpu_lowering import triton_call
-from pallas_kernels.selective_scan.kernel import _SQUEEZED
-from pallas_kernels.ssd.kernel import _bwd_chunk, _fwd_chunk, _named
+from pallas_kernels.selective_scan.step import _SQUEEZED
+from pallas_kernels.ssd.step import _bwd_chunk, _fwd_chunk, _named
 
 NUM_WARPS = 4
 

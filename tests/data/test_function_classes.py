@@ -10,11 +10,11 @@ from mamba_jax.data.function_classes import (
     TASKS,
     error_scale,
     evaluate,
-    interleave,
     sample_functions,
     sample_prompts,
     skewed_eigenvalues,
 )
+from mamba_jax.models.icl import interleave
 
 KEY = jax.random.PRNGKey(0)
 

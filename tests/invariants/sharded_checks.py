@@ -21,7 +21,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from mamba_jax.sharding import MeshConfig, make_mesh_from_config, sharded_training  # noqa: E402
+from mamba_jax.sharding import MeshConfig, make_mesh_from_config  # noqa: E402
+from mamba_jax.train import sharded_training  # noqa: E402
 from mamba_jax.train import create_train_state, make_eval_step, make_train_step, path_names  # noqa: E402
 from tests.invariants.families import FAMILIES, HALF, VOCAB, model_and_params  # noqa: E402
 

@@ -1,7 +1,6 @@
 """Bad input is refused with an error that names the argument, the value and what was expected — or, where
 it is legitimate (padding may hold any id, or NaN), it reaches no real position. One test per row of the
 README's bad-input table."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +12,6 @@ from mamba_jax.inference import generate, prefill, step
 from mamba_jax.layers.mamba import MambaConfig
 from mamba_jax.layers.mamba2 import Mamba2Config
 from mamba_jax.layers.moe import MoEBlockConfig, MoEConfig
-from mamba_jax.models import MambaLM, TransformerLM, init_params
-from mamba_jax.layers.attention import TransformerConfig
 from mamba_jax.train import (Checkpointer, LoopConfig, NonFiniteLossError, create_train_state, make_eval_step,
                              make_train_step, masked_token_stats, train_loop)
 from tests.invariants.families import VOCAB, model_and_params, tokens

@@ -122,7 +122,7 @@ def test_prefix_causality_can_fail(fresh_programs, monkeypatch):
                   & real_mask(jnp.full_like(q, k.shape[1]), k, **kw))
         _expect_failure(checks.check_prefix_causality, *forward_outputs("A[rope,gqa]"), "planted")
 
-    real_scan = mamba.selective_scan
+    real_scan = mamba.selective_scan_on_mesh
 
     def backwards(u, delta, A, B, C, **kw):
         flip = lambda a: None if a is None else jnp.flip(a, axis=1)  # noqa: E731
@@ -131,7 +131,7 @@ def test_prefix_causality_can_fail(fresh_programs, monkeypatch):
         return flip(y), state
 
     with monkeypatch.context() as m:
-        m.setattr(mamba, "selective_scan", backwards)
+        m.setattr(mamba, "selective_scan_on_mesh", backwards)
         _expect_failure(checks.check_prefix_causality, *forward_outputs("M[chunked]"), "planted")
 
 

@@ -126,7 +126,8 @@ def test_token_mask_shape_is_checked():
 def test_sharded_training_passes_the_jitter_rng(params):
     """`sharded_training(..., rng=seed)` (one-device mesh) takes the same jittered step as
     `make_train_step(rng=seed)`; without an rng a jittered model cannot train there either."""
-    from mamba_jax.sharding import MeshConfig, make_mesh_from_config, sharded_training
+    from mamba_jax.sharding import MeshConfig, make_mesh_from_config
+    from mamba_jax.train import sharded_training
 
     model = HybridLM(moe_mamba_config(jitter=0.5, **KW))
     batch, tx = _batch(), optax.sgd(0.1)

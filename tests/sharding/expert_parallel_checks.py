@@ -16,7 +16,8 @@ from mamba_jax.layers.moe import MoE, MoEConfig  # noqa: E402
 from mamba_jax.models import init_params  # noqa: E402
 from mamba_jax.models.hybrid import HybridLM  # noqa: E402
 from mamba_jax.models.moe_mamba import moe_mamba_config  # noqa: E402
-from mamba_jax.sharding import MeshConfig, make_mesh_from_config, sharded_training  # noqa: E402
+from mamba_jax.sharding import MeshConfig, make_mesh_from_config  # noqa: E402
+from mamba_jax.train import sharded_training  # noqa: E402
 from mamba_jax.train import create_train_state, make_train_step  # noqa: E402
 
 TOL = 1e-5

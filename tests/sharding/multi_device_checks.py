@@ -20,7 +20,8 @@ import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from mamba_jax.models import MambaConfig, MambaLM, init_params  # noqa: E402
-from mamba_jax.sharding import MeshConfig, make_mesh_from_config, sharded_training  # noqa: E402
+from mamba_jax.sharding import MeshConfig, make_mesh_from_config  # noqa: E402
+from mamba_jax.train import sharded_training  # noqa: E402
 from mamba_jax.train import (  # noqa: E402
     Checkpointer,
     OptimizerConfig,
@@ -69,9 +70,10 @@ def mixer(params, i=0):
 
 
 def pallas_checks(model, tx, batches, ref_metrics):
-    """impl="pallas" on a mesh runs the kernel per shard (shard_map: batch over data, channels over
-    tensor) and equals the 1-device `reference` scan, alone (values and gradients) and in a train step."""
-    from mamba_jax.ops import selective_scan
+    """impl="pallas" on a mesh runs the kernel per shard (`selective_scan_on_mesh`, what the layers call:
+    shard_map, batch over data, channels over tensor) and equals the 1-device `reference` scan, alone
+    (values and gradients) and in a train step."""
+    from mamba_jax.sharding.kernels import selective_scan_on_mesh as selective_scan
 
     keys = jax.random.split(jax.random.PRNGKey(5), 9)
     b, l, d, g, n = 4, 12, 16, 4, 4
@@ -109,10 +111,10 @@ def pallas_checks(model, tx, batches, ref_metrics):
 
 
 def ssd_pallas_checks():
-    """ssd(impl="pallas") on a mesh runs the kernel per shard (rows over data, heads over tensor; B/C
-    replicated for one group, split with the heads for 4) and equals the 1-device `reference` SSD in values
-    and gradients."""
-    from mamba_jax.ops import ssd
+    """ssd(impl="pallas") on a mesh runs the kernel per shard (`ssd_on_mesh`: rows over data, heads over
+    tensor; B/C replicated for one group, split with the heads for 4) and equals the 1-device `reference`
+    SSD in values and gradients."""
+    from mamba_jax.sharding.kernels import ssd_on_mesh as ssd
 
     mesh = make_mesh_from_config(MeshConfig(data=2, tensor=4))
     b, l, h, p, n = 4, 12, 8, 4, 4

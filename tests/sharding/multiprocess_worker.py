@@ -52,7 +52,8 @@ def main(out_dir, port, process_id, num_processes):
     import jax
 
     from mamba_jax.models import MambaLM
-    from mamba_jax.sharding import MeshConfig, make_mesh_from_config, sharded_training
+    from mamba_jax.sharding import MeshConfig, make_mesh_from_config
+    from mamba_jax.train import sharded_training
     from mamba_jax.train import Checkpointer
 
     index, count = distributed.process_shard()

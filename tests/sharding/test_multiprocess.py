@@ -16,7 +16,8 @@ import jax
 import numpy as np
 import pytest
 
-from mamba_jax.sharding import MeshConfig, distributed, make_mesh_from_config, sharded_training
+from mamba_jax.sharding import MeshConfig, distributed, make_mesh_from_config
+from mamba_jax.train import sharded_training
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "multiprocess_worker.py")

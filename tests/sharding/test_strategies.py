@@ -20,10 +20,9 @@ from mamba_jax.sharding import (
     logical_to_shardings,
     logical_to_spec,
     make_mesh_from_config,
-    sharded_training,
     strategy_rules,
 )
-from mamba_jax.train import Checkpointer, OptimizerConfig, make_optimizer, path_names
+from mamba_jax.train import Checkpointer, OptimizerConfig, make_optimizer, path_names, sharded_training
 
 CHECKS = os.path.join(os.path.dirname(__file__), "multi_device_checks.py")
 SMALL = MambaConfig(vocab_size=64, d_model=32, n_layer=2, d_state=4)

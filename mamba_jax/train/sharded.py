@@ -23,8 +23,8 @@ from mamba_jax.sharding.rules import (
     replicated,
     strategy_rules,
 )
+from mamba_jax.pytree import path_names
 from mamba_jax.sharding.kernels import trace_under_mesh
-from mamba_jax.train.optim import path_names
 from mamba_jax.train.step import create_train_state, make_eval_step, make_train_step
 
 

@@ -1,0 +1,24 @@
+"""Logical axis names of parameters and activations, and the default rules that map them to mesh axes.
+
+A leaf module: layers name the axes of what they create (`nn.with_logical_partitioning(init, (EMBED, MLP))`)
+by importing these constants, and `mamba_jax.sharding` maps them to a mesh with a rules table. Nothing here
+imports the rest of the library.
+"""
+from __future__ import annotations
+
+BATCH, LENGTH, EMBED, MLP, HEADS, STATE, EXPERT, VOCAB, CONV = (
+    "batch", "length", "embed", "mlp", "heads", "state", "expert", "vocab", "conv")
+
+# logical axis -> mesh axis (or None: replicated). Data parallel over `data`/`fsdp`, tensor
+# parallel over the inner (mlp/heads/vocab) dimension.
+DEFAULT_RULES = (
+    (BATCH, ("data", "fsdp", "expert")),
+    (LENGTH, None),
+    (EMBED, "fsdp"),
+    (MLP, "tensor"),
+    (HEADS, "tensor"),
+    (STATE, None),
+    (EXPERT, "expert"),
+    (VOCAB, "tensor"),
+    (CONV, None),
+)
