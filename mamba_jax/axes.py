@@ -9,10 +9,14 @@ from __future__ import annotations
 BATCH, LENGTH, EMBED, MLP, HEADS, STATE, EXPERT, VOCAB, CONV = (
     "batch", "length", "embed", "mlp", "heads", "state", "expert", "vocab", "conv")
 
+# The mesh axes a batch is split over: every data-parallel axis, `expert` included (with expert parallelism
+# the devices of one expert group hold different sequences and exchange tokens only inside MoE layers).
+BATCH_MESH_AXES = ("data", "fsdp", "expert")
+
 # logical axis -> mesh axis (or None: replicated). Data parallel over `data`/`fsdp`, tensor
 # parallel over the inner (mlp/heads/vocab) dimension.
 DEFAULT_RULES = (
-    (BATCH, ("data", "fsdp", "expert")),
+    (BATCH, BATCH_MESH_AXES),
     (LENGTH, None),
     (EMBED, "fsdp"),
     (MLP, "tensor"),

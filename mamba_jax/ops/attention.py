@@ -18,6 +18,7 @@ from typing import Optional
 import jax.numpy as jnp
 
 from mamba_jax.ops._checks import check_array, compute_dtype
+from mamba_jax.ops.positions import segment_ids  # noqa: F401 (re-exported; a query sees its own segment's keys)
 
 __all__ = ["attention_mask", "dot_product_attention", "rotary_embedding", "segment_ids"]
 
@@ -81,24 +82,6 @@ def dot_product_attention(q, k, v, allowed, scale: Optional[float] = None):
     attends = jnp.any(allowed.astype(bool), axis=2)[:, :, None, None, None]                # (b, lq, 1, 1, 1)
     out = jnp.where(attends, out, jnp.zeros((), cd))
     return out.reshape(b, lq, h, v.shape[-1]).astype(q.dtype)
-
-
-def segment_ids(seq_idx, start=None):
-    """Segment numbers (b, l) int32 that grow by one wherever `seq_idx` changes along a row.
-
-    seq_idx: (b, l) int (packed sequences; only changes matter, as in the scans: [0, 0, 1, 1, 0] is three
-    sequences); start: optional (b,) int, the segment of the first token (default 0) — a chunk continues
-    the last segment of the chunks before it.
-    """
-    check_array("segment_ids", "seq_idx", seq_idx, ("b", "l"), kind="int")
-    b, _ = seq_idx.shape
-    changes = jnp.concatenate([jnp.zeros((b, 1), jnp.int32),
-                               (seq_idx[:, 1:] != seq_idx[:, :-1]).astype(jnp.int32)], axis=1)
-    seg = jnp.cumsum(changes, axis=1)
-    if start is not None:
-        check_array("segment_ids", "start", start, (b,), kind="int")
-        seg = seg + start.astype(jnp.int32)[:, None]
-    return seg
 
 
 def attention_mask(q_slots, k_slots, *, key_valid=None, q_segments=None, k_segments=None):

@@ -65,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mamba_jax.ops._checks import check_array, compute_dtype
-from mamba_jax.ops.positions import token_positions
+from mamba_jax.ops.positions import segment_starts, token_positions
 
 ROUTERS = ("switch", "topk", "expert_choice")
 DISPATCHES = ("dense", "sorted")
@@ -266,7 +266,7 @@ def _documents(token_mask, seq_idx, g: int, t: int):
     if seq_idx is None:
         doc_start = jnp.broadcast_to(idx == 0, (g, t))
     else:
-        doc_start = jnp.concatenate([jnp.ones((g, 1), bool), seq_idx[:, 1:] != seq_idx[:, :-1]], axis=1)
+        doc_start = segment_starts(seq_idx)
     return doc_start, token_positions(token_mask, seq_idx, None, g, t)
 
 

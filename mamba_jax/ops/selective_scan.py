@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from mamba_jax.ops._checks import check_array, compute_dtype
+from mamba_jax.ops.positions import segment_starts
 
 IMPLS = ("reference", "associative", "chunked", "chunked_associative")
 DEFAULT_CHUNK_SIZE = 256
@@ -167,9 +168,8 @@ def selective_scan(
     h0 = jnp.zeros((b, groups, dg, n), cd) if initial_state is None else (
         initial_state.astype(cd).reshape(b, groups, dg, n))
     keep = None
-    if seq_idx is not None:
-        changed = seq_idx[:, 1:] != seq_idx[:, :-1]
-        keep = jnp.concatenate([jnp.ones((b, 1), bool), ~changed], axis=1).astype(cd)
+    if seq_idx is not None:   # 0 where a packed sequence starts (the first one continues initial_state)
+        keep = jnp.logical_not(segment_starts(seq_idx).at[:, 0].set(False)).astype(cd)
 
     if impl == "reference":
         y, h_last = _scan_reference(uf, dt, Af, Bf, Cf, h0, keep)

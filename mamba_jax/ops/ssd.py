@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from mamba_jax.ops._checks import check_array, compute_dtype
+from mamba_jax.ops.positions import segment_ids
 from mamba_jax.ops.selective_scan import selective_scan, time_step
 
 SSD_IMPLS = ("reference", "chunked")
@@ -43,6 +44,8 @@ def resolve_ssd_impl(impl: str, backend: Optional[str] = None) -> str:
     the tracing backend, `jax.default_backend()`)."""
     if impl == "auto":
         return _SSD_AUTO_BY_BACKEND.get(backend or jax.default_backend(), "chunked")
+    if impl not in SSD_IMPLS + ("pallas",):
+        raise ValueError(f"ssd: `impl` must be one of {SSD_IMPLS + ('auto', 'pallas')}; got {impl!r}")
     return impl
 
 
@@ -155,11 +158,7 @@ def _ssd_chunked(x, delta, A, B, C, initial_states, seq_idx, chunk):
     pad = -l % chunk
     n_chunks = (l + pad) // chunk
     # Segment ids: +1 at every change of seq_idx, so "same segment" == "no reset in between".
-    if seq_idx is None:
-        seg = jnp.zeros((b, l), jnp.int32)
-    else:
-        seg = jnp.concatenate([jnp.zeros((b, 1), jnp.int32),
-                               jnp.cumsum(seq_idx[:, 1:] != seq_idx[:, :-1], axis=1, dtype=jnp.int32)], axis=1)
+    seg = jnp.zeros((b, l), jnp.int32) if seq_idx is None else segment_ids(seq_idx)
     if pad:
         # Padded steps have Δ = 0: decay exp(0) = 1 and no input, in the last segment.
         pad_time = lambda v: jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))

@@ -26,11 +26,11 @@ from typing import Optional
 import jax
 from jax.sharding import PartitionSpec as P
 
+from mamba_jax.axes import BATCH_MESH_AXES
 from mamba_jax.ops.moe import expert_ffn, finish_routing_metrics, mixture_of_experts, mixture_of_experts_dropless
 from mamba_jax.sharding.kernels import context_mesh
 
 EXPERT_AXIS = "expert"
-GROUP_MESH_AXES = ("data", "fsdp", EXPERT_AXIS)
 
 
 def _local_moe(x, logits, w_in, w_out, b_in, b_out, *, activation, router, k, capacity_factor, dispatch,
@@ -96,7 +96,7 @@ def expert_parallel_moe(x, logits, w_in, w_out, b_in=None, b_out=None, *, activa
     if n_experts % n_ep:
         raise ValueError(f"MoE: `n_experts`={n_experts} must be divisible by the mesh's `expert` axis "
                          f"({n_ep} devices; MeshConfig.expert)")
-    group_axes = tuple(a for a in GROUP_MESH_AXES if mesh.shape.get(a, 1) > 1)
+    group_axes = tuple(a for a in BATCH_MESH_AXES if mesh.shape.get(a, 1) > 1)
     shards = math.prod(mesh.shape[a] for a in group_axes)
     if groups % shards:
         raise ValueError(f"MoE: the batch ({groups} sequences) must be divisible by the {shards} devices of the "

@@ -18,10 +18,10 @@ from typing import Callable
 import jax
 from jax.sharding import PartitionSpec as P
 
+from mamba_jax.axes import BATCH_MESH_AXES
 from mamba_jax.ops.selective_scan import resolve_impl, selective_scan
 from mamba_jax.ops.ssd import resolve_ssd_impl, ssd
 
-BATCH_MESH_AXES = ("data", "fsdp", "expert")
 CHANNEL_MESH_AXIS = "tensor"
 
 
@@ -33,26 +33,35 @@ def context_mesh():
     return mesh
 
 
+def batch_split_axes(mesh, batch: int):
+    """The data-parallel mesh axes (`BATCH_MESH_AXES`, in order) a batch of `batch` rows is split over: each
+    axis joins while the product of the sizes still divides `batch` (a micro-batch too small for every
+    axis is split over the ones it fills, not replicated)."""
+    axes, size = [], 1
+    for a in BATCH_MESH_AXES:
+        n = mesh.shape.get(a, 1)
+        if n > 1 and batch % (size * n) == 0:
+            axes.append(a)
+            size *= n
+    return tuple(axes)
+
+
 def constrain_batch(x):
-    """`x` (b, ...) constrained to be split over the data-parallel axes of the context mesh on its batch
-    dimension (identity without a mesh, or when b does not divide). Keeps GSPMD from propagating a
-    parameter's FSDP sharding (embed over `fsdp`) into the activations, which would replicate the batch."""
+    """`x` (b, ...) constrained to be split over the data-parallel axes of the context mesh that b fills
+    (`batch_split_axes`; identity without a mesh). Keeps GSPMD from propagating a parameter's FSDP sharding
+    (embed over `fsdp`) into the activations, which would replicate the batch."""
     mesh = context_mesh()
     if mesh is None:
         return x
-    axes = tuple(a for a in BATCH_MESH_AXES if mesh.shape.get(a, 1) > 1)
-    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
-        return x
-    return jax.lax.with_sharding_constraint(x, P(axes))
+    axes = batch_split_axes(mesh, x.shape[0])
+    return jax.lax.with_sharding_constraint(x, P(axes)) if axes else x
 
 
 def scan_partition(mesh, batch: int, channels: int, groups: int):
     """(batch axes or None, channel axis or None) to split a (b, l, d) scan over on `mesh`: batch over
-    the data-parallel axes it divides, d over `tensor` when it and the B/C groups allow (g == 1, or g a
-    multiple of the tensor size so every device's channels read their own groups)."""
-    axes = tuple(a for a in BATCH_MESH_AXES if mesh.shape.get(a, 1) > 1)
-    size = math.prod(mesh.shape[a] for a in axes) if axes else 1
-    batch_axes = axes if axes and batch % size == 0 else None
+    the data-parallel axes it fills (`batch_split_axes`), d over `tensor` when it and the B/C groups allow
+    (g == 1, or g a multiple of the tensor size so every device's channels read their own groups)."""
+    batch_axes = batch_split_axes(mesh, batch) or None
     t = mesh.shape.get(CHANNEL_MESH_AXIS, 1)
     channel_axis = CHANNEL_MESH_AXIS if t > 1 and channels % t == 0 and (groups == 1 or groups % t == 0) else None
     return batch_axes, channel_axis

@@ -19,7 +19,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mamba_jax.axes import BATCH, CONV, DEFAULT_RULES, EMBED, EXPERT, HEADS, LENGTH, MLP, STATE, VOCAB
+from mamba_jax.axes import (BATCH, BATCH_MESH_AXES, CONV, DEFAULT_RULES, EMBED, EXPERT, HEADS, LENGTH, MLP, STATE,
+                            VOCAB)
 from mamba_jax.pytree import path_names
 
 Rules = Tuple[Tuple[str, Any], ...]
@@ -34,7 +35,7 @@ DP_RULES: Rules = (
 # ZeRO-3 style: parameters (and so gradients and optimiser state) split over `fsdp` on their embed
 # dimension, the batch over (data, fsdp); the forward all-gathers each weight where it is used
 FSDP_RULES: Rules = (
-    (BATCH, ("data", "fsdp", "expert")), (LENGTH, None), (EMBED, "fsdp"), (MLP, None), (HEADS, None),
+    (BATCH, BATCH_MESH_AXES), (LENGTH, None), (EMBED, "fsdp"), (MLP, None), (HEADS, None),
     (STATE, None), (EXPERT, "expert"), (VOCAB, None), (CONV, None),
 )
 # Megatron style: the Mamba inner dimension (d_inner, logical `mlp`), attention heads and the vocabulary
@@ -42,7 +43,7 @@ FSDP_RULES: Rules = (
 # A_log, D and the scan itself act per channel, so each device scans its own d_inner slice. The batch
 # goes over (data, fsdp).
 TENSOR_RULES: Rules = (
-    (BATCH, ("data", "fsdp", "expert")), (LENGTH, None), (EMBED, None), (MLP, "tensor"), (HEADS, "tensor"),
+    (BATCH, BATCH_MESH_AXES), (LENGTH, None), (EMBED, None), (MLP, "tensor"), (HEADS, "tensor"),
     (STATE, None), (EXPERT, "expert"), (VOCAB, "tensor"), (CONV, None),
 )
 

@@ -40,3 +40,29 @@ def test_batch_sharded_forward_on_two_host_devices_equals_one_device():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-3000:]
+
+
+def test_batch_split_axes_use_the_data_axes_the_batch_fills():
+    """A batch (or gradient-accumulation micro-batch) too small for every data-parallel axis is split over
+    the ones it fills, in order, instead of being left unconstrained (replicated)."""
+    from jax.sharding import AbstractMesh
+
+    from mamba_jax.sharding.kernels import batch_split_axes
+
+    mesh = AbstractMesh((2, 4, 2, 1), ("data", "fsdp", "tensor", "expert"))
+    assert batch_split_axes(mesh, 16) == ("data", "fsdp")
+    assert batch_split_axes(mesh, 8) == ("data", "fsdp")
+    assert batch_split_axes(mesh, 4) == ("data",)        # 2 · 4 does not divide 4: fsdp stays out
+    assert batch_split_axes(mesh, 2) == ("data",)
+    assert batch_split_axes(mesh, 3) == ()
+
+
+def test_a_wrong_impl_name_fails_the_same_way_for_both_ops():
+    import pytest
+
+    from mamba_jax.ops import resolve_impl, resolve_ssd_impl
+
+    with pytest.raises(ValueError, match=r"selective_scan: `impl` must be one of .*got 'magic'"):
+        resolve_impl("magic", 8)
+    with pytest.raises(ValueError, match=r"ssd: `impl` must be one of .*got 'magic'"):
+        resolve_ssd_impl("magic")
