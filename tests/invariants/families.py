@@ -74,6 +74,12 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in [
 ]}
 
 
+# Compared sharded against unsharded (tests/invariants/sharded_checks.py): one family per layer kind ("M",
+# "M2", "A", "E", "P") and the hybrid mixing them; the Mamba-1 input form on a tensor mesh is in
+# tests/sharding/multi_device_checks.py.
+SHARDED_FAMILIES = ("M[chunked]", "M2[chunked]", "A[rope,gqa]", "M E[switch]", "P P", "M A M2 E")
+
+
 def trained_scale(params, seed: int = 0):
     """Parameters moved off their initialisation to the scale of a trained model (a pure function).
 

@@ -24,11 +24,9 @@ import optax  # noqa: E402
 from mamba_jax.sharding import MeshConfig, make_mesh_from_config  # noqa: E402
 from mamba_jax.train import sharded_training  # noqa: E402
 from mamba_jax.train import create_train_state, make_eval_step, make_train_step, path_names  # noqa: E402
-from tests.invariants.families import FAMILIES, HALF, VOCAB, model_and_params  # noqa: E402
+from tests.invariants.families import FAMILIES, HALF, SHARDED_FAMILIES, VOCAB, model_and_params  # noqa: E402
 
-# one family per layer kind ("M", "M2", "A", "E", "P") and the hybrid mixing them; the Mamba-1 input form on a
-# tensor mesh is in tests/sharding/multi_device_checks.py
-NAMES = ["M[chunked]", "M2[chunked]", "A[rope,gqa]", "M E[switch]", "P P", "M A M2 E"]
+NAMES = SHARDED_FAMILIES
 # float32, different reduction orders across shards: ~1e-6 relative; 2e-4 as in tests/invariants/checks.py
 TOL = 2e-4
 
