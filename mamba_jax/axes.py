@@ -6,8 +6,8 @@ imports the rest of the library.
 """
 from __future__ import annotations
 
-BATCH, LENGTH, EMBED, MLP, HEADS, STATE, EXPERT, VOCAB, CONV = (
-    "batch", "length", "embed", "mlp", "heads", "state", "expert", "vocab", "conv")
+BATCH, LENGTH, EMBED, MLP, HEADS, KV_HEADS, STATE, EXPERT, VOCAB, CONV = (
+    "batch", "length", "embed", "mlp", "heads", "kv_heads", "state", "expert", "vocab", "conv")
 
 # The mesh axes a batch is split over: every data-parallel axis, `expert` included (with expert parallelism
 # the devices of one expert group hold different sequences and exchange tokens only inside MoE layers).
@@ -21,6 +21,7 @@ DEFAULT_RULES = (
     (EMBED, "fsdp"),
     (MLP, "tensor"),
     (HEADS, "tensor"),
+    (KV_HEADS, "tensor"),
     (STATE, None),
     (EXPERT, "expert"),
     (VOCAB, "tensor"),

@@ -27,7 +27,9 @@ def test_parse_mesh_and_bad_topologies():
 @pytest.fixture(scope="module")
 def reports():
     pytest.importorskip("libtpu", reason="needs the optional dependency libtpu (the tpu-aot / test extra)")
-    model = MambaLM(MambaConfig(vocab_size=64, d_model=64, n_layer=2, d_state=8, dtype="bfloat16"))
+    # d_model 128 (d_inner 256): a tensor shard's last dimension (d_inner / 2) fills the 128 TPU lanes; at
+    # d_model 64 each shard pads 64 -> 128 lanes and the split does not show in argument bytes
+    model = MambaLM(MambaConfig(vocab_size=64, d_model=128, n_layer=2, d_state=8, dtype="bfloat16"))
     tx = make_optimizer(OptimizerConfig())
     meshes = {"dp": "data=4", "fsdp": "fsdp=4", "tensor": "data=2,tensor=2"}
     return model, {s: aot.compile_train_step(model, tx, "v5e:2x2", aot.parse_mesh(m), s, 8, 64)

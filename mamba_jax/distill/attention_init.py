@@ -37,8 +37,9 @@ lower mean KL over 30 stage-1 steps). The mapping drops rotary embeddings (the s
 them, as in MambaInLlama): in a probe with a RoPE teacher the head start was much smaller, so the
 measured check uses a teacher with learned absolute positions.
 
-Shapes (flax, kernels stored (in, out)): teacher q_proj (d_model, h·dh), k_proj/v_proj (d_model, kv·dh),
-o_proj (h·dh, d_model); student in_proj (d_model, 2·d_inner + 2·h·dh + h), out_proj (d_inner, d_model).
+Shapes (flax, kernels stored (in, out)): teacher q_proj (d_model, h, dh), k_proj/v_proj (d_model, kv, dh),
+o_proj (h, dh, d_model), read flattened to (d_model, h·dh) etc. (`flat_attention_kernels`); student in_proj
+read as the fused (d_model, 2·d_inner + 2·h·dh + h) matrix, out_proj (d_inner, d_model).
 
 The Mamba-1 form (MambaInLlama's `mamba/hybrid_mamba_layer.py`; `MambaConfig(bc_source="input")`): the
 mixer computes z, x (d_xb = kv·dh channels), B (d_xb), C (d_inner = h·dh) and Δ from the layer input, with
@@ -68,8 +69,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from mamba_jax.layers.attention import TransformerConfig
+from mamba_jax.layers.config import MAMBA, MAMBA2
 from mamba_jax.layers.mamba import MambaConfig
-from mamba_jax.layers.mamba2 import Mamba2Config
+from mamba_jax.layers.mamba import fused_in_proj as fused_mamba1_in_proj
+from mamba_jax.layers.mamba import split_in_proj as split_mamba1_in_proj
+from mamba_jax.layers.mamba2 import Mamba2Config, fused_conv, fused_in_proj, split_conv, split_in_proj
 from mamba_jax.models.hybrid import HybridConfig, HybridLM
 from mamba_jax.models.lm import init_params
 
@@ -137,6 +141,18 @@ def _check_init_options(where: str, conv_init: str, ssm_init: str, gate_init: st
             raise ValueError(f"{where}: `{name}` must be one of {allowed}; got {value!r}")
 
 
+def flat_attention_kernels(attention: Dict[str, Any]) -> Dict[str, Any]:
+    """An attention layer's params with the per-head kernels flattened to matrices: q/k/v_proj (d, heads·dh),
+    o_proj (h·dh, d) — the column / row order the mappings below are written in (head-major)."""
+    out = dict(attention)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        kernel = attention[name]["kernel"]
+        out[name] = {**attention[name], "kernel": kernel.reshape(kernel.shape[0], -1)}
+    kernel = attention["o_proj"]["kernel"]
+    out["o_proj"] = {**attention["o_proj"], "kernel": kernel.reshape(-1, kernel.shape[-1])}
+    return out
+
+
 def mamba2_mixer_from_attention(attention: Dict[str, Any], fresh: Dict[str, Any], teacher: TransformerConfig, *,
                                 conv_init: str = "identity", ssm_init: str = "linear_attention",
                                 gate_init: str = "open") -> Dict[str, Any]:
@@ -144,45 +160,48 @@ def mamba2_mixer_from_attention(attention: Dict[str, Any], fresh: Dict[str, Any]
     columns and out_proj taken from the `attention` params (q_proj, k_proj, v_proj, o_proj), and the conv,
     Δ, A, D and gate set as the options say (module docstring; "fresh" keeps `fresh`'s values).
 
-    in_proj kernel (d_model, 2·d_inner + 2·h·dh + h) columns: [z | x | B | C | dt]; conv1d_kernel (k, conv_dim);
+    The student's in_proj is read and written as the official fused (d_model, 2·d_inner + 2·h·dh + h) matrix of
+    columns [z | x | B | C | dt] and its conv as (k, conv_dim) (`layers.mamba2.fused_in_proj`, `fused_conv`);
     dt_bias, A_log, D (h,). gate_init="open" needs `fresh` to have in_proj/out_proj biases (`bias=True`).
     """
     _check_init_options("mamba2_mixer_from_attention", conv_init, ssm_init, gate_init)
     h, kv, dh = teacher.n_heads, teacher.kv_heads, teacher.head_dim_value
     d_inner, gn = h * dh, h * dh
-    in_proj = fresh["in_proj"]["kernel"]
-    want = 2 * d_inner + 2 * gn + h
-    if in_proj.shape != (teacher.d_model, want):
-        raise ValueError(f"mamba2_mixer_from_attention: the student's in_proj kernel is {in_proj.shape}, expected "
-                         f"{(teacher.d_model, want)} for one Mamba-2 head per attention head")
-    if gate_init == "open" and ("bias" not in fresh["in_proj"] or "bias" not in fresh["out_proj"]):
+    if "in_proj_zx" not in fresh or fresh["in_proj_zx"]["kernel"].shape != (2, teacher.d_model, d_inner):
+        got = fresh["in_proj_zx"]["kernel"].shape if "in_proj_zx" in fresh else sorted(fresh)
+        raise ValueError(f"mamba2_mixer_from_attention: the student's in_proj_zx kernel is {got}, expected "
+                         f"{(2, teacher.d_model, d_inner)} for one Mamba-2 head per attention head")
+    has_bias = "bias" in fresh["in_proj_zx"]
+    if gate_init == "open" and (not has_bias or "bias" not in fresh["out_proj"]):
         raise ValueError("mamba2_mixer_from_attention: gate_init='open' needs a student with Mamba-2 biases "
                          "(mamba2_student_config(..., bias=True))")
+    mixer_cfg = mamba2_student_config(teacher, [0], bias=has_bias).mixer_config(MAMBA2)
+    in_proj, in_bias = fused_in_proj(fresh, mixer_cfg)     # columns [z (d_inner) | x | B (h·dh) | C (h·dh) | dt (h)]
+    conv, conv_bias = fused_conv(fresh, mixer_cfg)         # (k, conv_dim) over [x | B | C]
     dtype = in_proj.dtype
+    attention = flat_attention_kernels(attention)
     x = _repeat_heads(attention["v_proj"]["kernel"], kv, h, dh)
     B = _repeat_heads(attention["k_proj"]["kernel"], kv, h, dh)
     C = attention["q_proj"]["kernel"]
-    # in_proj columns: [z (d_inner) | x (d_inner) | B (h·dh) | C (h·dh) | dt (h)]
     in_proj = in_proj.at[:, d_inner:2 * d_inner].set(x.astype(dtype))
     in_proj = in_proj.at[:, 2 * d_inner:2 * d_inner + gn].set(B.astype(dtype))
     in_proj = in_proj.at[:, 2 * d_inner + gn:2 * d_inner + 2 * gn].set(C.astype(dtype))
     out = dict(fresh)
-    out["in_proj"] = {**fresh["in_proj"], "kernel": in_proj}
     out["out_proj"] = {**fresh["out_proj"], "kernel": attention["o_proj"]["kernel"].astype(dtype)}
     if conv_init == "identity":
-        k = fresh["conv1d_kernel"]
-        out["conv1d_kernel"] = jnp.zeros_like(k).at[-1].set(1)
-        if "conv1d_bias" in fresh:
-            out["conv1d_bias"] = jnp.zeros_like(fresh["conv1d_bias"])
+        conv = jnp.zeros_like(conv).at[-1].set(1)
+        conv_bias = None if conv_bias is None else jnp.zeros_like(conv_bias)
     if ssm_init == "linear_attention":
-        out["in_proj"]["kernel"] = out["in_proj"]["kernel"].at[:, -h:].set(0)           # Δ ignores the input
+        in_proj = in_proj.at[:, -h:].set(0)                                                # Δ ignores the input
         out["dt_bias"] = jnp.full_like(fresh["dt_bias"], math.log(math.expm1(1.0)))      # softplus(dt_bias) = 1
         out["A_log"] = jnp.full_like(fresh["A_log"], math.log(LINEAR_ATTENTION_DECAY))
         out["D"] = jnp.zeros_like(fresh["D"])
     if gate_init == "open":
-        out["in_proj"]["kernel"] = out["in_proj"]["kernel"].at[:, :d_inner].set(0)
-        out["in_proj"]["bias"] = jnp.zeros_like(fresh["in_proj"]["bias"]).at[:d_inner].set(OPEN_GATE_BIAS)
+        in_proj = in_proj.at[:, :d_inner].set(0)
+        in_bias = jnp.zeros_like(in_bias).at[:d_inner].set(OPEN_GATE_BIAS)
         out["out_proj"]["bias"] = jnp.zeros_like(fresh["out_proj"]["bias"])
+    out.update(split_in_proj(in_proj, in_bias, mixer_cfg))
+    out.update(split_conv(conv, conv_bias, mixer_cfg))
     return out
 
 
@@ -310,46 +329,50 @@ def mamba1_mixer_from_attention(attention: Dict[str, Any], fresh: Dict[str, Any]
       gate_init="open":            z columns 0 and z bias MAMBA1_OPEN_GATE_BIAS, so silu(z) = 1 (Mamba-1
                                    has no norm after the gate to divide a constant out); needs biases
 
-    in_proj kernel (d_model, 2·d_inner + 2·d_xb + dt_rank): [z | x | B | C | dt_low], d_inner = h·dh,
-    d_xb = kv·dh; out_proj kernel (d_inner, d_model); conv1d_kernel (k, d_inner); A_log (d_inner, d_state).
+    The input projections are read and written as MambaInLlama's fused (d_model, 2·d_inner + 2·d_xb + dt_rank)
+    matrix [z | x | B | C | dt_low] (`layers.mamba.fused_in_proj`), d_inner = h·dh, d_xb = kv·dh; out_proj
+    kernel (d_inner, d_model); conv1d_kernel (k, d_inner); A_log (d_inner, d_state).
     """
     _check_init_options("mamba1_mixer_from_attention", conv_init, ssm_init, gate_init)
     h, kv, dh, d = teacher.n_heads, teacher.kv_heads, teacher.head_dim_value, teacher.d_model
     di, dxb, n = h * dh, kv * dh, d_state
-    in_proj = fresh["in_proj"]["kernel"]
-    r = in_proj.shape[1] - 2 * di - 2 * dxb
-    if in_proj.shape[0] != d or r < 1 or fresh["A_log"].shape != (di, n):
-        raise ValueError(f"mamba1_mixer_from_attention: the student's in_proj kernel {in_proj.shape} / A_log "
-                         f"{fresh['A_log'].shape} do not fit d_inner = {di}, d_xb = {dxb}, d_state = {n} "
-                         "(build the student with mamba1_student_config)")
-    if gate_init == "open" and ("bias" not in fresh["in_proj"] or "bias" not in fresh["out_proj"]):
+    if "in_proj_dt" not in fresh or fresh["A_log"].shape != (di, n) or \
+            fresh["in_proj_zc"]["kernel"].shape != (2, d, di) or fresh["in_proj_xb"]["kernel"].shape != (2, d, dxb):
+        raise ValueError(f"mamba1_mixer_from_attention: the student's input projections / A_log {fresh['A_log'].shape} "
+                         f"do not fit d_inner = {di}, d_xb = {dxb}, d_state = {n} (build the student with "
+                         "mamba1_student_config)")
+    has_bias = "bias" in fresh["in_proj_zc"]
+    if gate_init == "open" and (not has_bias or "bias" not in fresh["out_proj"]):
         raise ValueError("mamba1_mixer_from_attention: gate_init='open' needs a student with Mamba-1 biases "
                          "(mamba1_student_config(..., bias=True))")
+    r = fresh["in_proj_dt"]["kernel"].shape[1]
+    mixer_cfg = mamba1_student_config(teacher, [0], d_state=n, bias=has_bias).mixer_config(MAMBA).replace(dt_rank=r)
+    in_proj, in_bias = fused_mamba1_in_proj(fresh, mixer_cfg)   # [z (di) | x (dxb) | B (dxb) | C (di) | dt_low (r)]
     dtype = in_proj.dtype
+    attention = flat_attention_kernels(attention)
     cols = (mamba1_group_order(h, kv, dh, n)[:, None] * n + np.arange(n)).reshape(-1)
     C = attention["q_proj"]["kernel"][:, cols]
-    # in_proj columns: [z (di) | x (dxb) | B (dxb) | C (di) | dt_low (r)]
     in_proj = in_proj.at[:, di:di + dxb].set(attention["v_proj"]["kernel"].astype(dtype))
     in_proj = in_proj.at[:, di + dxb:di + 2 * dxb].set(attention["k_proj"]["kernel"].astype(dtype))
     in_proj = in_proj.at[:, di + 2 * dxb:2 * di + 2 * dxb].set(C.astype(dtype))
     out = dict(fresh)
-    out["in_proj"] = {**fresh["in_proj"], "kernel": in_proj}
     out["out_proj"] = {**fresh["out_proj"], "kernel": attention["o_proj"]["kernel"][cols].astype(dtype)}
     if conv_init == "identity":
         out["conv1d_kernel"] = jnp.zeros_like(fresh["conv1d_kernel"]).at[-1].set(1)
         if "conv1d_bias" in fresh:
             out["conv1d_bias"] = jnp.zeros_like(fresh["conv1d_bias"])
     if ssm_init == "linear_attention":
-        out["in_proj"]["kernel"] = out["in_proj"]["kernel"].at[:, -r:].set(0)            # Δ ignores the input
-        if "bias" in fresh["in_proj"]:
-            out["in_proj"]["bias"] = fresh["in_proj"]["bias"].at[-r:].set(0)
+        in_proj = in_proj.at[:, -r:].set(0)                                               # Δ ignores the input
+        if in_bias is not None:
+            in_bias = in_bias.at[-r:].set(0)
         out["dt_proj_bias"] = jnp.full_like(fresh["dt_proj_bias"], math.log(math.expm1(1.0)))  # softplus = 1
         out["A_log"] = jnp.full_like(fresh["A_log"], math.log(LINEAR_ATTENTION_DECAY))
         out["D"] = jnp.zeros_like(fresh["D"])
     if gate_init == "open":
-        out["in_proj"]["kernel"] = out["in_proj"]["kernel"].at[:, :di].set(0)
-        out["in_proj"]["bias"] = out["in_proj"]["bias"].at[:di].set(MAMBA1_OPEN_GATE_BIAS)
+        in_proj = in_proj.at[:, :di].set(0)
+        in_bias = in_bias.at[:di].set(MAMBA1_OPEN_GATE_BIAS)
         out["out_proj"]["bias"] = jnp.zeros_like(fresh["out_proj"]["bias"])
+    out.update(split_mamba1_in_proj(in_proj, in_bias, mixer_cfg))
     return out
 
 

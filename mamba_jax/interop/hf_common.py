@@ -71,14 +71,21 @@ def official_ssm_cfg(raw: Mapping[str, Any], known_keys, model_name: str) -> Dic
 class TensorSpec(NamedTuple):
     """One checkpoint tensor: its torch name and shape, where it goes in our tree, and how to convert.
 
-    to_ours / to_torch: numpy functions between the torch layout and ours (transpose, reshape).
+    path: the parameter's path, e.g. ("layers_0", "mixer", "A_log"), or a tuple of paths when one torch tensor
+      holds several of our parameters (a fused projection stored as pieces); to_ours: numpy function from the
+      torch layout to ours (one array, or a tuple of arrays in the order of the paths); to_torch: the inverse
+      (called with one array per path).
     """
 
     name: str
     torch_shape: Tuple[int, ...]
-    path: Tuple[str, ...]
-    to_ours: Callable[[np.ndarray], np.ndarray]
-    to_torch: Callable[[np.ndarray], np.ndarray]
+    path: Tuple
+    to_ours: Callable[[np.ndarray], Any]
+    to_torch: Callable[..., np.ndarray]
+
+    @property
+    def paths(self) -> Tuple[Tuple[str, ...], ...]:
+        return self.path if self.path and isinstance(self.path[0], tuple) else (self.path,)
 
 
 def keep(x):
@@ -179,7 +186,9 @@ def params_from_torch_tensors(tensors: Mapping[str, np.ndarray], config, param_d
         if tuple(value.shape) != spec.torch_shape:
             raise ValueError(f"load_hf: tensor `{spec.name}` has shape {tuple(value.shape)}; "
                              f"expected {spec.torch_shape}")
-        _set_path(params, spec.path, cast(spec.to_ours(np.asarray(value))))
+        converted = spec.to_ours(np.asarray(value))
+        for path, array in zip(spec.paths, converted if len(spec.paths) > 1 else (converted,)):
+            _set_path(params, path, cast(array))
     embedding = _vocab_table(tensors, embed_names[0], config)
     _set_path(params, ("embeddings", "embedding"), cast(embedding))
     if config.tie_embeddings:
@@ -197,7 +206,8 @@ def params_to_torch_tensors(params: Mapping[str, Any], config, family: HFFamily)
     """HF-named numpy tensors (torch layout, vocab rows unpadded, dtype kept) from our parameter tree."""
     out = {}
     for spec in family.tensor_specs(config):
-        out[spec.name] = spec.to_torch(np.asarray(_get_path(params, spec.path)))
+        # contiguous: safetensors writes an array's buffer as it lies in memory, whatever its strides
+        out[spec.name] = np.ascontiguousarray(spec.to_torch(*(np.asarray(_get_path(params, path)) for path in spec.paths)))
     out[family.embed_name] = np.ascontiguousarray(np.asarray(params["embeddings"]["embedding"])[:config.vocab_size])
     if not config.tie_embeddings:
         out[family.head_name] = np.ascontiguousarray(np.asarray(params["lm_head"]["kernel"]).T[:config.vocab_size])

@@ -16,10 +16,11 @@ Tensor names (torch layout; our layout in brackets; h, kv heads of head_dim dh, 
 
     model.embed_tokens.weight                        (V, d)        [embeddings.embedding (Vp, d)]
     model.layers.{i}.input_layernorm.weight          (d,)          [layers_{i}.norm.weight]
-    model.layers.{i}.self_attn.q_proj.weight         (h·dh, d)     [layers_{i}.mixer.q_proj.kernel (d, h·dh)]
-    model.layers.{i}.self_attn.{k,v}_proj.weight     (kv·dh, d)    [layers_{i}.mixer.{k,v}_proj.kernel]
-    model.layers.{i}.self_attn.o_proj.weight         (d, h·dh)     [layers_{i}.mixer.o_proj.kernel (h·dh, d)]
-    model.layers.{i}.self_attn.{q,k,v,o}_proj.bias   if attention_bias
+    model.layers.{i}.self_attn.q_proj.weight         (h·dh, d)     [layers_{i}.mixer.q_proj.kernel (d, h, dh)]
+    model.layers.{i}.self_attn.{k,v}_proj.weight     (kv·dh, d)    [layers_{i}.mixer.{k,v}_proj.kernel (d, kv, dh)]
+    model.layers.{i}.self_attn.o_proj.weight         (d, h·dh)     [layers_{i}.mixer.o_proj.kernel (h, dh, d)]
+    model.layers.{i}.self_attn.{q,k,v}_proj.bias     if attention_bias [(h or kv, dh)]
+    model.layers.{i}.self_attn.o_proj.bias           if attention_bias [(d,)]
     model.layers.{i}.post_attention_layernorm.weight (d,)          [layers_{i}.mlp_norm.weight]
     model.layers.{i}.mlp.{gate,up}_proj.weight       (f, d)        [layers_{i}.mlp.{gate,up}_proj.kernel (d, f)]
     model.layers.{i}.mlp.down_proj.weight            (d, f)        [layers_{i}.mlp.down_proj.kernel (f, d)]
@@ -176,6 +177,22 @@ def _linear(specs, name: str, out_features: int, in_features: int, path: Tuple[s
         specs.append(TensorSpec(name + ".bias", (out_features,), path + ("bias",), keep, keep))
 
 
+def _per_head(specs, name: str, heads: int, dh: int, d: int, path: Tuple[str, ...], bias: bool, out: bool) -> None:
+    """A q/k/v projection (torch (heads·dh, d) -> ours (d, heads, dh)) or, `out`, o_proj (torch (d, heads·dh) ->
+    ours (heads, dh, d))."""
+    if out:
+        specs.append(TensorSpec(name + ".weight", (d, heads * dh), path + ("kernel",),
+                                lambda w: w.T.reshape(heads, dh, d), lambda k: k.reshape(heads * dh, d).T))
+        if bias:
+            specs.append(TensorSpec(name + ".bias", (d,), path + ("bias",), keep, keep))
+        return
+    specs.append(TensorSpec(name + ".weight", (heads * dh, d), path + ("kernel",),
+                            lambda w: w.T.reshape(d, heads, dh), lambda k: k.reshape(d, heads * dh).T))
+    if bias:
+        specs.append(TensorSpec(name + ".bias", (heads * dh,), path + ("bias",),
+                                lambda b: b.reshape(heads, dh), lambda b: b.reshape(heads * dh)))
+
+
 def tensor_specs(config: TransformerConfig) -> Tuple[TensorSpec, ...]:
     """Every tensor of the HF Llama layout except the embedding and the head (see the module docstring)."""
     d, f = config.d_model, config.d_intermediate
@@ -185,9 +202,8 @@ def tensor_specs(config: TransformerConfig) -> Tuple[TensorSpec, ...]:
     for i in range(config.n_layer):
         t, o = f"model.layers.{i}.", (f"layers_{i}",)
         specs.append(TensorSpec(t + "input_layernorm.weight", (d,), o + ("norm", "weight"), keep, keep))
-        for proj, out_f, in_f in (("q_proj", h * dh, d), ("k_proj", kv * dh, d), ("v_proj", kv * dh, d),
-                                  ("o_proj", d, h * dh)):
-            _linear(specs, t + "self_attn." + proj, out_f, in_f, o + ("mixer", proj), ab)
+        for proj, heads in (("q_proj", h), ("k_proj", kv), ("v_proj", kv), ("o_proj", h)):
+            _per_head(specs, t + "self_attn." + proj, heads, dh, d, o + ("mixer", proj), ab, out=proj == "o_proj")
         specs.append(TensorSpec(t + "post_attention_layernorm.weight", (d,), o + ("mlp_norm", "weight"),
                                 keep, keep))
         for proj, out_f, in_f in (("gate_proj", f, d), ("up_proj", f, d), ("down_proj", d, f)):

@@ -12,8 +12,8 @@ Tensor names (torch layout; our layout in brackets):
 
     backbone.embeddings.weight (HF) / backbone.embedding.weight (official)  (V, d)  [embeddings.embedding (Vp, d)]
     backbone.layers.{i}.norm.weight                  (d,)                  [layers_{i}.norm.weight]
-    backbone.layers.{i}.mixer.in_proj.weight         (2·di, d)             [in_proj.kernel (d, 2·di)]
-    backbone.layers.{i}.mixer.in_proj.bias           (2·di,)  if use_bias
+    backbone.layers.{i}.mixer.in_proj.weight         (2·di, d)             [in_proj.kernel (2, d, di): x, z]
+    backbone.layers.{i}.mixer.in_proj.bias           (2·di,)  if use_bias  [in_proj.bias (2, di)]
     backbone.layers.{i}.mixer.conv1d.weight          (di, 1, k)            [conv1d_kernel (k, di)]
     backbone.layers.{i}.mixer.conv1d.bias            (di,)    if conv bias [conv1d_bias]
     backbone.layers.{i}.mixer.x_proj.weight          (r + 2n, di)          [x_proj.kernel (di, r + 2n)]
@@ -165,10 +165,13 @@ def tensor_specs(config: MambaConfig) -> Tuple[TensorSpec, ...]:
         t, o = f"backbone.layers.{i}.", (f"layers_{i}",)
         m, om = t + "mixer.", o + ("mixer",)
         specs.append(TensorSpec(t + "norm.weight", (d,), o + ("norm", "weight"), keep, keep))
+        # [x | z] rows <-> the (2, d, di) kernel of pieces (`MambaMixer`, `layers.mamba.split_in_proj`)
         specs.append(TensorSpec(m + "in_proj.weight", (2 * di, d), om + ("in_proj", "kernel"),
-                                transpose, transpose))
+                                lambda w: w.reshape(2, di, d).transpose(0, 2, 1),
+                                lambda k: k.transpose(0, 2, 1).reshape(2 * di, d)))
         if config.bias:
-            specs.append(TensorSpec(m + "in_proj.bias", (2 * di,), om + ("in_proj", "bias"), keep, keep))
+            specs.append(TensorSpec(m + "in_proj.bias", (2 * di,), om + ("in_proj", "bias"),
+                                    lambda b: b.reshape(2, di), lambda b: b.reshape(2 * di)))
         specs.append(TensorSpec(m + "conv1d.weight", (di, 1, k), om + ("conv1d_kernel",),
                                 conv_to_ours, conv_to_torch))
         if config.conv_bias:

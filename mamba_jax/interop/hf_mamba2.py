@@ -15,10 +15,13 @@ Tensor names (torch layout; our layout in brackets), conv_dim = d_inner + 2·ngr
 
     backbone.embeddings.weight (HF) / backbone.embedding.weight (official)  (V, d)  [embeddings.embedding (Vp, d)]
     backbone.layers.{i}.norm.weight              (d,)                              [layers_{i}.norm.weight]
-    backbone.layers.{i}.mixer.in_proj.weight     (2·di + 2·g·n + h, d)             [in_proj.kernel, transposed]
-    backbone.layers.{i}.mixer.in_proj.bias       (2·di + 2·g·n + h,)  if use_bias
-    backbone.layers.{i}.mixer.conv1d.weight      (conv_dim, 1, k)                  [conv1d_kernel (k, conv_dim)]
-    backbone.layers.{i}.mixer.conv1d.bias        (conv_dim,)          if conv bias [conv1d_bias]
+    backbone.layers.{i}.mixer.in_proj.weight     (2·di + 2·g·n + h, d)             rows [z | x | B | C | dt] →
+                                                 [in_proj_zx.kernel (2, d, di), in_proj_bc.kernel (2, d, g·n),
+                                                  in_proj_dt.kernel (d, h)]
+    backbone.layers.{i}.mixer.in_proj.bias       (2·di + 2·g·n + h,)  if use_bias  [in_proj_{zx,bc,dt}.bias]
+    backbone.layers.{i}.mixer.conv1d.weight      (conv_dim, 1, k)  rows [x | B | C] → [conv1d_x_kernel (k, di),
+                                                                                     conv1d_bc_kernel (k, 2·g·n)]
+    backbone.layers.{i}.mixer.conv1d.bias        (conv_dim,)          if conv bias [conv1d_x_bias, conv1d_bc_bias]
     backbone.layers.{i}.mixer.dt_bias / A_log / D  (h,)
     backbone.layers.{i}.mixer.norm.weight        (di,)                             [norm_weight]
     backbone.layers.{i}.mixer.out_proj.weight    (d, di)                           [out_proj.kernel (di, d)]
@@ -31,9 +34,11 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, Mapping, Tuple
 
+import numpy as np
+
 from mamba_jax.interop.hf_common import (EMBED_HF, EMBED_OFFICIAL, LM_HEAD, HFFamily, TensorSpec, conv_to_ours,
                                          conv_to_torch, keep, official_ssm_cfg, transpose)
-from mamba_jax.layers.mamba2 import Mamba2Config
+from mamba_jax.layers.mamba2 import Mamba2Config, fused_conv, fused_in_proj, split_conv, split_in_proj
 from mamba_jax.models.mamba2 import Mamba2LM
 
 __all__ = ["FAMILY", "config_from_hf", "config_to_hf", "tensor_specs"]
@@ -225,13 +230,26 @@ def tensor_specs(config: Mamba2Config) -> Tuple[TensorSpec, ...]:
         t, o = f"backbone.layers.{i}.", (f"layers_{i}",)
         m, om = t + "mixer.", o + ("mixer",)
         specs.append(TensorSpec(t + "norm.weight", (d,), o + ("norm", "weight"), keep, keep))
-        specs.append(TensorSpec(m + "in_proj.weight", (proj, d), om + ("in_proj", "kernel"), transpose, transpose))
+        # the fused in_proj [z | x | B | C | dt] and conv over [x | B | C] <-> our pieces (`Mamba2Mixer`)
+        pieces = ("in_proj_zx", "in_proj_bc", "in_proj_dt")
+        specs.append(TensorSpec(
+            m + "in_proj.weight", (proj, d), tuple(om + (p, "kernel") for p in pieces),
+            lambda w: tuple(v["kernel"] for v in split_in_proj(w.T, None, config).values()),
+            lambda *ks: fused_in_proj({p: {"kernel": k} for p, k in zip(pieces, ks)}, config)[0].T))
         if config.bias:
-            specs.append(TensorSpec(m + "in_proj.bias", (proj,), om + ("in_proj", "bias"), keep, keep))
-        specs.append(TensorSpec(m + "conv1d.weight", (cdim, 1, k), om + ("conv1d_kernel",),
-                                conv_to_ours, conv_to_torch))
+            specs.append(TensorSpec(
+                m + "in_proj.bias", (proj,), tuple(om + (p, "bias") for p in pieces),
+                lambda b: tuple(v["bias"] for v in split_in_proj(None, b, config).values()),
+                lambda *bs: np.concatenate([b.reshape(-1) for b in bs])))
+        convs = ("conv1d_x_kernel", "conv1d_bc_kernel")
+        specs.append(TensorSpec(m + "conv1d.weight", (cdim, 1, k), tuple(om + (c,) for c in convs),
+                                lambda w: tuple(split_conv(conv_to_ours(w), None, config).values()),
+                                lambda *ks: conv_to_torch(fused_conv(dict(zip(convs, ks)), config)[0])))
         if config.conv_bias:
-            specs.append(TensorSpec(m + "conv1d.bias", (cdim,), om + ("conv1d_bias",), keep, keep))
+            biases = ("conv1d_x_bias", "conv1d_bc_bias")
+            specs.append(TensorSpec(m + "conv1d.bias", (cdim,), tuple(om + (c,) for c in biases),
+                                    lambda b: tuple(split_conv(None, b, config).values()),
+                                    lambda *bs: np.concatenate(bs)))
         for name in ("dt_bias", "A_log", "D"):
             specs.append(TensorSpec(m + name, (h,), om + (name,), keep, keep))
         specs.append(TensorSpec(m + "norm.weight", (di,), om + ("norm_weight",), keep, keep))

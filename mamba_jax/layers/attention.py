@@ -1,7 +1,8 @@
 """Llama-style grouped-query attention with rotary (or learned, or no) positions and a KV cache.
 
-Parameter names follow HF transformers' `LlamaAttention` (q_proj, k_proj, v_proj, o_proj); torch
-(out, in) weights are stored transposed (in, out).
+Parameter names follow HF transformers' `LlamaAttention` (q_proj, k_proj, v_proj, o_proj), stored per head:
+q_proj.kernel (d_model, n_heads, head_dim), k_proj/v_proj.kernel (d_model, kv_heads, head_dim), o_proj.kernel
+(n_heads, head_dim, d_model) (torch's (out, in) matrices transposed and reshaped by `interop`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 from mamba_jax.layers.config import ATTENTION, BaseLMConfig, check_choice, check_positive_int
 from mamba_jax.ops._checks import check_array
 from mamba_jax.ops.attention import attention_mask, dot_product_attention, rotary_embedding, segment_ids
-from mamba_jax.axes import EMBED, HEADS
+from mamba_jax.axes import EMBED, HEADS, KV_HEADS
 
 POSITION_EMBEDDINGS = ("rope", "learned", "none")
 
@@ -142,13 +143,18 @@ class Attention(nn.Module):
         if cfg.position_embedding == "rope" and positions is None:
             raise ValueError(f"{fn}: rotary position embeddings need `positions` (b, l) int")
 
-        dense = lambda features, axes, name: nn.Dense(
-            features, use_bias=cfg.attention_bias, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, name=name,
-            kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), axes),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
-        q = dense(h * dh, (EMBED, HEADS), "q_proj")(x).reshape(b, l, h, dh)
-        k = dense(kv * dh, (EMBED, HEADS), "k_proj")(x).reshape(b, l, kv, dh)
-        v = dense(kv * dh, (EMBED, HEADS), "v_proj")(x).reshape(b, l, kv, dh)
+        # Kernels per head — (d, heads, head_dim), (head_dim last, not sharded) — so tensor parallelism splits
+        # whole heads (`heads` / `kv_heads` rules, divisibility checked per head) and moves no data inside.
+        def project(features, axes, name, axis=-1):
+            n_in = 1 if axis == -1 else len(axis)
+            return nn.DenseGeneral(
+                features, axis=axis, use_bias=cfg.attention_bias, dtype=cfg.jnp_dtype,
+                param_dtype=cfg.jnp_param_dtype, name=name,
+                kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), axes),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[n_in:]))
+        q = project((h, dh), (EMBED, HEADS, None), "q_proj")(x)
+        k = project((kv, dh), (EMBED, KV_HEADS, None), "k_proj")(x)
+        v = project((kv, dh), (EMBED, KV_HEADS, None), "v_proj")(x)
         if cfg.position_embedding == "rope":
             q = rotary_embedding(q, positions, cfg.rope_theta)
             k = rotary_embedding(k, positions, cfg.rope_theta)
@@ -162,7 +168,7 @@ class Attention(nn.Module):
             new_cache = None
         else:
             out, new_cache = _attend_with_cache(q, k, v, valid, seq_idx, cache, cfg)
-        out = dense(cfg.d_model, (HEADS, EMBED), "o_proj")(out.reshape(b, l, h * dh))
+        out = project(cfg.d_model, (HEADS, None, EMBED), "o_proj", axis=(-2, -1))(out)
         return out, new_cache
 
 

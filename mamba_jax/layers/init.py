@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mamba_jax.layers.config import BaseLMConfig
 
@@ -36,6 +38,49 @@ def a_log_init(key, shape, dtype=jnp.float32):
     return jnp.broadcast_to(jnp.log(jnp.arange(1, shape[1] + 1, dtype=jnp.float32)), shape).astype(dtype)
 
 
+class PiecesDense(nn.Module):
+    """`pieces` linear projections of the last axis stacked in one kernel (pieces, d_in, width): x (..., d_in)
+    -> (..., pieces, width). The pieces axis leads, so the (d_in, width) matrix stays the minor (tiled) pair
+    on TPU, and a sharded width splits every piece (see `projection`). torch's default init per piece."""
+
+    pieces: int
+    width: int
+    use_bias: bool
+    axes: tuple              # (pieces axis, input axis, width axis) logical names
+    dtype: Any
+    param_dtype: Any
+    scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.variance_scaling(self.scale ** 2 / 3.0, "fan_in", "uniform", in_axis=-2, out_axis=-1,
+                                                batch_axis=(0,))
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes),
+                            (self.pieces, x.shape[-1], self.width), self.param_dtype)
+        y = jnp.einsum("...d,pdw->...pw", x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[0], self.axes[2])),
+                              (self.pieces, self.width), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def projection(features, use_bias: bool, axes, name: str, *, dtype, param_dtype, scale: float = 1.0):
+    """A linear projection of the last axis with torch's default init (`torch_linear_init`), its kernel and
+    bias carrying logical axis names. `features` an int (kernel (d_in, features), `axes` (input, output)), or
+    (pieces, width) for several equal-width pieces — e.g. (2, d_inner): [x | z] stored as a (2, d_in, d_inner)
+    kernel with axes (None, EMBED, MLP) (`PiecesDense`; the output is (..., 2, d_inner)), so tensor
+    parallelism splits every piece along its width and no device holds one piece while another holds the
+    other (a fused (d_in, 2·d_inner) kernel split over `tensor` puts x on half the devices and z on the
+    rest, and every layer then moves them)."""
+    if isinstance(features, int):
+        return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                        kernel_init=nn.with_logical_partitioning(torch_linear_init(scale), axes),
+                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
+    pieces, width = features
+    return PiecesDense(pieces, width, use_bias, tuple(axes), dtype, param_dtype, scale, name=name)
+
+
 def logical_param(module, name, init, axes, shape, dtype):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
@@ -43,3 +88,8 @@ def logical_param(module, name, init, axes, shape, dtype):
 def residual_out_scale(config: BaseLMConfig) -> float:
     """The official rescaling of the output projections: 1/sqrt(residual branches per layer · n_layer)."""
     return 1.0 / math.sqrt(config.n_layer * (2 if config.d_intermediate else 1))
+
+
+def array_namespace(a):
+    """jax.numpy for a jax array, numpy otherwise (the layout helpers serve both the models and the loaders)."""
+    return jnp if isinstance(a, jax.Array) else np

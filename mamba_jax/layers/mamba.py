@@ -12,6 +12,7 @@ d_inner in chunks of d_state, and B/C are grouped: n_groups = d_inner / d_state 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import ClassVar, NamedTuple, Optional, Tuple, Union
 
@@ -22,8 +23,8 @@ import jax.numpy as jnp
 from mamba_jax.axes import CONV, EMBED, MLP, STATE
 from mamba_jax.layers.config import (MAMBA, BaseLMConfig, check_choice, check_dt_range, check_positive_int,
                                      ssm_param_dtype)
-from mamba_jax.layers.init import (a_log_init, dt_bias_init, logical_param, residual_out_scale, torch_linear_init,
-                                   uniform_init)
+from mamba_jax.layers.init import (a_log_init, array_namespace, dt_bias_init, logical_param, projection,
+                                   residual_out_scale, uniform_init)
 from mamba_jax.ops import causal_conv1d, selective_state_update
 from mamba_jax.ops.selective_scan import IMPLS
 from mamba_jax.sharding.kernels import selective_scan_on_mesh
@@ -131,12 +132,15 @@ class MambaMixer(nn.Module):
     after the conv and get Δ = 0, so they leave the state exactly as it was (by selection: a NaN at a
     padding position reaches no real one).
 
-    bc_source="conv" (the official block): in_proj (d_model, 2·d_inner) → [x, z]; x_proj (d_inner,
-    dt_rank + 2·d_state) on the conv output → [dt_low, B, C].
-    bc_source="input" (MambaInLlama): in_proj (d_model, 2·d_inner + 2·d_xb + dt_rank) →
-    [z (d_inner) | x (d_xb) | B (d_xb) | C (d_inner) | dt_low (dt_rank)], no x_proj; x and B repeated to
-    d_inner in chunks of d_state (x before the conv), B, C: (b, l, d_inner / d_state, d_state), channel c
-    of the scan reads group c // d_state.
+    bc_source="conv" (the official block): in_proj kernel (2, d_model, d_inner) → pieces [x, z]; x_proj
+    (d_inner, dt_rank + 2·d_state) on the conv output → [dt_low, B, C].
+    bc_source="input" (MambaInLlama): in_proj_zc (2, d_model, d_inner) → [z, C], in_proj_xb (2, d_model, d_xb)
+    → [x, B], in_proj_dt (d_model, dt_rank) → dt_low; no x_proj; x and B repeated to d_inner in chunks of
+    d_state (x before the conv), B, C: (b, l, d_inner / d_state, d_state), channel c of the scan reads
+    group c // d_state.
+    Pieces of equal width share a kernel with a pieces axis, so tensor parallelism splits each along its
+    width (`layers.init.projection`); `fused_in_proj` / `split_in_proj` convert to and from the fused column
+    order of HF, the official code and MambaInLlama.
     With `cache` and l == 1 the single-step update is used (decoding).
     """
 
@@ -149,23 +153,21 @@ class MambaMixer(nn.Module):
         cfg = self.config
         di, n, r, k = cfg.d_inner, cfg.d_state, cfg.dt_rank_value, cfg.d_conv
         pdt, dt_ = cfg.jnp_param_dtype, cfg.jnp_dtype
-        dense = lambda features, use_bias, axes, name, scale=1.0: nn.Dense(
-            features, use_bias=use_bias, dtype=dt_, param_dtype=pdt, name=name,
-            kernel_init=nn.with_logical_partitioning(torch_linear_init(scale), axes),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
+        dense = functools.partial(projection, dtype=dt_, param_dtype=pdt)
 
         from_input = cfg.bc_source == "input"
-        if from_input:
+        if from_input:   # [z | C] and [x | B] as pieces of equal width, dt_low alone (see `projection`)
             dxb, rep = cfg.d_xb_value, di // cfg.d_xb_value
-            zxbcdt = dense(2 * di + 2 * dxb + r, cfg.bias, (EMBED, MLP), "in_proj")(x)
-            z, x_in, B_in, C_in, dt_low = jnp.split(
-                zxbcdt, [di, di + dxb, di + 2 * dxb, 2 * di + 2 * dxb], axis=-1)
+            zc = dense((2, di), cfg.bias, (None, EMBED, MLP), "in_proj_zc")(x)
+            xb = dense((2, dxb), cfg.bias, (None, EMBED, MLP), "in_proj_xb")(x)
+            dt_low = dense(r, cfg.bias, (EMBED, None), "in_proj_dt")(x)
+            z, C_in, x_in, B_in = zc[..., 0, :], zc[..., 1, :], xb[..., 0, :], xb[..., 1, :]
             x_in = repeat_groups(x_in, n, rep)                   # repeat_kv_before_conv, as MambaInLlama
             groups = (*B_in.shape[:-1], cfg.n_groups, n)
             B, C = repeat_groups(B_in, n, rep).reshape(groups), C_in.reshape(groups)
-        else:
-            xz = dense(2 * di, cfg.bias, (EMBED, MLP), "in_proj")(x)
-            x_in, z = jnp.split(xz, 2, axis=-1)
+        else:            # [x | z] as two pieces of one (2, d_model, d_inner) kernel
+            xz = dense((2, di), cfg.bias, (None, EMBED, MLP), "in_proj")(x)
+            x_in, z = xz[..., 0, :], xz[..., 1, :]
         # Masks select (`where`), never multiply: whatever a padding position holds (NaN included) stays there.
         real = None if mask is None else (mask != 0)[..., None]
         if real is not None:
@@ -210,6 +212,48 @@ class MambaMixer(nn.Module):
         out = dense(cfg.d_model, cfg.bias, (MLP, EMBED), "out_proj", scale=residual_out_scale(cfg))(y)
         new_cache = None if cache is None else LayerCache(conv_state, ssm_state)
         return out, new_cache
+
+
+def fused_in_proj(params, config: MambaConfig):
+    """(kernel (d_model, width), bias (width,) or None): a MambaMixer's input projections as one matrix in the
+    fused column order — [x | z] (HF, official) or, bc_source="input", [z | x | B | C | dt_low] (MambaInLlama).
+    `params`: the mixer's params (numpy or jax arrays)."""
+    d = config.d_model
+    if config.bc_source == "conv":
+        p = params["in_proj"]
+        cat = array_namespace(p["kernel"]).concatenate
+        return cat(list(p["kernel"]), axis=1), (None if "bias" not in p else p["bias"].reshape(-1))
+    zc, xb, dt = params["in_proj_zc"], params["in_proj_xb"], params["in_proj_dt"]
+    cat = array_namespace(zc["kernel"]).concatenate
+    kernel = cat([zc["kernel"][0], xb["kernel"][0], xb["kernel"][1], zc["kernel"][1], dt["kernel"]], axis=1)
+    if "bias" not in zc:
+        return kernel, None
+    return kernel, cat([zc["bias"][0], xb["bias"][0], xb["bias"][1], zc["bias"][1], dt["bias"]])
+
+
+def split_in_proj(kernel, bias, config: MambaConfig):
+    """The inverse of `fused_in_proj`: {param name: {"kernel": ..., "bias": ...}} for the mixer's params (either
+    of kernel and bias may be None: it is then left out)."""
+    d, di, dxb, r = config.d_model, config.d_inner, config.d_xb_value, config.dt_rank_value
+    out = {}
+    if config.bc_source == "conv":
+        out["in_proj"] = {}
+        if kernel is not None:
+            out["in_proj"]["kernel"] = array_namespace(kernel).stack([kernel[:, :di], kernel[:, di:]])
+        if bias is not None:
+            out["in_proj"]["bias"] = bias.reshape(2, di)
+        return out
+    cuts = (0, di, di + dxb, di + 2 * dxb, 2 * di + 2 * dxb, 2 * di + 2 * dxb + r)
+    out.update(in_proj_zc={}, in_proj_xb={}, in_proj_dt={})
+    for leaf, value in (("kernel", kernel), ("bias", bias)):
+        if value is None:
+            continue
+        z, x, B, C, dt = (value[..., a:b] for a, b in zip(cuts[:-1], cuts[1:]))
+        stack = array_namespace(value).stack
+        out["in_proj_zc"][leaf] = stack([z, C])
+        out["in_proj_xb"][leaf] = stack([x, B])
+        out["in_proj_dt"][leaf] = dt
+    return out
 
 
 def init_layer_cache(config: MambaConfig, batch_size: int, max_len: Optional[int] = None) -> LayerCache:

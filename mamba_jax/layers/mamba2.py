@@ -1,8 +1,12 @@
 """The Mamba-2 mixer (state-spaces/mamba's `Mamba2` block) as a Flax Linen module.
 
-Parameter names follow HF transformers' `Mamba2Mixer` (in_proj, conv1d, dt_bias, A_log, D, norm,
-out_proj); torch (out, in) weights are stored transposed (in, out): `in_proj.kernel`, `conv1d_kernel`
-(k, conv_dim), `conv1d_bias`, `dt_bias`, `A_log`, `D` (nheads,), `norm_weight` (d_inner,), `out_proj.kernel`.
+Parameters (HF transformers' `Mamba2Mixer` names where one tensor maps to one parameter): the fused HF
+in_proj is stored as `in_proj_zx.kernel` (2, d_model, d_inner) = [z, x], `in_proj_bc.kernel`
+(2, d_model, ngroups·d_state) = [B, C] and `in_proj_dt.kernel` (d_model, nheads); the conv over xBC as
+`conv1d_x_kernel` (k, d_inner) and `conv1d_bc_kernel` (k, 2·ngroups·d_state) (+ `_bias`); `dt_bias`, `A_log`,
+`D` (nheads,), `norm_weight` (d_inner,), `out_proj.kernel` (d_inner, d_model). Split so that tensor
+parallelism cuts every piece along its own width (`fused_in_proj`/`split_in_proj`, `fused_conv`/`split_conv`
+convert to the official layout).
 
 The gated RMSNorm uses `gated_norm_eps`, a fixed 1e-5 by default as in the official block (whose
 `RMSNormGated` ignores the model's norm epsilon); HF uses `layer_norm_epsilon` for every norm, and `load_hf`
@@ -13,6 +17,7 @@ and in the decoding step alike (the official and HF steps skip the clamp; with t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import ClassVar, NamedTuple, Optional, Tuple
 
@@ -22,12 +27,13 @@ import jax.numpy as jnp
 
 from mamba_jax.layers.config import (MAMBA2, BaseLMConfig, check_choice, check_dt_range, check_positive_int,
                                      ssm_param_dtype)
-from mamba_jax.layers.init import dt_bias_init, logical_param, residual_out_scale, torch_linear_init, uniform_init
+from mamba_jax.layers.init import (array_namespace, dt_bias_init, logical_param, projection, residual_out_scale,
+                                   uniform_init)
 from mamba_jax.ops import causal_conv1d, gated_rms_norm, selective_state_update
 from mamba_jax.ops._checks import check_array
 from mamba_jax.ops.ssd import SSD_IMPLS
 from mamba_jax.axes import CONV, EMBED, HEADS, MLP
-from mamba_jax.sharding.kernels import ssd_on_mesh
+from mamba_jax.sharding.kernels import constrain_batch, ssd_on_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,28 +180,40 @@ class Mamba2Mixer(nn.Module):
         di, n, g, h, p, k = cfg.d_inner, cfg.d_state, cfg.ngroups, cfg.nheads, cfg.headdim, cfg.d_conv
         pdt, dt_ = cfg.jnp_param_dtype, cfg.jnp_dtype
         cd = jnp.promote_types(jnp.float32, dt_)
-        dense = lambda features, use_bias, axes, name, scale=1.0: nn.Dense(
-            features, use_bias=use_bias, dtype=dt_, param_dtype=pdt, name=name,
-            kernel_init=nn.with_logical_partitioning(torch_linear_init(scale), axes),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
+        dense = functools.partial(projection, dtype=dt_, param_dtype=pdt)
 
-        zxbcdt = dense(2 * di + 2 * g * n + h, cfg.bias, (EMBED, MLP), "in_proj")(x)
-        z, xBC, dt = jnp.split(zxbcdt, [di, di + cfg.conv_dim], axis=-1)
+        # The official fused in_proj [z | x | B | C | dt] as pieces that tensor parallelism splits along their
+        # width: [z | x] (2, d_model, d_inner) over the channels, [B | C] (2, d_model, g·n) replicated, dt
+        # (d_model, h) over the heads (`fused_in_proj` / `split_in_proj` convert).
+        zx = dense((2, di), cfg.bias, (None, EMBED, MLP), "in_proj_zx")(x)
+        bc = dense((2, g * n), cfg.bias, (None, EMBED, None), "in_proj_bc")(x)
+        dt = dense(h, cfg.bias, (EMBED, HEADS), "in_proj_dt")(x)
+        # B and C are read by every head: kept whole on every device (split over the batch only), or GSPMD
+        # would shard their groups with the heads and move them back and forth around the conv
+        z, xs, bc = zx[..., 0, :], zx[..., 1, :], constrain_batch(bc.reshape(*bc.shape[:-2], 2 * g * n))
         # Masks select (`where`), never multiply: whatever a padding position holds (NaN included) stays there.
         real = None if mask is None else (mask != 0)[..., None]
-        if real is not None:
-            xBC = jnp.where(real, xBC, jnp.zeros((), xBC.dtype))
 
-        conv_w = logical_param(self, "conv1d_kernel", uniform_init(1 / math.sqrt(k)), (CONV, MLP), (k, cfg.conv_dim), pdt)
-        conv_b = (logical_param(self, "conv1d_bias", uniform_init(1 / math.sqrt(k)), (MLP,), (cfg.conv_dim,), pdt)
-                  if cfg.conv_bias else None)
-        xBC, conv_state = causal_conv1d(
-            xBC, conv_w.astype(dt_), None if conv_b is None else conv_b.astype(dt_),
-            conv_state=None if cache is None else cache.conv_state, seq_idx=seq_idx, activation="silu")
-        if real is not None:
-            xBC = jnp.where(real, xBC, jnp.zeros((), xBC.dtype))
-        xs, B, C = jnp.split(xBC, [di, di + g * n], axis=-1)
-        xs, B, C = xs.reshape(b, l, h, p), B.reshape(b, l, g, n), C.reshape(b, l, g, n)
+        def conv(v, name, axis, width, state):   # the causal conv over x or over [B | C], zeroed at padding
+            if real is not None:
+                v = jnp.where(real, v, jnp.zeros((), v.dtype))
+            w = logical_param(self, f"conv1d_{name}_kernel", uniform_init(1 / math.sqrt(k)), (CONV, axis),
+                              (k, width), pdt)
+            bias = (logical_param(self, f"conv1d_{name}_bias", uniform_init(1 / math.sqrt(k)), (axis,), (width,), pdt)
+                    if cfg.conv_bias else None)
+            v, state = causal_conv1d(v, w.astype(dt_), None if bias is None else bias.astype(dt_), conv_state=state,
+                                     seq_idx=seq_idx, activation="silu")
+            return (v if real is None else jnp.where(real, v, jnp.zeros((), v.dtype))), state
+
+        state_x = state_bc = None
+        if cache is not None:     # the cache keeps the conv inputs in the fused order [x | B | C]
+            state_x, state_bc = cache.conv_state[..., :di], cache.conv_state[..., di:]
+        xs, state_x = conv(xs, "x", MLP, di, state_x)
+        bc, state_bc = conv(bc, "bc", None, 2 * g * n, state_bc)
+        bc = constrain_batch(bc)
+        conv_state = jnp.concatenate([state_x, state_bc], axis=-1)
+        xs = xs.reshape(b, l, h, p)
+        B, C = (constrain_batch(v.reshape(b, l, g, n)) for v in (bc[..., :g * n], bc[..., g * n:]))
 
         sdt = ssm_param_dtype(pdt)   # A_log, D and the Δ bias stay float32 under a bf16 param_dtype
         dt_bias = logical_param(self, "dt_bias", dt_bias_init(cfg.dt_min, cfg.dt_max, cfg.dt_init_floor), (HEADS,), (h,), sdt)
@@ -221,6 +239,54 @@ class Mamba2Mixer(nn.Module):
         out = dense(cfg.d_model, cfg.bias, (MLP, EMBED), "out_proj", scale=residual_out_scale(cfg))(y)
         new_cache = None if cache is None else Mamba2Cache(conv_state, ssm_state)
         return out, new_cache
+
+
+def fused_in_proj(params, config: Mamba2Config):
+    """(kernel (d_model, 2·d_inner + 2·g·n + h), bias or None): a Mamba2Mixer's input projections as one
+    matrix in the official / HF column order [z | x | B | C | dt]. `params`: the mixer's (numpy or jax)."""
+    zx, bc, dt = params["in_proj_zx"], params["in_proj_bc"], params["in_proj_dt"]
+    d = config.d_model
+    cat = array_namespace(zx["kernel"]).concatenate
+    kernel = cat([*zx["kernel"], *bc["kernel"], dt["kernel"]], axis=1)
+    if "bias" not in zx:
+        return kernel, None
+    return kernel, cat([zx["bias"].reshape(-1), bc["bias"].reshape(-1), dt["bias"]])
+
+
+def split_in_proj(kernel, bias, config: Mamba2Config):
+    """The inverse of `fused_in_proj`: {param name: {"kernel": ..., "bias": ...}} for the mixer's params (either
+    of kernel and bias may be None: it is then left out)."""
+    di, gn, h = config.d_inner, config.ngroups * config.d_state, config.nheads
+    pieces = (("in_proj_zx", 0, 2 * di, (2, di)), ("in_proj_bc", 2 * di, 2 * di + 2 * gn, (2, gn)),
+              ("in_proj_dt", 2 * di + 2 * gn, 2 * di + 2 * gn + h, None))
+    out = {}
+    for name, a, b, shape in pieces:
+        out[name] = {}
+        if kernel is not None:
+            k = kernel[:, a:b]
+            out[name]["kernel"] = k if shape is None else array_namespace(k).stack([k[:, :shape[1]], k[:, shape[1]:]])
+        if bias is not None:
+            out[name]["bias"] = bias[a:b] if shape is None else bias[a:b].reshape(shape)
+    return out
+
+
+def fused_conv(params, config: Mamba2Config):
+    """(kernel (k, conv_dim), bias or None): the convs over x and over [B | C] as the official one conv over
+    xBC = [x | B | C]."""
+    cat = array_namespace(params["conv1d_x_kernel"]).concatenate
+    kernel = cat([params["conv1d_x_kernel"], params["conv1d_bc_kernel"]], axis=1)
+    if "conv1d_x_bias" not in params:
+        return kernel, None
+    return kernel, cat([params["conv1d_x_bias"], params["conv1d_bc_bias"]])
+
+
+def split_conv(kernel, bias, config: Mamba2Config):
+    """The inverse of `fused_conv`: {param name: array} for the mixer's params (kernel or bias may be None)."""
+    di = config.d_inner
+    out = {} if kernel is None else {"conv1d_x_kernel": kernel[:, :di], "conv1d_bc_kernel": kernel[:, di:]}
+    if bias is not None:
+        out.update(conv1d_x_bias=bias[:di], conv1d_bc_bias=bias[di:])
+    return out
 
 
 def init_mamba2_cache(config: Mamba2Config, batch_size: int, max_len: Optional[int] = None) -> Mamba2Cache:

@@ -21,8 +21,8 @@ does not divide its mesh axes. Multi-process runs: `mamba_jax.sharding.distribut
 """
 from __future__ import annotations
 
-from mamba_jax.axes import (BATCH, CONV, DEFAULT_RULES, EMBED, EXPERT, HEADS, LENGTH, MLP,  # noqa: F401 (re-exported)
-                            STATE, VOCAB)
+from mamba_jax.axes import (BATCH, CONV, DEFAULT_RULES, EMBED, EXPERT, HEADS, KV_HEADS, LENGTH,  # noqa: F401
+                            MLP, STATE, VOCAB)
 
 
 def make_mesh(axis_shapes, axis_names, devices=None):
@@ -67,7 +67,7 @@ from mamba_jax.sharding.rules import (  # noqa: E402
     strategy_rules,
 )
 
-__all__ = ["BATCH", "CONV", "DEFAULT_RULES", "DP_RULES", "EMBED", "EXPERT", "FSDP_RULES", "HEADS", "LENGTH",
+__all__ = ["BATCH", "CONV", "DEFAULT_RULES", "DP_RULES", "EMBED", "EXPERT", "FSDP_RULES", "HEADS", "KV_HEADS", "LENGTH",
            "MESH_AXES", "MLP", "MeshConfig", "STATE", "STRATEGIES", "TENSOR_RULES", "VOCAB", "batch_axes",
            "batch_sharding", "check_batch", "logical_to_shardings", "logical_to_spec", "make_mesh",
            "make_mesh_from_config", "replicated", "shard_batch", "strategy_rules"]

@@ -19,8 +19,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mamba_jax.axes import (BATCH, BATCH_MESH_AXES, CONV, DEFAULT_RULES, EMBED, EXPERT, HEADS, LENGTH, MLP, STATE,
-                            VOCAB)
+from mamba_jax.axes import (BATCH, BATCH_MESH_AXES, CONV, DEFAULT_RULES, EMBED, EXPERT, HEADS, KV_HEADS, LENGTH, MLP,
+                            STATE, VOCAB)
 from mamba_jax.pytree import path_names
 
 Rules = Tuple[Tuple[str, Any], ...]
@@ -29,13 +29,13 @@ Rules = Tuple[Tuple[str, Any], ...]
 # different sequences (MaxText/GShard style) and exchange tokens only inside the MoE layers.
 # pure data parallel: every parameter replicated, the batch split over `data` (and `expert`)
 DP_RULES: Rules = (
-    (BATCH, ("data", "expert")), (LENGTH, None), (EMBED, None), (MLP, None), (HEADS, None), (STATE, None),
-    (EXPERT, "expert"), (VOCAB, None), (CONV, None),
+    (BATCH, ("data", "expert")), (LENGTH, None), (EMBED, None), (MLP, None), (HEADS, None), (KV_HEADS, None),
+    (STATE, None), (EXPERT, "expert"), (VOCAB, None), (CONV, None),
 )
 # ZeRO-3 style: parameters (and so gradients and optimiser state) split over `fsdp` on their embed
 # dimension, the batch over (data, fsdp); the forward all-gathers each weight where it is used
 FSDP_RULES: Rules = (
-    (BATCH, BATCH_MESH_AXES), (LENGTH, None), (EMBED, "fsdp"), (MLP, None), (HEADS, None),
+    (BATCH, BATCH_MESH_AXES), (LENGTH, None), (EMBED, "fsdp"), (MLP, None), (HEADS, None), (KV_HEADS, None),
     (STATE, None), (EXPERT, "expert"), (VOCAB, None), (CONV, None),
 )
 # Megatron style: the Mamba inner dimension (d_inner, logical `mlp`), attention heads and the vocabulary
@@ -44,7 +44,7 @@ FSDP_RULES: Rules = (
 # goes over (data, fsdp).
 TENSOR_RULES: Rules = (
     (BATCH, BATCH_MESH_AXES), (LENGTH, None), (EMBED, None), (MLP, "tensor"), (HEADS, "tensor"),
-    (STATE, None), (EXPERT, "expert"), (VOCAB, "tensor"), (CONV, None),
+    (KV_HEADS, "tensor"), (STATE, None), (EXPERT, "expert"), (VOCAB, "tensor"), (CONV, None),
 )
 
 STRATEGIES: Dict[str, Rules] = {
@@ -59,7 +59,8 @@ FSDP_FALLBACK_STRATEGIES = frozenset({"fsdp", "fsdp_tensor"})
 CONFIG_KEYS = {
     EMBED: "d_model",
     MLP: "d_inner = expand·d_model (Mamba), d_intermediate (MLP) or the inner width of the mixer",
-    HEADS: "n_heads / num_heads",
+    HEADS: "n_heads / num_heads (Mamba-2: nheads = d_inner / headdim)",
+    KV_HEADS: "n_kv_heads (grouped-query attention)",
     VOCAB: "vocab_size padded to pad_vocab_size_multiple",
     STATE: "d_state",
     EXPERT: "n_experts",

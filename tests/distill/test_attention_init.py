@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.distill import layouts
 from mamba_jax.distill.attention_init import (
     attention_to_mamba2,
     extend_student,
@@ -65,20 +66,20 @@ def test_teacher_weights_land_in_x_B_C_and_out_proj(teacher_params):
         if i in (1, 3):
             jax.tree_util.tree_map(np.testing.assert_array_equal, s["mixer"], t["mixer"])
             continue
-        att = {k: np.asarray(v["kernel"]) for k, v in t["mixer"].items()}
+        att = layouts.attention(t["mixer"])
         # query head j reads kv head j // 2 (grouped-query attention), written out by hand
         v_rep = np.concatenate([att["v_proj"][:, (j // 2) * dh:(j // 2 + 1) * dh] for j in range(h)], axis=1)
         k_rep = np.concatenate([att["k_proj"][:, (j // 2) * dh:(j // 2 + 1) * dh] for j in range(h)], axis=1)
-        w = np.asarray(s["mixer"]["in_proj"]["kernel"])
+        w = layouts.mamba2_in_proj(s["mixer"])
         assert w.shape == (d, 2 * di + 2 * h * dh + h)
         np.testing.assert_array_equal(w[:, di:2 * di], v_rep)                       # x <- W_V
         np.testing.assert_array_equal(w[:, 2 * di:3 * di], k_rep)                   # B <- W_K
         np.testing.assert_array_equal(w[:, 3 * di:4 * di], att["q_proj"])           # C <- W_Q
         np.testing.assert_array_equal(s["mixer"]["out_proj"]["kernel"], att["o_proj"])
-        fresh_w = np.asarray(fresh[f"layers_{i}"]["mixer"]["in_proj"]["kernel"])
+        fresh_w = layouts.mamba2_in_proj(fresh[f"layers_{i}"]["mixer"])
         np.testing.assert_array_equal(w[:, :di], fresh_w[:, :di])                    # z fresh
         np.testing.assert_array_equal(w[:, 4 * di:], fresh_w[:, 4 * di:])            # dt fresh
-        for name in ("A_log", "D", "dt_bias", "conv1d_kernel", "norm_weight"):
+        for name in ("A_log", "D", "dt_bias", "conv1d_x_kernel", "conv1d_bc_kernel", "norm_weight"):
             np.testing.assert_array_equal(s["mixer"][name], fresh[f"layers_{i}"]["mixer"][name])
     for name in ("embeddings", "norm_f"):
         jax.tree_util.tree_map(np.testing.assert_array_equal, params[name], teacher_params[name])
@@ -94,11 +95,11 @@ def test_the_mapping_makes_the_scan_a_causal_linear_attention(teacher_params):
     h, kv, dh, l = 4, 2, 8, 10
     di = h * dh
     inputs = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (1, l, 32)))
-    w = np.asarray(params["layers_0"]["mixer"]["in_proj"]["kernel"])
+    w = layouts.mamba2_in_proj(params["layers_0"]["mixer"])
     x, B, C = (inputs @ w[:, di:2 * di], inputs @ w[:, 2 * di:3 * di], inputs @ w[:, 3 * di:4 * di])
     y = ssd(jnp.asarray(x.reshape(1, l, h, dh)), jnp.ones((1, l, h)), jnp.zeros((h,)),
             jnp.asarray(B.reshape(1, l, h, dh)), jnp.asarray(C.reshape(1, l, h, dh)), chunk_size=4)
-    att = {k: np.asarray(v["kernel"]) for k, v in teacher_params["layers_0"]["mixer"].items()}
+    att = layouts.attention(teacher_params["layers_0"]["mixer"])
     q = (inputs @ att["q_proj"]).reshape(l, h, dh)
     k = (inputs @ att["k_proj"]).reshape(l, kv, dh)
     v = (inputs @ att["v_proj"]).reshape(l, kv, dh)
@@ -114,7 +115,7 @@ def test_identity_conv_and_new_mixer_mask(teacher_params):
     config, params = attention_to_mamba2(TEACHER, teacher_params, jax.random.PRNGKey(1), fraction=0.5,
                                          conv_init="identity")
     assert config.layer_kinds == ("M2", "A", "M2", "A")
-    conv = np.asarray(params["layers_0"]["mixer"]["conv1d_kernel"])
+    conv = layouts.mamba2_conv(params["layers_0"]["mixer"])
     assert np.all(conv[-1] == 1) and np.all(conv[:-1] == 0)
     mask = new_mixer_mask(config, params)
     assert jax.tree_util.tree_all(mask["layers_0"]["mixer"]) and jax.tree_util.tree_all(mask["layers_2"]["mixer"])
@@ -137,7 +138,7 @@ def test_default_init_makes_the_mixer_a_normalised_linear_attention(teacher_para
     m = params["layers_1"]["mixer"]
     h, kv, dh, l, d = 4, 2, 8, 10, 32
     di = h * dh
-    w, bias = np.asarray(m["in_proj"]["kernel"]), np.asarray(m["in_proj"]["bias"])
+    w, bias = layouts.mamba2_in_proj(m), layouts.mamba2_in_proj(m, "bias")
     assert config.mixer_config("M2").bias
     np.testing.assert_array_equal(w[:, :di], 0)                                    # z: no input, bias 4
     np.testing.assert_array_equal(bias, np.r_[np.full(di, 4.0), np.zeros(w.shape[1] - di)])
@@ -150,7 +151,7 @@ def test_default_init_makes_the_mixer_a_normalised_linear_attention(teacher_para
     from mamba_jax.layers.mamba2 import Mamba2Mixer
     u = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (1, l, d)))
     got = np.asarray(Mamba2Mixer(config.mixer_config("M2")).apply({"params": m}, jnp.asarray(u))[0])[0]
-    att = {k: np.asarray(v["kernel"]) for k, v in teacher_params["layers_1"]["mixer"].items()}
+    att = layouts.attention(teacher_params["layers_1"]["mixer"])
     q = _silu(u[0] @ att["q_proj"]).reshape(l, h, dh)
     k = _silu(u[0] @ att["k_proj"]).reshape(l, kv, dh)
     v = _silu(u[0] @ att["v_proj"]).reshape(l, kv, dh)
@@ -190,10 +191,10 @@ def test_extend_student_carries_trained_mixers_and_maps_the_new_layers(teacher_p
     for part in ("norm", "mlp_norm", "mlp"):
         jax.tree_util.tree_map(np.testing.assert_array_equal, new["layers_2"][part], before["layers_2"][part])
     h, dh, di = 4, 8, 32
-    att = {k: np.asarray(v["kernel"]) for k, v in teacher_params["layers_2"]["mixer"].items()}
+    att = layouts.attention(teacher_params["layers_2"]["mixer"])
     rep = lambda w: np.concatenate([w[:, (j // 2) * dh:(j // 2 + 1) * dh] for j in range(h)], axis=1)
     m = new["layers_2"]["mixer"]
-    w = np.asarray(m["in_proj"]["kernel"])
+    w = layouts.mamba2_in_proj(m)
     np.testing.assert_array_equal(w[:, di:2 * di], rep(att["v_proj"]))
     np.testing.assert_array_equal(w[:, 2 * di:3 * di], rep(att["k_proj"]))
     np.testing.assert_array_equal(w[:, 3 * di:4 * di], att["q_proj"])

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from tests.distill import layouts
 from mamba_jax.data import MQARTask, get_batch, make_dataset
 from mamba_jax.distill import (
     KDConfig,
@@ -64,7 +65,7 @@ def test_default_mamba1_config_and_params_are_unchanged_and_bad_options_raise():
     assert (cfg.bc_source, cfg.d_xb, cfg.n_groups) == ("conv", None, 1)
     params = _mixer_init(cfg, 0)
     assert jax.tree_util.tree_map(np.shape, params) == {
-        "in_proj": {"kernel": (16, 64)}, "conv1d_kernel": (4, 32), "conv1d_bias": (32,),
+        "in_proj": {"kernel": (2, 16, 32)}, "conv1d_kernel": (4, 32), "conv1d_bias": (32,),
         "x_proj": {"kernel": (32, 1 + 32)}, "dt_proj_kernel": (1, 32), "dt_proj_bias": (32,),
         "A_log": (32, 16), "D": (32,), "out_proj": {"kernel": (32, 16)}}
     for bad, match in ((dict(d_xb=8), "d_xb"), (dict(bc_source="output"), "bc_source"),
@@ -92,7 +93,7 @@ def _numpy_mixer(p, u, cfg):
     p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), p)
     di, dxb, n, r, k = cfg.d_inner, cfg.d_xb, cfg.d_state, cfg.dt_rank_value, cfg.d_conv
     l = u.shape[0]
-    proj = u @ p["in_proj"]["kernel"] + p["in_proj"]["bias"]
+    proj = u @ layouts.mamba1_in_proj(p) + layouts.mamba1_in_proj(p, "bias")
     z, x, B, C, dt_low = np.split(proj, [di, di + dxb, di + 2 * dxb, 2 * di + 2 * dxb], axis=-1)
     assert dt_low.shape[-1] == r
     x, B = _chunks_repeated(x, n, di // dxb), _chunks_repeated(B, n, di // dxb)
@@ -119,7 +120,8 @@ def test_input_form_mixer_matches_a_float64_recurrence_and_its_step():
     cfg = INPUT_CFG
     assert (cfg.d_inner, cfg.n_groups, cfg.d_xb_value) == (32, 8, 8)
     params = _random_mixer_params(cfg, 3)
-    assert params["in_proj"]["kernel"].shape == (16, 2 * 32 + 2 * 8 + 3) and "x_proj" not in params
+    assert params["in_proj_zc"]["kernel"].shape == (2, 16, 32) and params["in_proj_xb"]["kernel"].shape == (2, 16, 8)
+    assert params["in_proj_dt"]["kernel"].shape == (16, 3) and "x_proj" not in params
     u = np.asarray(jax.random.normal(jax.random.PRNGKey(4), (2, 9, 16)))
     for impl in ("reference", "chunked"):
         got, _ = MambaMixer(cfg.replace(scan_impl=impl, scan_chunk_size=4)).apply({"params": params}, jnp.asarray(u))
@@ -176,8 +178,8 @@ def test_teacher_weights_land_in_x_B_C_and_out_proj(teacher_params, d_state):
         if i in (1, 3):
             jax.tree_util.tree_map(np.testing.assert_array_equal, s["mixer"], t["mixer"])
             continue
-        att = {k: np.asarray(v["kernel"]) for k, v in t["mixer"].items()}
-        w = np.asarray(s["mixer"]["in_proj"]["kernel"])
+        att = layouts.attention(t["mixer"])
+        w = layouts.mamba1_in_proj(s["mixer"])
         r = w.shape[1] - 2 * di - 2 * dxb
         assert r == 2                                                                  # dt_rank = ceil(32 / 16)
         np.testing.assert_array_equal(w[:, di:di + dxb], att["v_proj"])                # x <- W_V (not repeated)
@@ -185,7 +187,7 @@ def test_teacher_weights_land_in_x_B_C_and_out_proj(teacher_params, d_state):
         np.testing.assert_array_equal(w[:, di + 2 * dxb:2 * di + 2 * dxb], att["q_proj"][:, cols])  # C <- W_Q
         np.testing.assert_array_equal(s["mixer"]["out_proj"]["kernel"], att["o_proj"][cols])
         fresh_m = fresh[f"layers_{i}"]["mixer"]
-        fresh_w = np.asarray(fresh_m["in_proj"]["kernel"])
+        fresh_w = layouts.mamba1_in_proj(fresh_m)
         np.testing.assert_array_equal(w[:, :di], fresh_w[:, :di])                      # z fresh
         np.testing.assert_array_equal(w[:, -r:], fresh_w[:, -r:])                      # dt fresh
         for name in ("A_log", "D", "dt_proj_bias", "dt_proj_kernel", "conv1d_kernel", "conv1d_bias"):
@@ -198,9 +200,9 @@ def test_teacher_weights_land_in_x_B_C_and_out_proj(teacher_params, d_state):
     mha = TEACHER.replace(n_kv_heads=None)
     mha_params = init_params(TransformerLM(mha), jax.random.PRNGKey(5))
     _, p = attention_to_mamba1(mha, mha_params, jax.random.PRNGKey(1), layers=[0], d_state=d_state, **FRESH)
-    w, att = np.asarray(p["layers_0"]["mixer"]["in_proj"]["kernel"]), mha_params["layers_0"]["mixer"]
-    np.testing.assert_array_equal(w[:, 2 * di + di:2 * di + 2 * di], att["q_proj"]["kernel"])   # d_xb = d_inner
-    np.testing.assert_array_equal(p["layers_0"]["mixer"]["out_proj"]["kernel"], att["o_proj"]["kernel"])
+    w, att = layouts.mamba1_in_proj(p["layers_0"]["mixer"]), layouts.attention(mha_params["layers_0"]["mixer"])
+    np.testing.assert_array_equal(w[:, 2 * di + di:2 * di + 2 * di], att["q_proj"])   # d_xb = d_inner
+    np.testing.assert_array_equal(p["layers_0"]["mixer"]["out_proj"]["kernel"], att["o_proj"])
 
 
 def _sub_head_linear_attention(u, att, n, decay=0.0, value_feature=lambda v: v):
@@ -229,7 +231,7 @@ def test_the_mapping_makes_the_scan_a_causal_linear_attention(teacher_params, d_
                                          d_state=d_state)
     n, l, di, dxb = d_state, 7, H * DH, KV * DH
     u = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (l, D)))
-    att = {k: np.asarray(v["kernel"]) for k, v in teacher_params["layers_0"]["mixer"].items()}
+    att = layouts.attention(teacher_params["layers_0"]["mixer"])
     expected = _sub_head_linear_attention(u, att, n)
 
     def scan(w_q, w_o):
@@ -241,7 +243,7 @@ def test_the_mapping_makes_the_scan_a_causal_linear_attention(teacher_params, d_
         return np.asarray(y)[0] @ w_o
 
     m = params["layers_0"]["mixer"]
-    w = np.asarray(m["in_proj"]["kernel"])
+    w = layouts.mamba1_in_proj(m)
     np.testing.assert_allclose(scan(w[:, di + 2 * dxb:2 * di + 2 * dxb], np.asarray(m["out_proj"]["kernel"])),
                                expected, rtol=1e-4, atol=1e-4)
     literal = scan(att["q_proj"], att["o_proj"])                 # MambaInLlama: C <- W_Q, out <- W_O as they are
@@ -260,7 +262,7 @@ def test_default_init_makes_the_mixer_a_linear_attention(teacher_params, d_state
                                          d_state=d_state)
     m = params["layers_1"]["mixer"]
     di, dxb = H * DH, KV * DH
-    w, bias = np.asarray(m["in_proj"]["kernel"]), np.asarray(m["in_proj"]["bias"])
+    w, bias = layouts.mamba1_in_proj(m), layouts.mamba1_in_proj(m, "bias")
     np.testing.assert_array_equal(w[:, :di], 0)
     np.testing.assert_allclose(_silu(bias[:di]), 1.0, rtol=1e-6)                    # open gate: silu(z) = 1
     np.testing.assert_array_equal(bias[di:], 0)
@@ -271,7 +273,7 @@ def test_default_init_makes_the_mixer_a_linear_attention(teacher_params, d_state
     np.testing.assert_array_equal(m["conv1d_bias"], 0)
     u = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (1, 8, D)))
     got = np.asarray(MambaMixer(config.mixer_config("M")).apply({"params": m}, jnp.asarray(u))[0])[0]
-    att = {k: np.asarray(v["kernel"]) for k, v in teacher_params["layers_1"]["mixer"].items()}
+    att = layouts.attention(teacher_params["layers_1"]["mixer"])
     expected = _sub_head_linear_attention(u[0], att, d_state, decay=0.01, value_feature=_silu)
     np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-5)
     for bad, match in ((dict(ssm_init="zeros"), "ssm_init"), (dict(gate_init="closed"), "gate_init"),
@@ -339,10 +341,10 @@ def test_extend_student_mamba1_form(teacher_params):
     for name in new:
         if name != "layers_2":
             jax.tree_util.tree_map(np.testing.assert_array_equal, new[name], before[name])
-    att = {k: np.asarray(v["kernel"]) for k, v in teacher_params["layers_2"]["mixer"].items()}
+    att = layouts.attention(teacher_params["layers_2"]["mixer"])
     m = new["layers_2"]["mixer"]
     di, dxb = H * DH, KV * DH
-    w = np.asarray(m["in_proj"]["kernel"])
+    w = layouts.mamba1_in_proj(m)
     np.testing.assert_array_equal(w[:, di:di + dxb], att["v_proj"])
     np.testing.assert_array_equal(w[:, di + dxb:di + 2 * dxb], att["k_proj"])
     np.testing.assert_array_equal(w[:, di + 2 * dxb:2 * di + 2 * dxb], att["q_proj"][:, _expected_q_columns(8)])

@@ -23,7 +23,7 @@ def test_distilled_student_round_trips_through_save_pretrained(tmp_path):
     config, params = attention_to_mamba2(TEACHER, teacher_params, jax.random.PRNGKey(1), layers=[1, 3])
     student = HybridLM(config)
     assert config.mamba2.bias  # the open-gate init gives the Mamba-2 mixers in/out projection biases
-    assert np.any(np.asarray(params["layers_1"]["mixer"]["in_proj"]["bias"]) != 0)
+    assert np.any(np.asarray(params["layers_1"]["mixer"]["in_proj_zx"]["bias"]) != 0)   # the open gate
     save_pretrained(student, params, tmp_path)
     model, loaded = load_pretrained(tmp_path)
     assert isinstance(model, HybridLM) and model.config == config and model.config.mamba2.bias

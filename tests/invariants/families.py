@@ -32,7 +32,7 @@ MOE = MoEConfig(n_experts=4, router="switch", capacity_factor_train=0.5, d_exper
 _common = dict(vocab_size=VOCAB, d_model=D_MODEL)
 _mamba = MambaConfig(d_state=4, scan_chunk_size=8)
 _mamba2 = Mamba2Config(d_state=8, headdim=8, chunk_size=8)
-_attention = TransformerConfig(n_heads=4, n_kv_heads=2, d_intermediate=32)
+_attention = TransformerConfig(n_heads=8, n_kv_heads=4, head_dim=4, d_intermediate=32)   # whole heads on tensor=4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +59,9 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in [
     *[Family(f"M2[{impl}]", lambda impl=impl: Mamba2LM(Mamba2Config(**_common, n_layer=2, d_state=8, headdim=8,
                                                                      ngroups=2, chunk_size=8, ssd_impl=impl)),
              ("M2",)) for impl in ("reference", "chunked", "pallas")],
-    Family("A[rope,gqa]", lambda: TransformerLM(TransformerConfig(**_common, n_layer=2, n_heads=4, n_kv_heads=2,
-                                                                  d_intermediate=32)), ("A",), attention=True),
+    Family("A[rope,gqa]", lambda: TransformerLM(TransformerConfig(**_common, n_layer=2, n_heads=8, n_kv_heads=4,
+                                                                  head_dim=4, d_intermediate=32)), ("A",),
+           attention=True),
     Family("A[learned]", lambda: TransformerLM(TransformerConfig(**_common, n_layer=2, n_heads=2, d_intermediate=32,
                                                                  position_embedding="learned",
                                                                  max_position_embeddings=64)), ("A",),

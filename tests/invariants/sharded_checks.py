@@ -5,7 +5,9 @@ For one family per layer kind (trained-scale parameters), one SGD train step —
 MoE capacity binds — on packed rows (seq_idx), under fsdp (data=2, fsdp=4) and tensor (data=2, tensor=4)
 or, with MoE layers, tensor and expert parallelism (data=2, expert=4) plus the evaluation step (dropless:
 all-gather + reduce-scatter); compared in loss, metrics, updated parameters and eval stats with the
-1-device run. The companion plants a bug in the expert-parallel program (every device believes it
+1-device run; under tensor parallelism the compiled step may hold no collective-permute or all-to-all inside
+the Mamba-1, Mamba-2 and attention layers (every collective kind counted per op name; the reductions that
+row-parallel projections and shared B/C need are all-reduces, or an all-gather then a local sum). The companion plants a bug in the expert-parallel program (every device believes it
 holds the first experts) and shows the same comparison catches it. Prints one line per check, "OK" last.
 """
 import os
@@ -25,6 +27,7 @@ from mamba_jax.sharding import MeshConfig, make_mesh_from_config  # noqa: E402
 from mamba_jax.train import sharded_training  # noqa: E402
 from mamba_jax.train import create_train_state, make_eval_step, make_train_step, path_names  # noqa: E402
 from tests.invariants.families import FAMILIES, HALF, SHARDED_FAMILIES, VOCAB, model_and_params  # noqa: E402
+from tests.sharding.collectives import collectives, inside_layers  # noqa: E402
 
 NAMES = SHARDED_FAMILIES
 # float32, different reduction orders across shards: ~1e-6 relative; 2e-4 as in tests/invariants/checks.py
@@ -62,13 +65,43 @@ def run(name, strategy, mesh_config, b, reference):
     tx = optax.sgd(0.1)
     tr = sharded_training(model, tx, make_mesh_from_config(mesh_config), strategy, donate=False)
     state = tr.shard_state(create_train_state(model.apply, jax.tree_util.tree_map(jnp.copy, params), tx))
+    what = f"{name} {strategy} {mesh_config}"
+    if strategy == "tensor":   # whole heads and whole pieces per device: nothing is re-laid-out in these layers
+        counts = collectives(tr.train_step.jitted.lower(state, tr.shard_batch(b)).compile().as_text())
+        moving = inside_layers(counts, ("collective-permute", "all-to-all"))
+        kinds = model.config.layer_kinds
+        bad = {k: n for k, n in moving.items() if kinds[int(k[1].split("/")[0][len("layers_"):])] in ("M", "M2", "A")}
+        assert not bad, f"{what}: data moved inside Mamba / attention layers: {sorted(bad.items())}"
     state, metrics = tr.train_step(state, b)
     ref_state, ref_metrics, ref_eval = reference
-    what = f"{name} {strategy} {mesh_config}"
     close(metrics, ref_metrics, f"{what} train metrics")
     close(state.params, ref_state.params, f"{what} params after one step")
     if FAMILIES[name].moe:   # evaluation is a different program only with MoE layers (dropless routing)
         close(tr.eval_step(state.params, b), ref_eval, f"{what} eval")
+
+
+def planted_fused_projection(model, b):
+    """Planted: Mamba-1's [x | z] stored fused as one (d_model, 2·d_inner) kernel split over `tensor` (the
+    previous layout): the same count sees the collective-permutes it costs inside the layer."""
+    import mamba_jax.layers.mamba as mamba_layer
+    real = mamba_layer.projection
+
+    def fused(features, use_bias, axes, name, **kw):
+        if not isinstance(features, tuple):
+            return real(features, use_bias, axes, name, **kw)
+        dense = real(features[0] * features[1], use_bias, (axes[0], axes[-1]), name, **kw)
+        return lambda x: dense(x).reshape(*x.shape[:-1], *features)
+
+    mamba_layer.projection = fused
+    try:
+        tr = sharded_training(type(model)(model.config), optax.sgd(0.1), make_mesh_from_config(
+            MeshConfig(data=2, tensor=4)), "tensor", donate=False)
+        state = tr.init_state(jax.random.PRNGKey(0))
+        counts = collectives(tr.train_step.jitted.lower(state, tr.shard_batch(b)).compile().as_text())
+        assert inside_layers(counts, ("collective-permute",)), sorted(counts.items())
+    finally:
+        mamba_layer.projection = real
+        jax.clear_caches()
 
 
 def main():
@@ -84,6 +117,9 @@ def main():
         for strategy, mesh_config in meshes(name):
             run(name, strategy, mesh_config, b, reference)
         print(f"{name} OK {time.time() - t0:.1f}s", flush=True)
+        if name == "M[chunked]":
+            planted_fused_projection(model, b)
+            print(f"{name} planted fused [x | z] kernel caught OK", flush=True)
         if name == "M E[switch]":
             real = jax.lax.axis_index
             jax.lax.axis_index = lambda axis: 0 * real(axis)    # planted: every device holds "the first" experts

@@ -1,5 +1,6 @@
 """Sharded == unsharded on 8 fake CPU devices for every family (fsdp, tensor and, with MoE, expert
-parallelism), with a planted-bug companion: runs sharded_checks.py in a subprocess (the device count must
+parallelism), no data re-laid-out inside the Mamba / attention layers under tensor parallelism, with
+planted-bug companions for both: runs sharded_checks.py in a subprocess (the device count must
 be set before jax is imported)."""
 import os
 import subprocess
@@ -18,3 +19,4 @@ def test_sharded_equals_unsharded_for_every_family():
     for name in NAMES:
         assert f"{name} OK" in out.stdout, out.stdout
     assert "planted expert-offset bug caught OK" in out.stdout, out.stdout
+    assert "planted fused [x | z] kernel caught OK" in out.stdout, out.stdout

@@ -90,7 +90,7 @@ def test_each_layer_gets_its_mixer_and_mlp():
     cfg = model.config
     assert params["layers_0"]["mixer"]["A_log"].shape == (2 * 32, 4)          # Mamba-1: (d_inner, d_state)
     assert params["layers_1"]["mixer"]["A_log"].shape == (64 // 16,)          # Mamba-2: one per head
-    assert params["layers_2"]["mixer"]["q_proj"]["kernel"].shape == (32, 32)
+    assert params["layers_2"]["mixer"]["q_proj"]["kernel"].shape == (32, 4, 8)      # (d_model, heads, head_dim)
     assert params["layers_2"]["mlp"]["gate_proj"]["kernel"].shape == (32, 48)  # attention family has an MLP
     assert "mlp" not in params["layers_0"] and "mlp" not in params["layers_1"]
     assert cfg.layer_kinds == ("M", "M2", "A")

@@ -71,13 +71,18 @@ def test_official_initialisation():
     assert dt.max() / dt.min() > 10  # log-uniform over two decades
     np.testing.assert_array_equal(mixer["D"], np.ones(h))
     np.testing.assert_array_equal(mixer["norm_weight"], np.ones(di))
-    assert mixer["conv1d_kernel"].shape == (k, cfg.conv_dim) == (k, di + 2 * 8)
-    assert np.abs(mixer["conv1d_kernel"]).max() <= 1 / math.sqrt(k)
-    assert mixer["in_proj"]["kernel"].shape == (128, 2 * di + 2 * 8 + h)
-    assert np.abs(mixer["in_proj"]["kernel"]).max() <= 1 / math.sqrt(128)
+    # the official fused in_proj [z | x | B | C | dt] and conv over [x | B | C], stored as pieces
+    assert mixer["conv1d_x_kernel"].shape == (k, di) and mixer["conv1d_bc_kernel"].shape == (k, 2 * 8)
+    for name in ("conv1d_x_kernel", "conv1d_bc_kernel"):
+        assert np.abs(mixer[name]).max() <= 1 / math.sqrt(k)
+    shapes = {name: mixer[name]["kernel"].shape for name in ("in_proj_zx", "in_proj_bc", "in_proj_dt")}
+    assert shapes == {"in_proj_zx": (2, 128, di), "in_proj_bc": (2, 128, 8), "in_proj_dt": (128, h)}
+    for name in shapes:
+        assert np.abs(mixer[name]["kernel"]).max() <= 1 / math.sqrt(128)
+        assert "bias" not in mixer[name]
     out_bound = 1 / math.sqrt(di) / math.sqrt(cfg.n_layer)
     assert out_bound * 0.9 < np.abs(mixer["out_proj"]["kernel"]).max() <= out_bound
-    assert "bias" not in mixer["in_proj"] and "bias" not in mixer["out_proj"]
+    assert "bias" not in mixer["out_proj"]
 
 
 def test_every_param_has_logical_axes_from_the_rules():
@@ -92,7 +97,11 @@ def test_every_param_has_logical_axes_from_the_rules():
         assert len(spec) == p.ndim and all(a is None or a in known for a in spec), spec
     mixer_axes = axes["layers_0"]["mixer"]
     assert tuple(mixer_axes["A_log"]) == tuple(mixer_axes["dt_bias"]) == tuple(mixer_axes["D"]) == ("heads",)
-    assert tuple(mixer_axes["in_proj"]["kernel"]) == ("embed", "mlp")
+    # pieces of equal width share a kernel; tensor parallelism cuts each along its width, never between them
+    assert tuple(mixer_axes["in_proj_zx"]["kernel"]) == (None, "embed", "mlp")
+    assert tuple(mixer_axes["in_proj_bc"]["kernel"]) == (None, "embed", None)
+    assert tuple(mixer_axes["in_proj_dt"]["kernel"]) == ("embed", "heads")
+    assert tuple(mixer_axes["conv1d_x_kernel"]) == ("conv", "mlp") and tuple(mixer_axes["conv1d_bc_kernel"]) == ("conv", None)
     assert tuple(mixer_axes["out_proj"]["kernel"]) == ("mlp", "embed")
 
 
@@ -150,14 +159,20 @@ def reference_mixer(p, x, cfg: Mamba2Config):
     x = np.asarray(x, np.float64)
     b, l, _ = x.shape
     di, n, g, h, hd, k = cfg.d_inner, cfg.d_state, cfg.ngroups, cfg.nheads, cfg.headdim, cfg.d_conv
-    proj = x @ p["in_proj"]["kernel"] + (p["in_proj"]["bias"] if cfg.bias else 0.0)
+    # the pieces re-fused in the official column order: in_proj [z | x | B | C | dt], conv over [x | B | C]
+    zx, bc, dtp = p["in_proj_zx"], p["in_proj_bc"], p["in_proj_dt"]
+    w = np.concatenate([zx["kernel"][0], zx["kernel"][1], bc["kernel"][0], bc["kernel"][1], dtp["kernel"]], axis=1)
+    bias = np.concatenate([zx["bias"][0], zx["bias"][1], bc["bias"][0], bc["bias"][1], dtp["bias"]]) if cfg.bias else 0.0
+    conv_w = np.concatenate([p["conv1d_x_kernel"], p["conv1d_bc_kernel"]], axis=1)
+    conv_b = np.concatenate([p["conv1d_x_bias"], p["conv1d_bc_bias"]]) if cfg.conv_bias else 0.0
+    proj = x @ w + bias
     z, xbc, dt = proj[..., :di], proj[..., di:di + cfg.conv_dim], proj[..., di + cfg.conv_dim:]
     assert dt.shape[-1] == h
-    conv = np.zeros_like(xbc) + (p["conv1d_bias"] if cfg.conv_bias else 0.0)
+    conv = np.zeros_like(xbc) + conv_b
     for t in range(l):
         for j in range(k):  # kernel tap j multiplies the input k-1-j steps back
             if t - (k - 1 - j) >= 0:
-                conv[:, t] += p["conv1d_kernel"][j] * xbc[:, t - (k - 1 - j)]
+                conv[:, t] += conv_w[j] * xbc[:, t - (k - 1 - j)]
     xbc = _silu(conv)
     xs = xbc[..., :di].reshape(b, l, h, hd)
     B = xbc[..., di:di + g * n].reshape(b, l, g, n)

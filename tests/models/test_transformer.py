@@ -150,10 +150,8 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     for i in range(gqa_cfg.n_layer):
         mixer = mha[f"layers_{i}"]["mixer"]
         for name in ("k_proj", "v_proj"):
-            for leaf in ("kernel", "bias"):
-                w = mixer[name][leaf]
-                heads = w.reshape(w.shape[:-1] + (gqa_cfg.kv_heads, dh))
-                mixer[name][leaf] = jnp.repeat(heads, g, axis=-2).reshape(w.shape[:-1] + (-1,))
+            for leaf in ("kernel", "bias"):         # (..., kv_heads, dh): repeat each head g times
+                mixer[name][leaf] = jnp.repeat(mixer[name][leaf], g, axis=-2)
     x = ids(8, 2, 9)
     np.testing.assert_allclose(forward(TransformerLM(mha_cfg), mha, x), forward(TransformerLM(gqa_cfg), params, x),
                                **TOL)
@@ -176,14 +174,15 @@ def test_initialisation_and_logical_axes():
     model = TransformerLM(cfg)
     params = init_jit(model)
     mixer = params["layers_0"]["mixer"]
-    assert mixer["q_proj"]["kernel"].shape == (64, 8 * 12) and mixer["k_proj"]["kernel"].shape == (64, 4 * 12)
-    assert mixer["o_proj"]["kernel"].shape == (96, 64)
+    assert mixer["q_proj"]["kernel"].shape == (64, 8, 12) and mixer["k_proj"]["kernel"].shape == (64, 4, 12)
+    assert mixer["o_proj"]["kernel"].shape == (8, 12, 64) and mixer["q_proj"]["bias"].shape == (8, 12)
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         assert abs(float(jnp.std(mixer[name]["kernel"])) - 0.05) < 0.006, name
         np.testing.assert_array_equal(mixer[name]["bias"], 0)
     axes = param_axes(model)
-    assert tuple(axes["layers_0"]["mixer"]["q_proj"]["kernel"]) == ("embed", "heads")
-    assert tuple(axes["layers_0"]["mixer"]["o_proj"]["kernel"]) == ("heads", "embed")
+    assert tuple(axes["layers_0"]["mixer"]["q_proj"]["kernel"]) == ("embed", "heads", None)     # whole heads
+    assert tuple(axes["layers_0"]["mixer"]["k_proj"]["kernel"]) == ("embed", "kv_heads", None)
+    assert tuple(axes["layers_0"]["mixer"]["o_proj"]["kernel"]) == ("heads", None, "embed")
     known = {name for name, _ in DEFAULT_RULES}
     for spec in jax.tree_util.tree_leaves(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)):
         assert all(a is None or a in known for a in spec), spec

@@ -19,6 +19,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from collectives import collectives, inside_layers  # noqa: E402  (tests/sharding/collectives.py)
 from mamba_jax.models import MambaConfig, MambaLM, init_params  # noqa: E402
 from mamba_jax.sharding import MeshConfig, make_mesh_from_config  # noqa: E402
 from mamba_jax.train import sharded_training  # noqa: E402
@@ -148,7 +149,7 @@ def mamba1_input_form_checks(tx, batches):
     """MambaInLlama's Mamba-1 form (B/C/x from the layer input, in groups; the attention-initialised
     student's mixer) trained with d_inner over `tensor`: 2 steps equal the unsharded ones."""
     cfg = MambaConfig(vocab_size=64, d_model=32, n_layer=1, d_state=8, dt_rank=4, bc_source="input", d_xb=32)
-    model = MambaLM(cfg)       # in_proj width 2·64 + 2·32 + 4 = 196 = 4·49; 64 / 4 shards = 2 groups of 8
+    model = MambaLM(cfg)       # [z, C] (2, 32, 64), [x, B] (2, 32, 32): 64 / 4 shards = 2 groups of 8
     ref = create_train_state(model.apply, init_params(model, jax.random.PRNGKey(3)), tx)
     step, ref_metrics = make_train_step(donate=False), []
     state0 = jax.tree_util.tree_map(jnp.copy, ref)
@@ -157,8 +158,11 @@ def mamba1_input_form_checks(tx, batches):
         ref_metrics.append(m)
     tr = sharded_training(model, tx, make_mesh_from_config(MeshConfig(data=2, tensor=4)), "tensor")
     state = tr.shard_state(state0)
-    k = mixer(state.params)["in_proj"]["kernel"]
-    assert k.sharding.spec == P(None, "tensor") and distinct_shards(k) == 4, k.sharding.spec
+    for name in ("in_proj_zc", "in_proj_xb"):
+        k = mixer(state.params)[name]["kernel"]
+        assert k.sharding.spec == P(None, None, "tensor") and distinct_shards(k) == 4, (name, k.sharding.spec)
+    counts = collectives(tr.train_step.jitted.lower(state, tr.shard_batch(batches[0])).compile().as_text())
+    assert not inside_layers(counts, ("collective-permute", "all-to-all", "reduce-scatter")), sorted(counts.items())
     for b, want in zip(batches[:2], ref_metrics):
         state, got = tr.train_step(state, b)
         assert_close(got, want, "mamba1 input form metrics")
@@ -196,7 +200,8 @@ def main(out_dir):
 
         # the parameters (and Adam moments) are sharded as intended
         k, mu = mixer(state.params)["in_proj"]["kernel"], mixer(state.opt_state[1][0].mu)["in_proj"]["kernel"]
-        spec, shards = {"dp": (P(), 1), "fsdp": (P("fsdp"), 4), "tensor": (P(None, "tensor"), 4)}[strategy]
+        # in_proj: (2, d_model, d_inner), [x | z] pieces; fsdp splits d_model, tensor splits d_inner
+        spec, shards = {"dp": (P(), 1), "fsdp": (P(None, "fsdp"), 4), "tensor": (P(None, None, "tensor"), 4)}[strategy]
         assert k.sharding.spec == spec and distinct_shards(k) == shards, (strategy, k.sharding.spec)
         assert mu.sharding.spec == spec and distinct_shards(mu) == shards, (strategy, mu.sharding.spec)
         assert state.step.sharding.spec == P() and state.opt_state[1][0].count.sharding.spec == P()
@@ -211,11 +216,15 @@ def main(out_dir):
                                ("dt_proj_kernel", P(None, "tensor")), ("dt_proj_bias", P("tensor"))]:
                 assert m0[name].sharding.spec == want, (name, m0[name].sharding.spec)
             assert state.params["embeddings"]["embedding"].sharding.spec == P("tensor")
-            # no all-gather anywhere in the layers (the only one gathers the per-shard argmax of the
-            # vocab-sharded logits for the accuracy metric); the compiled step is the one run below
+            # inside the layers only all-reduces (Megatron: after the row-parallel out_proj and x_proj, and
+            # the input-gradient reductions of the backward) — no all-gather, no collective-permute (the
+            # split of a fused [x | z] kernel sharded over `tensor` used to cost 4 per layer), no all-to-all or
+            # reduce-scatter; counted over every collective kind. The compiled step is the one run below.
             compiled = tr.train_step.jitted.lower(state, tr.shard_batch(batches[0])).compile()
-            gathers = [line for line in compiled.as_text().splitlines() if "all-gather(" in line]
-            assert gathers and not [line for line in gathers if "layers_" in line], gathers
+            counts = collectives(compiled.as_text())
+            moving = inside_layers(counts, ("all-gather", "collective-permute", "all-to-all", "reduce-scatter"))
+            assert not moving and inside_layers(counts), sorted(counts.items())
+            print(f"tensor collectives: {sorted(counts.items())}", flush=True)
             train_step = lambda s, b: compiled(s, tr.shard_batch(b))  # noqa: E731
         else:
             train_step = tr.train_step

@@ -106,13 +106,38 @@ def test_rules_map_logical_axes_and_replicate_what_is_not_sharded():
         strategy_rules("zero")
 
 
+@pytest.mark.parametrize("heads, kv_heads, match", [
+    (6, 6, r"_proj/kernel: dimension 1 \(logical axis '(kv_)?heads', size 6, set by the model config's n_(kv_)?heads"),
+    (8, 2, r"k_proj/kernel: dimension 1 \(logical axis 'kv_heads', size 2, set by the model config's n_kv_heads"),
+])
+def test_tensor_parallelism_never_splits_a_head(heads, kv_heads, match):
+    """Attention kernels are (d_model, heads, head_dim): `tensor` = 4 must divide the number of heads (and of
+    kv heads) — 6 heads, or 2 kv heads, are refused instead of being split mid-head (with 48 = 6 · 8 columns
+    of a flattened kernel they used to pass the divisibility check)."""
+    from mamba_jax.models import TransformerConfig, TransformerLM
+    mesh = AbstractMesh((2, 4), ("data", "tensor"))
+    model = TransformerLM(TransformerConfig(vocab_size=64, d_model=48, n_layer=1, n_heads=heads, n_kv_heads=kv_heads,
+                                            head_dim=8, d_intermediate=64))
+    axes, shapes = param_axes(model), _param_shapes(model)
+    leaves = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    specs = jax.tree_util.tree_leaves(axes, is_leaf=lambda x: isinstance(x, P))
+    with pytest.raises(ValueError, match=match):
+        for (path, shape), spec in zip(leaves, specs):
+            logical_to_spec(tuple(spec), shape.shape, mesh, strategy_rules("tensor"),
+                            name="/".join(path_names(path)))
+    ok = TransformerLM(TransformerConfig(vocab_size=64, d_model=48, n_layer=1, n_heads=8, n_kv_heads=4, head_dim=8,
+                                         d_intermediate=64))
+    q = param_axes(ok)["layers_0"]["mixer"]["q_proj"]["kernel"]
+    assert logical_to_spec(tuple(q), (48, 8, 8), mesh, strategy_rules("tensor")) == P(None, "tensor")
+
+
 def test_whole_model_tensor_and_fsdp_specs():
     model = MambaLM(SMALL)
     axes, shapes = param_axes(model), _param_shapes(model)
     mesh = AbstractMesh((2, 1, 4, 1), ("data", "fsdp", "tensor", "expert"))
     sh = logical_to_shardings(axes, shapes, mesh, "tensor")
     mixer = sh["layers_1"]["mixer"]
-    assert mixer["in_proj"]["kernel"].spec == P(None, "tensor") and mixer["out_proj"]["kernel"].spec == P("tensor")
+    assert mixer["in_proj"]["kernel"].spec == P(None, None, "tensor") and mixer["out_proj"]["kernel"].spec == P("tensor")
     assert sh["norm_f"]["weight"].spec == P() and sh["embeddings"]["embedding"].spec == P("tensor")
     sh = logical_to_shardings(axes, shapes, AbstractMesh((1, 8, 1, 1), ("data", "fsdp", "tensor", "expert")), "fsdp")
     leaves = jax.tree_util.tree_leaves(sh)
