@@ -218,7 +218,6 @@ def fused_in_proj(params, config: MambaConfig):
     """(kernel (d_model, width), bias (width,) or None): a MambaMixer's input projections as one matrix in the
     fused column order — [x | z] (HF, official) or, bc_source="input", [z | x | B | C | dt_low] (MambaInLlama).
     `params`: the mixer's params (numpy or jax arrays)."""
-    d = config.d_model
     if config.bc_source == "conv":
         p = params["in_proj"]
         cat = array_namespace(p["kernel"]).concatenate
@@ -234,7 +233,7 @@ def fused_in_proj(params, config: MambaConfig):
 def split_in_proj(kernel, bias, config: MambaConfig):
     """The inverse of `fused_in_proj`: {param name: {"kernel": ..., "bias": ...}} for the mixer's params (either
     of kernel and bias may be None: it is then left out)."""
-    d, di, dxb, r = config.d_model, config.d_inner, config.d_xb_value, config.dt_rank_value
+    di, dxb, r = config.d_inner, config.d_xb_value, config.dt_rank_value
     out = {}
     if config.bc_source == "conv":
         out["in_proj"] = {}

@@ -245,7 +245,6 @@ def fused_in_proj(params, config: Mamba2Config):
     """(kernel (d_model, 2·d_inner + 2·g·n + h), bias or None): a Mamba2Mixer's input projections as one
     matrix in the official / HF column order [z | x | B | C | dt]. `params`: the mixer's (numpy or jax)."""
     zx, bc, dt = params["in_proj_zx"], params["in_proj_bc"], params["in_proj_dt"]
-    d = config.d_model
     cat = array_namespace(zx["kernel"]).concatenate
     kernel = cat([*zx["kernel"], *bc["kernel"], dt["kernel"]], axis=1)
     if "bias" not in zx:

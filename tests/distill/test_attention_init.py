@@ -57,7 +57,7 @@ FRESH = dict(conv_init="fresh", ssm_init="fresh", gate_init="fresh")      # Mamb
 def test_teacher_weights_land_in_x_B_C_and_out_proj(teacher_params):
     config, params = attention_to_mamba2(TEACHER, teacher_params, jax.random.PRNGKey(1), layers=[0, 2], **FRESH)
     fresh = init_params(HybridLM(config), jax.random.PRNGKey(1))
-    h, kv, dh, d = 4, 2, 8, 32
+    h, dh, d = 4, 8, 32
     di = h * dh
     for i in range(4):
         t, s = teacher_params[f"layers_{i}"], params[f"layers_{i}"]

@@ -5,7 +5,6 @@ refuses them with a message naming `save_pretrained`."""
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -1,5 +1,4 @@
 """HybridLM and the shared decoder shell: layer patterns, one cache pytree, generate, save/load, embeds."""
-import dataclasses
 import json
 
 import flax.linen as nn

@@ -146,7 +146,7 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     mha_cfg = gqa_cfg.replace(n_kv_heads=None)
     params = random_params(TransformerLM(gqa_cfg), 3)
     mha = jax.tree_util.tree_map(lambda x: x, params)
-    g, dh = gqa_cfg.n_heads // gqa_cfg.kv_heads, gqa_cfg.head_dim_value
+    g = gqa_cfg.n_heads // gqa_cfg.kv_heads
     for i in range(gqa_cfg.n_layer):
         mixer = mha[f"layers_{i}"]["mixer"]
         for name in ("k_proj", "v_proj"):

@@ -1,5 +1,4 @@
 """causal_conv1d against numpy's convolution, state carrying, packed sequences; rms_norm vs numpy."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

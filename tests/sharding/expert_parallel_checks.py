@@ -1,7 +1,6 @@
 """Expert parallelism on 8 fake CPU devices against one device; run as a script (see
 test_expert_parallel.py): prints one line per check and "OK" at the end."""
 import os
-import sys
 
 # appended: keeps the caller's flags (tests/conftest.py); the last device count wins
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from mamba_jax.train import Checkpointer, read_jsonl, read_tensorboard_scalars
 
