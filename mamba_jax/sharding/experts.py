@@ -9,7 +9,11 @@ capacity and drops are per group, so they do not depend on the sharding), then
     its own experts' FFNs                                            -> (g_local · n_ep, E / n_ep, C, d)
     all_to_all back                                                  -> (g_local, E, C, d)
 
-and combines. The metrics are added up as (numerator, denominator) sums over the devices holding different
+and combines. On a mesh with a `tensor` axis too, each expert's FFN is split along its hidden dimension
+(w_in columns, w_out rows over `tensor`): every tensor device computes its slice of the hidden units for the
+same tokens and a psum over `tensor` after the output projection completes the outputs (b_out is added by
+one tensor device only), so the tensor devices share the expert FLOPs instead of repeating them.
+The metrics are added up as (numerator, denominator) sums over the devices holding different
 groups before dividing, so they equal the one-device metrics (also with a `token_mask` of padding).
 With no mesh in context (or an `expert` axis of size 1) this is `mixture_of_experts` itself.
 
@@ -24,6 +28,7 @@ import math
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from mamba_jax.axes import BATCH_MESH_AXES
@@ -31,24 +36,40 @@ from mamba_jax.ops.moe import expert_ffn, finish_routing_metrics, mixture_of_exp
 from mamba_jax.sharding.kernels import context_mesh
 
 EXPERT_AXIS = "expert"
+TENSOR_AXIS = "tensor"
+
+
+def _tensor_partial_bias(b_out, tensor_axis: Optional[str]):
+    """b_out on the first device of `tensor_axis`, zeros on the others: the psum of the partial outputs adds
+    it once."""
+    if b_out is None or tensor_axis is None:
+        return b_out
+    return jnp.where(jax.lax.axis_index(tensor_axis) == 0, b_out, jnp.zeros_like(b_out))
 
 
 def _local_moe(x, logits, w_in, w_out, b_in, b_out, *, activation, router, k, capacity_factor, dispatch,
-               compute_dtype, expert_axis: Optional[str], token_mask=None, seq_idx=None, metric_sums: bool = False):
+               compute_dtype, expert_axis: Optional[str], tensor_axis: Optional[str] = None, token_mask=None,
+               seq_idx=None, metric_sums: bool = False):
+    """tensor_axis: the mesh axis splitting the experts' hidden dimension (w_in, b_in and w_out hold this
+    device's slice of it): outputs are summed over it after the output projection."""
     cast = lambda a: None if a is None else a.astype(compute_dtype)  # noqa: E731
+    b_out = _tensor_partial_bias(b_out, tensor_axis)
     if capacity_factor is None:
         if expert_axis is None:
             return mixture_of_experts_dropless(x, logits, w_in, w_out, b_in, b_out, router=router, k=k,
                                                activation=activation, expert_dtype=compute_dtype,
                                                token_mask=token_mask, metric_sums=metric_sums)
-        return _dropless_expert_parallel(x, logits, w_in, w_out, b_in, b_out, router=router, k=k,
-                                         activation=activation, compute_dtype=compute_dtype,
-                                         expert_axis=expert_axis, token_mask=token_mask)
+        y, sums = _dropless_expert_parallel(x, logits, w_in, w_out, b_in, b_out, router=router, k=k,
+                                            activation=activation, compute_dtype=compute_dtype,
+                                            expert_axis=expert_axis, token_mask=token_mask)
+        return (y if tensor_axis is None else jax.lax.psum(y, tensor_axis)), sums
 
     def experts(xe):
         if expert_axis is not None:   # tokens to the devices holding their experts
             xe = jax.lax.all_to_all(xe, expert_axis, split_axis=1, concat_axis=0, tiled=True)
         ye = expert_ffn(xe.astype(compute_dtype), cast(w_in), cast(w_out), cast(b_in), cast(b_out), activation)
+        if tensor_axis is not None:   # the hidden slices' partial outputs summed
+            ye = jax.lax.psum(ye, tensor_axis)
         if expert_axis is not None:   # and back
             ye = jax.lax.all_to_all(ye, expert_axis, split_axis=0, concat_axis=1, tiled=True)
         return ye
@@ -83,7 +104,9 @@ def expert_parallel_moe(x, logits, w_in, w_out, b_in=None, b_out=None, *, activa
     `mixture_of_experts`); seq_idx: optional (g, t) int, packed documents (the causal capacity restarts at
     each); capacity_factor None: dropless (`mixture_of_experts_dropless`).
     Returns (y (g, t, d_out), metrics) as `mixture_of_experts`.
-    Raises ValueError when E is not divisible by the `expert` axis or g by the group-sharding axes.
+    On a mesh with `tensor` > 1 the experts' hidden width f is split over `tensor` (see the module docstring).
+    Raises ValueError when E is not divisible by the `expert` axis, f by the `tensor` axis or g by the
+    group-sharding axes.
     """
     opts = dict(activation=activation, router=router, k=k, capacity_factor=capacity_factor, dispatch=dispatch,
                 compute_dtype=compute_dtype)
@@ -96,6 +119,12 @@ def expert_parallel_moe(x, logits, w_in, w_out, b_in=None, b_out=None, *, activa
     if n_experts % n_ep:
         raise ValueError(f"MoE: `n_experts`={n_experts} must be divisible by the mesh's `expert` axis "
                          f"({n_ep} devices; MeshConfig.expert)")
+    n_tp = mesh.shape.get(TENSOR_AXIS, 1)
+    if w_in.shape[-1] % n_tp:
+        raise ValueError(f"MoE: the expert width (`d_expert`={w_in.shape[-1]}) must be divisible by the mesh's "
+                         f"`tensor` axis ({n_tp} devices; MeshConfig.tensor): each expert's hidden units are "
+                         f"split over it")
+    tensor_axis = TENSOR_AXIS if n_tp > 1 else None
     group_axes = tuple(a for a in BATCH_MESH_AXES if mesh.shape.get(a, 1) > 1)
     shards = math.prod(mesh.shape[a] for a in group_axes)
     if groups % shards:
@@ -119,12 +148,16 @@ def expert_parallel_moe(x, logits, w_in, w_out, b_in=None, b_out=None, *, activa
         w_in, w_out = rest.pop(0), rest.pop(0)
         b_in = rest.pop(0) if has_bias[0] else None
         b_out = rest.pop(0) if has_bias[1] else None
-        y, sums = _local_moe(x, logits, w_in, w_out, b_in, b_out, expert_axis=EXPERT_AXIS, token_mask=mask,
-                             seq_idx=seq, metric_sums=True, **opts)
+        y, sums = _local_moe(x, logits, w_in, w_out, b_in, b_out, expert_axis=EXPERT_AXIS,
+                             tensor_axis=tensor_axis, token_mask=mask, seq_idx=seq, metric_sums=True, **opts)
         # numerators and denominators summed over the shards of groups, then divided
         return y, finish_routing_metrics(jax.lax.psum(sums, group_axes))
 
-    expert_specs = [P(EXPERT_AXIS, *([None] * (w.ndim - 1))) for w in per_expert]
+    # the hidden dimension (w_in's and b_in's last, w_out's middle) over `tensor`
+    hidden = {"w_in": P(EXPERT_AXIS, None, tensor_axis), "w_out": P(EXPERT_AXIS, tensor_axis, None),
+              "b_in": P(EXPERT_AXIS, tensor_axis), "b_out": P(EXPERT_AXIS, None)}
+    names = ["w_in", "w_out"] + [n for n, b in (("b_in", b_in), ("b_out", b_out)) if b is not None]
+    expert_specs = [hidden[n] for n in names]
     masks = [token_mask] * has_mask + [seq_idx] * has_seq
     mask_specs = [P(group_axes, None)] * (has_mask + has_seq)
     return jax.shard_map(per_shard, mesh=mesh, in_specs=(tokens, tokens, *mask_specs, *expert_specs),

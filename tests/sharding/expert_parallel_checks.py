@@ -10,6 +10,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from mamba_jax.layers.moe import MoE, MoEConfig  # noqa: E402
 from mamba_jax.models import init_params  # noqa: E402
@@ -18,6 +19,8 @@ from mamba_jax.models.moe_mamba import moe_mamba_config  # noqa: E402
 from mamba_jax.sharding import MeshConfig, make_mesh_from_config  # noqa: E402
 from mamba_jax.train import sharded_training  # noqa: E402
 from mamba_jax.train import create_train_state, make_train_step  # noqa: E402
+
+from collectives import collectives  # noqa: E402  (tests/sharding/collectives.py, beside this script)
 
 TOL = 1e-5
 
@@ -29,6 +32,7 @@ def close(got, want, what):
 
 
 def layer_checks(mesh):
+    n_ep, n_tp = mesh.shape["expert"], mesh.shape.get("tensor", 1)
     x = jax.random.normal(jax.random.PRNGKey(0), (8, 12, 16))
     for name, cf, router, dispatch in (("no drops", 16.0, "switch", "sorted"), ("drops", 0.5, "switch", "dense"),
                                        ("top-2 drops", 0.75, "topk", "sorted"), ("dropless top-2", None, "topk", "sorted")):
@@ -50,6 +54,11 @@ def layer_checks(mesh):
             assert "all_gather" in jaxpr and "reduce_scatter" in jaxpr, "dropless: no all-gather/reduce-scatter"
         else:
             assert "all_to_all" in jaxpr, "no all-to-all in the expert-parallel program"
+        # each device holds E / n_ep experts and 24 / n_tp of their hidden units: the tensor devices split the
+        # expert FLOPs instead of repeating them (and the partial outputs are summed over `tensor`)
+        assert f"f32[{8 // n_ep},16,{24 // n_tp}]" in jaxpr, f"{name}: no per-device w_in slice in\n{jaxpr}"
+        if n_tp > 1:
+            assert "psum" in jaxpr and f"f32[{8 // n_ep},16,24]" not in jaxpr, name
         close(got_y, want_y, name)
         close(got_m, want_m, name)                 # same loads, same dropped fraction
         close(got_g, want_g, name)
@@ -82,17 +91,27 @@ def layer_checks(mesh):
         assert (float(want_m["dropped_fraction"]) > 0) == (cf is not None), name
         print(f"MoE layer {name} OK", flush=True)
     try:
-        bad = MoE(MoEConfig(n_experts=6))
+        bad = MoE(MoEConfig(n_experts=5))
         p = bad.init(jax.random.PRNGKey(1), x)
         with jax.set_mesh(mesh):
             bad.apply(p, x)
-        raise AssertionError("6 experts on an expert axis of 4 did not raise")
+        raise AssertionError(f"5 experts on an expert axis of {n_ep} did not raise")
     except ValueError as e:
         assert "n_experts" in str(e) and "expert" in str(e), e
     print("bad expert count OK", flush=True)
+    if n_tp > 1:
+        try:
+            bad = MoE(MoEConfig(n_experts=8, d_expert=25))
+            p = bad.init(jax.random.PRNGKey(1), x)
+            with jax.set_mesh(mesh):
+                bad.apply(p, x)
+            raise AssertionError(f"d_expert 25 on a tensor axis of {n_tp} did not raise")
+        except ValueError as e:
+            assert "d_expert" in str(e) and "tensor" in str(e), e
+        print("bad expert width OK", flush=True)
 
 
-def model_check(mesh):
+def model_check(mesh, strategy):
     config = moe_mamba_config(vocab_size=32, d_model=16, n_blocks=2, n_experts=8, d_state=4, capacity_factor=1.0)
     model = HybridLM(config)
     params = init_params(model, jax.random.PRNGKey(0))
@@ -101,22 +120,32 @@ def model_check(mesh):
     batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((8, 16), bool)}
     tx = optax.sgd(0.1)   # (Adam's first step, ~lr·sign(g), would amplify rounding of near-zero gradients)
     ref, ref_m = make_train_step(donate=False)(create_train_state(model.apply, params, tx), batch)
-    tr = sharded_training(model, tx, mesh, "fsdp")
+    tr = sharded_training(model, tx, mesh, strategy)
     w_in = tr.param_shardings["layers_1"]["mixer"]["moe"]["w_in"]
     assert w_in.spec[0] == "expert", w_in.spec
+    if strategy == "tensor":   # hidden units over `tensor`, as the expert-parallel map takes them: no gather
+        assert w_in.spec == P("expert", None, "tensor"), w_in.spec
+        hlo = tr.train_step.jitted.lower(tr.abstract_state, batch).compile().as_text()
+        moe_layers = {where: n for (kind, where), n in collectives(hlo).items()
+                      if where in ("layers_1/mixer", "layers_3/mixer") and kind in ("all-gather", "collective-permute")}
+        assert not moe_layers, f"the MoE layers gather or permute under tensor parallelism: {moe_layers}"
     state = tr.shard_state(create_train_state(model.apply, jax.tree_util.tree_map(jnp.copy, params), tx))
     state, m = tr.train_step(state, batch)
     for key in ("loss", "router_loss", "moe_dropped_fraction"):
         assert abs(float(m[key]) - float(ref_m[key])) < TOL, (key, m[key], ref_m[key])
     close(state.params, ref.params, "MoE-Mamba train step")
-    print("MoE-Mamba train step OK", flush=True)
+    print(f"MoE-Mamba train step ({strategy}) OK", flush=True)
 
 
 def main():
     assert len(jax.devices()) == 8
     mesh = make_mesh_from_config(MeshConfig(data=2, expert=4))
     layer_checks(mesh)
-    model_check(mesh)
+    model_check(mesh, "fsdp")
+    # experts over `expert`, their hidden units over `tensor`
+    mesh = make_mesh_from_config(MeshConfig(data=2, expert=2, tensor=2))
+    layer_checks(mesh)
+    model_check(mesh, "tensor")
     print("OK", flush=True)
 
 
