@@ -15,7 +15,10 @@ same tokens and a psum over `tensor` after the output projection completes the o
 one tensor device only), so the tensor devices share the expert FLOPs instead of repeating them.
 The metrics are added up as (numerator, denominator) sums over the devices holding different
 groups before dividing, so they equal the one-device metrics (also with a `token_mask` of padding).
-With no mesh in context (or an `expert` axis of size 1) this is `mixture_of_experts` itself.
+On a mesh without an `expert` axis the same map runs with the experts whole on every device (routing per
+shard of sequences, hidden units over `tensor`): the partitioner alone would gather the router logits for
+`top_k` on every device. With no mesh in context (or a batch that does not split over the data axes, e.g.
+one sequence decoding) this is `mixture_of_experts` itself.
 
 Dropless (``capacity_factor=None``, `mixture_of_experts_dropless`) has no fixed-size buffer to exchange, so
 tokens move the other way: each device all-gathers the tokens of its `expert`-axis peers, runs its own
@@ -56,12 +59,13 @@ def _local_moe(x, logits, w_in, w_out, b_in, b_out, *, activation, router, k, ca
     b_out = _tensor_partial_bias(b_out, tensor_axis)
     if capacity_factor is None:
         if expert_axis is None:
-            return mixture_of_experts_dropless(x, logits, w_in, w_out, b_in, b_out, router=router, k=k,
-                                               activation=activation, expert_dtype=compute_dtype,
-                                               token_mask=token_mask, metric_sums=metric_sums)
-        y, sums = _dropless_expert_parallel(x, logits, w_in, w_out, b_in, b_out, router=router, k=k,
-                                            activation=activation, compute_dtype=compute_dtype,
-                                            expert_axis=expert_axis, token_mask=token_mask)
+            y, sums = mixture_of_experts_dropless(x, logits, w_in, w_out, b_in, b_out, router=router, k=k,
+                                                  activation=activation, expert_dtype=compute_dtype,
+                                                  token_mask=token_mask, metric_sums=metric_sums)
+        else:
+            y, sums = _dropless_expert_parallel(x, logits, w_in, w_out, b_in, b_out, router=router, k=k,
+                                                activation=activation, compute_dtype=compute_dtype,
+                                                expert_axis=expert_axis, token_mask=token_mask)
         return (y if tensor_axis is None else jax.lax.psum(y, tensor_axis)), sums
 
     def experts(xe):
@@ -111,22 +115,28 @@ def expert_parallel_moe(x, logits, w_in, w_out, b_in=None, b_out=None, *, activa
     opts = dict(activation=activation, router=router, k=k, capacity_factor=capacity_factor, dispatch=dispatch,
                 compute_dtype=compute_dtype)
     mesh = context_mesh()
-    n_ep = 1 if mesh is None else mesh.shape.get(EXPERT_AXIS, 1)
-    if n_ep == 1:
-        return _local_moe(x, logits, w_in, w_out, b_in, b_out, expert_axis=None, token_mask=token_mask,
-                          seq_idx=seq_idx, **opts)
+    local = lambda: _local_moe(x, logits, w_in, w_out, b_in, b_out, expert_axis=None,  # noqa: E731
+                               token_mask=token_mask, seq_idx=seq_idx, **opts)
+    if mesh is None:
+        return local()
+    n_ep = mesh.shape.get(EXPERT_AXIS, 1)
     n_experts, groups = logits.shape[-1], x.shape[0]
     if n_experts % n_ep:
         raise ValueError(f"MoE: `n_experts`={n_experts} must be divisible by the mesh's `expert` axis "
                          f"({n_ep} devices; MeshConfig.expert)")
     n_tp = mesh.shape.get(TENSOR_AXIS, 1)
+    tensor_axis = TENSOR_AXIS if n_tp > 1 else None
+    group_axes = tuple(a for a in BATCH_MESH_AXES if mesh.shape.get(a, 1) > 1)
+    shards = math.prod(mesh.shape[a] for a in group_axes)
+    if n_ep == 1 and (groups % shards or not (group_axes or tensor_axis)):
+        # no expert axis and a batch that does not split (e.g. one sequence decoding), or nothing to split:
+        # the partitioner places it
+        return local()
     if w_in.shape[-1] % n_tp:
         raise ValueError(f"MoE: the expert width (`d_expert`={w_in.shape[-1]}) must be divisible by the mesh's "
                          f"`tensor` axis ({n_tp} devices; MeshConfig.tensor): each expert's hidden units are "
                          f"split over it")
-    tensor_axis = TENSOR_AXIS if n_tp > 1 else None
-    group_axes = tuple(a for a in BATCH_MESH_AXES if mesh.shape.get(a, 1) > 1)
-    shards = math.prod(mesh.shape[a] for a in group_axes)
+    expert_axis = EXPERT_AXIS if n_ep > 1 else None
     if groups % shards:
         raise ValueError(f"MoE: the batch ({groups} sequences) must be divisible by the {shards} devices of the "
                          f"mesh axes {group_axes} (MeshConfig data/fsdp/expert): each device routes whole "
@@ -148,14 +158,14 @@ def expert_parallel_moe(x, logits, w_in, w_out, b_in=None, b_out=None, *, activa
         w_in, w_out = rest.pop(0), rest.pop(0)
         b_in = rest.pop(0) if has_bias[0] else None
         b_out = rest.pop(0) if has_bias[1] else None
-        y, sums = _local_moe(x, logits, w_in, w_out, b_in, b_out, expert_axis=EXPERT_AXIS,
+        y, sums = _local_moe(x, logits, w_in, w_out, b_in, b_out, expert_axis=expert_axis,
                              tensor_axis=tensor_axis, token_mask=mask, seq_idx=seq, metric_sums=True, **opts)
         # numerators and denominators summed over the shards of groups, then divided
         return y, finish_routing_metrics(jax.lax.psum(sums, group_axes))
 
     # the hidden dimension (w_in's and b_in's last, w_out's middle) over `tensor`
-    hidden = {"w_in": P(EXPERT_AXIS, None, tensor_axis), "w_out": P(EXPERT_AXIS, tensor_axis, None),
-              "b_in": P(EXPERT_AXIS, tensor_axis), "b_out": P(EXPERT_AXIS, None)}
+    hidden = {"w_in": P(expert_axis, None, tensor_axis), "w_out": P(expert_axis, tensor_axis, None),
+              "b_in": P(expert_axis, tensor_axis), "b_out": P(expert_axis, None)}
     names = ["w_in", "w_out"] + [n for n, b in (("b_in", b_in), ("b_out", b_out)) if b is not None]
     expert_specs = [hidden[n] for n in names]
     masks = [token_mask] * has_mask + [seq_idx] * has_seq

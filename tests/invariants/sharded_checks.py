@@ -54,10 +54,55 @@ def close(got, want, what):
 
 
 def meshes(name):
-    """fsdp and tensor for the plain families; tensor and expert parallelism for those with MoE layers."""
+    """dp, fsdp and tensor for the plain families; dp, tensor and expert parallelism for those with MoE
+    layers."""
     if FAMILIES[name].moe:
-        return [("tensor", MeshConfig(data=2, tensor=4)), ("fsdp", MeshConfig(data=2, expert=4))]
-    return [("fsdp", MeshConfig(data=2, fsdp=4)), ("tensor", MeshConfig(data=2, tensor=4))]
+        return [("dp", MeshConfig(data=8)), ("tensor", MeshConfig(data=2, tensor=4)),
+                ("fsdp", MeshConfig(data=2, expert=4))]
+    return [("dp", MeshConfig(data=8)), ("fsdp", MeshConfig(data=2, fsdp=4)), ("tensor", MeshConfig(data=2, tensor=4))]
+
+
+# The collective kinds a train step may run inside each kind of layer, per parallelism (anything else is data
+# moved that the layout should not need): data parallelism only sums gradients; FSDP gathers weights and
+# reduce-scatters (or all-reduces) their gradients; tensor parallelism sums the row-parallel projections'
+# partial outputs (out_proj, the MLP's down projection, the experts' w_out) — and in Mamba-2 the gradients
+# of B and C, which are shared by all heads of a group, are summed over the head shards (XLA may do it as an
+# all-gather of the per-shard partials); expert parallelism sends tokens to their experts and back.
+SUMS = {"all-reduce"}
+ALLOWED = {
+    "dp": {kind: SUMS for kind in ("M", "M2", "A", "E", "P")},
+    "fsdp": {kind: {"all-gather", "reduce-scatter", "all-reduce"} for kind in ("M", "M2", "A", "E", "P")},
+    "tensor": {"M": SUMS, "M2": SUMS | {"all-gather"}, "A": SUMS, "E": SUMS, "P": SUMS},
+    "expert": {"M": SUMS, "M2": SUMS, "A": SUMS, "E": SUMS | {"all-to-all"}, "P": SUMS | {"all-to-all"}},
+}
+# ... and the ones the mechanism needs (so the count cannot pass by seeing nothing)
+REQUIRED = {"fsdp": {"M": "all-gather", "M2": "all-gather", "A": "all-gather"},
+            "tensor": {"M": "all-reduce", "M2": "all-reduce", "A": "all-reduce"},
+            "expert": {"E": "all-to-all", "P": "all-to-all"}}
+
+
+def parallelism(mesh_config) -> str:
+    for axis in ("expert", "tensor", "fsdp"):
+        if getattr(mesh_config, axis) > 1:
+            return axis
+    return "dp"
+
+
+def check_collectives(counts, layer_kinds, mesh_config, what):
+    """Every collective inside a layer is of a kind `ALLOWED` for its layer kind under this parallelism, and
+    each layer has the `REQUIRED` one."""
+    mode = parallelism(mesh_config)
+    seen = {}
+    for (kind, where), n in inside_layers(counts).items():
+        layer = int(where.split("/")[0][len("layers_"):])
+        seen.setdefault(layer, set()).add(kind)
+    for layer, kinds in seen.items():
+        extra = kinds - ALLOWED[mode][layer_kinds[layer]]
+        assert not extra, (f"{what}: {sorted(extra)} inside layer {layer} ({layer_kinds[layer]}) under {mode}: "
+                           f"{sorted(counts.items())}")
+    for layer, kind in enumerate(layer_kinds):
+        need = REQUIRED.get(mode, {}).get(kind)
+        assert need is None or need in seen.get(layer, ()), f"{what}: no {need} in layer {layer} ({kind})"
 
 
 def run(name, strategy, mesh_config, b, reference):
@@ -66,12 +111,9 @@ def run(name, strategy, mesh_config, b, reference):
     tr = sharded_training(model, tx, make_mesh_from_config(mesh_config), strategy, donate=False)
     state = tr.shard_state(create_train_state(model.apply, jax.tree_util.tree_map(jnp.copy, params), tx))
     what = f"{name} {strategy} {mesh_config}"
-    if strategy == "tensor":   # whole heads and whole pieces per device: nothing is re-laid-out in these layers
-        counts = collectives(tr.train_step.jitted.lower(state, tr.shard_batch(b)).compile().as_text())
-        moving = inside_layers(counts, ("collective-permute", "all-to-all"))
-        kinds = model.config.layer_kinds
-        bad = {k: n for k, n in moving.items() if kinds[int(k[1].split("/")[0][len("layers_"):])] in ("M", "M2", "A")}
-        assert not bad, f"{what}: data moved inside Mamba / attention layers: {sorted(bad.items())}"
+    # e.g. tensor: whole heads and whole pieces per device, so nothing is re-laid-out inside a layer
+    counts = collectives(tr.train_step.jitted.lower(state, tr.shard_batch(b)).compile().as_text())
+    check_collectives(counts, model.config.layer_kinds, mesh_config, what)
     state, metrics = tr.train_step(state, b)
     ref_state, ref_metrics, ref_eval = reference
     close(metrics, ref_metrics, f"{what} train metrics")

@@ -1,6 +1,7 @@
-"""Sharded == unsharded on 8 fake CPU devices for every family (fsdp, tensor and, with MoE, expert
-parallelism), no data re-laid-out inside the Mamba / attention layers under tensor parallelism, with
-planted-bug companions for both: runs sharded_checks.py in a subprocess (the device count must
+"""Sharded == unsharded on 8 fake CPU devices for every family (dp, fsdp, tensor and, with MoE, expert
+parallelism); every collective inside a layer is of a kind expected for its layer kind under that
+parallelism (`ALLOWED`/`REQUIRED` in sharded_checks.py: e.g. no collective-permute or all-gather inside
+Mamba / attention layers under tensor parallelism), with planted-bug companions: runs sharded_checks.py in a subprocess (the device count must
 be set before jax is imported)."""
 import os
 import subprocess
