@@ -103,7 +103,7 @@ def test_mamba2_train_step_with_pallas_ssd_compiles_per_shard_for_v5e_2x2(strate
     from mamba_jax.train import sharded_training
 
     n_layer = 2
-    model = Mamba2LM(Mamba2Config(vocab_size=64, d_model=64, n_layer=n_layer, d_state=16, headdim=32,
+    model = Mamba2LM(Mamba2Config(vocab_size=64, d_model=64, n_layer=n_layer, d_state=16, head_dim=32,
                                   dtype="bfloat16", ssd_impl="pallas"))
     tx = make_optimizer(OptimizerConfig())
     mesh = make_mesh_from_config(aot.parse_mesh(mesh_text), aot.topology_devices("v5e:2x2"))

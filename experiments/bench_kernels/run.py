@@ -82,7 +82,7 @@ def build(impl: str, chunk_size: int):
 def _problem(args, l: int, itemsize: int):
     """(inputs builder, jitted-passes builder, bytes that must move) of --op at length l."""
     if args.op == "ssd":
-        h, p, g, n = ssd_bench.shapes(args.batch, args.d, args.headdim, args.groups, args.n)
+        h, p, g, n = ssd_bench.shapes(args.batch, args.d, args.head_dim, args.groups, args.n)
         return (lambda dtype: ssd_bench.make_inputs(args.batch, l, h, p, g, n, dtype), ssd_bench.build,
                 ssd_bench.min_bytes(args.batch, l, h, p, g, n, itemsize))
     return (lambda dtype: make_inputs(args.batch, l, args.d, args.n, dtype), build,
@@ -129,9 +129,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--op", choices=("selective_scan", "ssd"), default="selective_scan")
     parser.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--d", type=int, default=2048, help="channels (d_inner; heads × headdim for ssd)")
+    parser.add_argument("--d", type=int, default=2048, help="channels (d_inner; heads × head_dim for ssd)")
     parser.add_argument("--n", type=int, default=None, help="state size (default 16; 128 for ssd)")
-    parser.add_argument("--headdim", type=int, default=64, help="ssd: channels per head")
+    parser.add_argument("--head-dim", type=int, default=64, help="ssd: channels per head")
     parser.add_argument("--groups", type=int, default=1, help="ssd: B/C groups")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
     parser.add_argument("--chunk-size", type=int, default=256, help="for the chunked baselines")
@@ -160,7 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     peak = peak_bandwidth(device_kind)
 
     shape = (f"b={args.batch} d={args.d} n={args.n}" if args.op == "selective_scan" else
-             f"b={args.batch} heads={args.d // args.headdim} headdim={args.headdim} groups={args.groups} n={args.n}")
+             f"b={args.batch} heads={args.d // args.head_dim} head_dim={args.head_dim} groups={args.groups} n={args.n}")
     print(f"kernel benchmark ({args.op}): {args.kernel} vs {', '.join(baselines) or 'nothing'}; {shape} "
           f"{args.dtype} inputs, Δ with softplus, z gating")
     print(hardware_description())

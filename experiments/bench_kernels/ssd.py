@@ -23,13 +23,13 @@ from mamba_jax.ops import ssd
 MAMBA_SSM = "mamba_ssm"  # the baseline name of the official kernel in --baselines
 
 
-def shapes(batch: int, d: int, headdim: int, groups: int, n: int):
-    if d % headdim:
-        raise ValueError(f"bench kernels --op ssd: --d {d} must be a multiple of --headdim {headdim}")
-    h = d // headdim
+def shapes(batch: int, d: int, head_dim: int, groups: int, n: int):
+    if d % head_dim:
+        raise ValueError(f"bench kernels --op ssd: --d {d} must be a multiple of --head-dim {head_dim}")
+    h = d // head_dim
     if h % groups:
         raise ValueError(f"bench kernels --op ssd: --groups {groups} must divide the {h} heads")
-    return h, headdim, groups, n
+    return h, head_dim, groups, n
 
 
 def min_bytes(b: int, l: int, h: int, p: int, g: int, n: int, itemsize: int) -> Dict[str, int]:

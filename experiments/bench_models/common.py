@@ -21,7 +21,7 @@ def build_models(args) -> Dict[str, DecoderLM]:
     which must have n_layer layers). Mamba families have no MLP; the Transformer has a 4·d_model SwiGLU MLP."""
     common = dict(vocab_size=args.vocab_size, d_model=args.d_model, n_layer=args.n_layer)
     mamba = MambaConfig(**common, scan_impl=args.scan_impl)
-    mamba2 = Mamba2Config(**common, headdim=args.headdim, d_state=args.mamba2_d_state)
+    mamba2 = Mamba2Config(**common, head_dim=args.head_dim, d_state=args.mamba2_d_state)
     transformer = TransformerConfig(**common, n_heads=args.n_heads, d_intermediate=4 * args.d_model)
     models = {
         "mamba": MambaLM(mamba),
@@ -57,7 +57,7 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--pattern", default="M2 M2 A M2", help="hybrid layer pattern (n_layer layers)")
     parser.add_argument("--n-heads", type=int, default=4, help="attention heads")
-    parser.add_argument("--headdim", type=int, default=64, help="Mamba-2 head dim")
+    parser.add_argument("--head-dim", type=int, default=64, help="Mamba-2 head dim")
     parser.add_argument("--mamba2-d-state", type=int, default=64)
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=1)
@@ -69,7 +69,7 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def check_args(parser: argparse.ArgumentParser, args) -> None:
-    for name in ("d_model", "n_layer", "n_heads", "headdim", "vocab_size", "batch", "repeats", "mamba2_d_state"):
+    for name in ("d_model", "n_layer", "n_heads", "head_dim", "vocab_size", "batch", "repeats", "mamba2_d_state"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive int; got {getattr(args, name)}")
     from mamba_jax.models import parse_pattern

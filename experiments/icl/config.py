@@ -114,7 +114,7 @@ class ICLConfig:
                                       initializer_range=self.attention_init,
                                       max_position_embeddings=2 * self.eval_points)
         mamba = MambaConfig(**common, n_layer=self.mamba_layers)
-        mamba2 = Mamba2Config(**common, n_layer=self.mamba_layers, headdim=min(64, 2 * self.d_model),
+        mamba2 = Mamba2Config(**common, n_layer=self.mamba_layers, head_dim=min(64, 2 * self.d_model),
                               d_state=64, chunk_size=64)
         configs = dict(mamba=mamba, mamba2=mamba2, transformer=attention,
                        hybrid=HybridConfig(pattern=self.hybrid_pattern, **common, mamba=mamba, mamba2=mamba2,

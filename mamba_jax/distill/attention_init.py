@@ -24,7 +24,7 @@ MambaInLlama does):
 
 so each student head is out_proj(w ⊙ rmsnorm(Σ_{s≤t} (silu(C_t) · silu(B_s)) silu(x_s))): the teacher's
 head with softmax(q·k) replaced by the feature map silu and a per-head RMSNorm in place of the softmax
-denominator. The student has one Mamba-2 head per attention head: headdim = d_state = head_dim, ngroups =
+denominator. The student has one Mamba-2 head per attention head: head_dim = d_state = head_dim, n_groups =
 n_heads (B and C per head), d_inner = n_heads · head_dim. Embeddings, norms, MLPs, the final norm and the
 head are copied from the teacher, as are the attention layers that stay.
 
@@ -107,7 +107,7 @@ def replaced_layers(n_layer: int, layers: Optional[Sequence[int]] = None,
 def mamba2_student_config(teacher: TransformerConfig, layers: Sequence[int], *,
                           chunk_size: int = 256, bias: bool = False) -> HybridConfig:
     """The HybridConfig of the student: "M2" at `layers`, "A" elsewhere, one Mamba-2 head per attention
-    head (headdim = d_state = head_dim, ngroups = n_heads), MLPs as the teacher's. `bias`: the Mamba-2
+    head (head_dim = d_state = head_dim, n_groups = n_heads), MLPs as the teacher's. `bias`: the Mamba-2
     in_proj/out_proj biases (needed by gate_init="open")."""
     if not isinstance(teacher, TransformerConfig):
         raise ValueError(f"mamba2_student_config: `teacher` must be a TransformerConfig; got {type(teacher).__name__}")
@@ -118,7 +118,7 @@ def mamba2_student_config(teacher: TransformerConfig, layers: Sequence[int], *,
                          f"{teacher.d_model} (Mamba-2's d_inner = expand · d_model)")
     layers = replaced_layers(teacher.n_layer, layers)
     pattern = " ".join("M2" if i in layers else "A" for i in range(teacher.n_layer))
-    mamba2 = Mamba2Config(expand=d_inner // teacher.d_model, headdim=dh, d_state=dh, ngroups=h, bias=bool(bias),
+    mamba2 = Mamba2Config(expand=d_inner // teacher.d_model, head_dim=dh, d_state=dh, n_groups=h, bias=bool(bias),
                           chunk_size=chunk_size, d_intermediate=teacher.d_intermediate, mlp_bias=teacher.mlp_bias,
                           vocab_size=teacher.vocab_size, d_model=teacher.d_model)
     common = {name: getattr(teacher, name) for name in (

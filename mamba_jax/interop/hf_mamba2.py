@@ -5,13 +5,13 @@
 config.json (transformers `Mamba2Config`) -> Mamba2Config:
 
     hidden_size → d_model, num_hidden_layers → n_layer, state_size → d_state, conv_kernel → d_conv,
-    expand, head_dim → headdim, num_heads (must equal expand·hidden_size / head_dim), n_groups → ngroups,
+    expand, head_dim, num_heads (must equal expand·hidden_size / head_dim), n_groups (the same names here),
     use_bias → bias, use_conv_bias → conv_bias, layer_norm_epsilon → rms_norm_eps and gated_norm_eps (HF
     uses it for every norm, the gated one included), time_step_{min,max,floor} → dt_{min,max,init_floor}, time_step_limit → dt_limit_{min,max}
     (an infinite upper limit is None), chunk_size, residual_in_fp32, tie_word_embeddings → tie_embeddings.
     HF normalises after gating (norm_before_gate=False) and has no MLP: other settings are refused.
 
-Tensor names (torch layout; our layout in brackets), conv_dim = d_inner + 2·ngroups·d_state:
+Tensor names (torch layout; our layout in brackets), conv_dim = d_inner + 2·n_groups·d_state:
 
     backbone.embeddings.weight (HF) / backbone.embedding.weight (official)  (V, d)  [embeddings.embedding (Vp, d)]
     backbone.layers.{i}.norm.weight              (d,)                              [layers_{i}.norm.weight]
@@ -104,7 +104,7 @@ def config_from_official(raw: Mapping[str, Any]) -> Dict[str, Any]:
     return dict(
         vocab_size=int(_require(raw, "vocab_size")), d_model=d_model, n_layer=int(_require(raw, "n_layer")),
         d_state=int(ssm.get("d_state", 128)), d_conv=int(ssm.get("d_conv", 4)), expand=expand,
-        headdim=int(ssm.get("headdim", 64)), ngroups=int(ssm.get("ngroups", 1)), A_init_min=a_min,
+        head_dim=int(ssm.get("headdim", 64)), n_groups=int(ssm.get("ngroups", 1)), A_init_min=a_min,
         A_init_max=a_max, dt_min=float(ssm.get("dt_min", 1e-3)), dt_max=float(ssm.get("dt_max", 0.1)),
         dt_init_floor=float(ssm.get("dt_init_floor", 1e-4)), dt_limit_min=dt_limit_min,
         dt_limit_max=dt_limit_max, conv_bias=bool(ssm.get("conv_bias", True)), bias=bool(ssm.get("bias", False)),
@@ -152,8 +152,8 @@ def config_from_hf(raw: Mapping[str, Any]) -> Dict[str, Any]:
         d_state=int(raw.get("state_size", 128)),
         d_conv=int(raw.get("conv_kernel", 4)),
         expand=expand,
-        headdim=head_dim,
-        ngroups=n_groups,
+        head_dim=head_dim,
+        n_groups=n_groups,
         dt_min=float(raw.get("time_step_min", 1e-3)),
         dt_max=float(raw.get("time_step_max", 0.1)),
         dt_init_floor=float(raw.get("time_step_floor", 1e-4)),
@@ -194,9 +194,9 @@ def config_to_hf(config: Mamba2Config) -> Dict[str, Any]:
         "state_size": config.d_state,
         "num_hidden_layers": config.n_layer,
         "expand": config.expand,
-        "num_heads": config.nheads,
-        "head_dim": config.headdim,
-        "n_groups": config.ngroups,
+        "num_heads": config.n_heads,
+        "head_dim": config.head_dim,
+        "n_groups": config.n_groups,
         "conv_kernel": config.d_conv,
         "use_bias": config.bias,
         "use_conv_bias": config.conv_bias,
@@ -223,8 +223,8 @@ def config_to_hf(config: Mamba2Config) -> Dict[str, Any]:
 
 def tensor_specs(config: Mamba2Config) -> Tuple[TensorSpec, ...]:
     """Every tensor of the HF Mamba-2 layout except the embedding and the head (the generic code's)."""
-    d, di, h, k, cdim = config.d_model, config.d_inner, config.nheads, config.d_conv, config.conv_dim
-    proj = 2 * di + 2 * config.ngroups * config.d_state + h
+    d, di, h, k, cdim = config.d_model, config.d_inner, config.n_heads, config.d_conv, config.conv_dim
+    proj = 2 * di + 2 * config.n_groups * config.d_state + h
     specs = []
     for i in range(config.n_layer):
         t, o = f"backbone.layers.{i}.", (f"layers_{i}",)

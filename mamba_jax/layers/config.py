@@ -83,6 +83,8 @@ class BaseLMConfig:
     """
 
     family: ClassVar[str] = "base"
+    # old field name -> new, read by `from_dict` (configs saved with an earlier version)
+    RENAMED: ClassVar[Dict[str, str]] = {}
 
     vocab_size: int = 256
     d_model: int = 64
@@ -150,6 +152,9 @@ class BaseLMConfig:
     def from_dict(cls, raw: Mapping[str, Any]):
         """The inverse of `to_dict` (unknown keys raise, naming them)."""
         raw = dict(raw)
+        for old, new in cls.RENAMED.items():   # configs saved before a field was renamed
+            if old in raw and new not in raw:
+                raw[new] = raw.pop(old)
         family = raw.pop("family", cls.family)
         if family != cls.family:
             raise ValueError(f"{cls.__name__}.from_dict: `family` is {family!r}; expected {cls.family!r}")

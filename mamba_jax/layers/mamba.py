@@ -207,7 +207,7 @@ class MambaMixer(nn.Module):
         else:
             y, ssm_state = selective_scan_on_mesh(
                 x_conv, delta, A, B, C, D=D, z=z, initial_state=initial_state, seq_idx=seq_idx,
-                return_last_state=True, impl=cfg.scan_impl, chunk_size=cfg.scan_chunk_size)
+                return_final_state=True, impl=cfg.scan_impl, chunk_size=cfg.scan_chunk_size)
 
         out = dense(cfg.d_model, cfg.bias, (MLP, EMBED), "out_proj", scale=residual_out_scale(cfg))(y)
         new_cache = None if cache is None else LayerCache(conv_state, ssm_state)

@@ -2,9 +2,9 @@
 
 Parameters (HF transformers' `Mamba2Mixer` names where one tensor maps to one parameter): the fused HF
 in_proj is stored as `in_proj_zx.kernel` (2, d_model, d_inner) = [z, x], `in_proj_bc.kernel`
-(2, d_model, ngroups·d_state) = [B, C] and `in_proj_dt.kernel` (d_model, nheads); the conv over xBC as
-`conv1d_x_kernel` (k, d_inner) and `conv1d_bc_kernel` (k, 2·ngroups·d_state) (+ `_bias`); `dt_bias`, `A_log`,
-`D` (nheads,), `norm_weight` (d_inner,), `out_proj.kernel` (d_inner, d_model). Split so that tensor
+(2, d_model, n_groups·d_state) = [B, C] and `in_proj_dt.kernel` (d_model, n_heads); the conv over xBC as
+`conv1d_x_kernel` (k, d_inner) and `conv1d_bc_kernel` (k, 2·n_groups·d_state) (+ `_bias`); `dt_bias`, `A_log`,
+`D` (n_heads,), `norm_weight` (d_inner,), `out_proj.kernel` (d_inner, d_model). Split so that tensor
 parallelism cuts every piece along its own width (`fused_in_proj`/`split_in_proj`, `fused_conv`/`split_conv`
 convert to the official layout).
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import ClassVar, NamedTuple, Optional, Tuple
+from typing import ClassVar, Dict, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -40,21 +40,22 @@ from mamba_jax.sharding.kernels import constrain_batch, ssd_on_mesh
 class Mamba2Config(BaseLMConfig):
     """Hyper-parameters of a Mamba-2 language model (defaults: the official `Mamba2` block).
 
-    d_inner = expand · d_model = nheads · headdim; B and C have `ngroups` groups (dividing nheads);
-    the conv runs over xBC, conv_dim = d_inner + 2 · ngroups · d_state channels. A = -exp(A_log) with
+    d_inner = expand · d_model = n_heads · head_dim; B and C have `n_groups` groups (dividing n_heads);
+    the conv runs over xBC, conv_dim = d_inner + 2 · n_groups · d_state channels. A = -exp(A_log) with
     A ~ U[A_init_min, A_init_max] per head at init; Δ = softplus(dt + dt_bias), clamped to
     [dt_limit_min, dt_limit_max] (None: no upper limit). The gated RMSNorm normalises each of the
-    ngroups groups of d_inner / ngroups channels, with epsilon `gated_norm_eps` (the official block's fixed
+    n_groups groups of d_inner / n_groups channels, with epsilon `gated_norm_eps` (the official block's fixed
     1e-5, independent of `rms_norm_eps`).
     """
 
     family: ClassVar[str] = "mamba2"
+    RENAMED: ClassVar[Dict[str, str]] = {"headdim": "head_dim", "ngroups": "n_groups"}
 
     d_state: int = 128
     d_conv: int = 4
     expand: int = 2
-    headdim: int = 64
-    ngroups: int = 1
+    head_dim: int = 64
+    n_groups: int = 1
     A_init_min: float = 1.0
     A_init_max: float = 16.0
     dt_min: float = 1e-3
@@ -71,13 +72,13 @@ class Mamba2Config(BaseLMConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
+        for name in ("d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size"):
             check_positive_int("Mamba2Config", name, getattr(self, name))
-        if self.d_inner % self.headdim:
+        if self.d_inner % self.head_dim:
             raise ValueError(f"Mamba2Config: d_inner = expand·d_model = {self.d_inner} must be a multiple of "
-                             f"`headdim`={self.headdim}")
-        if self.nheads % self.ngroups:
-            raise ValueError(f"Mamba2Config: `ngroups`={self.ngroups} must divide nheads = {self.nheads}")
+                             f"`head_dim`={self.head_dim}")
+        if self.n_heads % self.n_groups:
+            raise ValueError(f"Mamba2Config: `n_groups`={self.n_groups} must divide n_heads = {self.n_heads}")
         if not 0 < self.A_init_min <= self.A_init_max:
             raise ValueError(f"Mamba2Config: need 0 < A_init_min <= A_init_max; got "
                              f"({self.A_init_min}, {self.A_init_max})")
@@ -100,19 +101,19 @@ class Mamba2Config(BaseLMConfig):
         return self.expand * self.d_model
 
     @property
-    def nheads(self) -> int:
-        return self.d_inner // self.headdim
+    def n_heads(self) -> int:
+        return self.d_inner // self.head_dim
 
     @property
     def conv_dim(self) -> int:
-        return self.d_inner + 2 * self.ngroups * self.d_state
+        return self.d_inner + 2 * self.n_groups * self.d_state
 
 
 class Mamba2Cache(NamedTuple):
     """Recurrent state of one Mamba-2 layer.
 
     conv_state: (b, d_conv - 1, conv_dim), the last inputs (xBC) of the causal conv (model dtype).
-    ssm_state:  (b, nheads, headdim, d_state), float32 (float64 for float64 models).
+    ssm_state:  (b, n_heads, head_dim, d_state), float32 (float64 for float64 models).
     """
 
     conv_state: jax.Array
@@ -138,7 +139,7 @@ def _check_inputs(cfg: Mamba2Config, x, mask, cache) -> None:
             raise ValueError(f"{fn}: `cache` must be a Mamba2Cache (from `init_mamba2_cache`); "
                              f"got {type(cache).__name__}")
         check_array(fn, "cache.conv_state", cache.conv_state, (b, cfg.d_conv - 1, cfg.conv_dim))
-        check_array(fn, "cache.ssm_state", cache.ssm_state, (b, cfg.nheads, cfg.headdim, cfg.d_state))
+        check_array(fn, "cache.ssm_state", cache.ssm_state, (b, cfg.n_heads, cfg.head_dim, cfg.d_state))
 
 
 def _decode_step(state, x, delta, A, B, C, D):
@@ -158,9 +159,9 @@ def _decode_step(state, x, delta, A, B, C, D):
 class Mamba2Mixer(nn.Module):
     """Mamba-2 mixer. x: (b, l, d_model) -> (b, l, d_model), plus the new Mamba2Cache when one is given.
 
-        in_proj → [z (d_inner), xBC (conv_dim), dt (nheads)];  xBC ← silu(conv(xBC)) → [x, B, C]
+        in_proj → [z (d_inner), xBC (conv_dim), dt (n_heads)];  xBC ← silu(conv(xBC)) → [x, B, C]
         Δ = clamp(softplus(dt + dt_bias));  y = SSD(x, Δ, A = -exp(A_log), B, C) + D x
-        out = out_proj(gated_rms_norm(y, z), one norm per group of d_inner / ngroups channels)
+        out = out_proj(gated_rms_norm(y, z), one norm per group of d_inner / n_groups channels)
 
     `mask` (b, l) marks real tokens (1) and left padding (0): xBC is zeroed before and after the conv and
     Δ = 0 at pads, so they leave the state exactly as it was. `seq_idx` (b, l) resets the conv and the
@@ -177,7 +178,7 @@ class Mamba2Mixer(nn.Module):
         cfg = self.config
         _check_inputs(cfg, x, mask, cache)
         b, l, _ = x.shape
-        di, n, g, h, p, k = cfg.d_inner, cfg.d_state, cfg.ngroups, cfg.nheads, cfg.headdim, cfg.d_conv
+        di, n, g, h, p, k = cfg.d_inner, cfg.d_state, cfg.n_groups, cfg.n_heads, cfg.head_dim, cfg.d_conv
         pdt, dt_ = cfg.jnp_param_dtype, cfg.jnp_dtype
         cd = jnp.promote_types(jnp.float32, dt_)
         dense = functools.partial(projection, dtype=dt_, param_dtype=pdt)
@@ -230,8 +231,8 @@ class Mamba2Mixer(nn.Module):
             y = y[:, None]
         else:
             out = ssd_on_mesh(xs, delta, A, B, C, cfg.chunk_size, D=D, seq_idx=seq_idx,
-                      initial_states=None if cache is None else cache.ssm_state,
-                      return_final_states=cache is not None, impl=cfg.ssd_impl)
+                      initial_state=None if cache is None else cache.ssm_state,
+                      return_final_state=cache is not None, impl=cfg.ssd_impl)
             y, ssm_state = out if cache is not None else (out, None)
 
         norm_w = logical_param(self, "norm_weight", nn.initializers.ones, (MLP,), (di,), pdt)
@@ -255,7 +256,7 @@ def fused_in_proj(params, config: Mamba2Config):
 def split_in_proj(kernel, bias, config: Mamba2Config):
     """The inverse of `fused_in_proj`: {param name: {"kernel": ..., "bias": ...}} for the mixer's params (either
     of kernel and bias may be None: it is then left out)."""
-    di, gn, h = config.d_inner, config.ngroups * config.d_state, config.nheads
+    di, gn, h = config.d_inner, config.n_groups * config.d_state, config.n_heads
     pieces = (("in_proj_zx", 0, 2 * di, (2, di)), ("in_proj_bc", 2 * di, 2 * di + 2 * gn, (2, gn)),
               ("in_proj_dt", 2 * di + 2 * gn, 2 * di + 2 * gn + h, None))
     out = {}
@@ -293,6 +294,6 @@ def init_mamba2_cache(config: Mamba2Config, batch_size: int, max_len: Optional[i
     del max_len
     return Mamba2Cache(
         conv_state=jnp.zeros((batch_size, config.d_conv - 1, config.conv_dim), config.jnp_dtype),
-        ssm_state=jnp.zeros((batch_size, config.nheads, config.headdim, config.d_state),
+        ssm_state=jnp.zeros((batch_size, config.n_heads, config.head_dim, config.d_state),
                             jnp.promote_types(jnp.float32, config.jnp_dtype)),
     )

@@ -116,7 +116,7 @@ def selective_scan(
     delta_softplus: bool = False,
     initial_state=None,
     seq_idx=None,
-    return_last_state: bool = False,
+    return_final_state: bool = False,
     impl: str = "auto",
     chunk_size: Optional[int] = None,
 ):
@@ -134,13 +134,13 @@ def selective_scan(
       initial_state: optional (b, d, n) state before the first step.
       seq_idx: optional (b, l) integer ids of packed sequences; the state resets to zero wherever the
         id changes from one position to the next (the first segment starts from `initial_state`).
-      return_last_state: also return the (b, d, n) state after the last step.
+      return_final_state: also return the (b, d, n) state after the last step.
       impl: "auto", "reference", "associative", "chunked", "chunked_associative" or "pallas".
       chunk_size: chunk length for the chunked impls (default 256); for "pallas", the sequence block
         `block_l` (default 128).
 
     Returns:
-      y: (b, l, d) in the dtype of `u`; with `return_last_state`, (y, last_state) where last_state is
+      y: (b, l, d) in the dtype of `u`; with `return_final_state`, (y, last_state) where last_state is
       (b, d, n) in float32 (float64 for float64 inputs).
     """
     groups = _validate(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, chunk_size)
@@ -152,7 +152,7 @@ def selective_scan(
         from pallas_kernels.selective_scan import selective_scan as pallas_selective_scan
 
         return pallas_selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-                                     initial_state=initial_state, seq_idx=seq_idx, return_last_state=return_last_state,
+                                     initial_state=initial_state, seq_idx=seq_idx, return_final_state=return_final_state,
                                      block_sizes=None if chunk_size is None else BlockSizes(block_l=chunk_size))
     cd = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
 
@@ -186,7 +186,7 @@ def selective_scan(
     if z is not None:
         y = y * jax.nn.silu(z.astype(cd))
     y = y.astype(u.dtype)
-    if return_last_state:
+    if return_final_state:
         return y, h_last.reshape(b, d, n)
     return y
 
@@ -395,6 +395,6 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     y, new_state = selective_scan(
         x[:, None], dt[:, None], A, B[:, None], C[:, None], D=D,
         z=None if z is None else z[:, None], delta_bias=dt_bias, delta_softplus=dt_softplus,
-        initial_state=state, return_last_state=True, impl="reference",
+        initial_state=state, return_final_state=True, impl="reference",
     )
     return y[:, 0], new_state

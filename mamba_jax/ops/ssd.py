@@ -49,7 +49,7 @@ def resolve_ssd_impl(impl: str, backend: Optional[str] = None) -> str:
     return impl
 
 
-def _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, impl) -> None:
+def _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state, seq_idx, impl) -> None:
     fn = "ssd"
     check_array(fn, "x", x, ("b", "l", "h", "p"))
     b, l, h, p = x.shape
@@ -66,8 +66,8 @@ def _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx
         check_array(fn, "z", z, (b, l, h, p))
     if dt_bias is not None:
         check_array(fn, "dt_bias", dt_bias, (h,))
-    if initial_states is not None:
-        check_array(fn, "initial_states", initial_states, (b, h, p, n))
+    if initial_state is not None:
+        check_array(fn, "initial_state", initial_state, (b, h, p, n))
     if seq_idx is not None:
         check_array(fn, "seq_idx", seq_idx, (b, l), kind="int")
     if not isinstance(chunk_size, int) or chunk_size < 1:
@@ -77,7 +77,7 @@ def _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx
 
 
 def ssd(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bias=None, dt_softplus: bool = False,
-        initial_states=None, seq_idx=None, return_final_states: bool = False, impl: str = "auto"):
+        initial_state=None, seq_idx=None, return_final_state: bool = False, impl: str = "auto"):
     """Mamba-2 SSD over a batch of sequences.
 
     Args:
@@ -88,34 +88,34 @@ def ssd(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bias=None, dt_
       chunk_size: chunk length of the chunked algorithm (the official default is 256).
       D: optional (h,) or (h, p) skip.  z: optional (b, l, h, p) gate.  dt_bias: optional (h,).
       dt_softplus: apply softplus to dt (+ bias).
-      initial_states: optional (b, h, p, n).
+      initial_state: optional (b, h, p, n).
       seq_idx: optional (b, l) int: the state resets wherever the id changes (packed sequences).
-      return_final_states: also return the (b, h, p, n) state after the last step.
+      return_final_state: also return the (b, h, p, n) state after the last step.
       impl: "auto" ("pallas" on TPU/GPU, else "chunked"), "reference", "chunked" or "pallas" (`chunk_size` is then the kernel's
         chunk).
     Returns:
-      y (b, l, h, p) in the dtype of `x`; with `return_final_states`, (y, final_states (b, h, p, n)),
+      y (b, l, h, p) in the dtype of `x`; with `return_final_state`, (y, final_states (b, h, p, n)),
       float32 (float64 for float64 inputs).
     """
-    _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, impl)
+    _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state, seq_idx, impl)
     impl = resolve_ssd_impl(impl)
     b, l, h, p = x.shape
     g, n = B.shape[2:]
-    cd = compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states)
+    cd = compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_state)
     delta = time_step(dt, dt_bias, dt_softplus, cd)
 
     if impl == "pallas":   # on a sharded program, run it per shard: `mamba_jax.sharding.ssd_on_mesh`
         from pallas_kernels.ssd import BlockSizes
         from pallas_kernels.ssd import ssd_scan as pallas_ssd_scan
 
-        y, final = pallas_ssd_scan(x, delta, A, B, C, initial_states=initial_states, seq_idx=seq_idx,
+        y, final = pallas_ssd_scan(x, delta, A, B, C, initial_state=initial_state, seq_idx=seq_idx,
                                    block_sizes=BlockSizes(chunk=chunk_size))
     elif impl == "reference":
         y, final = _ssd_reference(x.astype(cd), delta, A.astype(cd), B.astype(cd), C.astype(cd),
-                                  initial_states, seq_idx)
+                                  initial_state, seq_idx)
     else:
         y, final = _ssd_chunked(x.astype(cd), delta, A.astype(cd), B.astype(cd), C.astype(cd),
-                                None if initial_states is None else initial_states.astype(cd),
+                                None if initial_state is None else initial_state.astype(cd),
                                 seq_idx, min(chunk_size, l))
     if D is not None:
         Dc = D.astype(cd)
@@ -123,19 +123,19 @@ def ssd(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bias=None, dt_
     if z is not None:
         y = y * jax.nn.silu(z.astype(cd))
     y = y.astype(x.dtype)
-    return (y, final) if return_final_states else y
+    return (y, final) if return_final_state else y
 
 
-def _ssd_reference(x, delta, A, B, C, initial_states, seq_idx):
+def _ssd_reference(x, delta, A, B, C, initial_state, seq_idx):
     """Heads flattened into channels (d = h·p) and the Mamba-1 reference scan."""
     b, l, h, p = x.shape
     n = B.shape[-1]
     u = x.reshape(b, l, h * p)
     delta_c = jnp.repeat(delta, p, axis=-1)
     A_c = jnp.broadcast_to(jnp.repeat(A, p)[:, None], (h * p, n))
-    h0 = None if initial_states is None else initial_states.reshape(b, h * p, n)
+    h0 = None if initial_state is None else initial_state.reshape(b, h * p, n)
     y, final = selective_scan(u, delta_c, A_c, B, C, initial_state=h0, seq_idx=seq_idx,
-                              return_last_state=True, impl="reference")
+                              return_final_state=True, impl="reference")
     return y.reshape(b, l, h, p), final.reshape(b, h, p, n)
 
 
@@ -152,7 +152,7 @@ def segsum(x):
     return jnp.where(jnp.tril(jnp.ones((T, T), bool)), sums, -jnp.inf)
 
 
-def _ssd_chunked(x, delta, A, B, C, initial_states, seq_idx, chunk):
+def _ssd_chunked(x, delta, A, B, C, initial_state, seq_idx, chunk):
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     pad = -l % chunk
@@ -186,7 +186,7 @@ def _ssd_chunked(x, delta, A, B, C, initial_states, seq_idx, chunk):
     prev_seg = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), seg[:, :-1, -1]], axis=1)  # (b, c)
     survives = (seg[..., -1] == prev_seg).astype(x.dtype)                 # no reset inside the chunk
     chunk_decay = jnp.exp(cum[..., -1]) * survives[:, None]               # (b, h, c)
-    h0 = jnp.zeros((b, h, p, n), x.dtype) if initial_states is None else initial_states
+    h0 = jnp.zeros((b, h, p, n), x.dtype) if initial_state is None else initial_state
 
     def pass_state(state, inputs):
         decay_c, new_c = inputs

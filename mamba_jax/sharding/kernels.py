@@ -84,13 +84,13 @@ def _run_per_shard(kernel: Callable, args, specs, out_specs, mesh):
 
 
 def selective_scan_on_mesh(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus: bool = False,
-                           initial_state=None, seq_idx=None, return_last_state: bool = False, impl: str = "auto",
+                           initial_state=None, seq_idx=None, return_final_state: bool = False, impl: str = "auto",
                            chunk_size=None):
     """`mamba_jax.ops.selective_scan` (same arguments and results), run per shard when it resolves to the
     Pallas kernels on a sharded program: rows over the data-parallel axes, channels over `tensor` (when the
     B/C groups allow), no communication. Shapes: u, delta, z (b, l, d); A (d, n); B, C (b, l, n) or
     (b, l, g, n); D, delta_bias (d,); initial_state (b, d, n); seq_idx (b, l)."""
-    opts = dict(delta_softplus=delta_softplus, return_last_state=return_last_state, chunk_size=chunk_size)
+    opts = dict(delta_softplus=delta_softplus, return_final_state=return_final_state, chunk_size=chunk_size)
     args = (u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
     mesh = context_mesh()
     if mesh is None or resolve_impl(impl, u.shape[1]) != "pallas":
@@ -110,28 +110,28 @@ def selective_scan_on_mesh(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     specs = (P(bs, None, ch), P(bs, None, ch), P(ch, None), bc, bc, P(ch), P(bs, None, ch), P(ch),
              P(bs, ch, None), P(bs, None))
     y_spec = P(bs, None, ch)
-    out_specs = (y_spec, P(bs, ch, None)) if return_last_state else y_spec
+    out_specs = (y_spec, P(bs, ch, None)) if return_final_state else y_spec
     return _run_per_shard(kernel, args, specs, out_specs, mesh)
 
 
 def ssd_on_mesh(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bias=None, dt_softplus: bool = False,
-                initial_states=None, seq_idx=None, return_final_states: bool = False, impl: str = "auto"):
+                initial_state=None, seq_idx=None, return_final_state: bool = False, impl: str = "auto"):
     """`mamba_jax.ops.ssd` (same arguments and results), run per shard when it resolves to the Pallas
     kernels on a sharded program: rows over the data-parallel axes, heads over `tensor` (when the B/C groups
     allow, as in `scan_partition`), no communication. Shapes: x, z (b, l, h, p); dt (b, l, h); A, dt_bias
-    (h,); D (h,) or (h, p); B, C (b, l, g, n); initial_states (b, h, p, n); seq_idx (b, l)."""
+    (h,); D (h,) or (h, p); B, C (b, l, g, n); initial_state (b, h, p, n); seq_idx (b, l)."""
     opts = dict(chunk_size=chunk_size, dt_softplus=dt_softplus)
-    args = (x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
+    args = (x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx)
     mesh = context_mesh()
     if mesh is None or resolve_ssd_impl(impl) != "pallas":
-        return ssd(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states, seq_idx=seq_idx,
-                   return_final_states=return_final_states, impl=impl, **opts)
+        return ssd(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, initial_state=initial_state, seq_idx=seq_idx,
+                   return_final_state=return_final_state, impl=impl, **opts)
     b, _, h, _ = x.shape
     bs, hd = scan_partition(mesh, b, h, B.shape[2])
 
-    def kernel(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx):
-        return ssd(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states, seq_idx=seq_idx,
-                   return_final_states=True, impl="pallas", **opts)
+    def kernel(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx):
+        return ssd(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, initial_state=initial_state, seq_idx=seq_idx,
+                   return_final_state=True, impl="pallas", **opts)
 
     if bs is None and hd is None:
         out = kernel(*args)
@@ -141,7 +141,7 @@ def ssd_on_mesh(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bias=N
         specs = (P(bs, None, hd, None), P(bs, None, hd), P(hd), bc, bc, d_spec, P(bs, None, hd, None), P(hd),
                  P(bs, hd, None, None), P(bs, None))
         out = _run_per_shard(kernel, args, specs, (P(bs, None, hd, None), P(bs, hd, None, None)), mesh)
-    return out if return_final_states else out[0]
+    return out if return_final_state else out[0]
 
 
 def trace_under_mesh(fn: Callable, mesh) -> Callable:

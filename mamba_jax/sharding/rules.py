@@ -59,7 +59,7 @@ FSDP_FALLBACK_STRATEGIES = frozenset({"fsdp", "fsdp_tensor"})
 CONFIG_KEYS = {
     EMBED: "d_model",
     MLP: "d_inner = expand·d_model (Mamba), d_intermediate (MLP) or the inner width of the mixer",
-    HEADS: "n_heads / num_heads (Mamba-2: nheads = d_inner / headdim)",
+    HEADS: "n_heads / num_heads (Mamba-2: n_heads = d_inner / head_dim)",
     KV_HEADS: "n_kv_heads (grouped-query attention)",
     VOCAB: "vocab_size padded to pad_vocab_size_multiple",
     STATE: "d_state",

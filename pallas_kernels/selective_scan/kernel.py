@@ -335,7 +335,7 @@ def selective_scan(
     delta_softplus: bool = False,
     initial_state=None,
     seq_idx=None,
-    return_last_state: bool = False,
+    return_final_state: bool = False,
     block_sizes: Optional[BlockSizes] = None,
     interpret=None,
     variant: Optional[str] = None,
@@ -350,7 +350,7 @@ def selective_scan(
       initial_state: optional (b, d, n) state before the first step.
       seq_idx: optional (b, l) integer ids of packed sequences; the state resets to zero where the id
         changes from one position to the next.
-      return_last_state: also return the (b, d, n) state after the last step.
+      return_final_state: also return the (b, d, n) state after the last step.
       block_sizes: `BlockSizes` (default 128 channels × 128 steps), fitted to the problem by
         `BlockSizes.fit` (TPU variant; the Triton variant takes its sequence chunk from `fit` and its
         channel block from `BlockSizes.triton_block_d`).
@@ -363,7 +363,7 @@ def selective_scan(
         on any host — how they are tested on CPU).
 
     Returns:
-      y (b, l, d) in the dtype of `u`; with `return_last_state`, (y, last_state (b, d, n)) where the state
+      y (b, l, d) in the dtype of `u`; with `return_final_state`, (y, last_state (b, d, n)) where the state
       is float32 for float32/bf16/fp16 inputs and float64 when an input is float64.
 
     Inputs are not validated beyond what the layout needs; `mamba_jax.ops.selective_scan(impl="pallas")`
@@ -387,6 +387,6 @@ def selective_scan(
             *args, tpu=run("tpu", False), cuda=run("triton", False), default=run("tpu", True))
     else:
         y, h_last = run(variant or "tpu", False if interpret is None else interpret)(*args)
-    if return_last_state:
+    if return_final_state:
         return y, h_last
     return y

@@ -1,7 +1,7 @@
 """Mamba-2 SSD chunked scan as Pallas kernels (TPU/Mosaic layout; interpret mode on CPU), fwd + bwd.
 
     from pallas_kernels.ssd import ssd_scan, BlockSizes
-    y, final_states = ssd_scan(x, delta, A, B, C, initial_states=h0, seq_idx=seq_idx,
+    y, final_states = ssd_scan(x, delta, A, B, C, initial_state=h0, seq_idx=seq_idx,
                                block_sizes=BlockSizes(chunk=256))
 
 `delta` is the discretised Δ (dt_bias and softplus applied) and y is returned without the D skip and the

@@ -233,7 +233,7 @@ _ssd_core.defvjp(_ssd_core_fwd, _ssd_core_bwd)
 # --- public entry point ---------------------------------------------------------------------------
 
 
-def _kernel_inputs(cd, chunk: int, n_to: int, p_to: int, x, dt, A, B, C, initial_states, seq_idx):
+def _kernel_inputs(cd, chunk: int, n_to: int, p_to: int, x, dt, A, B, C, initial_state, seq_idx):
     """The inputs in the kernel layout (see the module docstring), the sequence padded to a multiple of
     `chunk` and the state dims zero-padded to n_to ≥ n, p_to ≥ p (exact: padded B/C columns and x
     columns keep the padded state rows/columns at zero)."""
@@ -261,8 +261,8 @@ def _kernel_inputs(cd, chunk: int, n_to: int, p_to: int, x, dt, A, B, C, initial
     Bk = pad(jnp.transpose(B, (0, 2, 1, 3)), (2, L), (3, n_to))  # (b, g, L, n)
     Ck = pad(jnp.transpose(C, (0, 2, 1, 3)), (2, L), (3, n_to))
     Ak = A.astype(cd).reshape(h, 1, 1)
-    h0 = (jnp.zeros((b, h, n_to, p_to), cd) if initial_states is None
-          else pad(jnp.swapaxes(initial_states, 2, 3).astype(cd), (2, n_to), (3, p_to)))  # (b, h, n, p)
+    h0 = (jnp.zeros((b, h, n_to, p_to), cd) if initial_state is None
+          else pad(jnp.swapaxes(initial_state, 2, 3).astype(cd), (2, n_to), (3, p_to)))  # (b, h, n, p)
     return (xk, dtk, Ak, Bk, Ck, seg, h0), n_chunks
 
 
@@ -270,7 +270,7 @@ def _pow2_at_least(v: int, low: int) -> int:
     return max(low, 1 << (v - 1).bit_length())
 
 
-def _run(variant: str, interpret, cd, bs: BlockSizes, x, dt, A, B, C, initial_states, seq_idx):
+def _run(variant: str, interpret, cd, bs: BlockSizes, x, dt, A, B, C, initial_state, seq_idx):
     """One variant end to end: layout, kernels, and back to y (b, l, h, p), final state (b, h, p, n)."""
     b, l, h, p = x.shape
     g, n = B.shape[2:]
@@ -279,7 +279,7 @@ def _run(variant: str, interpret, cd, bs: BlockSizes, x, dt, A, B, C, initial_st
         chunk, n_to, p_to = bs.triton_chunk(l), _pow2_at_least(n, 16), _pow2_at_least(p, 16)
     else:
         chunk, n_to, p_to = bs.fit(l).chunk, n, p
-    args, n_chunks = _kernel_inputs(cd, chunk, n_to, p_to, x, dt, A, B, C, initial_states, seq_idx)
+    args, n_chunks = _kernel_inputs(cd, chunk, n_to, p_to, x, dt, A, B, C, initial_state, seq_idx)
     cfg = _Config(n_chunks=n_chunks, chunk=chunk, n=n_to, p=p_to, heads_per_group=h // g, dtype=cd,
                   has_seg=seq_idx is not None, variant=variant)
     y, h_last = _ssd_core(cfg, interpret, *args)
@@ -290,7 +290,7 @@ def _run(variant: str, interpret, cd, bs: BlockSizes, x, dt, A, B, C, initial_st
 VARIANTS = ("tpu", "triton")
 
 
-def ssd_scan(x, dt, A, B, C, initial_states=None, seq_idx=None, block_sizes: Optional[BlockSizes] = None,
+def ssd_scan(x, dt, A, B, C, initial_state=None, seq_idx=None, block_sizes: Optional[BlockSizes] = None,
              interpret=None, variant: Optional[str] = None):
     """The SSD recurrence with the Pallas kernels; differentiable (reverse mode) through a custom VJP.
 
@@ -299,9 +299,9 @@ def ssd_scan(x, dt, A, B, C, initial_states=None, seq_idx=None, block_sizes: Opt
       dt: (b, l, h) discretised time steps Δ (dt_bias and softplus already applied).
       A: (h,) decay per head.
       B, C: (b, l, g, n) with g groups dividing h (head i uses group i // (h/g)).
-      initial_states: optional (b, h, p, n) state before the first step.
+      initial_state: optional (b, h, p, n) state before the first step.
       seq_idx: optional (b, l) integer ids of packed sequences; the state resets to zero wherever the id
-        changes from one position to the next (the first segment starts from `initial_states`).
+        changes from one position to the next (the first segment starts from `initial_state`).
       block_sizes: `BlockSizes` (default chunk 256), fitted to the problem by `BlockSizes.fit` (TPU
         variant) or `BlockSizes.triton_chunk` (Triton variant).
       interpret: passed to `pl.pallas_call`. None (with `variant=None`): chosen per platform when the
@@ -326,10 +326,10 @@ def ssd_scan(x, dt, A, B, C, initial_states=None, seq_idx=None, block_sizes: Opt
         raise ValueError(f"ssd (pallas): {g} B/C groups must divide h={h}")
     if variant is not None and variant not in VARIANTS:
         raise ValueError(f"ssd (pallas): `variant` must be None or one of {VARIANTS}; got {variant!r}")
-    cd = jnp.dtype(jnp.result_type(jnp.float32, *[v.dtype for v in (x, dt, A, B, C, initial_states)
+    cd = jnp.dtype(jnp.result_type(jnp.float32, *[v.dtype for v in (x, dt, A, B, C, initial_state)
                                                   if v is not None]))
     bs = block_sizes or BlockSizes()
-    args = (x, dt, A, B, C, initial_states, seq_idx)
+    args = (x, dt, A, B, C, initial_state, seq_idx)
     if variant is None and interpret is None:
         # chosen when lowering, not when tracing: compiling for a TPU (even AOT from a CPU host) takes the
         # Mosaic kernel, for a CUDA GPU the Triton one, every other platform the interpreted TPU variant

@@ -44,7 +44,7 @@ def test_student_config_has_one_mamba2_head_per_attention_head():
     config = mamba2_student_config(TEACHER, (1, 3))
     assert config.layer_kinds == ("A", "M2", "A", "M2")
     m2 = config.mixer_config("M2")
-    assert (m2.nheads, m2.headdim, m2.d_state, m2.ngroups, m2.d_inner) == (4, 8, 8, 4, 32)
+    assert (m2.n_heads, m2.head_dim, m2.d_state, m2.n_groups, m2.d_inner) == (4, 8, 8, 4, 32)
     assert m2.d_intermediate == TEACHER.d_intermediate
     with pytest.raises(ValueError, match="multiple of d_model"):
         mamba2_student_config(TransformerConfig(vocab_size=40, d_model=32, n_layer=2, n_heads=3, head_dim=8),

@@ -67,7 +67,7 @@ def test_bench_kernels_ssd_tiny_table(tmp_path, capsys):
 
     out = tmp_path / "ssd.json"
     assert cli_main(["bench", "kernels", "--op", "ssd", "--kernel", "chunked", "--baselines", "reference,mamba_ssm",
-                     "--lengths", "16", "--d", "8", "--headdim", "4", "--n", "4", "--batch", "1", "--dtype",
+                     "--lengths", "16", "--d", "8", "--head-dim", "4", "--n", "4", "--batch", "1", "--dtype",
                      "float32", "--chunk-size", "8", "--repeats", "1", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     data = json.loads(out.read_text())

@@ -9,7 +9,7 @@ import pytest
 
 from mamba_jax.cli import main as cli_main
 
-TINY = ["--d-model", "32", "--n-layer", "2", "--pattern", "M2 A", "--n-heads", "2", "--headdim", "16",
+TINY = ["--d-model", "32", "--n-layer", "2", "--pattern", "M2 A", "--n-heads", "2", "--head-dim", "16",
         "--mamba2-d-state", "8", "--vocab-size", "40", "--repeats", "1", "--batch", "2"]
 
 

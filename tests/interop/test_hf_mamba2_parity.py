@@ -126,7 +126,7 @@ def test_config_maps_from_hf(case):
     assert (c.vocab_size, c.d_model, c.n_layer, c.d_state, c.d_conv, c.expand) == (
         k["vocab_size"], k["hidden_size"], k["num_hidden_layers"], k["state_size"], k["conv_kernel"],
         k.get("expand", 2))
-    assert (c.nheads, c.headdim, c.ngroups, c.chunk_size) == (k["num_heads"], k["head_dim"], k["n_groups"],
+    assert (c.n_heads, c.head_dim, c.n_groups, c.chunk_size) == (k["num_heads"], k["head_dim"], k["n_groups"],
                                                               k["chunk_size"])
     assert (c.bias, c.conv_bias, c.tie_embeddings) == (k["use_bias"], k["use_conv_bias"], k["tie_word_embeddings"])
     assert c.rms_norm_eps == k.get("layer_norm_epsilon", 1e-5)
@@ -227,7 +227,7 @@ _BASE = dict(model_type="mamba2", vocab_size=10, hidden_size=16, num_hidden_laye
 
 
 def test_config_to_hf_round_trips_through_transformers():
-    ours = Mamba2Config(vocab_size=70, d_model=48, n_layer=3, d_state=12, expand=3, headdim=9, ngroups=4,
+    ours = Mamba2Config(vocab_size=70, d_model=48, n_layer=3, d_state=12, expand=3, head_dim=9, n_groups=4,
                         d_conv=3, bias=True, conv_bias=False, dt_limit_min=0.01, dt_limit_max=0.5,
                         chunk_size=64, rms_norm_eps=1e-6, gated_norm_eps=1e-6, tie_embeddings=False)
     raw = config_to_hf(ours)
@@ -243,7 +243,7 @@ def test_infinite_limits_read_in_both_spellings():
     for upper in ({"__float__": "Infinity"}, math.inf):
         kwargs = config_from_hf({**_BASE, "time_step_limit": [0.01, upper]})
         assert (kwargs["dt_limit_min"], kwargs["dt_limit_max"]) == (0.01, None)
-    raw = config_to_hf(Mamba2Config(d_model=16, headdim=8, dt_limit_min=0.01))
+    raw = config_to_hf(Mamba2Config(d_model=16, head_dim=8, dt_limit_min=0.01))
     assert raw["time_step_limit"][0] == 0.01 and math.isinf(raw["time_step_limit"][1])
 
 
@@ -280,7 +280,7 @@ def test_unsupported_config_is_refused(change, pattern):
 def test_hf_defaults_fill_missing_keys():
     kwargs = config_from_hf(dict(vocab_size=10, hidden_size=4096, num_hidden_layers=2))
     defaults = transformers.Mamba2Config()
-    assert (kwargs["d_state"], kwargs["headdim"], kwargs["ngroups"], kwargs["chunk_size"]) == (
+    assert (kwargs["d_state"], kwargs["head_dim"], kwargs["n_groups"], kwargs["chunk_size"]) == (
         defaults.state_size, defaults.head_dim, defaults.n_groups, defaults.chunk_size)
     assert kwargs["tie_embeddings"] == defaults.tie_word_embeddings
     assert kwargs["rms_norm_eps"] == defaults.layer_norm_epsilon
@@ -303,7 +303,7 @@ def test_official_layout_loads_to_same_logits(tmp_path):
                                  bias=False, conv_bias=True, chunk_size=5))
     write_checkpoint(tmp_path, official, tensors)
     model, params = load_hf(tmp_path)
-    assert isinstance(model, Mamba2LM) and model.config.headdim == 12
+    assert isinstance(model, Mamba2LM) and model.config.head_dim == 12
     ids = _token_ids(kwargs["vocab_size"], seed=11, length=12)
     np.testing.assert_allclose(_our_logits(model, params, ids), _hf_logits(hf, ids), atol=ATOL)
     official["ssm_cfg"]["D_has_hdim"] = True

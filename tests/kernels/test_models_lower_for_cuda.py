@@ -31,7 +31,7 @@ def _loss_grad_text(model, seq_len=40):
 @pytest.mark.parametrize("model, kernels", [
     (MambaLM(MambaConfig(vocab_size=64, d_model=32, n_layer=2, d_state=16, scan_impl="pallas")),
      ["selective_scan_fwd_triton", "selective_scan_bwd_triton"]),
-    (Mamba2LM(Mamba2Config(vocab_size=64, d_model=32, n_layer=2, d_state=16, headdim=16, chunk_size=32,
+    (Mamba2LM(Mamba2Config(vocab_size=64, d_model=32, n_layer=2, d_state=16, head_dim=16, chunk_size=32,
                            ssd_impl="pallas")),
      ["ssd_fwd_triton", "ssd_bwd_triton"]),
 ], ids=["mamba", "mamba2"])

@@ -55,7 +55,7 @@ def scan_fn(impl, seq_idx, softplus, names, **kw):
     """f(*arrays) -> (y, last_state) of `selective_scan` with the arrays named `names`."""
     def f(*arrays):
         return selective_scan(**dict(zip(names, arrays)), delta_softplus=softplus, seq_idx=seq_idx,
-                              return_last_state=True, impl=impl, **kw)
+                              return_final_state=True, impl=impl, **kw)
     return f
 
 
@@ -120,7 +120,7 @@ def test_several_channel_blocks_per_group_and_sequence_blocks():
     names = tuple(arrays)
 
     def f_kernel(*args):
-        return pallas_scan(**dict(zip(names, args)), delta_softplus=False, seq_idx=seq_idx, return_last_state=True,
+        return pallas_scan(**dict(zip(names, args)), delta_softplus=False, seq_idx=seq_idx, return_final_state=True,
                            block_sizes=BlockSizes(block_d=8, block_l=8))
 
     out_k, out_r, g_k, g_r = vjp_both(f_kernel, scan_fn("reference", seq_idx, False, names), arrays,
@@ -173,7 +173,7 @@ def test_tpu_semantics_interpret_params():
     names = tuple(arrays)
 
     def f_kernel(*args):
-        return pallas_scan(**dict(zip(names, args)), delta_softplus=True, seq_idx=seq_idx, return_last_state=True,
+        return pallas_scan(**dict(zip(names, args)), delta_softplus=True, seq_idx=seq_idx, return_final_state=True,
                            block_sizes=BlockSizes(block_d=8, block_l=8), interpret=pltpu.InterpretParams())
 
     out_k, out_r, g_k, g_r = vjp_both(f_kernel, scan_fn("reference", seq_idx, True, names), arrays,
@@ -235,7 +235,7 @@ def test_aot_compiles_mosaic_kernels_for_a_tpu_chip():
 
     def loss(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx):
         y, last = selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=True,
-                                 initial_state=h0, seq_idx=seq_idx, return_last_state=True, impl="pallas")
+                                 initial_state=h0, seq_idx=seq_idx, return_final_state=True, impl="pallas")
         return jnp.sum(y.astype(jnp.float32) ** 2) + jnp.sum(last)
 
     args = (spec((b, l, d)), spec((b, l, d)), spec((d, n), jnp.float32), spec((b, l, g, n)), spec((b, l, g, n)),

@@ -94,7 +94,7 @@ def test_float64_check_grads_of_the_custom_vjp():
         @jax.jit
         def f(*floats):
             return ssd(**dict(zip(names, floats)), seq_idx=seq_idx, chunk_size=2, dt_softplus=True,
-                       return_final_states=True, impl="pallas")
+                       return_final_state=True, impl="pallas")
 
         y, s = f(*(args[k] for k in names))
         assert y.dtype == jnp.float64 and s.dtype == jnp.float64
@@ -110,13 +110,13 @@ def test_tpu_semantics_interpret_params():
     a = make_case(5, 1, 10, 2, 2, 1, 3, with_seq_idx=True)
     delta = jax.nn.softplus(a["dt"])
     seq_idx = a["seq_idx"]
-    floats = (a["x"], delta, a["A"], a["B"], a["C"], a["initial_states"])
+    floats = (a["x"], delta, a["A"], a["B"], a["C"], a["initial_state"])
 
     def kernel(*v):
         return ssd_scan(*v, seq_idx=seq_idx, block_sizes=BlockSizes(chunk=4), interpret=pltpu.InterpretParams())
 
     def reference(x, d, A, B, C, h0):
-        return ssd(x, d, A, B, C, chunk_size=4, initial_states=h0, seq_idx=seq_idx, return_final_states=True,
+        return ssd(x, d, A, B, C, chunk_size=4, initial_state=h0, seq_idx=seq_idx, return_final_state=True,
                    impl="reference")
 
     @jax.jit
@@ -169,8 +169,8 @@ def test_aot_compiles_mosaic_kernels_for_a_tpu_chip():
         return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
 
     def forward(x, dt, A, B, C, D, z, dt_bias, h0, seq_idx):
-        return ssd(x, dt, A, B, C, chunk_size=256, D=D, z=z, dt_bias=dt_bias, dt_softplus=True, initial_states=h0,
-                   seq_idx=seq_idx, return_final_states=True, impl="pallas")
+        return ssd(x, dt, A, B, C, chunk_size=256, D=D, z=z, dt_bias=dt_bias, dt_softplus=True, initial_state=h0,
+                   seq_idx=seq_idx, return_final_state=True, impl="pallas")
 
     def loss(*args):
         y, final = forward(*args)

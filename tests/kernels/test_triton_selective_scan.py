@@ -36,7 +36,7 @@ def run_both(args, seq_idx, softplus, block_sizes, key):
 
     def fn(impl):
         def f(*arrays):
-            kw = dict(zip(names, arrays), delta_softplus=softplus, seq_idx=seq_idx, return_last_state=True)
+            kw = dict(zip(names, arrays), delta_softplus=softplus, seq_idx=seq_idx, return_final_state=True)
             if impl == "triton":
                 return pallas_scan(**kw, block_sizes=block_sizes, variant="triton", interpret=True)
             return selective_scan(**kw, impl="reference")
@@ -123,7 +123,7 @@ def test_triton_variant_float64_check_grads():
         @jax.jit
         def f(*arrays):
             return pallas_scan(**dict(zip(names, arrays)), delta_softplus=True, seq_idx=seq_idx,
-                               return_last_state=True, block_sizes=BlockSizes(block_l=2), variant="triton",
+                               return_final_state=True, block_sizes=BlockSizes(block_l=2), variant="triton",
                                interpret=True)
 
         y, state = f(*args.values())
@@ -157,7 +157,7 @@ def test_lowers_to_triton_for_cuda(dtype):
 
     def forward(u, delta, A, B, C, D, z, bias, h0, seq_idx):
         return pallas_scan(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True, initial_state=h0,
-                           seq_idx=seq_idx, return_last_state=True)
+                           seq_idx=seq_idx, return_final_state=True)
 
     def gradient(*a):
         loss = lambda *x: sum(jnp.sum(o.astype(jnp.float32) ** 2) for o in forward(*x, a[-1]))

@@ -29,25 +29,25 @@ from tests.kernels.test_pallas_selective_scan import assert_close
 from tests.kernels.test_pallas_ssd import F32_TOL, SEQ_IDX_21
 from tests.ops.test_ssd import make_case, ssd_cases
 
-NAMES = ("x", "delta", "A", "B", "C", "initial_states")
+NAMES = ("x", "delta", "A", "B", "C", "initial_state")
 
 
 def kernel_inputs(args):
     """The kernel's own inputs: Δ = softplus(dt + dt_bias) is applied outside the kernel."""
     delta = jax.nn.softplus(args["dt"] + (0 if args["dt_bias"] is None else args["dt_bias"]))
     return dict(x=args["x"], delta=delta, A=args["A"], B=args["B"], C=args["C"],
-                initial_states=args["initial_states"])
+                initial_state=args["initial_state"])
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "chunk"))
 def scan_with_vjp(floats, seq_idx, key, impl, chunk):
     def fn(fl):
         if impl == "triton":
-            return ssd_scan(fl["x"], fl["delta"], fl["A"], fl["B"], fl["C"], initial_states=fl.get("initial_states"),
+            return ssd_scan(fl["x"], fl["delta"], fl["A"], fl["B"], fl["C"], initial_state=fl.get("initial_state"),
                             seq_idx=seq_idx, block_sizes=BlockSizes(chunk=chunk), variant="triton",
                             interpret=True)
         return ssd(fl["x"], fl["delta"], fl["A"], fl["B"], fl["C"], chunk_size=chunk,
-                   initial_states=fl.get("initial_states"), seq_idx=seq_idx, return_final_states=True,
+                   initial_state=fl.get("initial_state"), seq_idx=seq_idx, return_final_state=True,
                    impl="reference")
 
     out, vjp = jax.vjp(fn, floats)
@@ -142,7 +142,7 @@ def test_lowers_to_triton_for_cuda(dtype):
             sd((b, l, g, n), dtype), sd((b, h, p, n), jnp.float32), sd((b, l), jnp.int32))
 
     def forward(x, dt, A, B, C, h0, seq_idx):
-        return ssd_scan(x, dt, A, B, C, initial_states=h0, seq_idx=seq_idx)
+        return ssd_scan(x, dt, A, B, C, initial_state=h0, seq_idx=seq_idx)
 
     def gradient(x, dt, A, B, C, h0, seq_idx):
         loss = lambda *a: sum(jnp.sum(o.astype(jnp.float32) ** 2) for o in forward(*a, seq_idx))

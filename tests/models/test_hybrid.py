@@ -16,7 +16,7 @@ from mamba_jax.models import (HybridConfig, HybridLM, Mamba2Config, Mamba2LM, Ma
 COMMON = dict(vocab_size=29, d_model=32)
 SUBS = dict(
     mamba=MambaConfig(d_state=4),
-    mamba2=Mamba2Config(d_state=8, headdim=16, chunk_size=4),
+    mamba2=Mamba2Config(d_state=8, head_dim=16, chunk_size=4),
     attention=TransformerConfig(n_heads=4, n_kv_heads=2, d_intermediate=48),
 )
 
@@ -28,7 +28,7 @@ def hybrid(pattern, **kw):
 def family_models():
     return {
         "mamba": MambaLM(MambaConfig(**COMMON, n_layer=2, d_state=4)),
-        "mamba2": Mamba2LM(Mamba2Config(**COMMON, n_layer=2, d_state=8, headdim=16, chunk_size=4)),
+        "mamba2": Mamba2LM(Mamba2Config(**COMMON, n_layer=2, d_state=8, head_dim=16, chunk_size=4)),
         "transformer": TransformerLM(TransformerConfig(**COMMON, n_layer=2, n_heads=4, d_intermediate=48)),
         "hybrid": hybrid("M M2 A"),
     }
@@ -61,9 +61,9 @@ def test_bad_hybrid_configs():
         HybridConfig(pattern="MA", n_layer=3)
     with pytest.raises(ValueError, match=r"`attention` must be a TransformerConfig"):
         HybridConfig(pattern="MA", attention=MambaConfig())
-    # the sub-config is validated at the hybrid's width: d_inner = 2·36 = 72 is not a multiple of headdim 16
-    with pytest.raises(ValueError, match="headdim"):
-        HybridConfig(pattern="M2", d_model=36, mamba2=Mamba2Config(headdim=16))
+    # the sub-config is validated at the hybrid's width: d_inner = 2·36 = 72 is not a multiple of head_dim 16
+    with pytest.raises(ValueError, match="head_dim"):
+        HybridConfig(pattern="M2", d_model=36, mamba2=Mamba2Config(head_dim=16))
 
 
 def test_config_dict_round_trip_keeps_pattern_and_sub_configs():
@@ -77,9 +77,9 @@ def test_config_dict_round_trip_keeps_pattern_and_sub_configs():
 
 def test_common_fields_override_sub_configs():
     config = HybridConfig(pattern="M2A", d_model=48, n_layer=None, rms_norm_eps=1e-6,
-                          mamba2=Mamba2Config(d_model=999 * 16, headdim=16), attention=TransformerConfig(n_heads=4))
+                          mamba2=Mamba2Config(d_model=999 * 16, head_dim=16), attention=TransformerConfig(n_heads=4))
     m2 = config.mixer_config("M2")
-    assert (m2.d_model, m2.n_layer, m2.rms_norm_eps, m2.headdim) == (48, 2, 1e-6, 16)
+    assert (m2.d_model, m2.n_layer, m2.rms_norm_eps, m2.head_dim) == (48, 2, 1e-6, 16)
     assert config.mixer_config("A").d_model == 48
 
 

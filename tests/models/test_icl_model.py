@@ -10,7 +10,7 @@ from mamba_jax.models.icl import InContextRegressor
 
 CONFIGS = {
     "mamba": MambaConfig(d_model=32, n_layer=2, d_state=4),
-    "mamba2": Mamba2Config(d_model=32, n_layer=2, d_state=8, headdim=16, chunk_size=4),
+    "mamba2": Mamba2Config(d_model=32, n_layer=2, d_state=8, head_dim=16, chunk_size=4),
     "transformer": TransformerConfig(d_model=32, n_layer=2, n_heads=4, d_intermediate=64, position_embedding="none"),
     "hybrid": HybridConfig(pattern="M A", d_model=32, mamba=MambaConfig(d_state=4),
                            attention=TransformerConfig(n_heads=4, d_intermediate=64, position_embedding="none")),

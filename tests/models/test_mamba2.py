@@ -16,10 +16,10 @@ from mamba_jax.models import Mamba2Config, Mamba2LM, ModelCache, init_cache, par
 from mamba_jax.models import init_params as _init_params
 from mamba_jax.sharding import DEFAULT_RULES
 
-# nheads = 2·32 / 16 = 4; chunk_size 4 so that every test sequence spans several (ragged) chunks.
+# n_heads = 2·32 / 16 = 4; chunk_size 4 so that every test sequence spans several (ragged) chunks.
 CONFIGS = {
-    "default": Mamba2Config(vocab_size=50, d_model=32, n_layer=2, d_state=8, headdim=16, chunk_size=4),
-    "odd": Mamba2Config(vocab_size=37, d_model=24, n_layer=3, d_state=5, headdim=6, ngroups=2, d_conv=2,
+    "default": Mamba2Config(vocab_size=50, d_model=32, n_layer=2, d_state=8, head_dim=16, chunk_size=4),
+    "odd": Mamba2Config(vocab_size=37, d_model=24, n_layer=3, d_state=5, head_dim=6, n_groups=2, d_conv=2,
                         bias=True, conv_bias=False, dt_limit_min=0.01, dt_limit_max=0.08, chunk_size=3,
                         ssd_impl="chunked"),
 }
@@ -59,9 +59,9 @@ def forward(model, params, input_ids, seq_idx=None):
 # --------------------------------------------------------------------------------------------------
 
 def test_official_initialisation():
-    cfg = Mamba2Config(vocab_size=50, d_model=128, n_layer=3, d_state=8, headdim=4)  # 64 heads
+    cfg = Mamba2Config(vocab_size=50, d_model=128, n_layer=3, d_state=8, head_dim=4)  # 64 heads
     mixer = init_params(Mamba2LM(cfg), jax.random.PRNGKey(0))["layers_1"]["mixer"]
-    h, di, k = cfg.nheads, cfg.d_inner, cfg.d_conv
+    h, di, k = cfg.n_heads, cfg.d_inner, cfg.d_conv
     assert mixer["A_log"].shape == mixer["dt_bias"].shape == mixer["D"].shape == (h,) == (64,)
     A = -np.exp(np.asarray(mixer["A_log"], np.float64))
     assert A.min() >= -16 * 1.0001 and A.max() <= -1 / 1.0001
@@ -114,8 +114,8 @@ def test_mixer_shapes_and_cache_shapes():
     out, cache = apply(params, x)
     assert out.shape == x.shape and out.dtype == jnp.float32 and cache is None
     fresh = init_mamba2_cache(cfg, 3)
-    assert fresh.conv_state.shape == (3, cfg.d_conv - 1, cfg.d_inner + 2 * cfg.ngroups * cfg.d_state)
-    assert fresh.ssm_state.shape == (3, cfg.nheads, cfg.headdim, cfg.d_state)
+    assert fresh.conv_state.shape == (3, cfg.d_conv - 1, cfg.d_inner + 2 * cfg.n_groups * cfg.d_state)
+    assert fresh.ssm_state.shape == (3, cfg.n_heads, cfg.head_dim, cfg.d_state)
     out2, cache = apply(params, x, cache=fresh)
     np.testing.assert_allclose(out2, out, atol=1e-6)
     assert jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), cache) == \
@@ -158,7 +158,7 @@ def reference_mixer(p, x, cfg: Mamba2Config):
     p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), p)
     x = np.asarray(x, np.float64)
     b, l, _ = x.shape
-    di, n, g, h, hd, k = cfg.d_inner, cfg.d_state, cfg.ngroups, cfg.nheads, cfg.headdim, cfg.d_conv
+    di, n, g, h, hd, k = cfg.d_inner, cfg.d_state, cfg.n_groups, cfg.n_heads, cfg.head_dim, cfg.d_conv
     # the pieces re-fused in the official column order: in_proj [z | x | B | C | dt], conv over [x | B | C]
     zx, bc, dtp = p["in_proj_zx"], p["in_proj_bc"], p["in_proj_dt"]
     w = np.concatenate([zx["kernel"][0], zx["kernel"][1], bc["kernel"][0], bc["kernel"][1], dtp["kernel"]], axis=1)
@@ -202,18 +202,18 @@ def reference_mixer(p, x, cfg: Mamba2Config):
 
 REFERENCE_CASES = {
     "g1": dict(),
-    "g2_bias_limits": dict(ngroups=2, bias=True, conv_bias=False, dt_limit_min=0.02, dt_limit_max=0.3),
-    "g2_norm_before_gate_k2": dict(ngroups=2, norm_before_gate=True, d_conv=2),
-    "g4_reference_impl": dict(ngroups=4, ssd_impl="reference", d_conv=3),
-    "g2_pallas_impl": dict(ngroups=2, ssd_impl="pallas"),  # the Pallas kernel, interpreted on CPU
+    "g2_bias_limits": dict(n_groups=2, bias=True, conv_bias=False, dt_limit_min=0.02, dt_limit_max=0.3),
+    "g2_norm_before_gate_k2": dict(n_groups=2, norm_before_gate=True, d_conv=2),
+    "g4_reference_impl": dict(n_groups=4, ssd_impl="reference", d_conv=3),
+    "g2_pallas_impl": dict(n_groups=2, ssd_impl="pallas"),  # the Pallas kernel, interpreted on CPU
 }
 
 
 @pytest.mark.parametrize("case", sorted(REFERENCE_CASES))
 def test_mixer_equals_float64_recurrence(case):
-    cfg = Mamba2Config(vocab_size=16, d_model=12, n_layer=2, d_state=5, headdim=6, chunk_size=4,
+    cfg = Mamba2Config(vocab_size=16, d_model=12, n_layer=2, d_state=5, head_dim=6, chunk_size=4,
                        dtype="float64", param_dtype="float64", **REFERENCE_CASES[case])
-    assert cfg.nheads == 4
+    assert cfg.n_heads == 4
     with jax.enable_x64(True):
         x = jax.random.normal(jax.random.PRNGKey(0), (2, 11, cfg.d_model), jnp.float64)
         mixer = Mamba2Mixer(cfg)
@@ -228,7 +228,7 @@ def test_mixer_equals_float64_recurrence(case):
 
 def test_dt_limit_clamps():
     """The upper limit changes the output (so the reference test above exercises the clamp)."""
-    base = Mamba2Config(vocab_size=16, d_model=12, n_layer=1, d_state=5, headdim=6, chunk_size=4)
+    base = Mamba2Config(vocab_size=16, d_model=12, n_layer=1, d_state=5, head_dim=6, chunk_size=4)
     x = jax.random.normal(jax.random.PRNGKey(0), (1, 6, 12))
     params = jax.jit(Mamba2Mixer(base).init)(jax.random.PRNGKey(1), x)["params"]
     free, _ = jax.jit(Mamba2Mixer(base).apply)({"params": params}, x)
@@ -334,9 +334,9 @@ def test_hidden_states_and_untied_head():
 # --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(d_model=32, headdim=24), r"multiple of `headdim`=24"),
-    (dict(d_model=32, headdim=16, ngroups=3), r"`ngroups`=3 must divide nheads = 4"),
-    (dict(headdim=0), "`headdim` must be a positive int"),
+    (dict(d_model=32, head_dim=24), r"multiple of `head_dim`=24"),
+    (dict(d_model=32, head_dim=16, n_groups=3), r"`n_groups`=3 must divide n_heads = 4"),
+    (dict(head_dim=0), "`head_dim` must be a positive int"),
     (dict(chunk_size=0), "`chunk_size` must be a positive int"),
     (dict(A_init_min=0.0), "A_init_min"),
     (dict(ssd_impl="magic"), "`ssd_impl` must be one of"),
@@ -356,9 +356,9 @@ def test_bad_cache_is_named_with_expected_shape(model_and_params):
     cfg = model.config
     good = init_cache(cfg, 2)
     x = ids(7, 2, 1, cfg.vocab_size)
-    wrong_state = good.layers[0]._replace(ssm_state=jnp.zeros((2, cfg.nheads, cfg.d_state, cfg.headdim)))
+    wrong_state = good.layers[0]._replace(ssm_state=jnp.zeros((2, cfg.n_heads, cfg.d_state, cfg.head_dim)))
     bad = ModelCache((wrong_state,) + good.layers[1:], good.positions)
-    expected = rf"\(2, {cfg.nheads}, {cfg.headdim}, {cfg.d_state}\)"
+    expected = rf"\(2, {cfg.n_heads}, {cfg.head_dim}, {cfg.d_state}\)"
     with pytest.raises(ValueError, match=rf"`cache.ssm_state` must have shape {expected}"):
         model.apply({"params": params}, x, cache=bad)
     mamba1 = ModelCache((LayerCache(*good.layers[0]),) + good.layers[1:], good.positions)
@@ -375,3 +375,12 @@ def test_bad_mixer_input_is_named():
         mixer.apply(params, jnp.zeros((1, 3, 31)))
     with pytest.raises(ValueError, match=r"`mask` must have shape \(1, 3\)"):
         mixer.apply(params, x, mask=jnp.ones((1, 4)))
+
+
+def test_config_names_match_hf_and_old_saved_names_still_load():
+    cfg = Mamba2Config(d_model=32, head_dim=16, n_groups=2)
+    assert (cfg.n_heads, cfg.head_dim, cfg.n_groups) == (4, 16, 2)
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("head_dim", "n_groups")}
+    assert Mamba2Config.from_dict({**old, "headdim": 16, "ngroups": 2}) == cfg   # saved before the rename
+    with pytest.raises(TypeError):
+        Mamba2Config(headdim=16)

@@ -41,7 +41,7 @@ def make_case(seed, b, l, d, n, groups=None, *, with_D=True, with_z=True, with_b
 
 @functools.partial(jax.jit, static_argnames=("impl", "chunk_size", "softplus"))
 def run_scan(args, impl, chunk_size=None, softplus=True):
-    return selective_scan(**args, delta_softplus=softplus, return_last_state=True, impl=impl,
+    return selective_scan(**args, delta_softplus=softplus, return_final_state=True, impl=impl,
                           chunk_size=chunk_size)
 
 
@@ -50,7 +50,7 @@ def scan_with_vjp(args, cotangent_key, impl, chunk_size=None):
     """(y, last_state) and the gradients of <random cotangent, (y, last_state)> w.r.t. every float input."""
     floats = {k: v for k, v in args.items() if k in FLOAT_ARGS and v is not None}
     rest = {k: v for k, v in args.items() if k not in floats}
-    fn = lambda f: selective_scan(**f, **rest, delta_softplus=True, return_last_state=True, impl=impl,
+    fn = lambda f: selective_scan(**f, **rest, delta_softplus=True, return_final_state=True, impl=impl,
                                   chunk_size=chunk_size)
     out, vjp = jax.vjp(fn, floats)
     keys = jax.random.split(cotangent_key, 2)
@@ -119,7 +119,7 @@ def test_float64_check_grads(impl, shape, with_seq_idx):
         @jax.jit  # one compile per transformation; the finite differences reuse it
         def f(*floats):
             y, h = selective_scan(**dict(zip(names, floats)), seq_idx=seq_idx, delta_softplus=True,
-                                  return_last_state=True, impl=impl, chunk_size=4)
+                                  return_final_state=True, impl=impl, chunk_size=4)
             return y, h
 
         # `chunked` has a custom VJP (hand-written backward), so reverse mode only.

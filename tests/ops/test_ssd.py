@@ -12,13 +12,13 @@ from jax.test_util import check_grads
 
 from mamba_jax.ops.ssd import segsum, ssd
 
-FLOAT_ARGS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
+FLOAT_ARGS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
 
 
-def numpy_ssd(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None):
+def numpy_ssd(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=None, seq_idx=None):
     """h_t = exp(Δ_t A_h) h_{t-1} + Δ_t x_t B_tᵀ per head, y_t = h_t C_t + D x_t, softplus on Δ."""
     f = lambda v: None if v is None else np.asarray(v, np.float64)
-    x, dt, A, B, C, D, z, dt_bias, hs = map(f, (x, dt, A, B, C, D, z, dt_bias, initial_states))
+    x, dt, A, B, C, D, z, dt_bias, hs = map(f, (x, dt, A, B, C, D, z, dt_bias, initial_state))
     b, l, h, p = x.shape
     n, heads_per_group = B.shape[-1], h // B.shape[2]
     dt = dt if dt_bias is None else dt + dt_bias
@@ -50,7 +50,7 @@ def make_case(seed, b, l, h, p, g, n, *, D_shape=None, with_z=True, with_bias=Tr
         D=None if D_shape is None else rng.normal(size=D_shape),
         z=rng.normal(size=(b, l, h, p)) if with_z else None,
         dt_bias=rng.normal(size=(h,)) * 0.5 if with_bias else None,
-        initial_states=rng.normal(size=(b, h, p, n)) if with_h0 else None,
+        initial_state=rng.normal(size=(b, h, p, n)) if with_h0 else None,
     )
     case = {k: None if v is None else jnp.asarray(v, dtype) for k, v in case.items()}
     if with_seq_idx:
@@ -62,7 +62,7 @@ def make_case(seed, b, l, h, p, g, n, *, D_shape=None, with_z=True, with_bias=Tr
 def ssd_with_vjp(args, cotangent_key, impl, chunk_size):
     floats = {k: v for k, v in args.items() if k in FLOAT_ARGS and v is not None}
     rest = {k: v for k, v in args.items() if k not in floats}
-    fn = lambda fl: ssd(**fl, **rest, chunk_size=chunk_size, dt_softplus=True, return_final_states=True, impl=impl)
+    fn = lambda fl: ssd(**fl, **rest, chunk_size=chunk_size, dt_softplus=True, return_final_state=True, impl=impl)
     out, vjp = jax.vjp(fn, floats)
     keys = jax.random.split(cotangent_key, 2)
     cot = tuple(jax.random.normal(k, o.shape, o.dtype) for k, o in zip(keys, out))
@@ -105,7 +105,7 @@ def test_chunked_matches_reference_values_and_gradients(case_and_chunk):
 @pytest.mark.parametrize("with_seq_idx", [False, True])
 def test_reference_matches_numpy_loop(with_seq_idx):
     args = make_case(1, 2, 19, 4, 3, 2, 5, D_shape=(4, 3), with_seq_idx=with_seq_idx)
-    y, s = ssd(**args, chunk_size=8, dt_softplus=True, return_final_states=True, impl="reference")
+    y, s = ssd(**args, chunk_size=8, dt_softplus=True, return_final_state=True, impl="reference")
     y_np, s_np = numpy_ssd(**args)
     close(y, y_np, 2e-5, 2e-5)
     close(s, s_np, 2e-5, 2e-5)
@@ -121,7 +121,7 @@ def test_float64_check_grads(impl):
         @jax.jit  # one compile per transformation; the finite differences reuse it
         def f(*floats):
             return ssd(**dict(zip(names, floats)), seq_idx=seq_idx, chunk_size=4, dt_softplus=True,
-                       return_final_states=True, impl=impl)
+                       return_final_state=True, impl=impl)
 
         check_grads(f, tuple(args[k] for k in names), order=1, modes=("fwd", "rev"), eps=1e-6)
 
@@ -130,8 +130,8 @@ def test_low_precision_inputs_keep_float32_state():
     args = make_case(3, 2, 64, 4, 8, 2, 16, D_shape=(4,))
     low = {k: None if v is None else v.astype(jnp.bfloat16) for k, v in args.items()}
     as_f32 = {k: None if v is None else v.astype(jnp.float32) for k, v in low.items()}
-    y, s = ssd(**low, chunk_size=16, dt_softplus=True, return_final_states=True)
-    y_ref, s_ref = ssd(**as_f32, chunk_size=16, dt_softplus=True, return_final_states=True, impl="reference")
+    y, s = ssd(**low, chunk_size=16, dt_softplus=True, return_final_state=True)
+    y_ref, s_ref = ssd(**as_f32, chunk_size=16, dt_softplus=True, return_final_state=True, impl="reference")
     assert y.dtype == jnp.bfloat16 and s.dtype == jnp.float32
     close(s, s_ref, 1e-5, 1e-5)
     close(y, y_ref, float(jnp.finfo(jnp.bfloat16).eps), 1e-6)
@@ -165,7 +165,7 @@ def test_segsum_matches_naive_sums():
     (dict(A=jnp.zeros((4, 1))), r"`A` must have shape \(4,\)"),
     (dict(B=jnp.zeros((2, 8, 3, 5)), C=jnp.zeros((2, 8, 3, 5))), r"3 groups, which must divide the number of heads h=4"),
     (dict(D=jnp.zeros((4, 2))), r"`D` must have shape \(4, 3\)"),
-    (dict(initial_states=jnp.zeros((2, 4, 3, 4))), r"`initial_states` must have shape \(2, 4, 3, 5\)"),
+    (dict(initial_state=jnp.zeros((2, 4, 3, 4))), r"`initial_state` must have shape \(2, 4, 3, 5\)"),
     (dict(seq_idx=jnp.zeros((2, 8))), r"`seq_idx` must be an integer array"),
     (dict(chunk_size=0), r"`chunk_size` must be a positive int"),
     (dict(impl="magic"), r"`impl` must be one of"),

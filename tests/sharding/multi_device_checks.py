@@ -87,7 +87,7 @@ def pallas_checks(model, tx, batches, ref_metrics):
 
     def loss(impl):
         def f(a):
-            y, h = selective_scan(**a, seq_idx=seq_idx, delta_softplus=True, return_last_state=True, impl=impl,
+            y, h = selective_scan(**a, seq_idx=seq_idx, delta_softplus=True, return_final_state=True, impl=impl,
                                   chunk_size=8)
             return jnp.sum(y * jnp.cos(y)) + jnp.sum(h ** 2)
         return jax.jit(jax.value_and_grad(f))
@@ -125,12 +125,12 @@ def ssd_pallas_checks():
                     A=-jnp.exp(jax.random.normal(keys[2], (h,))), B=jax.random.normal(keys[3], (b, l, g, n)),
                     C=jax.random.normal(keys[4], (b, l, g, n)), D=jax.random.normal(keys[5], (h,)),
                     z=jax.random.normal(keys[6], (b, l, h, p)), dt_bias=jax.random.normal(keys[7], (h,)) * 0.1,
-                    initial_states=jax.random.normal(keys[8], (b, h, p, n)))
+                    initial_state=jax.random.normal(keys[8], (b, h, p, n)))
         seq_idx = jnp.asarray(np.repeat([[0] * 5 + [1] * 7], b, axis=0), jnp.int32)
 
         def loss(impl):
             def f(a):
-                y, s = ssd(**a, chunk_size=8, dt_softplus=True, seq_idx=seq_idx, return_final_states=True, impl=impl)
+                y, s = ssd(**a, chunk_size=8, dt_softplus=True, seq_idx=seq_idx, return_final_state=True, impl=impl)
                 return jnp.sum(y * jnp.cos(y)) + jnp.sum(s ** 2)
             return jax.jit(jax.value_and_grad(f))
 
