@@ -117,8 +117,9 @@ class ICLConfig:
         mamba2 = Mamba2Config(**common, n_layer=self.mamba_layers, head_dim=min(64, 2 * self.d_model),
                               d_state=64, chunk_size=64)
         configs = dict(mamba=mamba, mamba2=mamba2, transformer=attention,
+                       # the hybrid's initializer_range (0.02) is common to its layers, attention included
                        hybrid=HybridConfig(pattern=self.hybrid_pattern, **common, mamba=mamba, mamba2=mamba2,
-                                           attention=attention))
+                                           attention=attention.replace(initializer_range=0.02)))
         return {name: configs[name] for name in self.model_names()}
 
     def build_models(self):

@@ -4,7 +4,9 @@ A pattern is read left to right: "M2" is a Mamba-2 layer, "M" a Mamba-1 layer, "
 "E" a Mixture-of-Experts feed-forward layer (`mamba_jax.layers.moe`; "M E M E" is MoE-Mamba);
 whitespace only groups ("M2 M2 A M2" = 4 layers, "MMAM MMAM" = 8). Each layer takes its mixer (and MLP,
 when that family's `d_intermediate` > 0) from the family sub-config; the vocabulary, width, depth,
-norms and dtypes come from the hybrid config itself and override the sub-configs'.
+norms and dtypes (`COMMON_FIELDS`) come from the hybrid config itself: a sub-config of a layer in the
+pattern leaves them at their defaults or gives the hybrid's values (anything else is a ValueError, not a
+silent override; a sub-config's n_layer is ignored, the pattern sets the depth).
 """
 from __future__ import annotations
 
@@ -46,10 +48,24 @@ def parse_pattern(pattern: str) -> Tuple[str, ...]:
     return tuple(kinds)
 
 
+def _check_common_fields(hybrid, field: str, sub) -> None:
+    """ValueError when the sub-config `field` sets a common field away from its default and from the
+    hybrid's value (it would be silently replaced)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(type(sub))}
+    # n_layer is not read: the pattern sets the depth, and a whole model's config may serve as a sub-config
+    for name in (n for n in COMMON_FIELDS if n != "n_layer"):
+        mine, theirs = getattr(hybrid, name), getattr(sub, name)
+        if theirs != mine and theirs != defaults[name]:
+            raise ValueError(f"HybridConfig: `{field}.{name}`={theirs!r} differs from the hybrid's `{name}`={mine!r}; "
+                             f"{name} is common to every layer and set on HybridConfig (leave it at its default in "
+                             f"`{field}`, or set HybridConfig({name}=...))")
+
+
 @dataclasses.dataclass(frozen=True)
 class HybridConfig(BaseLMConfig):
     """A hybrid model: `pattern` chooses the mixer of every layer; `mamba`, `mamba2` and `attention` hold
-    the hyper-parameters of each family (their common fields are replaced by this config's).
+    the hyper-parameters of each family (their common fields take this config's values; a used sub-config
+    that sets one to something else is refused).
 
     n_layer is the number of layers in the pattern (leave it None, or give the same number).
     """
@@ -76,6 +92,7 @@ class HybridConfig(BaseLMConfig):
             if not isinstance(getattr(self, field), cls):
                 raise ValueError(f"HybridConfig: `{field}` must be a {cls.__name__}; "
                                  f"got {type(getattr(self, field)).__name__}")
+            _check_common_fields(self, field, getattr(self, field))
             self.mixer_config(kind)  # validates the sub-config at this width and depth
         if MAMBA_MOE in kinds:
             self.mixer_config(MAMBA_MOE)

@@ -75,12 +75,19 @@ def test_config_dict_round_trip_keeps_pattern_and_sub_configs():
         HybridConfig.from_dict({**raw, "nope": 1})
 
 
-def test_common_fields_override_sub_configs():
+def test_common_fields_come_from_the_hybrid_and_a_conflicting_sub_config_is_refused():
     config = HybridConfig(pattern="M2A", d_model=48, n_layer=None, rms_norm_eps=1e-6,
-                          mamba2=Mamba2Config(d_model=999 * 16, head_dim=16), attention=TransformerConfig(n_heads=4))
+                          mamba2=Mamba2Config(head_dim=16), attention=TransformerConfig(n_heads=4, d_model=48))
     m2 = config.mixer_config("M2")
     assert (m2.d_model, m2.n_layer, m2.rms_norm_eps, m2.head_dim) == (48, 2, 1e-6, 16)
     assert config.mixer_config("A").d_model == 48
+    with pytest.raises(ValueError, match=r"`mamba2.d_model`=15984 differs from the hybrid's `d_model`=48"):
+        HybridConfig(pattern="M2A", d_model=48, mamba2=Mamba2Config(d_model=999 * 16, head_dim=16))
+    with pytest.raises(ValueError, match=r"`attention.dtype`='bfloat16' differs"):
+        HybridConfig(pattern="M2A", d_model=48, mamba2=Mamba2Config(head_dim=16),
+                     attention=TransformerConfig(dtype="bfloat16"))
+    # a sub-config of a family the pattern does not use is not read
+    HybridConfig(pattern="M2", d_model=48, mamba2=Mamba2Config(head_dim=16), attention=TransformerConfig(d_model=8))
 
 
 def test_each_layer_gets_its_mixer_and_mlp():
