@@ -119,7 +119,7 @@ def mamba2_student_config(teacher: TransformerConfig, layers: Sequence[int], *,
     layers = replaced_layers(teacher.n_layer, layers)
     pattern = " ".join("M2" if i in layers else "A" for i in range(teacher.n_layer))
     mamba2 = Mamba2Config(expand=d_inner // teacher.d_model, head_dim=dh, d_state=dh, n_groups=h, bias=bool(bias),
-                          chunk_size=chunk_size, d_intermediate=teacher.d_intermediate, mlp_bias=teacher.mlp_bias,
+                          chunk_size=chunk_size, d_intermediate=teacher.mlp_width, mlp_bias=teacher.mlp_bias,
                           vocab_size=teacher.vocab_size, d_model=teacher.d_model)
     common = {name: getattr(teacher, name) for name in (
         "vocab_size", "d_model", "rms_norm_eps", "residual_in_fp32", "tie_embeddings", "pad_vocab_size_multiple",
@@ -292,7 +292,7 @@ def mamba1_student_config(teacher: TransformerConfig, layers: Sequence[int], *, 
     layers = replaced_layers(teacher.n_layer, layers)
     pattern = " ".join("M" if i in layers else "A" for i in range(teacher.n_layer))
     mamba = MambaConfig(expand=d_inner // teacher.d_model, d_state=d_state, bc_source="input", d_xb=kv * dh,
-                        bias=bool(bias), d_intermediate=teacher.d_intermediate, mlp_bias=teacher.mlp_bias,
+                        bias=bool(bias), d_intermediate=teacher.mlp_width, mlp_bias=teacher.mlp_bias,
                         vocab_size=teacher.vocab_size, d_model=teacher.d_model)
     common = {name: getattr(teacher, name) for name in (
         "vocab_size", "d_model", "rms_norm_eps", "residual_in_fp32", "tie_embeddings", "pad_vocab_size_multiple",

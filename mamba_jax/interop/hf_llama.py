@@ -136,7 +136,7 @@ def config_to_hf(config: TransformerConfig) -> Dict[str, Any]:
     if config.position_embedding != "rope":
         raise ValueError(f"save_hf: only rotary position embeddings can be saved as Llama; `position_embedding` is "
                          f"{config.position_embedding!r} (use mamba_jax.interop.save_pretrained)")
-    if not config.d_intermediate:
+    if not config.mlp_width:
         raise ValueError("save_hf: Llama layers always have an MLP; `d_intermediate` is 0")
     if config.d_model % config.n_heads:
         raise ValueError(f"save_hf: transformers' LlamaConfig needs `d_model` ({config.d_model}) divisible by "
@@ -146,7 +146,7 @@ def config_to_hf(config: TransformerConfig) -> Dict[str, Any]:
         "model_type": MODEL_TYPE,
         "vocab_size": config.vocab_size,
         "hidden_size": config.d_model,
-        "intermediate_size": config.d_intermediate,
+        "intermediate_size": config.mlp_width,
         "num_hidden_layers": config.n_layer,
         "num_attention_heads": config.n_heads,
         "num_key_value_heads": config.kv_heads,
@@ -195,7 +195,7 @@ def _per_head(specs, name: str, heads: int, dh: int, d: int, path: Tuple[str, ..
 
 def tensor_specs(config: TransformerConfig) -> Tuple[TensorSpec, ...]:
     """Every tensor of the HF Llama layout except the embedding and the head (see the module docstring)."""
-    d, f = config.d_model, config.d_intermediate
+    d, f = config.d_model, config.mlp_width
     h, kv, dh = config.n_heads, config.kv_heads, config.head_dim_value
     ab, mb = config.attention_bias, config.mlp_bias
     specs = []

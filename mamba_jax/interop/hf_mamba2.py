@@ -183,7 +183,7 @@ def config_to_hf(config: Mamba2Config) -> Dict[str, Any]:
         raise ValueError(f"save_hf: HF Mamba-2 uses one epsilon (layer_norm_epsilon) for every norm; this config has "
                          f"rms_norm_eps={config.rms_norm_eps} and gated_norm_eps={config.gated_norm_eps} "
                          "(use mamba_jax.interop.save_pretrained, or make them equal)")
-    if config.d_intermediate:
+    if config.mlp_width:
         raise ValueError(f"save_hf: `d_intermediate`={config.d_intermediate} (an MLP per layer) has no HF Mamba-2 "
                          "equivalent; use mamba_jax.interop.save_pretrained")
     out = {

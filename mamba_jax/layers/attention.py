@@ -21,18 +21,24 @@ from mamba_jax.axes import EMBED, HEADS, KV_HEADS
 POSITION_EMBEDDINGS = ("rope", "learned", "none")
 
 
+def llama_mlp_width(d_model: int, multiple_of: int = 256) -> int:
+    """Llama's SwiGLU hidden width: int(2/3 · 4 · d_model) rounded up to a multiple of `multiple_of`."""
+    return multiple_of * -(-int(2 * 4 * d_model / 3) // multiple_of)
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig(BaseLMConfig):
     """Hyper-parameters of a Llama-style Transformer (pre-norm attention + SwiGLU MLP per layer).
 
     n_kv_heads (None: = n_heads) must divide n_heads (grouped-query attention); head_dim None means
-    d_model // n_heads. position_embedding: "rope" (rotary, base `rope_theta`), "learned" (absolute,
+    d_model // n_heads. d_intermediate None: Llama's SwiGLU width for d_model, 2/3 · 4 · d_model rounded up to
+    a multiple of 256 (256 up to d_model 96, 2048 at 768, 11008 at 4096). position_embedding: "rope" (rotary, base `rope_theta`), "learned" (absolute,
     `max_position_embeddings` rows added to the token embeddings) or "none".
     """
 
     family: ClassVar[str] = "transformer"
 
-    d_intermediate: int = 256
+    d_intermediate: Optional[int] = None
     n_heads: int = 4
     n_kv_heads: Optional[int] = None
     head_dim: Optional[int] = None
@@ -62,6 +68,9 @@ class TransformerConfig(BaseLMConfig):
     @property
     def layer_kinds(self) -> Tuple[str, ...]:
         return (ATTENTION,) * self.n_layer
+
+    def default_mlp_width(self) -> int:
+        return llama_mlp_width(self.d_model)
 
     @property
     def kv_heads(self) -> int:

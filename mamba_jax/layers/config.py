@@ -72,7 +72,8 @@ def check_choice(owner: str, name: str, value, choices) -> None:
 class BaseLMConfig:
     """Embedding, residual stream, norms, head and dtypes: the part of a config that is not the mixer.
 
-    d_intermediate: width of the SwiGLU MLP after each mixer (0: no MLP, the Mamba default).
+    d_intermediate: width of the SwiGLU MLP after each mixer (0: no MLP, the Mamba default; None: the
+       family's rule for d_model, `default_mlp_width` — Llama's for the Transformer). Read it as `mlp_width`.
     remat: wrap each block in `nn.remat` (recompute its activations in the backward pass instead of
     storing them); parameters, values and gradients are unchanged. Applies to full forwards (not to
     cached decoding). Measured with `mamba-jax aot`: Mamba 1.4b on v5e:16x16 (fsdp, 256 × 2048, bf16)
@@ -104,10 +105,21 @@ class BaseLMConfig:
         owner = type(self).__name__
         for name in ("vocab_size", "d_model", "n_layer", "pad_vocab_size_multiple"):
             check_positive_int(owner, name, getattr(self, name))
-        if isinstance(self.d_intermediate, bool) or not isinstance(self.d_intermediate, int) or self.d_intermediate < 0:
-            raise ValueError(f"{owner}: `d_intermediate` must be an int >= 0 (0: no MLP); got {self.d_intermediate!r}")
+        d_mlp = self.d_intermediate
+        if d_mlp is not None and (isinstance(d_mlp, bool) or not isinstance(d_mlp, int) or d_mlp < 0):
+            raise ValueError(f"{owner}: `d_intermediate` must be an int >= 0 (0: no MLP) or None (the family's "
+                             f"width for d_model); got {d_mlp!r}")
         for name in ("dtype", "param_dtype"):
             check_choice(owner, name, getattr(self, name), DTYPES)
+
+    def default_mlp_width(self) -> int:
+        """The MLP width when `d_intermediate` is None (no MLP unless a family says otherwise)."""
+        return 0
+
+    @property
+    def mlp_width(self) -> int:
+        """The SwiGLU MLP's hidden width (0: no MLP)."""
+        return self.default_mlp_width() if self.d_intermediate is None else self.d_intermediate
 
     # -- what the model shell asks every config --
     @property

@@ -87,7 +87,7 @@ def logical_param(module, name, init, axes, shape, dtype):
 
 def residual_out_scale(config: BaseLMConfig) -> float:
     """The official rescaling of the output projections: 1/sqrt(residual branches per layer · n_layer)."""
-    return 1.0 / math.sqrt(config.n_layer * (2 if config.d_intermediate else 1))
+    return 1.0 / math.sqrt(config.n_layer * (2 if config.mlp_width else 1))
 
 
 def array_namespace(a):

@@ -12,7 +12,7 @@ from mamba_jax.axes import EMBED, MLP
 class GatedMLP(nn.Module):
     """down_proj(silu(gate_proj(x)) · up_proj(x)).  x: (..., d_model) -> (..., d_model).
 
-    Width `config.d_intermediate`; names as HF's LlamaMLP. down_proj is initialised with the official
+    Width `config.mlp_width`; names as HF's LlamaMLP. down_proj is initialised with the official
     residual rescaling (see `residual_out_scale`).
     """
 
@@ -25,6 +25,6 @@ class GatedMLP(nn.Module):
             features, use_bias=cfg.mlp_bias, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, name=name,
             kernel_init=nn.with_logical_partitioning(torch_linear_init(scale), axes),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
-        gate = dense(cfg.d_intermediate, (EMBED, MLP), "gate_proj")(x)
-        up = dense(cfg.d_intermediate, (EMBED, MLP), "up_proj")(x)
+        gate = dense(cfg.mlp_width, (EMBED, MLP), "gate_proj")(x)
+        up = dense(cfg.mlp_width, (EMBED, MLP), "up_proj")(x)
         return dense(cfg.d_model, (MLP, EMBED), "down_proj", residual_out_scale(cfg))(jax.nn.silu(gate) * up)

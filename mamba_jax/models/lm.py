@@ -101,7 +101,7 @@ class DecoderBlock(nn.Module):
             normed.astype(cfg.jnp_dtype), positions=positions, seq_idx=seq_idx, mask=mask, cache=cache,
             deterministic=self.deterministic)
         h = h + out.astype(h.dtype)
-        if cfg.d_intermediate:
+        if cfg.mlp_width:
             normed = RMSNorm(cfg.rms_norm_eps, cfg.jnp_param_dtype, name="mlp_norm")(h)
             h = h + GatedMLP(cfg, name="mlp")(normed.astype(cfg.jnp_dtype)).astype(h.dtype)
         return h, new_cache

@@ -260,3 +260,18 @@ def test_missing_or_bad_max_len_and_cache_errors():
     bad = bad._replace(layers=(bad.layers[0][:2] + bad.layers[0][3:],) + bad.layers[1:])
     with pytest.raises(ValueError, match="`cache` must be a KVCache"):
         model.apply({"params": params}, ids(0, 2, 2), cache=bad)
+
+
+def test_mlp_width_scales_with_d_model_as_llama_unless_set():
+    # Llama: int(2/3 · 4 · d) rounded up to a multiple of 256 (LLaMA-7B: d 4096 -> 11008)
+    for d, want in ((64, 256), (96, 256), (128, 512), (768, 2048), (4096, 11008)):
+        assert TransformerConfig(d_model=d, n_heads=4).mlp_width == want, d
+    assert TransformerConfig(d_model=768, d_intermediate=100).mlp_width == 100
+    assert TransformerConfig(d_model=768, d_intermediate=0).mlp_width == 0
+    params = init_params(TransformerLM(TransformerConfig(vocab_size=8, d_model=128, n_layer=1, n_heads=4)),
+                         jax.random.PRNGKey(0))
+    assert params["layers_0"]["mlp"]["up_proj"]["kernel"].shape == (128, 512)
+    # in a hybrid, the attention layers' MLP follows the hybrid's width (the sub-config leaves it None)
+    from mamba_jax.models import HybridConfig
+    hybrid = HybridConfig(pattern="M A", d_model=768, attention=TransformerConfig(n_heads=8))
+    assert hybrid.mixer_config("A").mlp_width == 2048
