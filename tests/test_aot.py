@@ -94,9 +94,9 @@ def test_mamba_train_step_with_pallas_kernels_compiles_per_shard_for_v5e_2x2():
 
 @pytest.mark.parametrize("strategy,mesh_text", [("tensor", "data=2,tensor=2"), ("fsdp", "fsdp=4")])
 def test_mamba2_train_step_with_pallas_ssd_compiles_per_shard_for_v5e_2x2(strategy, mesh_text):
-    """ssd_impl="pallas" in a sharded Mamba-2 train step: the SSD kernels run in shard_map (rows over the
+    """scan_impl="pallas" in a sharded Mamba-2 train step: the SSD kernels run in shard_map (rows over the
     data axes, heads over tensor) and the TPU program holds the Mosaic kernels: at least a forward and a
-    backward per layer (with `ssd_impl="chunked"` there are none)."""
+    backward per layer (with `scan_impl="chunked"` there are none)."""
     pytest.importorskip("libtpu", reason="needs the optional dependency libtpu (the tpu-aot / test extra)")
     from mamba_jax.models import Mamba2Config, Mamba2LM
     from mamba_jax.sharding.mesh import make_mesh_from_config
@@ -104,7 +104,7 @@ def test_mamba2_train_step_with_pallas_ssd_compiles_per_shard_for_v5e_2x2(strate
 
     n_layer = 2
     model = Mamba2LM(Mamba2Config(vocab_size=64, d_model=64, n_layer=n_layer, d_state=16, head_dim=32,
-                                  dtype="bfloat16", ssd_impl="pallas"))
+                                  dtype="bfloat16", scan_impl="pallas"))
     tx = make_optimizer(OptimizerConfig())
     mesh = make_mesh_from_config(aot.parse_mesh(mesh_text), aot.topology_devices("v5e:2x2"))
     training = sharded_training(model, tx, mesh, strategy)

@@ -71,7 +71,7 @@ def load_hf(path, *, dtype: str = "float32", param_dtype: str = "float32", **con
       dtype: computation dtype of the returned model ("float32", "bfloat16", "float16", "float64").
       param_dtype: dtype the parameters are cast to.
       config_overrides: other config fields to set, e.g. `scan_impl="reference"` (Mamba-1) or
-        `ssd_impl="chunked"` (Mamba-2).
+        `scan_impl="chunked"` (Mamba-2).
     Returns:
       (model, params): a MambaLM / Mamba2LM / TransformerLM / HybridLM and its parameter tree (jax arrays)
       for `model.apply({"params": params}, ids)`. Embedding (and untied head) rows are zero-padded to

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import ClassVar, NamedTuple, Optional, Tuple, Union
+from typing import ClassVar, Dict, NamedTuple, Optional, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -45,6 +45,7 @@ class MambaConfig(BaseLMConfig):
     """
 
     family: ClassVar[str] = "mamba"
+    RENAMED: ClassVar[Dict[str, str]] = {"scan_chunk_size": "chunk_size"}
 
     d_state: int = 16
     d_conv: int = 4
@@ -57,13 +58,13 @@ class MambaConfig(BaseLMConfig):
     conv_bias: bool = True
     bias: bool = False
     scan_impl: str = "auto"
-    scan_chunk_size: int = 256
+    chunk_size: int = 256
     bc_source: str = "conv"
     d_xb: Optional[int] = None
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("d_state", "d_conv", "expand", "scan_chunk_size"):
+        for name in ("d_state", "d_conv", "expand", "chunk_size"):
             check_positive_int("MambaConfig", name, getattr(self, name))
         if self.dt_rank != "auto" and (not isinstance(self.dt_rank, int) or self.dt_rank < 1):
             raise ValueError(f"MambaConfig: `dt_rank` must be 'auto' or a positive int; got {self.dt_rank!r}")
@@ -207,7 +208,7 @@ class MambaMixer(nn.Module):
         else:
             y, ssm_state = selective_scan_on_mesh(
                 x_conv, delta, A, B, C, D=D, z=z, initial_state=initial_state, seq_idx=seq_idx,
-                return_final_state=True, impl=cfg.scan_impl, chunk_size=cfg.scan_chunk_size)
+                return_final_state=True, impl=cfg.scan_impl, chunk_size=cfg.chunk_size)
 
         out = dense(cfg.d_model, cfg.bias, (MLP, EMBED), "out_proj", scale=residual_out_scale(cfg))(y)
         new_cache = None if cache is None else LayerCache(conv_state, ssm_state)

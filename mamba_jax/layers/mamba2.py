@@ -49,7 +49,7 @@ class Mamba2Config(BaseLMConfig):
     """
 
     family: ClassVar[str] = "mamba2"
-    RENAMED: ClassVar[Dict[str, str]] = {"headdim": "head_dim", "ngroups": "n_groups"}
+    RENAMED: ClassVar[Dict[str, str]] = {"headdim": "head_dim", "ngroups": "n_groups", "ssd_impl": "scan_impl"}
 
     d_state: int = 128
     d_conv: int = 4
@@ -68,7 +68,7 @@ class Mamba2Config(BaseLMConfig):
     norm_before_gate: bool = False
     gated_norm_eps: float = 1e-5
     chunk_size: int = 256
-    ssd_impl: str = "auto"
+    scan_impl: str = "auto"
 
     def __post_init__(self):
         super().__post_init__()
@@ -82,7 +82,7 @@ class Mamba2Config(BaseLMConfig):
         if not 0 < self.A_init_min <= self.A_init_max:
             raise ValueError(f"Mamba2Config: need 0 < A_init_min <= A_init_max; got "
                              f"({self.A_init_min}, {self.A_init_max})")
-        check_choice("Mamba2Config", "ssd_impl", self.ssd_impl, SSD_IMPLS + ("auto", "pallas"))
+        check_choice("Mamba2Config", "scan_impl", self.scan_impl, SSD_IMPLS + ("auto", "pallas"))
         check_dt_range("Mamba2Config", self.dt_min, self.dt_max, self.dt_init_floor)
         if not (isinstance(self.dt_limit_min, (int, float)) and self.dt_limit_min >= 0
                 and (self.dt_limit_max is None or self.dt_limit_max > self.dt_limit_min)):
@@ -232,7 +232,7 @@ class Mamba2Mixer(nn.Module):
         else:
             out = ssd_on_mesh(xs, delta, A, B, C, cfg.chunk_size, D=D, seq_idx=seq_idx,
                       initial_state=None if cache is None else cache.ssm_state,
-                      return_final_state=cache is not None, impl=cfg.ssd_impl)
+                      return_final_state=cache is not None, impl=cfg.scan_impl)
             y, ssm_state = out if cache is not None else (out, None)
 
         norm_w = logical_param(self, "norm_weight", nn.initializers.ones, (MLP,), (di,), pdt)

@@ -124,7 +124,7 @@ def test_input_form_mixer_matches_a_float64_recurrence_and_its_step():
     assert params["in_proj_dt"]["kernel"].shape == (16, 3) and "x_proj" not in params
     u = np.asarray(jax.random.normal(jax.random.PRNGKey(4), (2, 9, 16)))
     for impl in ("reference", "chunked"):
-        got, _ = MambaMixer(cfg.replace(scan_impl=impl, scan_chunk_size=4)).apply({"params": params}, jnp.asarray(u))
+        got, _ = MambaMixer(cfg.replace(scan_impl=impl, chunk_size=4)).apply({"params": params}, jnp.asarray(u))
         for b in range(2):
             np.testing.assert_allclose(np.asarray(got[b]), _numpy_mixer(params, u[b], cfg), rtol=1e-4, atol=1e-5)
     # decoding one token at a time through the cache gives the same outputs

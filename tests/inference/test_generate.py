@@ -10,7 +10,7 @@ from mamba_jax.models import MambaConfig, MambaLM, init_params
 CONFIGS = {
     "default": MambaConfig(vocab_size=40, d_model=32, n_layer=2, d_state=8),
     "odd": MambaConfig(vocab_size=37, d_model=24, n_layer=3, d_state=5, d_conv=2, dt_rank=5, bias=True,
-                       conv_bias=False, scan_impl="chunked", scan_chunk_size=3),
+                       conv_bias=False, scan_impl="chunked", chunk_size=3),
 }
 
 

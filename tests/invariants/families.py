@@ -30,7 +30,7 @@ HALF = 16             # the invariants' sequences have 2 · HALF tokens (a multi
 MOE = MoEConfig(n_experts=4, router="switch", capacity_factor_train=0.5, d_expert=24)   # binds in training
 
 _common = dict(vocab_size=VOCAB, d_model=D_MODEL)
-_mamba = MambaConfig(d_state=4, scan_chunk_size=8)
+_mamba = MambaConfig(d_state=4, chunk_size=8)
 _mamba2 = Mamba2Config(d_state=8, head_dim=8, chunk_size=8)
 _attention = TransformerConfig(n_heads=8, n_kv_heads=4, head_dim=4, d_intermediate=32)   # whole heads on tensor=4
 
@@ -52,12 +52,12 @@ def _hybrid(pattern, **sub):
 
 FAMILIES: Dict[str, Family] = {f.name: f for f in [
     *[Family(f"M[{impl}]", lambda impl=impl: MambaLM(MambaConfig(**_common, n_layer=2, d_state=4, scan_impl=impl,
-                                                                  scan_chunk_size=8)), ("M",))
+                                                                  chunk_size=8)), ("M",))
       for impl in ("reference", "associative", "chunked", "chunked_associative", "pallas")],
     Family("M[input-form]", lambda: MambaLM(MambaConfig(**_common, n_layer=2, d_state=4, bc_source="input", d_xb=16, dt_rank=4,
-                                                         scan_impl="chunked", scan_chunk_size=8)), ("M",)),
+                                                         scan_impl="chunked", chunk_size=8)), ("M",)),
     *[Family(f"M2[{impl}]", lambda impl=impl: Mamba2LM(Mamba2Config(**_common, n_layer=2, d_state=8, head_dim=8,
-                                                                     n_groups=2, chunk_size=8, ssd_impl=impl)),
+                                                                     n_groups=2, chunk_size=8, scan_impl=impl)),
              ("M2",)) for impl in ("reference", "chunked", "pallas")],
     Family("A[rope,gqa]", lambda: TransformerLM(TransformerConfig(**_common, n_layer=2, n_heads=8, n_kv_heads=4,
                                                                   head_dim=4, d_intermediate=32)), ("A",),

@@ -1,4 +1,4 @@
-"""The models' `scan_impl="pallas"` / `ssd_impl="pallas"` on a GPU: a whole train-step gradient of a
+"""The models' `scan_impl="pallas"` / `scan_impl="pallas"` on a GPU: a whole train-step gradient of a
 MambaLM and of a Mamba2LM lowers for CUDA on this CPU host with the Triton kernels of both directions in
 it (and no interpreted kernel: Pallas interpret mode would lower to plain HLO loops without a Triton
 call). Triton's compilation and a run need a GPU (see pallas_kernels/README.md)."""
@@ -32,7 +32,7 @@ def _loss_grad_text(model, seq_len=40):
     (MambaLM(MambaConfig(vocab_size=64, d_model=32, n_layer=2, d_state=16, scan_impl="pallas")),
      ["selective_scan_fwd_triton", "selective_scan_bwd_triton"]),
     (Mamba2LM(Mamba2Config(vocab_size=64, d_model=32, n_layer=2, d_state=16, head_dim=16, chunk_size=32,
-                           ssd_impl="pallas")),
+                           scan_impl="pallas")),
      ["ssd_fwd_triton", "ssd_bwd_triton"]),
 ], ids=["mamba", "mamba2"])
 def test_model_train_gradient_lowers_with_triton_kernels(model, kernels):

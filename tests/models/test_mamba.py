@@ -76,7 +76,7 @@ def test_hidden_states_and_final_norm(params):
 
 @pytest.mark.parametrize("impl", ["reference", "associative", "chunked"])
 def test_packed_sequences_equal_separate_runs(params, impl):
-    model = MambaLM(CFG.replace(scan_impl=impl, scan_chunk_size=4))
+    model = MambaLM(CFG.replace(scan_impl=impl, chunk_size=4))
     a, b = ids(3, 1, 7), ids(4, 1, 12)
     packed = jnp.concatenate([a, b], axis=1)
     seq_idx = jnp.asarray([[0] * 7 + [1] * 12], jnp.int32)

@@ -21,7 +21,7 @@ CONFIGS = {
     "default": Mamba2Config(vocab_size=50, d_model=32, n_layer=2, d_state=8, head_dim=16, chunk_size=4),
     "odd": Mamba2Config(vocab_size=37, d_model=24, n_layer=3, d_state=5, head_dim=6, n_groups=2, d_conv=2,
                         bias=True, conv_bias=False, dt_limit_min=0.01, dt_limit_max=0.08, chunk_size=3,
-                        ssd_impl="chunked"),
+                        scan_impl="chunked"),
 }
 
 
@@ -204,8 +204,8 @@ REFERENCE_CASES = {
     "g1": dict(),
     "g2_bias_limits": dict(n_groups=2, bias=True, conv_bias=False, dt_limit_min=0.02, dt_limit_max=0.3),
     "g2_norm_before_gate_k2": dict(n_groups=2, norm_before_gate=True, d_conv=2),
-    "g4_reference_impl": dict(n_groups=4, ssd_impl="reference", d_conv=3),
-    "g2_pallas_impl": dict(n_groups=2, ssd_impl="pallas"),  # the Pallas kernel, interpreted on CPU
+    "g4_reference_impl": dict(n_groups=4, scan_impl="reference", d_conv=3),
+    "g2_pallas_impl": dict(n_groups=2, scan_impl="pallas"),  # the Pallas kernel, interpreted on CPU
 }
 
 
@@ -292,7 +292,7 @@ def test_left_padded_batch_equals_each_sequence_alone(model_and_params):
 @pytest.mark.parametrize("impl", ["reference", "chunked", "pallas"])
 def test_packed_sequences_equal_separate_runs(model_and_params, impl):
     model, params = model_and_params
-    model = Mamba2LM(model.config.replace(ssd_impl=impl))
+    model = Mamba2LM(model.config.replace(scan_impl=impl))
     vocab = model.config.vocab_size
     parts = [ids(20, 1, 7, vocab), ids(21, 1, 2, vocab), ids(22, 1, 10, vocab)]
     packed = jnp.concatenate(parts, axis=1)
@@ -311,8 +311,8 @@ def test_ragged_lengths_are_causal_and_impls_agree(model_and_params):
     sequence, and the chunked SSD equals the sequential reference."""
     model, params = model_and_params
     x = ids(5, 2, 13, model.config.vocab_size)
-    chunked = Mamba2LM(model.config.replace(ssd_impl="chunked"))
-    reference = Mamba2LM(model.config.replace(ssd_impl="reference"))
+    chunked = Mamba2LM(model.config.replace(scan_impl="chunked"))
+    reference = Mamba2LM(model.config.replace(scan_impl="reference"))
     full = forward(chunked, params, x)
     np.testing.assert_allclose(forward(reference, params, x), full, rtol=1e-5, atol=1e-5)
     for l in (1, 5, 10):
@@ -339,7 +339,7 @@ def test_hidden_states_and_untied_head():
     (dict(head_dim=0), "`head_dim` must be a positive int"),
     (dict(chunk_size=0), "`chunk_size` must be a positive int"),
     (dict(A_init_min=0.0), "A_init_min"),
-    (dict(ssd_impl="magic"), "`ssd_impl` must be one of"),
+    (dict(scan_impl="magic"), "`scan_impl` must be one of"),
     (dict(dt_min=0.2, dt_max=0.1), r"`dt_min` <= `dt_max`.*dt_min=0.2 > dt_max=0.1"),
     (dict(dt_min=0.0), "`dt_min` must be a number > 0"),
     (dict(dt_init_floor=-1e-4), "`dt_init_floor` must be a number > 0"),
@@ -382,5 +382,7 @@ def test_config_names_match_hf_and_old_saved_names_still_load():
     assert (cfg.n_heads, cfg.head_dim, cfg.n_groups) == (4, 16, 2)
     old = {k: v for k, v in cfg.to_dict().items() if k not in ("head_dim", "n_groups")}
     assert Mamba2Config.from_dict({**old, "headdim": 16, "ngroups": 2}) == cfg   # saved before the rename
+    old = {k: v for k, v in cfg.to_dict().items() if k != "scan_impl"}
+    assert Mamba2Config.from_dict({**old, "ssd_impl": "auto"}) == cfg
     with pytest.raises(TypeError):
         Mamba2Config(headdim=16)
