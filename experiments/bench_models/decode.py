@@ -43,7 +43,7 @@ def decode_loop(model, params, cache, token, steps: int):
     """`steps` greedy decode steps; returns the tokens (steps, b) and the final cache."""
     def body(carry, _):
         cache, token = carry
-        out = model.apply({"params": params}, token[:, None], cache=cache)
+        out = model.apply({"params": params}, token[:, None], cache=cache, method="forward")
         nxt = jnp.argmax(out.logits[:, -1], axis=-1).astype(token.dtype)
         return (out.cache, nxt), nxt
     (cache, _), tokens = jax.lax.scan(body, (cache, token), None, length=steps)

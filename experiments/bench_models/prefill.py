@@ -21,7 +21,7 @@ from mamba_jax.models import init_cache, init_params
 
 @functools.partial(jax.jit, static_argnums=0)
 def prefill_chunk(model, params, ids, cache):
-    out = model.apply({"params": params}, ids, cache=cache)
+    out = model.apply({"params": params}, ids, cache=cache, method="forward")
     return out.logits[:, -1], out.cache
 
 

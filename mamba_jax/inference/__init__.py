@@ -76,7 +76,7 @@ def prefill(model: DecoderLM, params, input_ids, cache: Optional[ModelCache] = N
 def _prefill(model: DecoderLM, params, input_ids, cache, mask, *, max_len):
     if cache is None:
         cache = init_cache(model.config, input_ids.shape[0], input_ids.shape[1] if max_len is None else max_len)
-    out = model.apply({"params": params}, input_ids, mask=mask, cache=cache)
+    out = model.apply({"params": params}, input_ids, mask=mask, cache=cache, method="forward")
     return out.logits, out.cache
 
 
@@ -94,7 +94,7 @@ def step(model: DecoderLM, params, token_ids, cache: ModelCache):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _step(model: DecoderLM, params, token_ids, cache: ModelCache):
-    out = model.apply({"params": params}, token_ids[:, None], cache=cache)
+    out = model.apply({"params": params}, token_ids[:, None], cache=cache, method="forward")
     return out.logits[:, 0], out.cache
 
 

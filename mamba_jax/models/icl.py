@@ -51,7 +51,7 @@ class InContextRegressor(nn.Module):
         h = nn.Dense(cfg.d_model, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, name="read_in",
                      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, EMBED)),
                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (EMBED,)))(tokens)
-        out = DecoderLM(cfg, head=False, name="backbone")(inputs_embeds=h, return_hidden_states=True)
+        out = DecoderLM(cfg, head=False, name="backbone").forward(inputs_embeds=h, return_hidden_states=True)
         norm = RMSNorm(cfg.rms_norm_eps, cfg.jnp_param_dtype, name="norm_f")
         read_out = nn.Dense(1, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, name="read_out",
                             kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (EMBED, None)),

@@ -110,7 +110,10 @@ class DecoderBlock(nn.Module):
 class DecoderLM(nn.Module):
     """A decoder-only language model over any `BaseLMConfig` (see the module docstring).
 
-    `model.apply({"params": params}, input_ids)` → logits (b, l, vocab_size), float32.
+    `model.apply({"params": params}, input_ids)` → logits (b, l, vocab_size), float32, always.
+    `model.apply({"params": params}, input_ids, cache=..., return_hidden_states=..., method="forward")` →
+    an `LMOutput` (logits, new cache, hidden states), always: the one way to continue from a cache or to
+    read the residual stream.
 
     Args:
       input_ids: (b, l) int tokens in [0, vocab_size) — or `inputs_embeds` (b, l, d_model) float vectors in
@@ -120,12 +123,13 @@ class DecoderLM(nn.Module):
       seq_idx: optional (b, l) int; packed sequences: no mixing across a change of id.
       mask: optional (b, l) of 0/1 (checked when concrete), 1 for real tokens and 0 for left padding; a padded
         row gives exactly what the unpadded row gives alone. Masks select, so padding may hold anything.
-      cache: a ModelCache (`init_cache`) to continue from; the result then carries the new cache.
-      return_hidden_states: also return the residual stream after the embeddings and after each layer.
+      cache (`forward` only): a ModelCache (`init_cache`) to continue from; the output carries the new one.
+      return_hidden_states (`forward` only): also return the residual stream after the embeddings and after
+        each layer.
       deterministic: True (default) evaluates; False trains the layers that behave differently in training
         (MoE: train capacity factor and router jitter). The train step passes False.
     Returns:
-      logits, or an `LMOutput` when a cache or hidden states are requested.
+      `__call__`: the logits; `forward`: an `LMOutput`.
 
     `head=False` builds the stack alone — no token embeddings, final norm or head — for models that
     bring their own read-in and read-out (e.g. `InContextRegressor`): it takes `inputs_embeds` only and
@@ -142,10 +146,22 @@ class DecoderLM(nn.Module):
                              f"got {type(self.config).__name__}")
         super().__post_init__()
 
-    @nn.compact
     def __call__(self, input_ids=None, *, inputs_embeds=None, positions=None, seq_idx=None, mask=None,
-                 cache: Optional[ModelCache] = None, return_hidden_states: bool = False,
-                 deterministic: bool = True):
+                 deterministic: bool = True, cache=None, return_hidden_states: bool = False):
+        """The logits (b, l, vocab_size) (see the class docstring); `forward` returns the `LMOutput`."""
+        if cache is not None or return_hidden_states:
+            raise ValueError(f"{type(self).__name__}: `cache` and `return_hidden_states` are arguments of "
+                             "`forward`, which returns an LMOutput (logits, cache, hidden_states): "
+                             "model.apply(variables, input_ids, cache=cache, method=\"forward\")")
+        return self.forward(input_ids, inputs_embeds=inputs_embeds, positions=positions, seq_idx=seq_idx,
+                            mask=mask, deterministic=deterministic).logits
+
+    @nn.compact
+    def forward(self, input_ids=None, *, inputs_embeds=None, positions=None, seq_idx=None, mask=None,
+                cache: Optional[ModelCache] = None, return_hidden_states: bool = False,
+                deterministic: bool = True) -> "LMOutput":
+        """An `LMOutput`: logits, the new cache (None without `cache`), the hidden states (None unless
+        `return_hidden_states`). Arguments as the class docstring."""
         cfg = self.config
         name = type(self).__name__
         if (input_ids is None) == (inputs_embeds is None):
@@ -216,8 +232,6 @@ class DecoderLM(nn.Module):
                                  nn.initializers.normal(cfg.initializer_range), (EMBED, VOCAB)))(h)
             h = h[..., :cfg.vocab_size]
         logits = h.astype(jnp.promote_types(jnp.float32, h.dtype))
-        if cache is None and not return_hidden_states:
-            return logits
         new_cache = None
         if cache is not None:
             # the next position follows the last token's (packed chunks restart positions per sequence)

@@ -188,9 +188,9 @@ def test_inputs_embeds_and_hidden_states(family):
     model = family_models()[family]
     params = init_params(model, jax.random.PRNGKey(10))
     ids = _ids(11, 2, 6)
-    out = model.apply({"params": params}, ids, return_hidden_states=True)
+    out = model.apply({"params": params}, ids, return_hidden_states=True, method="forward")
     embeds = params["embeddings"]["embedding"][ids]
-    from_embeds = model.apply({"params": params}, inputs_embeds=embeds, return_hidden_states=True)
+    from_embeds = model.apply({"params": params}, inputs_embeds=embeds, return_hidden_states=True, method="forward")
     np.testing.assert_allclose(from_embeds.logits, out.logits, atol=1e-6)
     n = model.config.n_layer
     assert len(out.hidden_states) == n + 1
@@ -236,7 +236,7 @@ def test_cache_positions_continue_after_a_packed_chunk():
     packed = jnp.concatenate([first, last], axis=1)
     seq_idx = jnp.array([[0] * 5 + [1] * 4])
     cache = init_cache(model.config, 1, max_len=12)
-    cache = model.apply({"params": params}, packed, seq_idx=seq_idx, cache=cache).cache
+    cache = model.apply({"params": params}, packed, seq_idx=seq_idx, cache=cache, method="forward").cache
     np.testing.assert_array_equal(cache.positions, [4])
     nxt = _ids(15, 1, 1)
     decoded, _ = step(model, params, nxt[:, 0], cache)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mamba_jax.models import MambaConfig, MambaLM, init_params, param_axes
+from mamba_jax.models import MambaConfig, MambaLM, init_cache, init_params, param_axes
 from mamba_jax.ops import rms_norm
 from mamba_jax.sharding import DEFAULT_RULES
 
@@ -65,7 +65,7 @@ def test_every_param_has_logical_axes_from_the_rules(params):
 
 def test_hidden_states_and_final_norm(params):
     model = MambaLM(CFG)
-    out = model.apply({"params": params}, ids(2, 2, 9), return_hidden_states=True)
+    out = model.apply({"params": params}, ids(2, 2, 9), return_hidden_states=True, method="forward")
     assert len(out.hidden_states) == CFG.n_layer + 1
     assert all(h.shape == (2, 9, 48) and h.dtype == jnp.float32 for h in out.hidden_states)
     np.testing.assert_allclose(out.hidden_states[0], params["embeddings"]["embedding"][ids(2, 2, 9)], rtol=1e-6)
@@ -116,4 +116,6 @@ def test_bad_model_inputs(params):
     with pytest.raises(ValueError, match=r"`mask` must have shape \(1, 4\)"):
         model.apply({"params": params}, jnp.zeros((1, 4), jnp.int32), mask=jnp.ones((1, 5)))
     with pytest.raises(ValueError, match="`cache` must be a ModelCache with 3 layer caches"):
-        model.apply({"params": params}, jnp.zeros((1, 4), jnp.int32), cache=())
+        model.apply({"params": params}, jnp.zeros((1, 4), jnp.int32), cache=(), method="forward")
+    with pytest.raises(ValueError, match=r"`cache` and `return_hidden_states` are arguments of `forward`"):
+        model.apply({"params": params}, jnp.zeros((1, 4), jnp.int32), cache=init_cache(model.config, 1))

@@ -325,7 +325,7 @@ def test_hidden_states_and_untied_head():
     model = Mamba2LM(cfg)
     params = init_params(model, jax.random.PRNGKey(3))
     assert params["lm_head"]["kernel"].shape == (32, 56)
-    out = jax.jit(functools.partial(model.apply, return_hidden_states=True))({"params": params}, ids(6, 2, 5, 50))
+    out = jax.jit(functools.partial(model.apply, return_hidden_states=True, method="forward"))({"params": params}, ids(6, 2, 5, 50))
     assert out.logits.shape == (2, 5, 50) and len(out.hidden_states) == 2
 
 
@@ -360,10 +360,10 @@ def test_bad_cache_is_named_with_expected_shape(model_and_params):
     bad = ModelCache((wrong_state,) + good.layers[1:], good.positions)
     expected = rf"\(2, {cfg.n_heads}, {cfg.head_dim}, {cfg.d_state}\)"
     with pytest.raises(ValueError, match=rf"`cache.ssm_state` must have shape {expected}"):
-        model.apply({"params": params}, x, cache=bad)
+        model.apply({"params": params}, x, cache=bad, method="forward")
     mamba1 = ModelCache((LayerCache(*good.layers[0]),) + good.layers[1:], good.positions)
     with pytest.raises(ValueError, match="`cache` must be a Mamba2Cache"):
-        model.apply({"params": params}, x, cache=mamba1)
+        model.apply({"params": params}, x, cache=mamba1, method="forward")
 
 
 def test_bad_mixer_input_is_named():

@@ -60,7 +60,9 @@ def ids(seed, b, l, vocab=BASE["vocab_size"]):
 
 @functools.partial(jax.jit, static_argnums=0)
 def forward(model, params, x, positions=None, seq_idx=None, mask=None, cache=None):
-    return model.apply({"params": params}, x, positions=positions, seq_idx=seq_idx, mask=mask, cache=cache)
+    out = model.apply({"params": params}, x, positions=positions, seq_idx=seq_idx, mask=mask, cache=cache,
+                      method="forward")
+    return out.logits if cache is None else out
 
 
 def only(*names):
@@ -252,14 +254,14 @@ def test_missing_or_bad_max_len_and_cache_errors():
     model = TransformerLM(cfg)
     params = init_jit(model)
     with pytest.raises(ValueError, match="chunk of 9 tokens does not fit a KV cache of max_len=6"):
-        model.apply({"params": params}, ids(0, 2, 9), cache=init_cache(cfg, 2, 6))
+        model.apply({"params": params}, ids(0, 2, 9), cache=init_cache(cfg, 2, 6), method="forward")
     with pytest.raises(ValueError, match=r"`cache.key` must have shape \(3, max_len, 4, 8\)"):
         model.apply({"params": params}, ids(0, 3, 2), cache=init_cache(cfg, 2, 6)._replace(
-            positions=jnp.zeros((3,), jnp.int32)))
+            positions=jnp.zeros((3,), jnp.int32)), method="forward")
     bad = init_cache(cfg, 2, 6)
     bad = bad._replace(layers=(bad.layers[0][:2] + bad.layers[0][3:],) + bad.layers[1:])
     with pytest.raises(ValueError, match="`cache` must be a KVCache"):
-        model.apply({"params": params}, ids(0, 2, 2), cache=bad)
+        model.apply({"params": params}, ids(0, 2, 2), cache=bad, method="forward")
 
 
 def test_mlp_width_scales_with_d_model_as_llama_unless_set():
