@@ -137,6 +137,23 @@ def model_check(mesh, strategy):
     print(f"MoE-Mamba train step ({strategy}) OK", flush=True)
 
 
+def tensor_bias_check(mesh):
+    """Expert biases with the hidden units over `tensor` (no `expert` axis): b_in is split with w_in, b_out is
+    added by one tensor device only — equal to one device with and without a capacity."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 12, 16))
+    for name, cf in (("tensor biases drops", 0.75), ("tensor biases dropless", None)):
+        layer = MoE(MoEConfig(n_experts=4, router="topk", capacity_factor_eval=cf, d_expert=24, expert_bias=True))
+        params = layer.init(jax.random.PRNGKey(1), x)["params"]
+        params = jax.tree_util.tree_map(lambda p: (p.unbox() if hasattr(p, "unbox") else p) + 0.1, params,
+                                        is_leaf=lambda p: hasattr(p, "unbox"))   # nonzero biases
+        fn = jax.jit(lambda p, x: layer.apply({"params": p}, x))
+        want = fn(params, x)
+        with jax.set_mesh(mesh):
+            got = fn(params, x)
+        close(got, want, name)
+        print(f"MoE layer {name} OK", flush=True)
+
+
 def main():
     assert len(jax.devices()) == 8
     mesh = make_mesh_from_config(MeshConfig(data=2, expert=4))
@@ -146,6 +163,7 @@ def main():
     mesh = make_mesh_from_config(MeshConfig(data=2, expert=2, tensor=2))
     layer_checks(mesh)
     model_check(mesh, "tensor")
+    tensor_bias_check(make_mesh_from_config(MeshConfig(data=2, tensor=4)))
     print("OK", flush=True)
 
 

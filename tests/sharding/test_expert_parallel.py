@@ -20,5 +20,6 @@ def test_expert_parallel_equals_one_device():
     for line in ("MoE layer no drops OK", "MoE layer drops OK", "MoE layer top-2 drops OK", "MoE layer dropless top-2 OK",
                  "MoE layer padding OK", "MoE layer dropless padding OK",
                  "bad expert count OK", "bad expert width OK",
-                 "MoE-Mamba train step (fsdp) OK", "MoE-Mamba train step (tensor) OK"):
+                 "MoE-Mamba train step (fsdp) OK", "MoE-Mamba train step (tensor) OK",
+                 "MoE layer tensor biases drops OK", "MoE layer tensor biases dropless OK"):
         assert line in out.stdout, out.stdout
