@@ -15,6 +15,7 @@ __all__ = ["MQARTask", "SPLITS", "SelectiveCopyTask", "TASKS", "example_rng", "g
 from mamba_jax.data.text import (
     BPETokenizer,
     ByteTokenizer,
+    CharTokenizer,
     TextLMData,
     default_text_root,
     pack_documents,
@@ -26,6 +27,6 @@ from mamba_jax.data.text import (
     train_bpe_tokenizer,
 )
 
-__all__ += ["BPETokenizer", "ByteTokenizer", "TextLMData", "default_text_root", "pack_documents",
+__all__ += ["BPETokenizer", "ByteTokenizer", "CharTokenizer", "TextLMData", "default_text_root", "pack_documents",
             "packed_text_rows", "read_documents", "text_dataset", "text_files", "text_iterator",
             "train_bpe_tokenizer"]

@@ -167,6 +167,65 @@ class ByteTokenizer:
         return ids[ids < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
 
+class CharTokenizer:
+    """One token per character of a fixed alphabet, then BOS, EOS, PAD: ids 0..len(alphabet)-1 are the
+    characters in `alphabet` order, BOS = len(alphabet), EOS = +1, PAD = +2.
+
+    For small synthetic languages (e.g. `mamba_jax.data.reasoning`): `encode` raises ValueError naming
+    the first character outside the alphabet; `decode` drops the special tokens.
+    """
+
+    name = "char"
+
+    def __init__(self, alphabet: str):
+        if not isinstance(alphabet, str) or not alphabet or len(set(alphabet)) != len(alphabet):
+            raise ValueError(f"CharTokenizer: `alphabet` must be a non-empty str of distinct characters; got "
+                             f"{alphabet!r}")
+        self.alphabet = alphabet
+        self._ids = {c: i for i, c in enumerate(alphabet)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.alphabet) + 3
+
+    @property
+    def bos_id(self) -> int:
+        return len(self.alphabet)
+
+    @property
+    def eos_id(self) -> int:
+        return len(self.alphabet) + 1
+
+    @property
+    def pad_id(self) -> int:
+        return len(self.alphabet) + 2
+
+    @property
+    def fingerprint(self) -> str:
+        return "char-v1:" + hashlib.sha1(self.alphabet.encode("utf-8")).hexdigest()[:12]
+
+    def encode(self, text: str) -> np.ndarray:
+        """(n,) int32 ids of the characters of `text` (no special tokens added)."""
+        if not isinstance(text, str):
+            raise ValueError(f"CharTokenizer.encode: `text` must be a str; got {type(text).__name__}")
+        try:
+            return np.fromiter((self._ids[c] for c in text), np.int32, len(text))
+        except KeyError as e:
+            raise ValueError(f"CharTokenizer.encode: {e.args[0]!r} (at {text.index(e.args[0])}) is not in the "
+                             f"alphabet {self.alphabet!r}") from None
+
+    def decode(self, ids) -> str:
+        """The text of `ids` (1-D ints in [0, vocab_size)); special tokens are dropped."""
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+            raise ValueError(f"CharTokenizer.decode: `ids` must be a 1-D int array; got shape {ids.shape}, "
+                             f"dtype {ids.dtype}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"CharTokenizer.decode: `ids` must lie in [0, {self.vocab_size}); got "
+                             f"[{ids.min()}, {ids.max()}]")
+        return "".join(self.alphabet[i] for i in ids.tolist() if i < len(self.alphabet))
+
+
 BPE_SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>")
 
 
@@ -295,7 +354,8 @@ def encode_documents(tokenizer, documents: Sequence[str]) -> List[np.ndarray]:
 
 # ---------------------------------------------------------------------------------------------- 3. packing
 def pack_documents(token_arrays: Sequence[np.ndarray], seq_len: int, eos_id: int, pad_id: int, *,
-                   bos_id: Optional[int] = None) -> Rows:
+                   bos_id: Optional[int] = None, prompt_lengths: Optional[Sequence[int]] = None,
+                   split_documents: bool = True) -> Rows:
     """Pack tokenized documents into rows of `seq_len` by greedy concatenation (no document dropped).
 
     Framing of one document with tokens d_0 .. d_{n-1}:
@@ -305,20 +365,26 @@ def pack_documents(token_arrays: Sequence[np.ndarray], seq_len: int, eos_id: int
 
     so every target lies inside its own document: the model is never asked to predict one document from
     another. The (input, target) pairs of all documents are concatenated in order and cut into rows of
-    `seq_len`; a document longer than the space left in a row continues at the start of the next row.
-    Only the last row is padded (inputs and targets `pad_id`). Without `bos_id`, an empty document has
-    no input token and contributes nothing.
+    `seq_len`. With `split_documents` (the default) a document longer than the space left in a row
+    continues at the start of the next row and only the last row is padded; without it, a document that
+    does not fit the rest of a row starts the next one and the rest of the row is padding (a document
+    must then fit one row: its prompt is never cut from its completion). Without `bos_id`, an empty
+    document has no input token and contributes nothing.
 
     Args:
       token_arrays: 1-D int arrays, one per document (no specials inside).
       seq_len: row length L.
       eos_id, pad_id: the tokenizer's end-of-document and padding ids; bos_id: optional start id.
+      prompt_lengths: optional, one int per document: its first `prompt_lengths[i]` tokens are a prompt
+        that is read but not predicted (supervised fine-tuning on completions): their targets get
+        ``loss_mask`` False. The completion's tokens and the final EOS are predicted.
+      split_documents: whether a document may continue on the next row (see above).
     Returns:
       a dict of arrays, each (rows, L):
         input_ids int32, targets int32,
-        loss_mask bool — False exactly at padding (every real position has a target in its document),
+        loss_mask bool — False at padding and at prompt targets, True at every other target,
         seq_idx int32 — the document number within the row, 0 at the start of each row, +1 at each
-          document boundary; the padding takes the next number, so no state leaks into it.
+          document boundary; padding takes the next number, so no state leaks into it.
     """
     if isinstance(token_arrays, np.ndarray) or not isinstance(token_arrays, Sequence):
         raise ValueError(f"pack_documents: `token_arrays` must be a sequence of 1-D int arrays; got "
@@ -328,7 +394,16 @@ def pack_documents(token_arrays: Sequence[np.ndarray], seq_len: int, eos_id: int
     _non_negative_int("pack_documents", "pad_id", pad_id)
     if bos_id is not None:
         _non_negative_int("pack_documents", "bos_id", bos_id)
-    inputs, targets, lengths = [], [], []
+    if not isinstance(split_documents, bool):
+        raise ValueError(f"pack_documents: `split_documents` must be a bool; got {split_documents!r}")
+    if prompt_lengths is not None:
+        if len(prompt_lengths) != len(token_arrays):
+            raise ValueError(f"pack_documents: `prompt_lengths` needs one int per document ({len(token_arrays)}); "
+                             f"got {len(prompt_lengths)}")
+        for i, n in enumerate(prompt_lengths):
+            _non_negative_int("pack_documents", f"prompt_lengths[{i}]", n)
+    blocks = []      # (inputs, targets, loss) per document, padding blocks between rows when not splitting
+    fill = 0
     for i, tokens in enumerate(token_arrays):
         tokens = np.asarray(tokens)
         if tokens.ndim != 1 or (tokens.size and not np.issubdtype(tokens.dtype, np.integer)):
@@ -341,28 +416,50 @@ def pack_documents(token_arrays: Sequence[np.ndarray], seq_len: int, eos_id: int
         x = tokens if bos_id is None else np.concatenate([np.int32([bos_id]), tokens])
         if x.size == 0:
             continue
-        inputs.append(x)
-        targets.append(np.concatenate([x[1:], np.int32([eos_id])]))
-        lengths.append(x.size)
-    if not inputs:
+        t = np.concatenate([x[1:], np.int32([eos_id])])
+        # target j is document token j (with BOS) or j + 1 (without); EOS counts as token n
+        target_index = np.arange(x.size) + (0 if bos_id is not None else 1)
+        if prompt_lengths is not None and prompt_lengths[i] > tokens.size:
+            raise ValueError(f"pack_documents: `prompt_lengths[{i}]`={prompt_lengths[i]} exceeds the document's "
+                             f"{tokens.size} tokens")
+        loss = np.ones(x.size, bool) if prompt_lengths is None else target_index >= prompt_lengths[i]
+        if not split_documents:
+            if x.size > seq_len:
+                raise ValueError(f"pack_documents: document {i} needs {x.size} positions, more than `seq_len`="
+                                 f"{seq_len} (split_documents=False keeps each document in one row)")
+            if fill + x.size > seq_len:
+                blocks.append(None)          # padding to the end of the row
+                fill = 0
+            fill = (fill + x.size) % seq_len
+        blocks.append((x, t, loss))
+    if not any(b is not None for b in blocks):
         raise ValueError("pack_documents: `token_arrays` holds no tokens (nothing to pack)")
-    total = int(np.sum(lengths))
-    n_rows = -(-total // seq_len)
+    inputs, targets, losses, starts = [], [], [], []
+    position = 0
+    for block in blocks:
+        if block is None:
+            gap = -position % seq_len
+            block = (np.full(gap, pad_id, np.int32), np.full(gap, pad_id, np.int32), np.zeros(gap, bool))
+        x, t, loss = block
+        start = np.zeros(x.size, bool)
+        start[:1] = True
+        inputs.append(x), targets.append(t), losses.append(loss), starts.append(start)
+        position += x.size
+    n_rows = -(-position // seq_len)
     size = n_rows * seq_len
     input_ids = np.full(size, pad_id, np.int32)
     target_ids = np.full(size, pad_id, np.int32)
-    input_ids[:total] = np.concatenate(inputs)
-    target_ids[:total] = np.concatenate(targets)
     loss_mask = np.zeros(size, bool)
-    loss_mask[:total] = True
-    # a document starts where the stream starts a new (input, target) block; padding is one more block
-    starts = np.zeros(size, bool)
-    starts[np.cumsum([0] + lengths[:-1])] = True
-    if total < size:
-        starts[total] = True
-    starts = starts.reshape(n_rows, seq_len)
-    starts[:, 0] = False  # numbering restarts at 0 in every row
-    seq_idx = np.cumsum(starts, axis=1, dtype=np.int32)
+    boundaries = np.zeros(size, bool)    # a document (or a padding run) starts here
+    input_ids[:position] = np.concatenate(inputs)
+    target_ids[:position] = np.concatenate(targets)
+    loss_mask[:position] = np.concatenate(losses)
+    boundaries[:position] = np.concatenate(starts)
+    if position < size:
+        boundaries[position] = True
+    boundaries = boundaries.reshape(n_rows, seq_len)
+    boundaries[:, 0] = False  # numbering restarts at 0 in every row
+    seq_idx = np.cumsum(boundaries, axis=1, dtype=np.int32)
     return {"input_ids": input_ids.reshape(n_rows, seq_len), "targets": target_ids.reshape(n_rows, seq_len),
             "loss_mask": loss_mask.reshape(n_rows, seq_len), "seq_idx": seq_idx}
 
