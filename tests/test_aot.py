@@ -139,3 +139,15 @@ def test_lm_scan_impl_auto_resolves_for_the_tpu_target():
     assert _lm_model("smoke", None, "bfloat16", {})[0].config.scan_impl == "pallas"
     assert _lm_model("smoke", None, "bfloat16", {"scan_impl": "chunked_associative"})[0].config.scan_impl == \
         "chunked_associative"
+
+
+def test_step_time_at_peak_uses_model_flops_not_xla_count():
+    # 1e9 params, 256 × 2048 tokens, 64 chips of 459 TFLOP/s: 6 · 1e9 · 524288 / (64 · 459e12) s
+    report = aot.AOTReport(topology="v5p:4x4x4", mesh="fsdp=64", strategy="fsdp", params=10 ** 9, batch=256,
+                           seq_len=2048, argument_bytes=1, temp_bytes=2, output_bytes=3, alias_bytes=3, code_bytes=4,
+                           hbm_bytes=95 * 2 ** 30, flops=1.0e15, peak_flops_per_chip=459e12, chips=64)
+    assert report.model_flops == 6 * 10 ** 9 * 256 * 2048
+    assert math.isclose(report.seconds_at_peak, 3.145728e15 / (64 * 459e12))
+    row = report.row()
+    assert row["6·N·T TFLOP"] == 3145.73 and row["XLA TFLOP/step"] == 1000.0
+    assert row["ms at 100% MFU"] == round(1e3 * 3.145728e15 / (64 * 459e12), 1)

@@ -3,19 +3,20 @@ step, batched generation — one API over the `ModelCache` pytree (recurrent sta
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mamba_jax.inference.sampling import check_sampling_args, filter_logits, sample_logits
+from mamba_jax.inference.sampling import check_sampling_args, filter_logits, sample_logits, sampling_log_probs
 from mamba_jax.layers.attention import KVCache
 from mamba_jax.models.lm import DecoderLM, ModelCache, init_cache
 from mamba_jax.ops._checks import (check_array, check_left_padded, check_mask_values, check_token_ids,
                                    concrete_value)
 
-__all__ = ["filter_logits", "generate", "init_cache", "prefill", "sample_logits", "step"]
+__all__ = ["Generation", "filter_logits", "generate", "generate_with_logprobs", "init_cache", "prefill",
+           "sample_logits", "step"]
 
 
 def _kv_slots(cache: Optional[ModelCache]):
@@ -98,6 +99,21 @@ def _step(model: DecoderLM, params, token_ids, cache: ModelCache):
     return out.logits[:, 0], out.cache
 
 
+class Generation(NamedTuple):
+    """What `generate_with_logprobs` returns, each (b, max_new_tokens).
+
+    tokens: int32 generated tokens (after a row's EOS: EOS again).
+    logprobs: float32 log-probability of each token under the distribution it was drawn from: the
+      logits divided by the temperature, after top-k / top-p filtering (at temperature 0: the plain
+      softmax of the logits); 0 after EOS.
+    mask: bool, True for the tokens a row generated up to and including its first EOS (every token
+      without `eos_id`) — the completion tokens a loss should see.
+    """
+    tokens: jax.Array
+    logprobs: jax.Array
+    mask: jax.Array
+
+
 def generate(model: DecoderLM, params, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, eos_id: Optional[int] = None,
              rng=None, prompt_mask=None):
@@ -114,7 +130,18 @@ def generate(model: DecoderLM, params, prompt_ids, max_new_tokens: int, *, tempe
         exactly the tokens their unpadded prompt gives alone. It must be left-padded (each row zeros then
         ones, the last column real): a right-padded mask raises ValueError.
     Returns:
-      (b, max_new_tokens) int32 generated tokens.
+      (b, max_new_tokens) int32 generated tokens (`generate_with_logprobs` also gives their log-probs).
+    """
+    return generate_with_logprobs(model, params, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                                  top_p=top_p, eos_id=eos_id, rng=rng, prompt_mask=prompt_mask).tokens
+
+
+def generate_with_logprobs(model: DecoderLM, params, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0,
+                           top_k: Optional[int] = None, top_p: Optional[float] = None,
+                           eos_id: Optional[int] = None, rng=None, prompt_mask=None) -> Generation:
+    """`generate`, returning a `Generation`: the tokens, the log-probability each was sampled with and the
+    mask of completion tokens (up to the first EOS) — the rollouts of policy-gradient training
+    (`mamba_jax.rl`). Same arguments and checks as `generate`; the same tokens for the same rng.
     """
     check_array("generate", "prompt_ids", prompt_ids, ("b", "l"), kind="int")
     if prompt_mask is not None:
@@ -152,11 +179,14 @@ def _generate(model, params, prompt_ids, prompt_mask, rng, *, max_new_tokens, te
         last_logits, cache, rng, done = carry
         rng, sub = jax.random.split(rng)
         token = sample_logits(last_logits, sub, temperature, top_k, top_p)
+        logprob = jnp.take_along_axis(sampling_log_probs(last_logits, temperature, top_k, top_p), token[:, None],
+                                      axis=-1)[:, 0]
+        live = ~done
         if eos_id is not None:
             token = jnp.where(done, eos_id, token)
             done = done | (token == eos_id)
         next_logits, cache = _step(model, params, token, cache)
-        return (next_logits, cache, rng, done), token
+        return (next_logits, cache, rng, done), (token, jnp.where(live, logprob, 0.0), live)
 
-    _, tokens = jax.lax.scan(body, (logits[:, -1], cache, rng, done), None, length=max_new_tokens)
-    return tokens.T
+    _, (tokens, logprobs, live) = jax.lax.scan(body, (logits[:, -1], cache, rng, done), None, length=max_new_tokens)
+    return Generation(tokens.T, logprobs.T, live.T)

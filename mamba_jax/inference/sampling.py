@@ -35,10 +35,24 @@ def filter_logits(logits, top_k: Optional[int] = None, top_p: Optional[float] = 
     return logits
 
 
+def sampling_logits(logits, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None):
+    """(b, V) float32 logits of the distribution `sample_logits` draws from: divided by the temperature,
+    then filtered (at temperature 0, the logits themselves: argmax is what is drawn)."""
+    logits = logits.astype(jnp.float32)
+    if temperature == 0.0:
+        return logits
+    return filter_logits(logits / temperature, top_k, top_p)
+
+
+def sampling_log_probs(logits, temperature: float = 1.0, top_k: Optional[int] = None,
+                       top_p: Optional[float] = None):
+    """(b, V) float32 log-probabilities of the sampling distribution (`sampling_logits`, normalised)."""
+    return jax.nn.log_softmax(sampling_logits(logits, temperature, top_k, top_p), axis=-1)
+
+
 def sample_logits(logits, rng, temperature: float = 1.0, top_k: Optional[int] = None,
                   top_p: Optional[float] = None):
     """Draw one token per row. logits: (b, V) -> (b,) int32. temperature 0 = argmax (rng unused)."""
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = filter_logits(logits.astype(jnp.float32) / temperature, top_k, top_p)
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(rng, sampling_logits(logits, temperature, top_k, top_p), axis=-1).astype(jnp.int32)
