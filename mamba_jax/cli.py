@@ -19,6 +19,7 @@ EXPERIMENTS = {
     "icl": "experiments.icl.run",
     "pkd": "experiments.pkd.run",
     "moe_mamba": "experiments.moe_mamba.run",
+    "m1": "experiments.m1.run",
 }
 BENCHMARKS = {
     "scan": "experiments.bench_scan.run",

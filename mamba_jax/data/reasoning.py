@@ -115,6 +115,25 @@ class ArithmeticTask:
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"ArithmeticTask: `eval_fraction` must be in (0, 1); got {self.eval_fraction!r}")
 
+    def _largest_term(self) -> int:
+        plain = 10 ** self.max_digits - 1
+        return max(plain, (10 ** self.product_digits - 1) ** 2) if self.product_prob > 0 else plain
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """An upper bound on a prompt's length in characters (the "=" included)."""
+        term = max(self.max_digits, 2 * self.product_digits + 1) if self.product_prob > 0 else self.max_digits
+        return (self.max_digits + 1) + (self.max_terms - 1) * (1 + term) + 1
+
+    @property
+    def max_completion_chars(self) -> int:
+        """An upper bound on a completion's length in characters (every step and the final answer)."""
+        largest = self._largest_term()
+        total = len(str(10 ** self.max_digits - 1 + (self.max_terms - 1) * largest)) + 1    # a signed running total
+        sums = (self.max_terms - 1) * (2 * total + len(str(largest)) + 3)
+        products = (self.max_terms - 1) * (4 * self.product_digits + 3) if self.product_prob > 0 else 0
+        return sums + products + 1 + total
+
     def _number(self, rng: np.random.Generator, max_digits: int) -> int:
         digits = int(rng.integers(1, max_digits + 1))
         return int(rng.integers(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits))

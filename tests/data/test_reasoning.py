@@ -151,3 +151,13 @@ def test_char_tokenizer():
         tok.encode("abc")
     with pytest.raises(ValueError, match="distinct"):
         CharTokenizer("aa")
+
+
+@pytest.mark.parametrize("task", [r.ArithmeticTask(), r.ArithmeticTask(max_terms=6, max_digits=3, product_prob=0.5,
+                                                                       product_digits=2, negative_first=1.0)])
+def test_length_bounds_hold(task):
+    problems = task.problems(0, 3000)
+    assert max(len(p.prompt) for p in problems) <= task.max_prompt_chars
+    assert max(len(p.completion) for p in problems) <= task.max_completion_chars
+    # a bound, not a blank cheque: generation budgets are sized from it
+    assert task.max_completion_chars <= 2 * max(len(p.completion) for p in problems)

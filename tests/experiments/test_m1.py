@@ -1,0 +1,79 @@
+"""M1 pipeline: M1's attention placement, maj@k and the claims against hand computations, and the `smoke`
+preset end to end (`mamba-jax run m1 --preset smoke`), asserting on the results it writes and on resuming."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments.m1.config import M1Config, m1_attention_layers, preset_config
+from experiments.m1.run import claims_of, maj_at_k
+from mamba_jax.cli import main as cli_main
+
+
+def test_attention_placement_is_m1s_at_28_layers():
+    assert m1_attention_layers(28) == (3, 8, 13, 18, 23, 27)        # M1-3B's attention layers
+    assert m1_attention_layers(5) == (3, 4) and m1_attention_layers(2) == (1,)
+    config = preset_config("cpu")
+    assert config.replaced_layers == tuple(i for i in range(config.n_layer) if i not in config.kept_attention)
+    assert M1Config(attention_layers="0,2").kept_attention == (0, 2)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="mamba_form"):
+        M1Config(mamba_form="mamba3")
+    with pytest.raises(ValueError, match="maj_ks"):
+        M1Config(maj_ks="1,64", eval_samples=16)
+    with pytest.raises(ValueError, match="grpo_prompts"):
+        M1Config(grpo_prompts=5, updates_per_rollout=2)
+    with pytest.raises(ValueError, match="attention_layers"):
+        M1Config(attention_layers="9")
+
+
+def test_maj_at_k_by_hand():
+    # problem 0 (truth 5): samples 5 5 3 None -> maj@1: 2 of 4 groups right; maj@2: (5 5) right, (3 None) wrong;
+    # maj@4: 5. problem 1 (truth 7): 1 7 7 2 -> maj@1 2/4; maj@2: (1 7) tie -> 1 (first) wrong, (7 2) -> 7 right;
+    # maj@4: 7
+    answers = np.array([[5, 5, 3, None], [1, 7, 7, 2]], object)
+    assert maj_at_k(answers, [5, 7], 1) == 0.5
+    assert maj_at_k(answers, [5, 7], 2) == 0.5
+    assert maj_at_k(answers, [5, 7], 4) == 1.0
+
+
+def test_claims_compare_what_the_issue_asks():
+    stage = lambda p, m: {"pass@1": p, "maj@4": m}  # noqa: E731
+    stages = {"teacher": stage(0.6, 0.7), "sft": stage(0.55, 0.6), "grpo_seed0": stage(0.65, 0.7),
+              "grpo_seed1": stage(0.62, 0.7)}
+    c = claims_of(stages, (1, 4))
+    assert [x["holds"] for x in c] == [True, True, True]      # 0.55 >= 0.54; gains 0.10, 0.07 > spread 0.03
+    stages["grpo_seed1"] = stage(0.56, 0.5)                    # gain 0.01 < spread 0.09; maj@4 below pass@1
+    assert [x["holds"] for x in claims_of(stages, (1, 4))] == [True, False, False]
+
+
+def test_smoke_run_writes_results_and_resumes(tmp_path):
+    out = str(tmp_path / "m1")
+    assert cli_main(["run", "m1", "--preset", "smoke", "--out", out]) == 0
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    assert list(results["stages"]) == ["teacher", "student at init", "distill", "sft", "grpo_seed0"]
+    for name, r in results["stages"].items():
+        for key in ("pass@1_greedy", "pass@1", "maj@1", "maj@4", "well_formed"):
+            assert 0.0 <= r[key] <= 1.0, (name, key)
+        assert r["maj@1"] == pytest.approx(r["pass@1"]), name      # one-sample groups: the same thing
+        assert 0 < r["mean_length"] <= preset_config("smoke").max_new_tokens
+    assert results["stages"]["distill"]["params"] == results["stages"]["grpo_seed0"]["params"]
+    assert [c["claim"][:8] for c in results["claims"]] == ["distille", "GRPO rai", "maj@4 ab"]
+    records = [json.loads(line) for line in open(os.path.join(out, "grpo_seed0", "metrics.jsonl"))]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for r in train:
+        assert 0.0 <= r["reward"] <= 1.0 and np.isfinite(r["loss"]) and 0.0 <= r["clip_fraction"] <= 1.0
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 2, 4]
+    for name in ("results.md", "grpo_curves.png", "accuracy_vs_k.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+    # a second run in the same folder resumes: every stage loads from its checkpoint, the results agree
+    assert cli_main(["run", "m1", "--preset", "smoke", "--out", out]) == 0
+    with open(os.path.join(out, "results.json")) as f:
+        again = json.load(f)
+    assert again["stages"] == results["stages"]
+    assert [json.loads(line) for line in open(os.path.join(out, "grpo_seed0", "metrics.jsonl"))] == records
