@@ -1,6 +1,7 @@
 """The package's dependencies run one way (DESIGN.md, README "Layout"):
 
-    pytree, axes  ←  ops  ←  sharding  ←  layers  ←  models  ←  inference, train, distill, interop  ←  rl  ←  CLI, experiments
+    pytree, axes  ←  ops  ←  sharding  ←  layers  ←  models  ←  inference, train, distill, interop, rl  ←  CLI, experiments
+    (distill uses train; rl uses inference and train)
     data: ops only.   pallas_kernels: jax only (ops reaches it lazily for impl="pallas").
 
 Every import in every module counts, including imports inside functions (a lazy import is still a
@@ -26,7 +27,7 @@ LOWER = {   # what each part of mamba_jax may import (besides itself)
     "train": {"models", "layers", "ops", "axes", "pytree", "sharding", "data"},
     "distill": {"train", "models", "layers", "ops", "axes", "pytree", "sharding", "data"},
     "interop": {"models", "layers", "ops", "axes", "pytree", "sharding"},
-    "rl": {"inference", "train", "distill", "models", "layers", "ops", "axes", "pytree", "sharding", "data"},
+    "rl": {"inference", "train", "models", "layers", "ops", "axes", "pytree", "sharding", "data"},
 }
 CLI = {"cli", "aot"}   # the command line sits with the experiments, above everything
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from mamba_jax.ops._checks import compute_dtype, fmt_shape
-from mamba_jax.train.step import masked_cross_entropy
+from mamba_jax.train.step import masked_cross_entropy, masked_mean
 
 Array = jax.Array
 
@@ -103,19 +103,6 @@ def kl_from_log_probs(log_p: Array, log_q: Array) -> Array:
     p = jnp.exp(log_p)
     safe_log_p = jnp.where(p > 0, log_p, 0.0)
     return jnp.sum(jnp.where(p > 0, p * (safe_log_p - log_q), 0.0), axis=-1)
-
-
-def masked_mean(per_token: Array, mask: Optional[Array]) -> Array:
-    """Mean of `per_token` (...) over the tokens where `mask` (...) is nonzero; 0 when none is.
-
-    Masked tokens are removed with `where`, so a NaN/inf there changes neither the value nor the gradient.
-    """
-    if mask is None:
-        return jnp.mean(per_token)
-    keep = jnp.asarray(mask) != 0
-    count = jnp.sum(keep).astype(per_token.dtype)
-    total = jnp.sum(jnp.where(keep, per_token, jnp.zeros((), per_token.dtype)))
-    return total / jnp.maximum(count, 1)
 
 
 def _finish(per_token: Array, mask, temperature, scale_by_temperature_squared: bool) -> Array:

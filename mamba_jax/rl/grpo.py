@@ -20,9 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mamba_jax.distill.losses import masked_mean
+from mamba_jax.train.step import TrainState, masked_mean
 from mamba_jax.inference import generate_with_logprobs
-from mamba_jax.train.step import TrainState
 
 AGGREGATIONS = ("token_mean", "sequence_mean")
 

@@ -20,6 +20,7 @@ from mamba_jax.train.step import (
     make_eval_step,
     make_train_step,
     masked_cross_entropy,
+    masked_mean,
     masked_token_stats,
     split_micro_batches,
     step_rng,
@@ -28,6 +29,6 @@ from mamba_jax.train.step import (
 __all__ = ["Checkpointer", "LR_SCHEDULES", "LoopConfig", "MetricsWriter", "NonFiniteLossError", "ShardedTraining",
            "follow_param_shardings", "sharded_training", "train_state_shardings", "OptimizerConfig", "TensorBoardWriter",
            "TrainState", "accumulated_grads", "create_train_state", "decays", "evaluate", "learning_rate_schedule",
-           "make_eval_step", "make_optimizer", "make_train_step", "masked_cross_entropy", "masked_token_stats",
+           "make_eval_step", "make_optimizer", "make_train_step", "masked_cross_entropy", "masked_mean", "masked_token_stats",
            "path_names", "read_jsonl", "read_tensorboard_scalars", "split_micro_batches", "step_rng", "train_loop",
            "weight_decay_mask"]

@@ -79,6 +79,19 @@ def create_train_state(apply_fn: Callable, params, tx: optax.GradientTransformat
     return state.replace(step=jnp.zeros((), jnp.int32))
 
 
+def masked_mean(per_token: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
+    """Mean of `per_token` (...) over the tokens where `mask` (...) is nonzero; 0 when none is.
+
+    Masked tokens are removed with `where`, so a NaN/inf there changes neither the value nor the gradient.
+    """
+    if mask is None:
+        return jnp.mean(per_token)
+    keep = jnp.asarray(mask) != 0
+    count = jnp.sum(keep).astype(per_token.dtype)
+    total = jnp.sum(jnp.where(keep, per_token, jnp.zeros((), per_token.dtype)))
+    return total / jnp.maximum(count, 1)
+
+
 def masked_token_stats(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> Dict[str, jax.Array]:
     """Sums over the masked (answer) positions.
 
