@@ -57,11 +57,11 @@ class M1Config:
     n_eval: int = 256                     # distinct held-out problems
     # -- teacher: a Llama-style Transformer --
     d_model: int = 128
-    n_layer: int = 5
+    n_layer: int = 4
     n_heads: int = 4
     n_kv_heads: int = 2
-    d_intermediate: int = 0               # 0: Llama's width (8/3 · d_model, rounded up to 256)
-    teacher_steps: int = 3000
+    d_intermediate: int = 256             # 0: Llama's width (8/3 · d_model, rounded up to 256)
+    teacher_steps: int = 2000
     teacher_lr: float = 2e-3
     # -- student --
     mamba_form: str = "mamba1"            # mamba1 (M1) | mamba2

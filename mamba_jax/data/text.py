@@ -119,6 +119,16 @@ def split_of(relative_path: str, eval_fraction: float) -> str:
 
 
 # ------------------------------------------------------------------------------------------ 2. tokenizers
+def _ids_to_decode(owner: str, ids, vocab_size: int) -> np.ndarray:
+    """`ids` as a 1-D int array in [0, vocab_size); ValueError naming `owner` otherwise."""
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+        raise ValueError(f"{owner}: `ids` must be a 1-D int array; got shape {ids.shape}, dtype {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(f"{owner}: `ids` must lie in [0, {vocab_size}); got [{ids.min()}, {ids.max()}]")
+    return ids
+
+
 class ByteTokenizer:
     """UTF-8 bytes as tokens: ids 0..255 are the byte values, then BOS = 256, EOS = 257, PAD = 258.
 
@@ -157,13 +167,7 @@ class ByteTokenizer:
 
     def decode(self, ids) -> str:
         """The text of `ids` (1-D ints); special tokens are dropped, invalid utf-8 becomes U+FFFD."""
-        ids = np.asarray(ids)
-        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-            raise ValueError(f"ByteTokenizer.decode: `ids` must be a 1-D int array; got shape {ids.shape}, "
-                             f"dtype {ids.dtype}")
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(f"ByteTokenizer.decode: `ids` must lie in [0, {self.vocab_size}); got "
-                             f"[{ids.min()}, {ids.max()}]")
+        ids = _ids_to_decode("ByteTokenizer.decode", ids, self.vocab_size)
         return ids[ids < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
 
@@ -216,13 +220,7 @@ class CharTokenizer:
 
     def decode(self, ids) -> str:
         """The text of `ids` (1-D ints in [0, vocab_size)); special tokens are dropped."""
-        ids = np.asarray(ids)
-        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-            raise ValueError(f"CharTokenizer.decode: `ids` must be a 1-D int array; got shape {ids.shape}, "
-                             f"dtype {ids.dtype}")
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(f"CharTokenizer.decode: `ids` must lie in [0, {self.vocab_size}); got "
-                             f"[{ids.min()}, {ids.max()}]")
+        ids = _ids_to_decode("CharTokenizer.decode", ids, self.vocab_size)
         return "".join(self.alphabet[i] for i in ids.tolist() if i < len(self.alphabet))
 
 
