@@ -55,7 +55,9 @@ class M1Config:
     product_digits: int = 1
     n_train: int = 40_000                 # training problems (SFT / distillation rows)
     n_eval: int = 256                     # distinct held-out problems
-    # -- teacher: a Llama-style Transformer --
+    # -- teacher: a Llama-style Transformer, trained here, or an HF Llama checkpoint (`teacher` = its folder,
+    #    with tokenizer.json: its tokenizer then encodes the problems; teacher_steps fine-tunes it, 0 = as is)
+    teacher: str = ""
     d_model: int = 128
     n_layer: int = 4
     n_heads: int = 4
@@ -101,7 +103,11 @@ class M1Config:
             raise ValueError(f"M1Config: `preset` must be one of {PRESETS}; got {self.preset!r}")
         if self.mamba_form not in MAMBA_FORMS:
             raise ValueError(f"M1Config: `mamba_form` must be one of {MAMBA_FORMS}; got {self.mamba_form!r}")
-        for name in ("n_train", "n_eval", "d_model", "n_layer", "n_heads", "n_kv_heads", "teacher_steps",
+        if isinstance(self.teacher_steps, bool) or not isinstance(self.teacher_steps, int) or self.teacher_steps < 0:
+            raise ValueError(f"M1Config: `teacher_steps` must be an int >= 0; got {self.teacher_steps!r}")
+        if not self.teacher and self.teacher_steps == 0:
+            raise ValueError("M1Config: `teacher_steps`=0 needs a trained `teacher` checkpoint folder")
+        for name in ("n_train", "n_eval", "d_model", "n_layer", "n_heads", "n_kv_heads",
                      "distill_steps", "sft_steps", "grpo_iterations", "grpo_prompts", "group_size",
                      "updates_per_rollout", "grpo_eval_every", "batch_size", "eval_samples", "eval_batch_size",
                      "log_every", "d_state"):

@@ -73,6 +73,30 @@ def teacher_model(config: M1Config):
         n_kv_heads=config.n_kv_heads, d_intermediate=config.d_intermediate or None, pad_vocab_size_multiple=8))
 
 
+def load_teacher(config: M1Config):
+    """(config, teacher, params or None, tokenizer): a fresh Llama-style teacher over the task's character
+    vocabulary, or (`config.teacher`) an HF Llama checkpoint with its own tokenizer — the config's model
+    shape is then set from the checkpoint's."""
+    import dataclasses
+
+    from mamba_jax.data.reasoning import tokenizer
+
+    if not config.teacher:
+        return config, teacher_model(config), None, tokenizer()
+    from mamba_jax.data import HFTokenizer
+    from mamba_jax.interop import load_hf
+    from mamba_jax.models import TransformerLM
+
+    model, params = load_hf(config.teacher)
+    if not isinstance(model, TransformerLM):
+        raise ValueError(f"m1: `teacher` must be a Llama-style (TransformerLM) checkpoint; {config.teacher} holds a "
+                         f"{type(model).__name__}")
+    c = model.config
+    config = dataclasses.replace(config, d_model=c.d_model, n_layer=c.n_layer, n_heads=c.n_heads,
+                                 n_kv_heads=c.kv_heads, d_intermediate=c.mlp_width)
+    return config, model, params, HFTokenizer.load(config.teacher)
+
+
 def student_from_teacher(config: M1Config, teacher, teacher_params):
     """(HybridLM, params): the teacher's attention at `config.replaced_layers` turned into Mamba layers."""
     import jax
@@ -100,11 +124,11 @@ def count_params(params) -> int:
 class ReasoningData:
     """The task, its tokenizer, the SFT rows of the training problems and the held-out problems."""
 
-    def __init__(self, config: M1Config):
+    def __init__(self, config: M1Config, tok=None):
         from mamba_jax.data import TextLMData
         from mamba_jax.data.reasoning import sft_rows, tokenizer
 
-        self.config, self.task, self.tok = config, config.task, tokenizer()
+        self.config, self.task, self.tok = config, config.task, tokenizer() if tok is None else tok
         self.train = self.task.problems(config.seed, config.n_train, "train")
         self.eval = self.task.problems(config.seed, config.n_eval, "eval", distinct=True)
         self.rows = sft_rows(self.train, self.tok, config.seq_len)
@@ -402,16 +426,19 @@ def run(config: M1Config, out: str) -> Dict[str, Any]:
     import jax
 
     t0 = time.perf_counter()
+    config, teacher, teacher_params, tok = load_teacher(config)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config.to_dict(), f, indent=2)
-    data = ReasoningData(config)
+    data = ReasoningData(config, tok)
     stages: Dict[str, Dict[str, Any]] = {}
 
-    teacher = teacher_model(config)
     steps = config.teacher_steps
-    teacher_params = train_stage("teacher", out, teacher, init_params(teacher, jax.random.PRNGKey(config.seed)),
-                                 make_train_step(), _optimizer(config, config.teacher_lr, steps), data, steps, config)
+    if teacher_params is None:
+        teacher_params = init_params(teacher, jax.random.PRNGKey(config.seed))
+    if steps:
+        teacher_params = train_stage("teacher", out, teacher, teacher_params, make_train_step(),
+                                     _optimizer(config, config.teacher_lr, steps), data, steps, config)
     stages["teacher"] = dict(stage_eval("teacher", out, teacher, teacher_params, data, config),
                              params=count_params(teacher_params))
 

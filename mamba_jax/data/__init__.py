@@ -16,6 +16,7 @@ from mamba_jax.data.text import (
     BPETokenizer,
     ByteTokenizer,
     CharTokenizer,
+    HFTokenizer,
     TextLMData,
     default_text_root,
     pack_documents,
@@ -27,6 +28,6 @@ from mamba_jax.data.text import (
     train_bpe_tokenizer,
 )
 
-__all__ += ["BPETokenizer", "ByteTokenizer", "CharTokenizer", "TextLMData", "default_text_root", "pack_documents",
+__all__ += ["BPETokenizer", "ByteTokenizer", "CharTokenizer", "HFTokenizer", "TextLMData", "default_text_root", "pack_documents",
             "packed_text_rows", "read_documents", "text_dataset", "text_files", "text_iterator",
             "train_bpe_tokenizer"]

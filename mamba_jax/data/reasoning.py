@@ -17,7 +17,9 @@ Problems are pure functions of (task, seed, split, index) and the split of a pro
 prompt, so the train and eval splits are disjoint by construction (no eval prompt can be drawn for
 training, whatever the seeds). `sft_rows` packs prompt + completion documents into rows whose loss covers
 the completion and EOS only (documents never straddle rows); `prompt_batch` left-pads prompts for
-`mamba_jax.inference.generate`; `majority_vote` is self-consistency's aggregation.
+`mamba_jax.inference.generate`; `majority_vote` is self-consistency's aggregation. The functions that
+take a tokenizer `tok` accept any with the `ByteTokenizer` interface (`tokenizer()` here, or an
+`HFTokenizer` of a real checkpoint, whose subwords the prompt and completion are encoded into apart).
 """
 from __future__ import annotations
 
@@ -211,16 +213,17 @@ def majority_vote(answers: Sequence[Optional[int]]) -> Optional[int]:
     return next(a for a in answers if a is not None and counts[a] == best)
 
 
-def sft_rows(problems: Sequence[Problem], tok: CharTokenizer, seq_len: int) -> Rows:
+def sft_rows(problems: Sequence[Problem], tok, seq_len: int) -> Rows:
     """Prompt + completion documents packed into rows (see `pack_documents`): BOS, the prompt, the
     completion, EOS as the last target; ``loss_mask`` True on the completion's targets and EOS only, and
     no document straddles two rows. Raises ValueError when a problem does not fit `seq_len`."""
-    docs = [tok.encode(p.prompt + p.completion) for p in problems]
+    prompts = [tok.encode(p.prompt) for p in problems]     # apart: a subword tokenizer must not merge across
+    docs = [np.concatenate([q, tok.encode(p.completion)]) for q, p in zip(prompts, problems)]
     return pack_documents(docs, seq_len, tok.eos_id, tok.pad_id, bos_id=tok.bos_id,
-                          prompt_lengths=[len(p.prompt) for p in problems], split_documents=False)
+                          prompt_lengths=[q.size for q in prompts], split_documents=False)
 
 
-def prompt_batch(prompts: Sequence[str], tok: CharTokenizer, length: Optional[int] = None):
+def prompt_batch(prompts: Sequence[str], tok, length: Optional[int] = None):
     """Prompts as one left-padded batch for `generate`: (ids (n, L) int32, mask (n, L) int32), each row
     BOS + the prompt, padded on the left with PAD (mask 0). L: `length` or the longest row."""
     rows = [np.concatenate([np.int32([tok.bos_id]), tok.encode(p)]) for p in prompts]
@@ -237,7 +240,7 @@ def prompt_batch(prompts: Sequence[str], tok: CharTokenizer, length: Optional[in
     return ids, mask
 
 
-def completion_texts(tokens, tok: CharTokenizer) -> List[Optional[str]]:
+def completion_texts(tokens, tok) -> List[Optional[str]]:
     """Generated tokens (n, T) → the text of each row before its first EOS, or None for a row with no EOS
     (a completion cut by the length limit has no final answer: its reward is 0)."""
     tokens = np.asarray(tokens)
@@ -248,7 +251,7 @@ def completion_texts(tokens, tok: CharTokenizer) -> List[Optional[str]]:
     return out
 
 
-def completion_rewards(tokens, answers: Sequence[int], tok: CharTokenizer) -> np.ndarray:
+def completion_rewards(tokens, answers: Sequence[int], tok) -> np.ndarray:
     """(n,) float32 rewards of generated tokens (n, T) against the true `answers` (n,): `reward` of each
     row's text before EOS; 0 for a row without EOS."""
     texts = completion_texts(tokens, tok)

@@ -309,6 +309,49 @@ class BPETokenizer:
         return cls(tokenizers.Tokenizer.from_file(path))
 
 
+class HFTokenizer(BPETokenizer):
+    """The tokenizer of a Hugging Face checkpoint folder, with the `ByteTokenizer` interface: its
+    tokenizer.json (the `tokenizers` library) and the ids of BOS / EOS / PAD from its config.json
+    (`bos_token_id`, `eos_token_id` — the first one when a list —, `pad_token_id`, else EOS). `vocab_size`
+    is the model's (config.json) when it is larger than the tokenizer's own."""
+
+    name = "hf"
+
+    def __init__(self, tokenizer, *, bos_id: int, eos_id: int, pad_id: Optional[int] = None,
+                 vocab_size: Optional[int] = None):
+        self._tok = tokenizer
+        self._tok.encode_special_tokens = True
+        for name, value in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id)):
+            if value is not None and (not _is_int(value) or value < 0):
+                raise ValueError(f"HFTokenizer: `{name}` must be an int >= 0; got {value!r}")
+        self._bos, self._eos = int(bos_id), int(eos_id)
+        self._pad = self._eos if pad_id is None else int(pad_id)
+        self._vocab_size = max(tokenizer.get_vocab_size(with_added_tokens=True), int(vocab_size or 0))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @classmethod
+    def load(cls, path: str) -> "HFTokenizer":
+        """Read `path`/tokenizer.json and the special ids of `path`/config.json."""
+        tokenizers = _require_tokenizers("HFTokenizer.load")
+        files = [os.path.join(path, name) for name in ("tokenizer.json", "config.json")]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise ValueError(f"HFTokenizer.load: `path` must be a checkpoint folder with tokenizer.json and "
+                             f"config.json; missing {missing}")
+        with open(files[1]) as f:
+            config = json.load(f)
+        first = lambda v: v[0] if isinstance(v, list) and v else v  # noqa: E731
+        bos, eos = first(config.get("bos_token_id")), first(config.get("eos_token_id"))
+        if bos is None or eos is None:
+            raise ValueError(f"HFTokenizer.load: {files[1]} must give `bos_token_id` and `eos_token_id`; got "
+                             f"{bos!r}, {eos!r}")
+        return cls(tokenizers.Tokenizer.from_file(files[0]), bos_id=bos, eos_id=eos,
+                   pad_id=first(config.get("pad_token_id")), vocab_size=config.get("vocab_size"))
+
+
 def train_bpe_tokenizer(documents: Sequence[str], vocab_size: int, *, min_frequency: int = 2,
                         path: Optional[str] = None) -> BPETokenizer:
     """Train a byte-level BPE on `documents` (locally, with the `tokenizers` library).

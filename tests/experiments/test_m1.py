@@ -77,3 +77,43 @@ def test_smoke_run_writes_results_and_resumes(tmp_path):
         again = json.load(f)
     assert again["stages"] == results["stages"]
     assert [json.loads(line) for line in open(os.path.join(out, "grpo_seed0", "metrics.jsonl"))] == records
+
+
+def test_an_hf_llama_teacher_brings_its_shape_and_tokenizer(tmp_path):
+    """teacher=PATH: a Llama checkpoint in the HF layout with its tokenizer.json; the problems are encoded
+    by its (subword) tokenizer and SFT still predicts exactly the completion and EOS."""
+    import jax
+
+    from experiments.m1.run import ReasoningData, load_teacher, student_from_teacher
+    from mamba_jax.data import HFTokenizer, train_bpe_tokenizer
+    from mamba_jax.interop import save_hf
+    from mamba_jax.models import TransformerConfig, TransformerLM, init_params
+
+    smoke = preset_config("smoke")
+    texts = [p.prompt + p.completion for p in smoke.task.problems(0, 300)]
+    bpe = train_bpe_tokenizer(texts, vocab_size=300)
+    model = TransformerLM(TransformerConfig(vocab_size=bpe.vocab_size, d_model=32, n_layer=3, n_heads=2, n_kv_heads=1,
+                                            d_intermediate=48))
+    folder = tmp_path / "llama"
+    save_hf(model, init_params(model, jax.random.PRNGKey(0)), str(folder))
+    bpe.save(str(folder))
+    raw = json.loads((folder / "config.json").read_text())
+    raw.update(bos_token_id=bpe.bos_id, eos_token_id=[bpe.eos_id])
+    (folder / "config.json").write_text(json.dumps(raw))
+
+    config, teacher, params, tok = load_teacher(M1Config(**{**smoke.to_dict(), "teacher": str(folder),
+                                                            "teacher_steps": 0}))
+    assert isinstance(tok, HFTokenizer) and (tok.bos_id, tok.eos_id, tok.pad_id) == (bpe.bos_id, bpe.eos_id, bpe.eos_id)
+    assert (config.n_layer, config.d_model, config.n_heads, config.n_kv_heads) == (3, 32, 2, 1)
+    assert config.kept_attention == (2,) and teacher.config.head_dim_value == 16 and params is not None
+    data = ReasoningData(config, tok)
+    rows, problem = data.rows, data.train[0]
+    first = rows["seq_idx"][0] == 0
+    assert tok.decode(rows["input_ids"][0][first]) == problem.prompt + problem.completion
+    targets = rows["targets"][0][first & rows["loss_mask"][0]]
+    assert tok.decode(targets[:-1]) == problem.completion and targets[-1] == tok.eos_id
+    assert len(tok.encode(problem.completion)) < len(problem.completion)     # subwords ("=-", ";#-"), not characters
+    student, student_params = student_from_teacher(config, teacher, params)
+    assert student.config.layer_kinds == ("M", "M", "A")
+    with pytest.raises(ValueError, match="teacher_steps"):
+        M1Config(teacher_steps=0)
