@@ -144,13 +144,29 @@ def compile_train_step(model, tx, topology: str, mesh_config, strategy: str, bat
     abstract_batch = {"inputs": tokens, "targets": tokens,
                       "loss_mask": jax.ShapeDtypeStruct((batch, seq_len), jnp.bool_, sharding=training.batch_sharding)}
     check_batch(abstract_batch, mesh, training.rules)
+    return compile_report(training.train_step.jitted, (training.abstract_state, abstract_batch), topology, mesh,
+                          strategy, _param_count(training.abstract_state.params), batch, seq_len)
+
+
+def _param_count(params) -> int:
+    import jax
+
+    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
+
+
+def compile_report(jitted, abstract_args, topology: str, mesh, strategy: str, params: int, batch: int,
+                   seq_len: int) -> AOTReport:
+    """Lower `jitted` on `abstract_args` (ShapeDtypeStructs with shardings on `mesh`) with the mesh in
+    context, compile it for `topology` and measure it (a compile-time OOM is reported, not raised)."""
+    import jax
+
     chip = CHIPS[topology.split(":", 1)[0]]
-    params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(training.abstract_state.params))
     common = dict(topology=topology, mesh=",".join(f"{k}={v}" for k, v in mesh.shape.items() if v > 1) or "1 chip",
                   strategy=strategy, params=params, batch=batch, seq_len=seq_len, hbm_bytes=chip["hbm_gib"] * 2 ** 30,
-                  peak_flops_per_chip=chip["peak_tflops"] * 1e12, chips=len(devices))
+                  peak_flops_per_chip=chip["peak_tflops"] * 1e12, chips=mesh.devices.size)
     try:
-        compiled = training.train_step.jitted.lower(training.abstract_state, abstract_batch).compile()
+        with jax.set_mesh(mesh):      # Pallas kernels run per shard (`mamba_jax.sharding.kernels`)
+            compiled = jitted.lower(*abstract_args).compile()
     except jax.errors.JaxRuntimeError as error:
         temp = compile_time_oom_bytes(str(error))
         if temp is None:
@@ -165,7 +181,67 @@ def compile_train_step(model, tx, topology: str, mesh_config, strategy: str, bat
     return AOTReport(
         **common, argument_bytes=int(memory.argument_size_in_bytes), temp_bytes=int(memory.temp_size_in_bytes),
         output_bytes=int(memory.output_size_in_bytes), alias_bytes=int(memory.alias_size_in_bytes),
-        code_bytes=int(memory.generated_code_size_in_bytes), flops=float(cost.get("flops", 0.0)) * len(devices))
+        code_bytes=int(memory.generated_code_size_in_bytes), flops=float(cost.get("flops", 0.0)) * mesh.devices.size)
+
+
+def compile_m1_steps(preset: str, topology: str, mesh_config, strategy: str, batch: Optional[int] = None,
+                     seq_len: Optional[int] = None, compute_dtype: str = "bfloat16",
+                     overrides: Optional[Dict[str, str]] = None) -> Dict[str, AOTReport]:
+    """The M1 experiment's two heavy steps (`experiments.m1`) compiled for `topology`: "distill" (the
+    student's reverse-KL step with the teacher's forward live, teacher parameters sharded like the
+    student's) and "grpo" (the GRPO update on `batch` rollouts of a prompt of `seq_len` // 4 tokens and a
+    completion of the rest). Parameters float32, compute `compute_dtype`, AdamW state. The 6·N·T column
+    counts the student (N: its parameters); distillation also runs the teacher's forward, ~2·N_teacher·T."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments.lm.config import apply_overrides
+    from experiments.m1.config import preset_config
+    from experiments.m1.run import teacher_model
+    from mamba_jax.distill.attention_init import mamba1_student_config, mamba2_student_config
+    from mamba_jax.distill.train import STAGE2_KD, make_kd_train_step
+    from mamba_jax.models import HybridLM
+    from mamba_jax.rl import GRPOConfig, make_grpo_step
+    from mamba_jax.sharding.mesh import make_mesh_from_config
+    from mamba_jax.sharding.rules import replicated
+    from mamba_jax.train import sharded_training
+    from mamba_jax.train.optim import OptimizerConfig, make_optimizer
+
+    config = apply_overrides(preset_config(preset), overrides or {})
+    batch, seq_len = batch or config.batch_size, seq_len or config.seq_len
+    teacher = teacher_model(config)
+    teacher = type(teacher)(teacher.config.replace(dtype=compute_dtype))
+    if config.mamba_form == "mamba1":
+        hybrid = mamba1_student_config(teacher.config, config.replaced_layers, d_state=config.d_state, bias=True)
+    else:
+        hybrid = mamba2_student_config(teacher.config, config.replaced_layers, chunk_size=min(256, seq_len))
+    student = HybridLM(hybrid)
+    mesh = make_mesh_from_config(mesh_config, topology_devices(topology))
+    tx = make_optimizer(OptimizerConfig())
+    trained = sharded_training(student, tx, mesh, strategy)
+    frozen = sharded_training(teacher, tx, mesh, strategy)
+    state_sh = jax.tree_util.tree_map(lambda a: a.sharding, trained.abstract_state)
+    rows = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=trained.batch_sharding)  # noqa: E731
+    repl = replicated(mesh)
+    reports = {}
+    kd = make_kd_train_step(teacher.apply, STAGE2_KD, donate=False)
+    kd_batch = {"inputs": rows((batch, seq_len), jnp.int32), "targets": rows((batch, seq_len), jnp.int32),
+                "loss_mask": rows((batch, seq_len), jnp.bool_)}
+    kd_jit = jax.jit(kd, in_shardings=(state_sh, frozen.param_shardings, trained.batch_sharding),
+                     out_shardings=(state_sh, repl))
+    n_params = _param_count(trained.abstract_state.params)
+    reports["distill"] = compile_report(kd_jit, (trained.abstract_state, frozen.abstract_state.params, kd_batch),
+                                        topology, mesh, strategy, n_params, batch, seq_len)
+    prompt = max(1, seq_len // 4)
+    t = seq_len - prompt
+    grpo = make_grpo_step(GRPOConfig(max_new_tokens=t))
+    grpo_batch = {"prompt_ids": rows((batch, prompt), jnp.int32), "prompt_mask": rows((batch, prompt), jnp.int32),
+                  "completion_ids": rows((batch, t), jnp.int32), "completion_mask": rows((batch, t), jnp.bool_),
+                  "old_logp": rows((batch, t), jnp.float32), "advantages": rows((batch,), jnp.float32)}
+    grpo_jit = jax.jit(grpo, in_shardings=(state_sh, trained.batch_sharding), out_shardings=(state_sh, repl))
+    reports["grpo"] = compile_report(grpo_jit, (trained.abstract_state, grpo_batch), topology, mesh, strategy,
+                                     n_params, batch, seq_len)
+    return reports
 
 
 def compile_time_oom_bytes(message: str):
@@ -236,7 +312,7 @@ def _moe_mamba_model(preset: str, size: Optional[str], compute_dtype: str, overr
     return HybridLM(config), make_optimizer(OptimizerConfig()), batch, seq_len
 
 
-EXPERIMENTS = {"lm": _lm_model, "moe_mamba": _moe_mamba_model}
+EXPERIMENTS = {"lm": _lm_model, "moe_mamba": _moe_mamba_model, "m1": None}   # m1: compile_m1_steps
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -256,6 +332,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--compute-dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--remat", action="store_true", help="recompute each block in the backward pass")
     args, rest = parser.parse_known_args(list(argv or []))
+    if args.experiment == "m1":
+        try:
+            reports = compile_m1_steps(args.preset, args.topology, parse_mesh(args.mesh), args.strategy, args.batch,
+                                       args.seq_len, args.compute_dtype, parse_overrides(rest))
+        except ValueError as error:
+            parser.error(str(error))
+        rows = [{"step": name, **r.row()} for name, r in reports.items()]
+        print(markdown_table(list(rows[0]), [list(r.values()) for r in rows]))
+        return 0
     try:
         model, tx, batch, seq_len = EXPERIMENTS[args.experiment](args.preset, args.size, args.compute_dtype,
                                                                  parse_overrides(rest), args.remat)

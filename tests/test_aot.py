@@ -151,3 +151,12 @@ def test_step_time_at_peak_uses_model_flops_not_xla_count():
     row = report.row()
     assert row["6·N·T TFLOP"] == 3145.73 and row["XLA TFLOP/step"] == 1000.0
     assert row["ms at 100% MFU"] == round(1e3 * 3.145728e15 / (64 * 459e12), 1)
+
+
+def test_m1_distillation_and_grpo_steps_compile_for_v5e_2x2():
+    reports = aot.compile_m1_steps("smoke", "v5e:2x2", aot.parse_mesh("data=2,fsdp=2"), "fsdp")
+    assert set(reports) == {"distill", "grpo"}
+    for name, report in reports.items():
+        assert report.fits and report.flops > 0 and report.chips == 4, name
+    # the distillation step also holds the teacher's parameters (float32, sharded like the student's)
+    assert reports["distill"].argument_bytes > reports["grpo"].argument_bytes
