@@ -69,16 +69,16 @@ class M1Config:
     mamba_form: str = "mamba1"            # mamba1 (M1) | mamba2
     d_state: int = 16
     attention_layers: str = ""            # comma-separated; "": m1_attention_layers(n_layer)
-    distill_steps: int = 1500
-    distill_lr: float = 1e-3
+    distill_steps: int = 2000
+    distill_lr: float = 2e-3
     sft_steps: int = 500
     sft_lr: float = 3e-4
     # -- GRPO --
-    grpo_iterations: int = 150
-    grpo_prompts: int = 16                # prompts per rollout batch
+    grpo_iterations: int = 100
+    grpo_prompts: int = 32                # prompts per rollout batch
     group_size: int = 8
     rollout_temperature: float = 0.9
-    grpo_lr: float = 1e-5
+    grpo_lr: float = 3e-5                 # cpu: 1e-5 left the policy unchanged, 1e-4 degraded it
     updates_per_rollout: int = 2
     clip_eps: float = 0.2
     entropy_coef: float = 0.01
