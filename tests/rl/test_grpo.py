@@ -75,7 +75,7 @@ def test_grpo_loss_ignores_nan_under_the_mask():
         grpo_loss(LOGP, OLD, ADV, MASK, kl_coef=0.1)
 
 
-@pytest.mark.parametrize("family", ["A[rope,gqa]", "M[chunked]", "M A M2 E"])   # the hybrid holds M2 and MoE
+@pytest.mark.parametrize("family", ["A[rope,gqa]", "M[chunked]", "M[input-form]", "M A M2 E"])   # input form: M1's Mamba
 def test_rollout_logprobs_equal_a_teacher_forced_forward(family):
     model, params = model_and_params(family)
     prompt = jnp.asarray(np.random.default_rng(0).integers(0, 61, (3, 5)), jnp.int32)
