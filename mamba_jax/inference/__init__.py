@@ -132,8 +132,8 @@ def generate(model: DecoderLM, params, prompt_ids, max_new_tokens: int, *, tempe
     Returns:
       (b, max_new_tokens) int32 generated tokens (`generate_with_logprobs` also gives their log-probs).
     """
-    return generate_with_logprobs(model, params, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                                  top_p=top_p, eos_id=eos_id, rng=rng, prompt_mask=prompt_mask).tokens
+    return _checked_generate("generate", model, params, prompt_ids, max_new_tokens, temperature, top_k, top_p,
+                             eos_id, rng, prompt_mask, with_logprobs=False).tokens
 
 
 def generate_with_logprobs(model: DecoderLM, params, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0,
@@ -143,34 +143,41 @@ def generate_with_logprobs(model: DecoderLM, params, prompt_ids, max_new_tokens:
     mask of completion tokens (up to the first EOS) — the rollouts of policy-gradient training
     (`mamba_jax.rl`). Same arguments and checks as `generate`; the same tokens for the same rng.
     """
-    check_array("generate", "prompt_ids", prompt_ids, ("b", "l"), kind="int")
+    return _checked_generate("generate_with_logprobs", model, params, prompt_ids, max_new_tokens, temperature, top_k,
+                             top_p, eos_id, rng, prompt_mask, with_logprobs=True)
+
+
+def _checked_generate(fn: str, model, params, prompt_ids, max_new_tokens, temperature, top_k, top_p, eos_id, rng,
+                      prompt_mask, *, with_logprobs: bool) -> Generation:
+    check_array(fn, "prompt_ids", prompt_ids, ("b", "l"), kind="int")
     if prompt_mask is not None:
-        check_array("generate", "prompt_mask", prompt_mask, prompt_ids.shape, kind="any")
-        check_mask_values("generate", "prompt_mask", prompt_mask)
-        check_left_padded("generate", "prompt_mask", prompt_mask)
-    check_token_ids("generate", "prompt_ids", prompt_ids, model.config.vocab_size, prompt_mask)
+        check_array(fn, "prompt_mask", prompt_mask, prompt_ids.shape, kind="any")
+        check_mask_values(fn, "prompt_mask", prompt_mask)
+        check_left_padded(fn, "prompt_mask", prompt_mask)
+    check_token_ids(fn, "prompt_ids", prompt_ids, model.config.vocab_size, prompt_mask)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"generate: `max_new_tokens` must be a positive int; got {max_new_tokens!r}")
+        raise ValueError(f"{fn}: `max_new_tokens` must be a positive int; got {max_new_tokens!r}")
     check_sampling_args(temperature, top_k, top_p)
     if eos_id is not None and not (isinstance(eos_id, int) and 0 <= eos_id < model.config.vocab_size):
-        raise ValueError(f"generate: `eos_id` must be None or an int in [0, vocab_size={model.config.vocab_size}); "
+        raise ValueError(f"{fn}: `eos_id` must be None or an int in [0, vocab_size={model.config.vocab_size}); "
                          f"got {eos_id!r}")
     n_pos, n_prompt = model.config.learned_positions, _real_tokens(prompt_ids.shape[1], prompt_mask)
     if n_pos and n_prompt + max_new_tokens > n_pos:
-        raise ValueError(f"generate: the prompt ({n_prompt} real tokens) and {max_new_tokens} new tokens exceed the "
+        raise ValueError(f"{fn}: the prompt ({n_prompt} real tokens) and {max_new_tokens} new tokens exceed the "
                          f"model's {n_pos} learned position embeddings (max_position_embeddings)")
     if temperature > 0 and rng is None:
-        raise ValueError("generate: `rng` (a jax.random key) is required when temperature > 0")
+        raise ValueError(f"{fn}: `rng` (a jax.random key) is required when temperature > 0")
     if rng is None:
         rng = jax.random.PRNGKey(0)
     return _generate(model, params, prompt_ids, prompt_mask, rng, max_new_tokens=max_new_tokens,
-                     temperature=float(temperature), top_k=top_k, top_p=top_p, eos_id=eos_id)
+                     temperature=float(temperature), top_k=top_k, top_p=top_p, eos_id=eos_id,
+                     with_logprobs=with_logprobs)
 
 
 @functools.partial(jax.jit, static_argnums=0,
-                   static_argnames=("max_new_tokens", "temperature", "top_k", "top_p", "eos_id"))
+                   static_argnames=("max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "with_logprobs"))
 def _generate(model, params, prompt_ids, prompt_mask, rng, *, max_new_tokens, temperature, top_k, top_p,
-              eos_id):
+              eos_id, with_logprobs):
     logits, cache = _prefill(model, params, prompt_ids, None, prompt_mask,
                              max_len=prompt_ids.shape[1] + max_new_tokens)
     done = jnp.zeros(prompt_ids.shape[:1], bool)
@@ -179,8 +186,10 @@ def _generate(model, params, prompt_ids, prompt_mask, rng, *, max_new_tokens, te
         last_logits, cache, rng, done = carry
         rng, sub = jax.random.split(rng)
         token = sample_logits(last_logits, sub, temperature, top_k, top_p)
-        logprob = jnp.take_along_axis(sampling_log_probs(last_logits, temperature, top_k, top_p), token[:, None],
-                                      axis=-1)[:, 0]
+        logprob = jnp.zeros(token.shape, jnp.float32)      # plain `generate` skips the softmax on its hot path
+        if with_logprobs:
+            logprob = jnp.take_along_axis(sampling_log_probs(last_logits, temperature, top_k, top_p),
+                                          token[:, None], axis=-1)[:, 0]
         live = ~done
         if eos_id is not None:
             token = jnp.where(done, eos_id, token)
