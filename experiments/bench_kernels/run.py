@@ -63,7 +63,7 @@ def make_inputs(b: int, l: int, d: int, n: int, dtype, seed: int = 0):
     keys = jax.random.split(jax.random.PRNGKey(seed), 6)
     return dict(
         u=jax.random.normal(keys[0], (b, l, d), dtype),
-        delta=(jax.random.normal(keys[1], (b, l, d)) * 0.5).astype(dtype),
+        dt=(jax.random.normal(keys[1], (b, l, d)) * 0.5).astype(dtype),
         A=-jnp.exp(jax.random.normal(keys[2], (d, n)) * 0.5),
         B=jax.random.normal(keys[3], (b, l, n), dtype),
         C=jax.random.normal(keys[4], (b, l, n), dtype),
@@ -72,7 +72,7 @@ def make_inputs(b: int, l: int, d: int, n: int, dtype, seed: int = 0):
 
 
 def build(impl: str, chunk_size: int):
-    scan = lambda a: selective_scan(**a, delta_softplus=True, impl=impl, chunk_size=chunk_size)  # noqa: E731
+    scan = lambda a: selective_scan(**a, dt_softplus=True, impl=impl, chunk_size=chunk_size)  # noqa: E731
     fwd = jax.jit(scan)
     # the cotangent dy = y (grad of ½‖y‖²): one (b, l, d) read, as in a training step
     fwd_bwd = jax.jit(jax.grad(lambda a: 0.5 * jnp.sum(jnp.square(scan(a).astype(jnp.float32)))))

@@ -22,7 +22,7 @@ def make_inputs(b: int, l: int, d: int, n: int, seed: int = 0):
     keys = jax.random.split(jax.random.PRNGKey(seed), 5)
     return dict(
         u=jax.random.normal(keys[0], (b, l, d)),
-        delta=jax.random.normal(keys[1], (b, l, d)) * 0.5,
+        dt=jax.random.normal(keys[1], (b, l, d)) * 0.5,
         A=-jnp.exp(jax.random.normal(keys[2], (d, n)) * 0.5),
         B=jax.random.normal(keys[3], (b, l, n)),
         C=jax.random.normal(keys[4], (b, l, n)),
@@ -30,8 +30,8 @@ def make_inputs(b: int, l: int, d: int, n: int, seed: int = 0):
 
 
 def build(impl: str, chunk_size: int):
-    fwd = jax.jit(lambda a: selective_scan(**a, delta_softplus=True, impl=impl, chunk_size=chunk_size))
-    loss = lambda a: jnp.sum(selective_scan(**a, delta_softplus=True, impl=impl, chunk_size=chunk_size) ** 2)
+    fwd = jax.jit(lambda a: selective_scan(**a, dt_softplus=True, impl=impl, chunk_size=chunk_size))
+    loss = lambda a: jnp.sum(selective_scan(**a, dt_softplus=True, impl=impl, chunk_size=chunk_size) ** 2)
     fwd_bwd = jax.jit(jax.grad(loss))
     return fwd, fwd_bwd
 

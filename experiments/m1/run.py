@@ -105,12 +105,13 @@ def student_from_teacher(config: M1Config, teacher, teacher_params):
     from mamba_jax.models import HybridLM
 
     rng = jax.random.PRNGKey(config.seed + 1)
+    options = dict(conv_init=config.conv_init, ssm_init=config.ssm_init, gate_init=config.gate_init)
     if config.mamba_form == "mamba1":
         hybrid, params = attention_to_mamba1(teacher.config, teacher_params, rng, layers=config.replaced_layers,
-                                             d_state=config.d_state)
+                                             d_state=config.d_state, **options)
     else:
         hybrid, params = attention_to_mamba2(teacher.config, teacher_params, rng, layers=config.replaced_layers,
-                                             chunk_size=min(64, config.seq_len))
+                                             chunk_size=min(64, config.seq_len), **options)
     return HybridLM(hybrid), params
 
 

@@ -15,7 +15,7 @@ Implementations (all give the same values and gradients as `reference`):
 - ``chunked_associative`` — the same chunking with `associative_scan` inside each chunk (parallel depth
   for accelerators).
 - ``pallas``      — the Pallas kernels of `pallas_kernels.selective_scan` (imported lazily): discretisation,
-  D, z gating, delta_bias/softplus, initial/final state and seq_idx inside the kernel, float32 state in
+  D, z gating, dt_bias/softplus, initial/final state and seq_idx inside the kernel, float32 state in
   on-chip memory, a backward kernel that recomputes states per sequence block from the block-start states
   the forward saved. TPU (Mosaic) layout; on CPU it runs in Pallas interpret mode (how the kernels are
   gradient-checked without an accelerator). The TPU (Mosaic) or GPU (Triton) variant is picked when
@@ -64,20 +64,20 @@ def resolve_impl(impl: str, seq_len: int, backend: Optional[str] = None) -> str:
     return impl
 
 
-def time_step(delta, bias, softplus: bool, dtype):
-    """Δ in `dtype`: delta (+ bias broadcast over the last axis), then softplus if asked."""
-    dt = delta.astype(dtype)
+def time_step(dt, bias, softplus: bool, dtype):
+    """Δ in `dtype`: dt (+ bias broadcast over the last axis), then softplus if asked."""
+    delta = dt.astype(dtype)
     if bias is not None:
-        dt = dt + bias.astype(dtype)
-    return jax.nn.softplus(dt) if softplus else dt
+        delta = delta + bias.astype(dtype)
+    return jax.nn.softplus(delta) if softplus else delta
 
 
-def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, chunk_size) -> int:
+def _validate(u, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, chunk_size) -> int:
     """Checks shapes/dtypes at trace time; returns the number of B/C groups."""
     fn = "selective_scan"
     check_array(fn, "u", u, ("b", "l", "d"))
     b, l, d = u.shape
-    check_array(fn, "delta", delta, (b, l, d))
+    check_array(fn, "dt", dt, (b, l, d))
     check_array(fn, "A", A, (d, "n"))
     n = A.shape[1]
     if B.ndim == 3:
@@ -93,8 +93,8 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, chunk
         check_array(fn, "D", D, (d,))
     if z is not None:
         check_array(fn, "z", z, (b, l, d))
-    if delta_bias is not None:
-        check_array(fn, "delta_bias", delta_bias, (d,))
+    if dt_bias is not None:
+        check_array(fn, "dt_bias", dt_bias, (d,))
     if initial_state is not None:
         check_array(fn, "initial_state", initial_state, (b, d, n))
     if seq_idx is not None:
@@ -106,14 +106,14 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, chunk
 
 def selective_scan(
     u,
-    delta,
+    dt,
     A,
     B,
     C,
     D=None,
     z=None,
-    delta_bias=None,
-    delta_softplus: bool = False,
+    dt_bias=None,
+    dt_softplus: bool = False,
     initial_state=None,
     seq_idx=None,
     return_final_state: bool = False,
@@ -124,13 +124,13 @@ def selective_scan(
 
     Args:
       u: (b, l, d) input.
-      delta: (b, l, d) time steps Δ (before `delta_bias` and softplus).
+      dt: (b, l, d) time steps Δ (before `dt_bias` and softplus).
       A: (d, n) state matrix (negative for a stable system).
       B, C: (b, l, n), or grouped (b, l, g, n) with g dividing d (channel c uses group c // (d/g)).
       D: optional (d,) skip connection.
       z: optional (b, l, d) gate: y ← y ⊙ silu(z).
-      delta_bias: optional (d,) added to Δ before softplus.
-      delta_softplus: apply softplus to Δ (+ bias).
+      dt_bias: optional (d,) added to Δ before softplus.
+      dt_softplus: apply softplus to Δ (+ bias).
       initial_state: optional (b, d, n) state before the first step.
       seq_idx: optional (b, l) integer ids of packed sequences; the state resets to zero wherever the
         id changes from one position to the next (the first segment starts from `initial_state`).
@@ -143,7 +143,7 @@ def selective_scan(
       y: (b, l, d) in the dtype of `u`; with `return_final_state`, (y, last_state) where last_state is
       (b, d, n) in float32 (float64 for float64 inputs).
     """
-    groups = _validate(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, chunk_size)
+    groups = _validate(u, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, chunk_size)
     b, l, d = u.shape
     n = A.shape[1]
     impl = resolve_impl(impl, l)
@@ -151,18 +151,18 @@ def selective_scan(
         from pallas_kernels.selective_scan import BlockSizes
         from pallas_kernels.selective_scan import selective_scan as pallas_selective_scan
 
-        return pallas_selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+        return pallas_selective_scan(u, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
                                      initial_state=initial_state, seq_idx=seq_idx, return_final_state=return_final_state,
                                      block_sizes=None if chunk_size is None else BlockSizes(block_l=chunk_size))
-    cd = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    cd = compute_dtype(u, dt, A, B, C, D, z, dt_bias, initial_state)
 
-    dt = time_step(delta, delta_bias, delta_softplus, cd)
+    delta = time_step(dt, dt_bias, dt_softplus, cd)
     if B.ndim == 3:
         B, C = B[:, :, None, :], C[:, :, None, :]
     dg = d // groups
     # Grouped layout inside: channels (d,) -> (g, dg) so B/C broadcast over their group.
     uf = u.astype(cd).reshape(b, l, groups, dg)
-    dt = dt.reshape(b, l, groups, dg)
+    delta = delta.reshape(b, l, groups, dg)
     Af = A.astype(cd).reshape(groups, dg, n)
     Bf, Cf = B.astype(cd), C.astype(cd)
     h0 = jnp.zeros((b, groups, dg, n), cd) if initial_state is None else (
@@ -172,13 +172,13 @@ def selective_scan(
         keep = jnp.logical_not(segment_starts(seq_idx).at[:, 0].set(False)).astype(cd)
 
     if impl == "reference":
-        y, h_last = _scan_reference(uf, dt, Af, Bf, Cf, h0, keep)
+        y, h_last = _scan_reference(uf, delta, Af, Bf, Cf, h0, keep)
     elif impl == "associative":
-        y, h_last = _scan_associative(uf, dt, Af, Bf, Cf, h0, keep)
+        y, h_last = _scan_associative(uf, delta, Af, Bf, Cf, h0, keep)
     elif impl == "chunked":
-        y, h_last = _scan_chunked(uf, dt, Af, Bf, Cf, h0, keep, chunk_size or DEFAULT_CHUNK_SIZE)
+        y, h_last = _scan_chunked(uf, delta, Af, Bf, Cf, h0, keep, chunk_size or DEFAULT_CHUNK_SIZE)
     else:
-        y, h_last = _scan_chunked_associative(uf, dt, Af, Bf, Cf, h0, keep, chunk_size or DEFAULT_CHUNK_SIZE)
+        y, h_last = _scan_chunked_associative(uf, delta, Af, Bf, Cf, h0, keep, chunk_size or DEFAULT_CHUNK_SIZE)
 
     y = y.reshape(b, l, d)
     if D is not None:
@@ -192,12 +192,12 @@ def selective_scan(
 
 
 # --- implementations, all on the grouped layout ------------------------------------------------
-# u, dt: (b, l, g, p)   A: (g, p, n)   B, C: (b, l, g, n)   h0: (b, g, p, n)   keep: (b, l) or None
+# u, delta: (b, l, g, p)   A: (g, p, n)   B, C: (b, l, g, n)   h0: (b, g, p, n)   keep: (b, l) or None
 # return y: (b, l, g, p) and the last state (b, g, p, n), in the compute dtype.
 
 
 def _forward_steps(A, h0, xs, emit_states=False):
-    """Sequential recurrence on time-major inputs xs = (u, dt (t,b,g,p), B, C (t,b,g,n), keep (t,b) | None).
+    """Sequential recurrence on time-major inputs xs = (u, delta (t,b,g,p), B, C (t,b,g,n), keep (t,b) | None).
 
     Returns (h_last, y (t,b,g,p)), or with `emit_states` (h_last, (y, h_prev (t,b,g,p,n))) where h_prev[t]
     is the state before step t (what the backward pass needs).
@@ -244,8 +244,8 @@ def _time_major(x):
     return None if x is None else jnp.moveaxis(x, 1, 0)
 
 
-def _scan_reference(u, dt, A, B, C, h0, keep):
-    xs = tuple(_time_major(x) for x in (u, dt, B, C, keep))
+def _scan_reference(u, delta, A, B, C, h0, keep):
+    xs = tuple(_time_major(x) for x in (u, delta, B, C, keep))
     h_last, ys = _forward_steps(A, h0, xs)
     return jnp.moveaxis(ys, 0, 1), h_last
 
@@ -258,7 +258,7 @@ def _split_chunks(x, chunk, pad_value=0):
 
 
 def _pad_to_chunks(xs, chunk):
-    """Chunk time-major xs = (u, dt, B, C, keep). Padded steps have Δ = 0 (exp(0·A) = 1 and ΔBu = 0: the
+    """Chunk time-major xs = (u, delta, B, C, keep). Padded steps have Δ = 0 (exp(0·A) = 1 and ΔBu = 0: the
     state passes through unchanged) and keep = 1 (no padded step starts a new packed sequence)."""
     return tuple(_split_chunks(x, chunk) for x in xs[:4]) + (_split_chunks(xs[4], chunk, 1),)
 
@@ -268,33 +268,33 @@ def _unchunk(x, l):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _chunked_core(u, dt, A, B, C, h0, keep, chunk):
+def _chunked_core(u, delta, A, B, C, h0, keep, chunk):
     """Time-major sequential scan whose backward recomputes the states chunk by chunk.
 
     Without differentiation this is the plain sequential scan. Forward-for-backward keeps only the
     state at each chunk start; the backward recomputes one chunk's states at a time and runs the
     hand-written reverse recurrence, so memory is O(chunk·b·d·n + (l/chunk)·b·d·n).
     """
-    h_last, y = _forward_steps(A, h0, (u, dt, B, C, keep))
+    h_last, y = _forward_steps(A, h0, (u, delta, B, C, keep))
     return y, h_last
 
 
-def _chunked_core_fwd(u, dt, A, B, C, h0, keep, chunk):
-    chunks = _pad_to_chunks((u, dt, B, C, keep), chunk)
+def _chunked_core_fwd(u, delta, A, B, C, h0, keep, chunk):
+    chunks = _pad_to_chunks((u, delta, B, C, keep), chunk)
 
     def chunk_step(h, xs):
         h_next, y = _forward_steps(A, h, xs)
         return h_next, (y, h)
 
     h_last, (ys, h_starts) = jax.lax.scan(chunk_step, h0, chunks)
-    return (_unchunk(ys, u.shape[0]), h_last), (u, dt, A, B, C, keep, h_starts)
+    return (_unchunk(ys, u.shape[0]), h_last), (u, delta, A, B, C, keep, h_starts)
 
 
 def _chunked_core_bwd(chunk, residuals, cotangents):
-    u, dt, A, B, C, keep, h_starts = residuals
+    u, delta, A, B, C, keep, h_starts = residuals
     dy, dh_last = cotangents
     l = u.shape[0]
-    chunks = _pad_to_chunks((u, dt, B, C, keep), chunk)
+    chunks = _pad_to_chunks((u, delta, B, C, keep), chunk)
     dy_chunks = _split_chunks(dy, chunk)
 
     def chunk_step(carry, x):
@@ -313,20 +313,20 @@ def _chunked_core_bwd(chunk, residuals, cotangents):
 _chunked_core.defvjp(_chunked_core_fwd, _chunked_core_bwd)
 
 
-def _scan_chunked(u, dt, A, B, C, h0, keep, chunk_size):
+def _scan_chunked(u, delta, A, B, C, h0, keep, chunk_size):
     b, l = u.shape[:2]
     keep = jnp.ones((b, l), u.dtype) if keep is None else keep
-    xs = tuple(_time_major(x) for x in (u, dt, B, C, keep))
+    xs = tuple(_time_major(x) for x in (u, delta, B, C, keep))
     ys, h_last = _chunked_core(*xs[:2], A, *xs[2:4], h0, xs[4], min(chunk_size, l))
     return jnp.moveaxis(ys, 0, 1), h_last
 
 
-def _discretize(u, dt, A, B, keep):
+def _discretize(u, delta, A, B, keep):
     """(exp(ΔA), ΔBu), each (b, l, g, p, n); exp(ΔA) is zeroed where a packed sequence starts."""
-    dA = jnp.exp(dt[..., None] * A)
+    dA = jnp.exp(delta[..., None] * A)
     if keep is not None:
         dA = dA * keep[:, :, None, None, None]
-    dBu = (dt * u)[..., None] * B[:, :, :, None, :]
+    dBu = (delta * u)[..., None] * B[:, :, :, None, :]
     return dA, dBu
 
 
@@ -336,15 +336,15 @@ def _combine(left, right):
     return a1 * a2, a2 * b1 + b2
 
 
-def _scan_associative(u, dt, A, B, C, h0, keep):
-    dA, dBu = _discretize(u, dt, A, B, keep)
+def _scan_associative(u, delta, A, B, C, h0, keep):
+    dA, dBu = _discretize(u, delta, A, B, keep)
     dBu = dBu.at[:, 0].add(dA[:, 0] * h0)
     _, h = jax.lax.associative_scan(_combine, (dA, dBu), axis=1)
     y = jnp.einsum("blgpn,blgn->blgp", h, C)
     return y, h[:, -1]
 
 
-def _scan_chunked_associative(u, dt, A, B, C, h0, keep, chunk_size):
+def _scan_chunked_associative(u, delta, A, B, C, h0, keep, chunk_size):
     """Chunks of `associative_scan`, sequential over chunks, each chunk rematerialised in backward."""
     b, l = u.shape[:2]
     chunk = min(chunk_size, l)
@@ -356,7 +356,7 @@ def _scan_chunked_associative(u, dt, A, B, C, h0, keep, chunk_size):
         # Padded steps have Δ = 0: exp(0·A) = 1 and ΔBu = 0, so the state passes through unchanged.
         # `keep` is padded with ones so that no padded step looks like the start of a new sequence.
         pad_time = lambda x, v=0: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=v)
-        u, dt, B, C = map(pad_time, (u, dt, B, C))
+        u, delta, B, C = map(pad_time, (u, delta, B, C))
         keep = pad_time(keep, 1)
 
     def to_chunks(x):  # (b, L, ...) -> (n_chunks, b, chunk, ...)
@@ -367,7 +367,7 @@ def _scan_chunked_associative(u, dt, A, B, C, h0, keep, chunk_size):
         y, h_next = _scan_associative(*xs[:2], A, *xs[2:4], h, xs[4])
         return h_next, y
 
-    h_last, ys = jax.lax.scan(chunk_step, h0, tuple(map(to_chunks, (u, dt, B, C, keep))))
+    h_last, ys = jax.lax.scan(chunk_step, h0, tuple(map(to_chunks, (u, delta, B, C, keep))))
     y = jnp.moveaxis(ys, 0, 1).reshape(b, n_chunks * chunk, *ys.shape[3:])
     return y[:, :l], h_last
 
@@ -394,7 +394,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     check_array(fn, "C", C, B.shape)
     y, new_state = selective_scan(
         x[:, None], dt[:, None], A, B[:, None], C[:, None], D=D,
-        z=None if z is None else z[:, None], delta_bias=dt_bias, delta_softplus=dt_softplus,
+        z=None if z is None else z[:, None], dt_bias=dt_bias, dt_softplus=dt_softplus,
         initial_state=state, return_final_state=True, impl="reference",
     )
     return y[:, 0], new_state

@@ -83,25 +83,25 @@ def _run_per_shard(kernel: Callable, args, specs, out_specs, mesh):
                          check_vma=False)(*(args[i] for i in present))
 
 
-def selective_scan_on_mesh(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus: bool = False,
+def selective_scan_on_mesh(u, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus: bool = False,
                            initial_state=None, seq_idx=None, return_final_state: bool = False, impl: str = "auto",
                            chunk_size=None):
     """`mamba_jax.ops.selective_scan` (same arguments and results), run per shard when it resolves to the
     Pallas kernels on a sharded program: rows over the data-parallel axes, channels over `tensor` (when the
-    B/C groups allow), no communication. Shapes: u, delta, z (b, l, d); A (d, n); B, C (b, l, n) or
-    (b, l, g, n); D, delta_bias (d,); initial_state (b, d, n); seq_idx (b, l)."""
-    opts = dict(delta_softplus=delta_softplus, return_final_state=return_final_state, chunk_size=chunk_size)
-    args = (u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
+    B/C groups allow), no communication. Shapes: u, dt, z (b, l, d); A (d, n); B, C (b, l, n) or
+    (b, l, g, n); D, dt_bias (d,); initial_state (b, d, n); seq_idx (b, l)."""
+    opts = dict(dt_softplus=dt_softplus, return_final_state=return_final_state, chunk_size=chunk_size)
+    args = (u, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx)
     mesh = context_mesh()
     if mesh is None or resolve_impl(impl, u.shape[1]) != "pallas":
-        return selective_scan(*args[:5], D=D, z=z, delta_bias=delta_bias, initial_state=initial_state,
+        return selective_scan(*args[:5], D=D, z=z, dt_bias=dt_bias, initial_state=initial_state,
                               seq_idx=seq_idx, impl=impl, **opts)
     b, _, d = u.shape
     groups = 1 if B.ndim == 3 else B.shape[2]
     bs, ch = scan_partition(mesh, b, d, groups)
 
-    def kernel(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx):
-        return selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state,
+    def kernel(u, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx):
+        return selective_scan(u, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, initial_state=initial_state,
                               seq_idx=seq_idx, impl="pallas", **opts)
 
     if bs is None and ch is None:

@@ -2,7 +2,7 @@
 and a GPU (Triton) variant.
 
     from pallas_kernels.selective_scan import selective_scan, BlockSizes
-    y, last_state = selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True,
+    y, last_state = selective_scan(u, dt, A, B, C, D=D, z=z, dt_bias=bias, dt_softplus=True,
                                    initial_state=h0, seq_idx=seq_idx, return_final_state=True)
 
 The same contract as `mamba_jax.ops.selective_scan` (which dispatches here with `impl="pallas"`); see

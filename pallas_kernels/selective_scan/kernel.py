@@ -325,14 +325,14 @@ def _run(variant: str, interpret, cd, bs: BlockSizes, softplus: bool, u, delta, 
 
 def selective_scan(
     u,
-    delta,
+    dt,
     A,
     B,
     C,
     D=None,
     z=None,
-    delta_bias=None,
-    delta_softplus: bool = False,
+    dt_bias=None,
+    dt_softplus: bool = False,
     initial_state=None,
     seq_idx=None,
     return_final_state: bool = False,
@@ -343,10 +343,10 @@ def selective_scan(
     """Mamba-1 selective scan with the Pallas kernels; differentiable (reverse mode) through a custom VJP.
 
     Args:
-      u, delta: (b, l, d).  A: (d, n).
+      u, dt: (b, l, d).  A: (d, n).
       B, C: (b, l, n), or grouped (b, l, g, n) with g dividing d (channel c uses group c // (d/g)).
-      D, delta_bias: optional (d,).  z: optional (b, l, d) gate: y ← y ⊙ silu(z).
-      delta_softplus: Δ = softplus(delta + delta_bias) instead of delta + delta_bias.
+      D, dt_bias: optional (d,).  z: optional (b, l, d) gate: y ← y ⊙ silu(z).
+      dt_softplus: Δ = softplus(dt + dt_bias) instead of dt + dt_bias.
       initial_state: optional (b, d, n) state before the first step.
       seq_idx: optional (b, l) integer ids of packed sequences; the state resets to zero where the id
         changes from one position to the next.
@@ -375,11 +375,11 @@ def selective_scan(
         raise ValueError(f"selective_scan (pallas): {groups} B/C groups must divide d={d}")
     if variant is not None and variant not in VARIANTS:
         raise ValueError(f"selective_scan (pallas): `variant` must be None or one of {VARIANTS}; got {variant!r}")
-    cd = jnp.dtype(jnp.result_type(jnp.float32, *[x.dtype for x in (u, delta, A, B, C, D, z, delta_bias,
+    cd = jnp.dtype(jnp.result_type(jnp.float32, *[x.dtype for x in (u, dt, A, B, C, D, z, dt_bias,
                                                                      initial_state) if x is not None]))
     bs = block_sizes or BlockSizes()
-    args = (u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
-    run = lambda variant_, interpret_: functools.partial(_run, variant_, interpret_, cd, bs, delta_softplus)
+    args = (u, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx)
+    run = lambda variant_, interpret_: functools.partial(_run, variant_, interpret_, cd, bs, dt_softplus)
     if variant is None and interpret is None:
         # Chosen when lowering, not when tracing: compiling for a TPU (even AOT, from a CPU host) takes
         # the Mosaic kernel, for a CUDA GPU the Triton one, every other platform the interpreted TPU one.

@@ -39,7 +39,7 @@ def scan_case(op):
     b, n = 2, 8
     if op == "selective_scan":
         d = 16
-        args = dict(u=jax.random.normal(k[0], (b, L, d)), delta=long_memory_dt((b, L, d), k[1]),
+        args = dict(u=jax.random.normal(k[0], (b, L, d)), dt=long_memory_dt((b, L, d), k[1]),
                     A=-jnp.broadcast_to(jnp.arange(1.0, n + 1), (d, n)), B=jax.random.normal(k[2], (b, L, n)),
                     C=jax.random.normal(k[3], (b, L, n)), D=jnp.ones(d), z=jax.random.normal(k[4], (b, L, d)))
         low = ("u", "B", "C", "z")

@@ -2,7 +2,7 @@
 
 Values and gradients (a shared random cotangent through `jax.vjp`) on shapes that exercise the kernel's
 edges: l = 1, lengths not divisible by the sequence block, several channel blocks per B/C group,
-initial state and final state, seq_idx resets across block boundaries, D / z / delta_bias + softplus,
+initial state and final state, seq_idx resets across block boundaries, D / z / dt_bias + softplus,
 bf16 inputs; float64 `check_grads` of the custom VJP; TPU semantics (`pltpu.InterpretParams`); and,
 with libtpu, an AOT compile of forward + backward for a TPU chip (Mosaic lowering).
 """
@@ -21,7 +21,7 @@ from mamba_jax.ops import resolve_impl, selective_scan
 from pallas_kernels.selective_scan import BlockSizes
 from pallas_kernels.selective_scan import selective_scan as pallas_scan
 
-ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+ARG_NAMES = ("u", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
 
 
 def make_inputs(key, b, l, d, n, groups=None, dtype=jnp.float32, extras=True, seq_resets=False):
@@ -32,7 +32,7 @@ def make_inputs(key, b, l, d, n, groups=None, dtype=jnp.float32, extras=True, se
     bc_shape = (b, l, n) if groups is None else (b, l, groups, n)
     arrays = dict(
         u=jax.random.normal(ks[0], (b, l, d), dtype),
-        delta=(0.5 * jax.random.normal(ks[1], (b, l, d))).astype(dtype),
+        dt=(0.5 * jax.random.normal(ks[1], (b, l, d))).astype(dtype),
         A=-jnp.exp(0.5 * jax.random.normal(ks[2], (d, n))).astype(dtype if dtype == jnp.float64 else jnp.float32),
         B=jax.random.normal(ks[3], bc_shape, dtype),
         C=jax.random.normal(ks[4], bc_shape, dtype),
@@ -42,7 +42,7 @@ def make_inputs(key, b, l, d, n, groups=None, dtype=jnp.float32, extras=True, se
         arrays.update(
             D=jax.random.normal(ks[5], (d,), param),
             z=jax.random.normal(ks[6], (b, l, d), dtype),
-            delta_bias=(0.5 * jax.random.normal(ks[7], (d,))).astype(param),
+            dt_bias=(0.5 * jax.random.normal(ks[7], (d,))).astype(param),
             initial_state=jax.random.normal(ks[8], (b, d, n), param),
         )
     seq_idx = None
@@ -54,7 +54,7 @@ def make_inputs(key, b, l, d, n, groups=None, dtype=jnp.float32, extras=True, se
 def scan_fn(impl, seq_idx, softplus, names, **kw):
     """f(*arrays) -> (y, last_state) of `selective_scan` with the arrays named `names`."""
     def f(*arrays):
-        return selective_scan(**dict(zip(names, arrays)), delta_softplus=softplus, seq_idx=seq_idx,
+        return selective_scan(**dict(zip(names, arrays)), dt_softplus=softplus, seq_idx=seq_idx,
                               return_final_state=True, impl=impl, **kw)
     return f
 
@@ -90,7 +90,7 @@ def assert_close(got, want, rtol, name):
 CASES = {
     # name: (b, l, d, n, groups, extras, seq_resets, chunk_size (= block_l)); l = 1 is an explicit example
     # of the hypothesis test below.
-    # grouped B/C, seq_idx resets, D/z/delta_bias+softplus, initial state, 3 sequence blocks, last one ragged
+    # grouped B/C, seq_idx resets, D/z/dt_bias+softplus, initial state, 3 sequence blocks, last one ragged
     "all_options_ragged": (2, 21, 8, 3, 2, True, True, 8),
 }
 
@@ -113,14 +113,14 @@ def test_dispatcher_pallas_matches_reference(case):
 
 def test_several_channel_blocks_per_group_and_sequence_blocks():
     """d = 32 in 2 groups, block_d = 8: 2 channel blocks per group (dB/dC summed across them), 3 sequence
-    blocks with a ragged last one; seq_idx resets, initial state, D, z, delta_bias without softplus
-    (Δ = |delta| + |bias| > 0 keeps the recurrence stable)."""
+    blocks with a ragged last one; seq_idx resets, initial state, D, z, dt_bias without softplus
+    (Δ = |dt| + |bias| > 0 keeps the recurrence stable)."""
     arrays, seq_idx = make_inputs(jax.random.PRNGKey(3), 2, 20, 32, 4, groups=2, seq_resets=True)
-    arrays["delta"], arrays["delta_bias"] = jnp.abs(arrays["delta"]), jnp.abs(arrays["delta_bias"])
+    arrays["dt"], arrays["dt_bias"] = jnp.abs(arrays["dt"]), jnp.abs(arrays["dt_bias"])
     names = tuple(arrays)
 
     def f_kernel(*args):
-        return pallas_scan(**dict(zip(names, args)), delta_softplus=False, seq_idx=seq_idx, return_final_state=True,
+        return pallas_scan(**dict(zip(names, args)), dt_softplus=False, seq_idx=seq_idx, return_final_state=True,
                            block_sizes=BlockSizes(block_d=8, block_l=8))
 
     out_k, out_r, g_k, g_r = vjp_both(f_kernel, scan_fn("reference", seq_idx, False, names), arrays,
@@ -132,10 +132,10 @@ def test_several_channel_blocks_per_group_and_sequence_blocks():
 
 
 def test_bf16_inputs_match_reference_on_the_same_inputs():
-    """u, delta, B, C, z in bf16 (A, D, delta_bias, initial_state float32). Both impls compute in float32 from
+    """u, dt, B, C, z in bf16 (A, D, dt_bias, initial_state float32). Both impls compute in float32 from
     the same bf16 values and differ only by float32 rounding before the final cast, so a bf16 result
     may differ by one bf16 rounding step: |Δ| <= 2^-7·|x| (bf16 keeps 8 significant bits), checked
-    against the largest value of the array. float32 results (state, dA, dD, d delta_bias, d initial_state)
+    against the largest value of the array. float32 results (state, dA, dD, d dt_bias, d initial_state)
     keep a float32 tolerance. The state stays float32."""
     arrays, seq_idx = make_inputs(jax.random.PRNGKey(5), 2, 12, 8, 4, dtype=jnp.bfloat16, seq_resets=True)
     names = tuple(arrays)
@@ -173,7 +173,7 @@ def test_tpu_semantics_interpret_params():
     names = tuple(arrays)
 
     def f_kernel(*args):
-        return pallas_scan(**dict(zip(names, args)), delta_softplus=True, seq_idx=seq_idx, return_final_state=True,
+        return pallas_scan(**dict(zip(names, args)), dt_softplus=True, seq_idx=seq_idx, return_final_state=True,
                            block_sizes=BlockSizes(block_d=8, block_l=8), interpret=pltpu.InterpretParams())
 
     out_k, out_r, g_k, g_r = vjp_both(f_kernel, scan_fn("reference", seq_idx, True, names), arrays,
@@ -233,8 +233,8 @@ def test_aot_compiles_mosaic_kernels_for_a_tpu_chip():
     def spec(shape, dtype=jnp.bfloat16):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
 
-    def loss(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx):
-        y, last = selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=True,
+    def loss(u, dt, A, B, C, D, z, dt_bias, h0, seq_idx):
+        y, last = selective_scan(u, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True,
                                  initial_state=h0, seq_idx=seq_idx, return_final_state=True, impl="pallas")
         return jnp.sum(y.astype(jnp.float32) ** 2) + jnp.sum(last)
 

@@ -5,7 +5,7 @@
   `jax.vjp`), on shapes that exercise the variant's own edges: d and n that are not powers of two (each
   group's channels zero-padded to a multiple of the power-of-two channel block, n to a power of two),
   several channel blocks per B/C group, a length not divisible by the chunk, l = 1, a seq_idx reset on a
-  chunk boundary and inside chunks, D / z / delta_bias / initial state present and absent, softplus on
+  chunk boundary and inside chunks, D / z / dt_bias / initial state present and absent, softplus on
   and off; bf16 inputs; a float64 `check_grads` of the custom VJP.
 - Lowered for CUDA (`pallas_kernels.gpu_lowering`): the Pallas → Triton IR lowering of forward and
   backward runs on this host and must not raise; with `interpret=None` the CUDA lowering picks the Triton
@@ -36,7 +36,7 @@ def run_both(args, seq_idx, softplus, block_sizes, key):
 
     def fn(impl):
         def f(*arrays):
-            kw = dict(zip(names, arrays), delta_softplus=softplus, seq_idx=seq_idx, return_final_state=True)
+            kw = dict(zip(names, arrays), dt_softplus=softplus, seq_idx=seq_idx, return_final_state=True)
             if impl == "triton":
                 return pallas_scan(**kw, block_sizes=block_sizes, variant="triton", interpret=True)
             return selective_scan(**kw, impl="reference")
@@ -76,7 +76,7 @@ CASES = {
     "l1_bare": (1, 1, 1, 5, 5, None, dict(with_D=False, with_z=False, with_bias=False, with_h0=False), None,
                 True, BlockSizes()),
     # two full chunks of 8 (no padded steps), a reset exactly on the chunk boundary; softplus off
-    # (Δ = |delta| + |bias| > 0), D and bias without z, no initial state; powers of two throughout
+    # (Δ = |dt| + |bias| > 0), D and bias without z, no initial state; powers of two throughout
     "chunk_boundary_reset": (2, 1, 16, 8, 4, None, dict(with_z=False, with_h0=False), RESET_AT_8, False,
                              BlockSizes(8, 8)),
 }
@@ -88,26 +88,26 @@ def test_triton_variant_matches_reference(case):
     args = make_case(seed, b, l, d, n, groups, **options)
     seq_idx = args.pop("seq_idx", None) if isinstance(seq_idx, str) else seq_idx
     if not softplus:
-        args["delta"], args["delta_bias"] = jnp.abs(args["delta"]), jnp.abs(args["delta_bias"])
+        args["dt"], args["dt_bias"] = jnp.abs(args["dt"]), jnp.abs(args["dt_bias"])
     compare(args, None if seq_idx is None else jnp.asarray(seq_idx), softplus, blocks, lambda name: F32_TOL,
             key=seed)
 
 
 def test_triton_variant_bf16_inputs():
-    """u, delta, B, C, z in bf16 (A, D, delta_bias, initial_state float32), float32 inside. Both impls
+    """u, dt, B, C, z in bf16 (A, D, dt_bias, initial_state float32), float32 inside. Both impls
     compute in float32 from the same bf16 values and differ only by float32 rounding before the final
     cast, so a bf16 result may be one bf16 rounding step apart: |Δ| <= 2^-7·max|x| (8 significant bits);
-    float32 results (state, dA, dD, d delta_bias, d initial_state) keep a float32-level tolerance (1e-4
+    float32 results (state, dA, dD, d dt_bias, d initial_state) keep a float32-level tolerance (1e-4
     for the gradients, as in the TPU variant's bf16 test: they sum bf16-rounded inputs over the sequence)."""
     args = make_case(3, 2, 12, 6, 3, with_seq_idx=True)
     seq_idx = args.pop("seq_idx")
-    args = {k: v.astype(jnp.bfloat16) if k in ("u", "delta", "B", "C", "z") else v for k, v in args.items()}
+    args = {k: v.astype(jnp.bfloat16) if k in ("u", "dt", "B", "C", "z") else v for k, v in args.items()}
     bf16_step = 2.0 ** -7
 
     def tol(name):
         if name == "last_state":
             return F32_TOL
-        return bf16_step if name in ("y", "u", "delta", "B", "C", "z") else 1e-4
+        return bf16_step if name in ("y", "u", "dt", "B", "C", "z") else 1e-4
 
     compare(args, seq_idx, True, BlockSizes(block_l=8), tol, key=3)
 
@@ -122,7 +122,7 @@ def test_triton_variant_float64_check_grads():
 
         @jax.jit
         def f(*arrays):
-            return pallas_scan(**dict(zip(names, arrays)), delta_softplus=True, seq_idx=seq_idx,
+            return pallas_scan(**dict(zip(names, arrays)), dt_softplus=True, seq_idx=seq_idx,
                                return_final_state=True, block_sizes=BlockSizes(block_l=2), variant="triton",
                                interpret=True)
 
@@ -139,7 +139,7 @@ def test_triton_block_sizes_and_variant_validation():
     assert BlockSizes().triton_block_d(1) == 1
     with pytest.raises(ValueError, match="`variant` must be None or one of"):
         a = make_case(0, 1, 4, 2, 2)
-        pallas_scan(a["u"], a["delta"], a["A"], a["B"], a["C"], variant="gpu")
+        pallas_scan(a["u"], a["dt"], a["A"], a["B"], a["C"], variant="gpu")
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -155,8 +155,8 @@ def test_lowers_to_triton_for_cuda(dtype):
             sd((b, l, g, n), dtype), sd((d,), f32), sd((b, l, d), dtype), sd((d,), f32), sd((b, d, n), f32),
             sd((b, l), jnp.int32))
 
-    def forward(u, delta, A, B, C, D, z, bias, h0, seq_idx):
-        return pallas_scan(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True, initial_state=h0,
+    def forward(u, dt, A, B, C, D, z, bias, h0, seq_idx):
+        return pallas_scan(u, dt, A, B, C, D=D, z=z, dt_bias=bias, dt_softplus=True, initial_state=h0,
                            seq_idx=seq_idx, return_final_state=True)
 
     def gradient(*a):
@@ -177,7 +177,7 @@ def test_tiny_shapes_lower_for_cuda(b, l, d, n):
     args = tuple(sd(shape, jnp.float32) for shape in ((b, l, d), (b, l, d), (d, n), (b, l, n), (b, l, n)))
 
     def gradient(*a):
-        loss = lambda *x: jnp.sum(pallas_scan(*x, delta_softplus=True) ** 2)
+        loss = lambda *x: jnp.sum(pallas_scan(*x, dt_softplus=True) ** 2)
         return jax.grad(loss, argnums=tuple(range(5)))(*a)
 
     names = triton_kernel_names(lower_for_cuda(gradient, *args))

@@ -2,10 +2,10 @@
 import numpy as np
 
 
-def numpy_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+def numpy_selective_scan(u, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
                          initial_state=None, seq_idx=None):
     f = lambda x: None if x is None else np.asarray(x, np.float64)
-    u, delta, A, B, C, D, z, delta_bias, h = map(f, (u, delta, A, B, C, D, z, delta_bias, initial_state))
+    u, dt, A, B, C, D, z, dt_bias, h = map(f, (u, dt, A, B, C, D, z, dt_bias, initial_state))
     b, l, d = u.shape
     n = A.shape[1]
     if B.ndim == 3:
@@ -13,8 +13,8 @@ def numpy_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     g = B.shape[2]
     B = np.repeat(B, d // g, axis=2)  # (b, l, d, n)
     C = np.repeat(C, d // g, axis=2)
-    dt = delta if delta_bias is None else delta + delta_bias
-    if delta_softplus:
+    dt = dt if dt_bias is None else dt + dt_bias
+    if dt_softplus:
         dt = np.log1p(np.exp(dt))
     h = np.zeros((b, d, n)) if h is None else h.copy()
     y = np.zeros((b, l, d))

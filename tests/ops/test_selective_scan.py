@@ -14,7 +14,7 @@ from mamba_jax.ops import IMPLS, resolve_impl, selective_scan, selective_state_u
 from tests.ops.scan_reference_numpy import numpy_selective_scan
 
 FAST_IMPLS = [i for i in IMPLS if i != "reference"]
-FLOAT_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+FLOAT_ARGS = ("u", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
 
 
 def make_case(seed, b, l, d, n, groups=None, *, with_D=True, with_z=True, with_bias=True,
@@ -24,13 +24,13 @@ def make_case(seed, b, l, d, n, groups=None, *, with_D=True, with_z=True, with_b
     bc_shape = (b, l, n) if groups is None else (b, l, groups, n)
     case = dict(
         u=rng.normal(size=(b, l, d)),
-        delta=rng.normal(size=(b, l, d)) * 0.5,
+        dt=rng.normal(size=(b, l, d)) * 0.5,
         A=-np.exp(rng.normal(size=(d, n)) * 0.5),
         B=rng.normal(size=bc_shape),
         C=rng.normal(size=bc_shape),
         D=rng.normal(size=(d,)) if with_D else None,
         z=rng.normal(size=(b, l, d)) if with_z else None,
-        delta_bias=rng.normal(size=(d,)) * 0.5 if with_bias else None,
+        dt_bias=rng.normal(size=(d,)) * 0.5 if with_bias else None,
         initial_state=rng.normal(size=(b, d, n)) if with_h0 else None,
     )
     case = {k: None if v is None else jnp.asarray(v, dtype) for k, v in case.items()}
@@ -41,7 +41,7 @@ def make_case(seed, b, l, d, n, groups=None, *, with_D=True, with_z=True, with_b
 
 @functools.partial(jax.jit, static_argnames=("impl", "chunk_size", "softplus"))
 def run_scan(args, impl, chunk_size=None, softplus=True):
-    return selective_scan(**args, delta_softplus=softplus, return_final_state=True, impl=impl,
+    return selective_scan(**args, dt_softplus=softplus, return_final_state=True, impl=impl,
                           chunk_size=chunk_size)
 
 
@@ -50,7 +50,7 @@ def scan_with_vjp(args, cotangent_key, impl, chunk_size=None):
     """(y, last_state) and the gradients of <random cotangent, (y, last_state)> w.r.t. every float input."""
     floats = {k: v for k, v in args.items() if k in FLOAT_ARGS and v is not None}
     rest = {k: v for k, v in args.items() if k not in floats}
-    fn = lambda f: selective_scan(**f, **rest, delta_softplus=True, return_final_state=True, impl=impl,
+    fn = lambda f: selective_scan(**f, **rest, dt_softplus=True, return_final_state=True, impl=impl,
                                   chunk_size=chunk_size)
     out, vjp = jax.vjp(fn, floats)
     keys = jax.random.split(cotangent_key, 2)
@@ -81,7 +81,7 @@ def test_reference_matches_numpy_loop(case_and_chunk):
     case, _ = case_and_chunk
     args = make_case(**case)
     y, h = run_scan(args, "reference")
-    y_np, h_np = numpy_selective_scan(**{k: v for k, v in args.items()}, delta_softplus=True)
+    y_np, h_np = numpy_selective_scan(**{k: v for k, v in args.items()}, dt_softplus=True)
     assert_close(y, y_np, 2e-5, 2e-5, "y")
     assert_close(h, h_np, 2e-5, 2e-5, "last_state")
 
@@ -118,7 +118,7 @@ def test_float64_check_grads(impl, shape, with_seq_idx):
 
         @jax.jit  # one compile per transformation; the finite differences reuse it
         def f(*floats):
-            y, h = selective_scan(**dict(zip(names, floats)), seq_idx=seq_idx, delta_softplus=True,
+            y, h = selective_scan(**dict(zip(names, floats)), seq_idx=seq_idx, dt_softplus=True,
                                   return_final_state=True, impl=impl, chunk_size=4)
             return y, h
 
@@ -133,7 +133,7 @@ def test_float64_stays_float64(impl):
         args = make_case(3, 2, 10, 4, 3, dtype=np.float64)
         y, h = run_scan(args, impl, 4)
         assert y.dtype == jnp.float64 and h.dtype == jnp.float64
-        y_np, h_np = numpy_selective_scan(**args, delta_softplus=True)
+        y_np, h_np = numpy_selective_scan(**args, dt_softplus=True)
         assert_close(y, y_np, 1e-12, 1e-12)
         assert_close(h, h_np, 1e-12, 1e-12)
 
@@ -164,7 +164,7 @@ def test_packed_sequences_equal_separate_sequences(impl):
     start = 0
     for length in lengths:
         piece = {k: None if v is None or v.ndim < 3 else v[:, start:start + length] for k, v in args.items()}
-        piece["A"], piece["D"], piece["delta_bias"] = args["A"], args["D"], args["delta_bias"]
+        piece["A"], piece["D"], piece["dt_bias"] = args["A"], args["D"], args["dt_bias"]
         y_alone, h_alone = run_scan(piece, "reference")
         assert_close(y_packed[:, start:start + length], y_alone, 1e-5, 1e-5, f"segment at {start}")
         start += length
@@ -197,10 +197,10 @@ def test_chunked_any_length(impl, l, chunk):
 
 def test_no_softplus_and_return_y_only():
     args = make_case(19, 1, 6, 3, 2)
-    args["delta"] = jnp.abs(args["delta"])
+    args["dt"] = jnp.abs(args["dt"])
     y = selective_scan(**args, impl="reference")
     assert isinstance(y, jax.Array) and y.shape == (1, 6, 3)
-    y_np, _ = numpy_selective_scan(**args, delta_softplus=False)
+    y_np, _ = numpy_selective_scan(**args, dt_softplus=False)
     assert_close(y, y_np, 2e-5, 2e-5)
 
 
@@ -208,8 +208,8 @@ def test_selective_state_update_equals_one_scan_step():
     args = make_case(23, 3, 1, 6, 4, groups=2)
     y_scan, h_scan = run_scan(args, "reference")
     y, h = selective_state_update(
-        args["initial_state"], args["u"][:, 0], args["delta"][:, 0], args["A"], args["B"][:, 0],
-        args["C"][:, 0], D=args["D"], z=args["z"][:, 0], dt_bias=args["delta_bias"], dt_softplus=True)
+        args["initial_state"], args["u"][:, 0], args["dt"][:, 0], args["A"], args["B"][:, 0],
+        args["C"][:, 0], D=args["D"], z=args["z"][:, 0], dt_bias=args["dt_bias"], dt_softplus=True)
     assert_close(y, y_scan[:, 0], 1e-6, 1e-6)
     assert_close(h, h_scan, 1e-6, 1e-6)
 
@@ -230,15 +230,15 @@ def test_backward_memory_is_bounded_for_chunked():
 
     def temp_bytes(impl, l):
         args = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in
-                dict(u=(b, l, d), delta=(b, l, d), A=(d, n), B=(b, l, n), C=(b, l, n)).items()}
-        loss = lambda a: jnp.sum(selective_scan(**a, delta_softplus=True, impl=impl, chunk_size=128))
+                dict(u=(b, l, d), dt=(b, l, d), A=(d, n), B=(b, l, n), C=(b, l, n)).items()}
+        loss = lambda a: jnp.sum(selective_scan(**a, dt_softplus=True, impl=impl, chunk_size=128))
         return jax.jit(jax.grad(loss)).lower(args).compile().memory_analysis().temp_size_in_bytes
 
     l_short, l_long = 2048, 8192
     per_step = {impl: (temp_bytes(impl, l_long) - temp_bytes(impl, l_short)) / (l_long - l_short)
                 for impl in ("reference", "chunked", "chunked_associative")}
     state_bytes_per_step = b * d * n * 4
-    io_bytes_per_step = b * (2 * d + 2 * n) * 4  # u, delta, B, C (and as many gradients)
+    io_bytes_per_step = b * (2 * d + 2 * n) * 4  # u, dt, B, C (and as many gradients)
     assert per_step["reference"] >= state_bytes_per_step  # keeps every state for backward
     assert per_step["chunked"] <= 4 * io_bytes_per_step < state_bytes_per_step, per_step
     assert per_step["chunked_associative"] <= 4 * io_bytes_per_step, per_step
@@ -254,7 +254,7 @@ def _bad(**overrides):
 
 @pytest.mark.parametrize("overrides,match", [
     (dict(u=jnp.zeros((8, 4))), r"`u` must have shape \(b, l, d\); got \(8, 4\)"),
-    (dict(delta=jnp.zeros((2, 7, 4))), r"`delta` must have shape \(2, 8, 4\); got \(2, 7, 4\)"),
+    (dict(dt=jnp.zeros((2, 7, 4))), r"`dt` must have shape \(2, 8, 4\); got \(2, 7, 4\)"),
     (dict(A=jnp.zeros((5, 3))), r"`A` must have shape \(4, n\)"),
     (dict(B=jnp.zeros((2, 8, 2))), r"`B` must have shape \(2, 8, 3\)"),
     (dict(B=jnp.zeros((2, 8, 3, 3)), C=jnp.zeros((2, 8, 3, 3))), r"3 groups, which must divide d=4"),
@@ -290,5 +290,5 @@ def test_validation_happens_at_trace_time_only():
     f(jnp.ones((2, 8, 4)))
     f(jnp.ones((2, 8, 4)) * 2)
     assert len(traces) == 1
-    with pytest.raises(ValueError, match="`delta`|`B`"):
+    with pytest.raises(ValueError, match="`dt`|`B`"):
         f(jnp.ones((2, 9, 4)))

@@ -78,16 +78,16 @@ def pallas_checks(model, tx, batches, ref_metrics):
 
     keys = jax.random.split(jax.random.PRNGKey(5), 9)
     b, l, d, g, n = 4, 12, 16, 4, 4
-    args = dict(u=jax.random.normal(keys[0], (b, l, d)), delta=jax.random.normal(keys[1], (b, l, d)),
+    args = dict(u=jax.random.normal(keys[0], (b, l, d)), dt=jax.random.normal(keys[1], (b, l, d)),
                 A=-jnp.exp(jax.random.normal(keys[2], (d, n))), B=jax.random.normal(keys[3], (b, l, g, n)),
                 C=jax.random.normal(keys[4], (b, l, g, n)), D=jax.random.normal(keys[5], (d,)),
-                z=jax.random.normal(keys[6], (b, l, d)), delta_bias=jax.random.normal(keys[7], (d,)) * 0.1,
+                z=jax.random.normal(keys[6], (b, l, d)), dt_bias=jax.random.normal(keys[7], (d,)) * 0.1,
                 initial_state=jax.random.normal(keys[8], (b, d, n)))
     seq_idx = jnp.asarray(np.repeat([[0] * 5 + [1] * 7], b, axis=0), jnp.int32)
 
     def loss(impl):
         def f(a):
-            y, h = selective_scan(**a, seq_idx=seq_idx, delta_softplus=True, return_final_state=True, impl=impl,
+            y, h = selective_scan(**a, seq_idx=seq_idx, dt_softplus=True, return_final_state=True, impl=impl,
                                   chunk_size=8)
             return jnp.sum(y * jnp.cos(y)) + jnp.sum(h ** 2)
         return jax.jit(jax.value_and_grad(f))
@@ -98,7 +98,7 @@ def pallas_checks(model, tx, batches, ref_metrics):
         jaxpr = str(jax.make_jaxpr(loss("pallas"))(args))
         got = loss("pallas")(args)
     assert "shard_map" in jaxpr, "the kernel did not run per shard"
-    # dA, dD, d(delta_bias) are float32 sums over b·l = 48 terms, reduced per shard then across shards:
+    # dA, dD, d(dt_bias) are float32 sums over b·l = 48 terms, reduced per shard then across shards:
     # a different summation order than the 1-device scan, ~m·eps·Σ|terms| ≈ 1e-5 relative here
     got, want = flat(got), flat(want)
     for k in want:
