@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from mamba_jax.layers.config import ATTENTION, BaseLMConfig, check_choice, check_positive_int
 from mamba_jax.ops._checks import check_array
-from mamba_jax.ops.attention import attention_mask, dot_product_attention, rotary_embedding, segment_ids
+from mamba_jax.ops.attention import attention_mask, cached_attention, dot_product_attention, rotary_embedding, segment_ids
 from mamba_jax.axes import EMBED, HEADS, KV_HEADS
 
 POSITION_EMBEDDINGS = ("rope", "learned", "none")
@@ -33,7 +33,9 @@ class TransformerConfig(BaseLMConfig):
     n_kv_heads (None: = n_heads) must divide n_heads (grouped-query attention); head_dim None means
     d_model // n_heads. d_intermediate None: Llama's SwiGLU width for d_model, 2/3 · 4 · d_model rounded up to
     a multiple of 256 (256 up to d_model 96, 2048 at 768, 11008 at 4096). position_embedding: "rope" (rotary, base `rope_theta`), "learned" (absolute,
-    `max_position_embeddings` rows added to the token embeddings) or "none".
+    `max_position_embeddings` rows added to the token embeddings) or "none". kv_block_size: KV-cache slots
+    read per block by a cached decode step or chunked prefill (`ops.cached_attention`: only the filled
+    blocks are read).
     """
 
     family: ClassVar[str] = "transformer"
@@ -46,10 +48,12 @@ class TransformerConfig(BaseLMConfig):
     rope_theta: float = 10000.0
     max_position_embeddings: int = 2048
     attention_bias: bool = False
+    kv_block_size: int = 256
 
     def __post_init__(self):
         super().__post_init__()
         check_positive_int("TransformerConfig", "n_heads", self.n_heads)
+        check_positive_int("TransformerConfig", "kv_block_size", self.kv_block_size)
         check_positive_int("TransformerConfig", "max_position_embeddings", self.max_position_embeddings)
         if self.n_kv_heads is not None:
             check_positive_int("TransformerConfig", "n_kv_heads", self.n_kv_heads)
@@ -200,7 +204,8 @@ def _check_cache(cache, cfg: TransformerConfig, b: int, l: int) -> int:
 
 
 def _attend_with_cache(q, k, v, valid, seq_idx, cache: KVCache, cfg: TransformerConfig):
-    """Write the chunk into the cache at slots [index, index + l) and attend over the whole cache.
+    """Write the chunk into the cache at slots [index, index + l) and attend over the filled slots
+    [0, index + l), `cfg.kv_block_size` slots at a time (`ops.cached_attention`).
 
     q: (b, l, h, dh); k, v: (b, l, kv, dh); valid: (b, l) bool. Returns (out (b, l, h, dh), new KVCache).
     """
@@ -215,10 +220,8 @@ def _attend_with_cache(q, k, v, valid, seq_idx, cache: KVCache, cfg: Transformer
     new_cache = KVCache(key=write(cache.key, k), value=write(cache.value, v), valid=write(cache.valid, valid),
                         segment=write(cache.segment, seg), index=index + l)
     q_slots = jnp.broadcast_to(index + jnp.arange(l, dtype=jnp.int32), (b, l))
-    k_slots = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (b, max_len))
-    allowed = attention_mask(q_slots, k_slots, key_valid=new_cache.valid, q_segments=seg,
-                             k_segments=new_cache.segment)
-    out = dot_product_attention(q, new_cache.key, new_cache.value, allowed)
+    out = cached_attention(q, new_cache.key, new_cache.value, q_slots, n_keys=index + l, key_valid=new_cache.valid,
+                           q_segments=seg, k_segments=new_cache.segment, block_size=cfg.kv_block_size)
     # Overflow (index + l > max_len) cannot raise inside jit: dynamic_update_slice would clamp the write
     # onto the last slots. Make it visible instead: NaN outputs.
     return jnp.where(index + l <= max_len, out, jnp.nan).astype(out.dtype), new_cache

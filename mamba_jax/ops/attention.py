@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
 
 from mamba_jax.ops._checks import check_array, compute_dtype
 from mamba_jax.ops.positions import segment_ids  # noqa: F401 (re-exported; a query sees its own segment's keys)
 
-__all__ = ["attention_mask", "dot_product_attention", "rotary_embedding", "segment_ids"]
+__all__ = ["attention_mask", "cached_attention", "dot_product_attention", "rotary_embedding", "segment_ids"]
 
 # A large finite negative logit for masked keys (finite in float32 and bfloat16 after the max shift).
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -108,3 +109,68 @@ def attention_mask(q_slots, k_slots, *, key_valid=None, q_segments=None, k_segme
         check_array(fn, "k_segments", k_segments, (b, lk), kind="int")
         allowed = allowed & (q_segments[:, :, None] == k_segments[:, None, :])
     return allowed
+
+
+def cached_attention(q, k, v, q_slots, *, n_keys, key_valid, q_segments, k_segments, block_size: int = 256,
+                     scale: Optional[float] = None):
+    """Attention of a chunk of queries over a preallocated KV cache that reads only the filled slots.
+
+    The keys are read block by block — `block_size` slots at a time, only the blocks below `n_keys` — with an
+    online (flash-decoding) softmax in float32, so a decode step costs the filled length, not `max_len`.
+    Equal (up to rounding) to ``dot_product_attention(q, k, v, attention_mask(q_slots, arange(max_len),
+    key_valid=key_valid, q_segments=q_segments, k_segments=k_segments))`` when every slot a query may attend
+    to lies below `n_keys`; the same masking rules (no NaN from a slot no query may read; zeros for a query
+    with no allowed key).
+
+    q: (b, lq, h, dh); k: (b, max_len, kv, dh); v: (b, max_len, kv, dv); q_slots: (b, lq) int;
+    n_keys: () int (may be traced): slots >= n_keys are never read; key_valid: (b, max_len) bool;
+    q_segments (b, lq) / k_segments (b, max_len) int. Returns (b, lq, h, dv) in q's dtype.
+    The loop has a data-dependent trip count: forward (inference) only, not reverse-differentiable.
+    """
+    fn = "cached_attention"
+    check_array(fn, "q", q, ("b", "lq", "h", "dh"))
+    b, lq, h, dh = q.shape
+    check_array(fn, "k", k, (b, "max_len", "kv", dh))
+    max_len, kv = k.shape[1], k.shape[2]
+    check_array(fn, "v", v, (b, max_len, kv, "dv"))
+    check_array(fn, "q_slots", q_slots, (b, lq), kind="int")
+    check_array(fn, "key_valid", key_valid, (b, max_len), kind="any")
+    check_array(fn, "q_segments", q_segments, (b, lq), kind="int")
+    check_array(fn, "k_segments", k_segments, (b, max_len), kind="int")
+    if h % kv:
+        raise ValueError(f"{fn}: the number of query heads ({h}, axis 2 of `q`) must be a multiple of the "
+                         f"number of key/value heads ({kv}, axis 2 of `k`)")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"{fn}: `block_size` must be a positive int; got {block_size!r}")
+    cd = compute_dtype(q, k, v)
+    scale = dh ** -0.5 if scale is None else scale
+    dv, g = v.shape[-1], h // kv
+    block = min(block_size, max_len)
+    qg = q.reshape(b, lq, kv, g, dh)
+    key_valid = key_valid.astype(bool)
+
+    def read(i, carry):
+        m, total, acc = carry
+        lo = i * block
+        start = jnp.minimum(lo, max_len - block)      # the last block is shifted back, never clamped silently:
+        slots = start + jnp.arange(block, dtype=jnp.int32)                         # slots < lo were read already
+        take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, block, axis=1)  # noqa: E731
+        allowed = ((slots[None, None, :] <= q_slots[:, :, None]) & (slots >= lo)[None, None, :]
+                   & take(key_valid)[:, None, :] & (q_segments[:, :, None] == take(k_segments)[:, None, :]))
+        mask = allowed[:, None, None]                                                     # (b, 1, 1, lq, B)
+        logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, take(k), preferred_element_type=cd) * scale
+        logits = jnp.where(mask, logits.astype(cd), MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+        p = jnp.where(mask, jnp.exp(logits - m_new[..., None]), jnp.zeros((), cd))
+        alpha = jnp.exp(m - m_new)
+        readable = jnp.any(allowed, axis=1)[:, :, None, None]                             # (b, B, 1, 1)
+        vb = jnp.where(readable, take(v).astype(cd), jnp.zeros((), cd))
+        acc = alpha[..., None] * acc + jnp.einsum("bkgqs,bskd->bkgqd", p, vb, preferred_element_type=cd)
+        return m_new, alpha * total + jnp.sum(p, axis=-1), acc
+
+    init = (jnp.full((b, kv, g, lq), MASK_VALUE, cd), jnp.zeros((b, kv, g, lq), cd),
+            jnp.zeros((b, kv, g, lq, dv), cd))
+    n_blocks = (jnp.minimum(jnp.asarray(n_keys, jnp.int32), max_len) + block - 1) // block
+    _, total, acc = jax.lax.fori_loop(0, n_blocks, read, init)
+    out = jnp.where(total[..., None] > 0, acc / jnp.where(total > 0, total, 1)[..., None], jnp.zeros((), cd))
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, lq, h, dv).astype(q.dtype)

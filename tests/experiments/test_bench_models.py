@@ -32,6 +32,16 @@ def test_bench_decode_tiny(tmp_path, capsys):
     assert "| model | context | ms / token | speed-up vs transformer | cache MB |" in printed
 
 
+def test_bench_decode_one_allocation_for_every_context(tmp_path, capsys):
+    """--max-len: the KV cache has the same slots at every context (only the filled length changes)."""
+    out = tmp_path / "decode.json"
+    assert cli_main(["bench", "decode", *TINY, "--models", "transformer", "--lengths", "16,48", "--steps", "3",
+                     "--max-len", "64", "--out", str(out)]) == 0
+    by_len = json.loads(out.read_text())["results"]["transformer"]
+    assert by_len["16"]["cache_bytes"] == by_len["48"]["cache_bytes"] >= 64 * 2 * 2 * 2 * 2 * 16 * 4   # slots·layers·b·(k, v)·kv·dh·4
+    assert "KV cache slots 64" in capsys.readouterr().out
+
+
 def test_bench_prefill_tiny(tmp_path, capsys):
     out = tmp_path / "prefill.json"
     assert cli_main(["bench", "prefill", *TINY, "--lengths", "24", "--chunk", "10", "--out", str(out)]) == 0
@@ -45,6 +55,7 @@ def test_bench_prefill_tiny(tmp_path, capsys):
     (["--models", "gpt"], "--models"),
     (["--pattern", "MMM"], "--pattern"),
     (["--steps", "0"], "--steps"),
+    (["--lengths", "16", "--steps", "3", "--max-len", "18"], "--max-len"),
 ])
 def test_bench_decode_rejects_bad_options(argv, pattern, capsys):
     with pytest.raises(SystemExit):

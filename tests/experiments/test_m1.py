@@ -28,6 +28,33 @@ def test_config_errors_name_the_field():
         M1Config(grpo_prompts=5, updates_per_rollout=2)
     with pytest.raises(ValueError, match="attention_layers"):
         M1Config(attention_layers="9")
+    with pytest.raises(ValueError, match="ssm_init"):
+        M1Config(ssm_init="linear")
+
+
+def test_student_init_options_reach_the_mamba_layers():
+    """The default (MambaInLlama's): only x, B, C and out_proj come from the attention — the conv and A stay
+    the fresh Mamba init; identity / linear_attention set them as `attention_to_mamba1` documents."""
+    import jax
+
+    from experiments.m1.run import student_from_teacher, teacher_model
+    from mamba_jax.distill.attention_init import LINEAR_ATTENTION_DECAY
+    from mamba_jax.models import init_params
+
+    config = preset_config("smoke")
+    teacher = teacher_model(config)
+    teacher_params = init_params(teacher, jax.random.PRNGKey(0))
+    layer = f"layers_{config.replaced_layers[0]}"
+    fresh = student_from_teacher(config, teacher, teacher_params)[1][layer]["mixer"]
+    options = dict(conv_init="identity", ssm_init="linear_attention", gate_init="open")
+    set_ = student_from_teacher(M1Config(**{**config.to_dict(), **options}), teacher, teacher_params)[1][layer]["mixer"]
+    np.testing.assert_array_equal(set_["conv1d_kernel"][:-1], 0)
+    np.testing.assert_array_equal(set_["conv1d_kernel"][-1], 1)
+    np.testing.assert_allclose(np.exp(set_["A_log"]), LINEAR_ATTENTION_DECAY, rtol=1e-6)
+    assert np.abs(np.asarray(fresh["conv1d_kernel"][:-1])).max() > 0          # fresh conv taps
+    assert np.ptp(np.asarray(fresh["A_log"])) > 1                             # fresh A: log(1..n) per state
+    for name in ("in_proj_xb", "out_proj"):                                   # from the attention in both
+        np.testing.assert_array_equal(fresh[name]["kernel"], set_[name]["kernel"])
 
 
 def test_maj_at_k_by_hand():

@@ -6,6 +6,7 @@ import pytest
 from jax.test_util import check_grads
 
 from mamba_jax.ops import attention_mask, dot_product_attention, rotary_embedding, segment_ids
+from mamba_jax.ops.attention import cached_attention
 
 
 def _rng(seed):
@@ -116,6 +117,56 @@ def test_attention_matches_numpy_loop_with_gqa_and_masks(h, kv):
     np.testing.assert_allclose(out, attention_numpy(q, k, v, allowed, dh ** -0.5), rtol=1e-5, atol=1e-5)
     custom = dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(allowed), scale=0.3)
     np.testing.assert_allclose(custom, attention_numpy(q, k, v, allowed, 0.3), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 4, 11, 256])
+@pytest.mark.parametrize("h,kv", [(4, 2), (3, 3)])
+def test_cached_attention_reads_only_filled_blocks_and_matches_the_loop(block_size, h, kv):
+    """n_keys = 10 of 11 slots: blocks of 3 (or 4) shift the last block back to slots 8–10 (7–10) after 6–8
+    (4–7) were read, so without the already-read mask slot 8 (7) would count twice; the unfilled slot holds
+    NaN (it must reach no output); one query has no allowed key; two packed segments; lq = 4 queries at
+    slots 6–9 (a chunked prefill), and lq = 1 at slot 9 (a decode step)."""
+    r = _rng(block_size + 7 * h)
+    b, max_len, dh, dv = 2, 11, 8, 6
+    n_keys = 10
+    k = r.randn(b, max_len, kv, dh).astype(np.float32)
+    v = r.randn(b, max_len, kv, dv).astype(np.float32)
+    k[:, n_keys:], v[:, n_keys:] = np.nan, np.nan
+    valid = r.rand(b, max_len) < 0.8
+    valid[1, :7] = False                                        # row 1: left padding up to slot 6
+    k_seg = np.zeros((b, max_len), np.int32)
+    k_seg[0, 6:] = 1                                            # row 0: a second document from slot 6
+    for lq, first in ((4, 6), (1, 9)):
+        q = r.randn(b, lq, h, dh).astype(np.float32)
+        q_slots = np.broadcast_to(first + np.arange(lq, dtype=np.int32), (b, lq))
+        q_seg = k_seg[np.arange(b)[:, None], q_slots]
+        allowed = np.asarray(attention_mask(jnp.asarray(q_slots), jnp.asarray(np.broadcast_to(
+            np.arange(max_len, dtype=np.int32), (b, max_len))), key_valid=jnp.asarray(valid),
+            q_segments=jnp.asarray(q_seg), k_segments=jnp.asarray(k_seg)))
+        if lq == 4:
+            valid_q0 = allowed[1, 0].any()
+            assert not valid_q0                                 # row 1's first query (slot 6) sees only pads
+        want = attention_numpy(q, k, v, allowed, dh ** -0.5)
+        got = jax.jit(lambda *a: cached_attention(*a[:4], n_keys=a[4], key_valid=a[5], q_segments=a[6],
+                                                  k_segments=a[7], block_size=block_size))(
+            q, k, v, q_slots, jnp.int32(n_keys), valid, q_seg, k_seg)
+        assert got.shape == (b, lq, h, dv) and got.dtype == jnp.float32
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_attention_bfloat16_and_bad_block_size():
+    r = _rng(3)
+    q, k, v = (jnp.asarray(r.randn(*s), jnp.bfloat16) for s in ((1, 1, 2, 4), (1, 6, 1, 4), (1, 6, 1, 4)))
+    kw = dict(n_keys=5, key_valid=jnp.ones((1, 6), bool), q_segments=jnp.zeros((1, 1), jnp.int32),
+              k_segments=jnp.zeros((1, 6), jnp.int32))
+    slots = jnp.full((1, 1), 4, jnp.int32)
+    got = cached_attention(q, k, v, slots, block_size=2, **kw)
+    allowed = jnp.arange(6)[None, None] <= 4
+    want = dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), allowed)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2, atol=2e-2)   # bf16 output rounding
+    with pytest.raises(ValueError, match="block_size"):
+        cached_attention(q, k, v, slots, block_size=0, **kw)
 
 
 def test_fully_masked_rows_stay_finite_with_huge_logits():
