@@ -50,6 +50,19 @@ def rotary_embedding(x, positions, theta: float = 10000.0):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def _check_qkv(fn: str, q, k, v):
+    """q (b, lq, h, dh), k (b, lk, kv, dh), v (b, lk, kv, dv) with kv dividing h; returns (b, lq, h, dh, lk, kv)."""
+    check_array(fn, "q", q, ("b", "lq", "h", "dh"))
+    b, lq, h, dh = q.shape
+    check_array(fn, "k", k, (b, "lk", "kv", dh))
+    lk, kv = k.shape[1], k.shape[2]
+    check_array(fn, "v", v, (b, lk, kv, "dv"))
+    if h % kv:
+        raise ValueError(f"{fn}: the number of query heads ({h}, axis 2 of `q`) must be a multiple of the "
+                         f"number of key/value heads ({kv}, axis 2 of `k`)")
+    return b, lq, h, dh, lk, kv
+
+
 def dot_product_attention(q, k, v, allowed, scale: Optional[float] = None):
     """softmax(q·kᵀ · scale, masked by `allowed`) · v with grouped-query heads.
 
@@ -58,15 +71,8 @@ def dot_product_attention(q, k, v, allowed, scale: Optional[float] = None):
     Returns (b, lq, h, dv) in q's dtype; zeros for a query with no allowed key.
     """
     fn = "dot_product_attention"
-    check_array(fn, "q", q, ("b", "lq", "h", "dh"))
-    b, lq, h, dh = q.shape
-    check_array(fn, "k", k, (b, "lk", "kv", dh))
-    lk, kv = k.shape[1], k.shape[2]
-    check_array(fn, "v", v, (b, lk, kv, "dv"))
+    b, lq, h, dh, lk, kv = _check_qkv(fn, q, k, v)
     check_array(fn, "allowed", allowed, (b, lq, lk), kind="any")
-    if h % kv:
-        raise ValueError(f"{fn}: the number of query heads ({h}, axis 2 of `q`) must be a multiple of the "
-                         f"number of key/value heads ({kv}, axis 2 of `k`)")
     cd = compute_dtype(q, k, v)
     scale = dh ** -0.5 if scale is None else scale
     qg = q.reshape(b, lq, kv, h // kv, dh)  # head i -> (kv head i // g, member i % g), as HF's repeat_kv
@@ -128,18 +134,11 @@ def cached_attention(q, k, v, q_slots, *, n_keys, key_valid, q_segments, k_segme
     The loop has a data-dependent trip count: forward (inference) only, not reverse-differentiable.
     """
     fn = "cached_attention"
-    check_array(fn, "q", q, ("b", "lq", "h", "dh"))
-    b, lq, h, dh = q.shape
-    check_array(fn, "k", k, (b, "max_len", "kv", dh))
-    max_len, kv = k.shape[1], k.shape[2]
-    check_array(fn, "v", v, (b, max_len, kv, "dv"))
-    check_array(fn, "q_slots", q_slots, (b, lq), kind="int")
-    check_array(fn, "key_valid", key_valid, (b, max_len), kind="any")
-    check_array(fn, "q_segments", q_segments, (b, lq), kind="int")
-    check_array(fn, "k_segments", k_segments, (b, max_len), kind="int")
-    if h % kv:
-        raise ValueError(f"{fn}: the number of query heads ({h}, axis 2 of `q`) must be a multiple of the "
-                         f"number of key/value heads ({kv}, axis 2 of `k`)")
+    b, lq, h, dh, max_len, kv = _check_qkv(fn, q, k, v)
+    for name, x, shape, kind in (("q_slots", q_slots, (b, lq), "int"), ("key_valid", key_valid, (b, max_len), "any"),
+                                 ("q_segments", q_segments, (b, lq), "int"),
+                                 ("k_segments", k_segments, (b, max_len), "int")):
+        check_array(fn, name, x, shape, kind=kind)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"{fn}: `block_size` must be a positive int; got {block_size!r}")
     cd = compute_dtype(q, k, v)
