@@ -129,7 +129,8 @@ def cached_attention(q, k, v, q_slots, *, n_keys, key_valid, q_segments, k_segme
     with no allowed key).
 
     q: (b, lq, h, dh); k: (b, max_len, kv, dh); v: (b, max_len, kv, dv); q_slots: (b, lq) int;
-    n_keys: () int (may be traced): slots >= n_keys are never read; key_valid: (b, max_len) bool;
+    n_keys: () int (may be traced): blocks wholly at or above it are never read (the last block, shifted back
+    to fit the cache, may hold such slots: they are masked); key_valid: (b, max_len) bool;
     q_segments (b, lq) / k_segments (b, max_len) int. Returns (b, lq, h, dv) in q's dtype.
     The loop has a data-dependent trip count: forward (inference) only, not reverse-differentiable.
     """
