@@ -26,6 +26,8 @@ BENCHMARKS = {
     "hf": "experiments.bench_hf.run",
     "decode": "experiments.bench_models.decode",
     "prefill": "experiments.bench_models.prefill",
+    "generate": "experiments.bench_models.generate",
+    "speculative": "experiments.bench_models.speculative",
     "sharding": "experiments.bench_sharding.run",
     "kernels": "experiments.bench_kernels.run",
     "moe": "experiments.bench_moe.run",

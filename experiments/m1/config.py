@@ -43,6 +43,10 @@ class M1Config:
     Evaluation: greedy pass@1, pass@1 as the mean over `eval_samples` samples at `eval_temperature`, and
     maj@k for k in `maj_ks` (majority vote over k samples, averaged over the eval_samples // k disjoint
     groups), on `n_eval` distinct held-out problems.
+    Fixed time (M1's self-consistency at equal wall-clock): the teacher and the first GRPO seed's student each
+    sample `time_pool` completions per held-out problem and time their batched generation; each of
+    `time_budgets` budgets (seconds of generation per problem, log grid) buys each model the samples its
+    throughput allows, and maj@k is estimated by resampling the pool.
     """
 
     preset: str = "cpu"
@@ -102,6 +106,8 @@ class M1Config:
     eval_temperature: float = 0.7
     maj_ks: str = "1,4,16"
     eval_batch_size: int = 512            # rows per generation call
+    time_pool: int = 32                   # fixed-time stage: samples drawn per problem by each model
+    time_budgets: int = 12                # fixed-time stage: budgets on a log grid
     log_every: int = 50
     progress: bool = True
 
@@ -117,7 +123,7 @@ class M1Config:
         for name in ("n_train", "n_eval", "d_model", "n_layer", "n_heads", "n_kv_heads",
                      "distill_steps", "sft_steps", "grpo_iterations", "grpo_prompts", "group_size",
                      "updates_per_rollout", "grpo_eval_every", "batch_size", "eval_samples", "eval_batch_size",
-                     "log_every", "d_state"):
+                     "log_every", "d_state", "time_pool", "time_budgets"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"M1Config: `{name}` must be a positive int; got {value!r}")
@@ -203,12 +209,12 @@ def preset_config(preset: str = "cpu") -> M1Config:
                         n_heads=2, n_kv_heads=1, d_intermediate=64, d_state=8, teacher_steps=20, distill_steps=10,
                         sft_steps=10, grpo_iterations=4, grpo_prompts=4, group_size=4, grpo_eval_every=2,
                         batch_size=8, warmup_steps=2, eval_samples=4, maj_ks="1,4", eval_batch_size=64,
-                        log_every=5, progress=False, teacher_lr=3e-3, grpo_lr=1e-4, grpo_seeds="0")
+                        time_pool=4, time_budgets=4, log_every=5, progress=False, teacher_lr=3e-3, grpo_lr=1e-4, grpo_seeds="0")
     if preset == "paper":
         # Llama-3.2-3B's shape (28 layers, d 3072, 24 heads of 128, 8 KV heads, MLP 8192) with M1's placement
         return M1Config(preset="paper", max_terms=6, max_digits=3, product_prob=0.3, product_digits=2,
                         n_train=1_000_000, n_eval=500, d_model=3072, n_layer=28, n_heads=24, n_kv_heads=8,
                         d_intermediate=8192, teacher_steps=20_000, distill_steps=10_000, sft_steps=5_000,
-                        grpo_iterations=500, grpo_prompts=128, batch_size=64, eval_samples=64, maj_ks="1,4,16,64",
+                        grpo_iterations=500, grpo_prompts=128, batch_size=64, eval_samples=64, maj_ks="1,4,16,64", time_pool=64,
                         teacher_lr=3e-4, distill_lr=1e-5, sft_lr=1e-5, grpo_lr=1e-6)
     raise ValueError(f"preset_config: `preset` must be one of {PRESETS}; got {preset!r}")

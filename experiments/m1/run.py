@@ -48,7 +48,9 @@ DEVIATIONS = (
     "distillation and SFT on the same synthetic problems (M1: 8B tokens of OpenMathInstruct then 8B of "
     "reasoning traces); GRPO on fresh training problems (M1: DeepScaleR); learning rates re-tuned for the size;",
     "eval: held-out problems of the same distribution; pass@1 over `eval_samples` samples at T = 0.7 and maj@k "
-    "from disjoint groups of those samples.",
+    "from disjoint groups of those samples;",
+    "fixed time: throughput of our own batched `generate` on this machine (M1: vLLM on GPUs, up to batch 512), "
+    "a pool of `time_pool` samples per problem resampled for maj@k.",
 )
 
 
@@ -216,6 +218,80 @@ def evaluate_reasoner(model, params, data: ReasoningData, config: M1Config, *, s
     return out
 
 
+def maj_at_k_resampled(answers: np.ndarray, truth: Sequence[int], k: int, rng: np.random.Generator,
+                       draws: int = 64) -> float:
+    """maj@k estimated from a pool: answers (P, n) (None where unparsable); for each problem `draws` subsets
+    of k of its n samples (without replacement), majority-voted; the mean hit rate. k = 0 (no sample fits
+    the budget) scores 0; k = n is the vote of the whole pool."""
+    from mamba_jax.data.reasoning import majority_vote
+
+    n = answers.shape[1]
+    if not 0 <= k <= n:
+        raise ValueError(f"maj_at_k_resampled: `k` must lie in [0, {n}] (the pool); got {k}")
+    if k == 0:
+        return 0.0
+    hits = [majority_vote(list(answers[p, rng.choice(n, k, replace=False)])) == truth[p]
+            for p in range(answers.shape[0]) for _ in range(draws if k < n else 1)]
+    return float(np.mean(hits))
+
+
+def samples_in_budget(budget_s: float, samples_per_s: float, pool: int) -> int:
+    """How many samples a model of throughput `samples_per_s` draws in `budget_s` seconds, at most `pool`."""
+    return int(min(pool, np.floor(budget_s * samples_per_s + 1e-9)))
+
+
+def fixed_time_stage(out: str, models: Dict[str, Tuple[Any, Any]], data: ReasoningData,
+                     config: M1Config) -> Dict[str, Any]:
+    """Accuracy at a fixed generation time (see `M1Config`), cached in out/fixed_time/result.json.
+
+    models: {name: (model, params)}. Throughput: samples/s of `generate_rows` on `eval_batch_size` rows at
+    `eval_temperature` (median of 3 timed calls after a compiling one). Returns samples/s per model and, per
+    budget, each model's sample count and resampled maj@k."""
+    import jax
+
+    from mamba_jax.data.reasoning import completion_texts, parse_answer
+
+    path = os.path.join(out, "fixed_time", "result.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    problems, n = data.eval, config.time_pool
+    truth = [p.answer for p in problems]
+    ids, mask = data.prompts(problems)
+    rows = min(config.eval_batch_size, len(problems) * n)
+    timing_ids, timing_mask = np.repeat(ids, n, 0)[:rows], np.repeat(mask, n, 0)[:rows]
+    kw = dict(temperature=config.eval_temperature, eos_id=data.tok.eos_id)
+    rate, pools = {}, {}
+    for name, (model, params) in models.items():
+        run_once = lambda i: generate_rows(model, params, timing_ids, timing_mask, config.max_new_tokens,   # noqa: E731
+                                           rng=jax.random.PRNGKey(i), batch=rows, **kw)
+        run_once(0)
+        times = []
+        for i in range(3):
+            t = time.perf_counter()
+            run_once(i + 1)
+            times.append(time.perf_counter() - t)
+        rate[name] = rows / float(np.median(times))
+        texts = completion_texts(generate_rows(model, params, np.repeat(ids, n, 0), np.repeat(mask, n, 0),
+                                               config.max_new_tokens, rng=jax.random.PRNGKey(20_000),
+                                               batch=config.eval_batch_size, **kw), data.tok)
+        pools[name] = np.array([None if t is None else parse_answer(t) for t in texts], object).reshape(-1, n)
+    budgets = np.geomspace(1.0 / max(rate.values()), n / min(rate.values()), config.time_budgets)
+    rng = np.random.default_rng(config.seed)
+    curve = []
+    for b in budgets:
+        point = {"budget_s": float(b)}
+        for name in models:
+            k = samples_in_budget(b, rate[name], n)
+            point[name] = {"k": k, "accuracy": maj_at_k_resampled(pools[name], truth, k, rng)}
+        curve.append(point)
+    result = {"samples_per_s": rate, "rows_per_call": rows, "pool": n, "curve": curve}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
 # ---------------------------------------------------------------------------------------- stage helpers
 def _loop_config(config: M1Config, steps: int):
     from mamba_jax.train import LoopConfig
@@ -358,6 +434,17 @@ def results_markdown(results: Dict[str, Any]) -> str:
     claims = results["claims"]
     lines += ["Claims of the issue at this scale:", ""]
     lines += [f"- {c['claim']}: **{'yes' if c['holds'] else 'no'}** ({c['measured']})" for c in claims]
+    fixed = results.get("fixed_time")
+    if fixed:
+        names = list(fixed["samples_per_s"])
+        rate = fixed["samples_per_s"]
+        lines += [f"Self-consistency at a fixed generation time (pool of {fixed['pool']} samples per problem, "
+                  f"throughput at {fixed['rows_per_call']} rows per call): "
+                  + ", ".join(f"{n} {rate[n]:.0f} samples/s" for n in names)
+                  + f" (ratio {rate[names[1]] / rate[names[0]]:.2f}).", "",
+                  markdown_table(["budget (ms / problem)", *[f"{n}: k, maj@k" for n in names]],
+                                 [[f"{1e3 * p['budget_s']:.3g}", *[f"{p[n]['k']}, {p[n]['accuracy']:.3f}" for n in names]]
+                                  for p in fixed["curve"]]), ""]
     lines += ["", "M1's reported numbers (another task and scale, context only): "
               + "; ".join(f"{k} {v}" for k, v in M1_REPORTED.items()), "", "Deviations from M1's protocol:", ""]
     lines += [f"- {d}" for d in DEVIATIONS]
@@ -415,6 +502,20 @@ def plot_results(results: Dict[str, Any], grpo_records: Dict[str, List[Dict[str,
     fig.tight_layout()
     fig.savefig(os.path.join(out, "accuracy_vs_k.png"), dpi=120)
     plt.close(fig)
+    fixed = results.get("fixed_time")
+    if fixed:
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        for name in fixed["samples_per_s"]:
+            ax.plot([1e3 * p["budget_s"] for p in fixed["curve"]], [p[name]["accuracy"] for p in fixed["curve"]],
+                    marker="o", label=f"{name} ({fixed['samples_per_s'][name]:.0f} samples/s)")
+        ax.set_xscale("log")
+        ax.set(xlabel="generation time per problem (ms)", ylabel="maj@k within the budget",
+               title="self-consistency at a fixed time")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "accuracy_vs_time.png"), dpi=120)
+        plt.close(fig)
 
 
 # -------------------------------------------------------------------------------------------------- run
@@ -455,12 +556,18 @@ def run(config: M1Config, out: str) -> Dict[str, Any]:
                          _optimizer(config, config.sft_lr, config.sft_steps), data, config.sft_steps, config)
     stages["sft"] = dict(stage_eval("sft", out, student, params, data, config), params=count_params(params))
 
-    grpo_records = {}
+    grpo_records, grpo_params_of = {}, {}
     for seed in config.seeds:
         name = f"grpo_seed{seed}"
         grpo_params, grpo_records[name] = grpo_stage(name, out, student, params, data, config, seed)
+        grpo_params_of[name] = grpo_params
         stages[name] = dict(stage_eval(name, out, student, grpo_params, data, config),
                             params=count_params(grpo_params))
+
+    first_grpo = f"grpo_seed{config.seeds[0]}"
+    fixed_time = fixed_time_stage(out, {"teacher": (teacher, teacher_params),
+                                        f"student ({first_grpo})": (student, grpo_params_of[first_grpo])},
+                                  data, config)
 
     kinds = student.config.layer_kinds
     results = {
@@ -470,7 +577,7 @@ def run(config: M1Config, out: str) -> Dict[str, Any]:
         "student": (f"{len(kinds)} layers, attention at {list(config.kept_attention)}, "
                     f"{config.mamba_form} at {list(config.replaced_layers)}"),
         "n_eval": len(data.eval), "eval_samples": config.eval_samples, "eval_temperature": config.eval_temperature,
-        "ks": list(config.ks), "stages": stages, "claims": claims_of(stages, config.ks),
+        "ks": list(config.ks), "stages": stages, "claims": claims_of(stages, config.ks), "fixed_time": fixed_time,
         "m1_reported": M1_REPORTED, "deviations": list(DEVIATIONS), "hardware": hardware_description(),
         "elapsed_min": (time.perf_counter() - t0) / 60,
     }
@@ -481,7 +588,7 @@ def run(config: M1Config, out: str) -> Dict[str, Any]:
         f.write(text)
     plot_results(results, grpo_records, out)
     print(text)
-    print(f"wrote {out}/results.md, results.json, grpo_curves.png, accuracy_vs_k.png")
+    print(f"wrote {out}/results.md, results.json, grpo_curves.png, accuracy_vs_k.png, accuracy_vs_time.png")
     return results
 
 

@@ -15,8 +15,8 @@ from mamba_jax.models.lm import DecoderLM, ModelCache, init_cache
 from mamba_jax.ops._checks import (check_array, check_left_padded, check_mask_values, check_token_ids,
                                    concrete_value)
 
-__all__ = ["Generation", "filter_logits", "generate", "generate_with_logprobs", "init_cache", "prefill",
-           "sample_logits", "step"]
+__all__ = ["Generation", "SpeculativeStats", "filter_logits", "generate", "generate_with_logprobs", "init_cache",
+           "prefill", "rollback_cache", "sample_logits", "speculative_generate", "step"]
 
 
 def _kv_slots(cache: Optional[ModelCache]):
@@ -199,3 +199,6 @@ def _generate(model, params, prompt_ids, prompt_mask, rng, *, max_new_tokens, te
 
     _, (tokens, logprobs, live) = jax.lax.scan(body, (logits[:, -1], cache, rng, done), None, length=max_new_tokens)
     return Generation(tokens.T, logprobs.T, live.T)
+
+
+from mamba_jax.inference.speculative import SpeculativeStats, rollback_cache, speculative_generate  # noqa: E402

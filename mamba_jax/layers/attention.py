@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from mamba_jax.layers.config import ATTENTION, BaseLMConfig, check_choice, check_positive_int
 from mamba_jax.ops._checks import check_array
-from mamba_jax.ops.attention import attention_mask, cached_attention, dot_product_attention, rotary_embedding, segment_ids
+from mamba_jax.ops.attention import cached_attention, causal_attention, rotary_embedding, segment_ids
 from mamba_jax.axes import EMBED, HEADS, KV_HEADS
 
 POSITION_EMBEDDINGS = ("rope", "learned", "none")
@@ -33,9 +33,11 @@ class TransformerConfig(BaseLMConfig):
     n_kv_heads (None: = n_heads) must divide n_heads (grouped-query attention); head_dim None means
     d_model // n_heads. d_intermediate None: Llama's SwiGLU width for d_model, 2/3 · 4 · d_model rounded up to
     a multiple of 256 (256 up to d_model 96, 2048 at 768, 11008 at 4096). position_embedding: "rope" (rotary, base `rope_theta`), "learned" (absolute,
-    `max_position_embeddings` rows added to the token embeddings) or "none". kv_block_size: KV-cache slots
-    read per block by a cached decode step or chunked prefill (`ops.cached_attention`: only the filled
-    blocks are read).
+    `max_position_embeddings` rows added to the token embeddings) or "none". kv_block_size: the attention
+    block: KV-cache slots read per block by a cached decode step or chunked prefill (`ops.cached_attention`:
+    only the filled blocks are read), and queries per block of an uncached forward (`ops.causal_attention`:
+    blocks above the diagonal are skipped; on a GPU, without padding or packing,
+    `jax.nn.dot_product_attention` takes its place).
     """
 
     family: ClassVar[str] = "transformer"
@@ -144,8 +146,9 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, positions=None, seq_idx=None, mask=None, cache: Optional[KVCache] = None,
-                 deterministic: bool = True):
-        del deterministic  # no train-only behaviour (no dropout)
+                 deterministic: bool = True, step_caches: bool = False):
+        # no train-only behaviour (no dropout); a KV cache rolls back by its validity and index, without steps
+        del deterministic, step_caches
         cfg, fn = self.config, "Attention"
         h, kv, dh = cfg.n_heads, cfg.kv_heads, cfg.head_dim_value
         check_array(fn, "x", x, ("b", "l", cfg.d_model))
@@ -173,11 +176,11 @@ class Attention(nn.Module):
             k = rotary_embedding(k, positions, cfg.rope_theta)
         valid = jnp.ones((b, l), bool) if mask is None else mask != 0
 
-        if cache is None:
-            slots = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-            seg = None if seq_idx is None else segment_ids(seq_idx)
-            allowed = attention_mask(slots, slots, key_valid=valid, q_segments=seg, k_segments=seg)
-            out = dot_product_attention(q, k, v, allowed)
+        if cache is None:   # causal over the chunk, in query blocks that skip the keys above the diagonal
+            fused = mask is None and seq_idx is None and jax.default_backend() == "gpu"
+            out = causal_attention(q, k, v, key_valid=None if mask is None else valid,
+                                   segments=None if seq_idx is None else segment_ids(seq_idx),
+                                   block_size=cfg.kv_block_size, fused=fused)
             new_cache = None
         else:
             out, new_cache = _attend_with_cache(q, k, v, valid, seq_idx, cache, cfg)

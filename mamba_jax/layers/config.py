@@ -68,6 +68,16 @@ def check_choice(owner: str, name: str, value, choices) -> None:
         raise ValueError(f"{owner}: `{name}` must be one of {tuple(choices)}; got {value!r}")
 
 
+def check_step_caches(owner: str, step_caches: bool, cache, seq_idx) -> None:
+    """`step_caches` (a recurrent layer's state after every position of the chunk, for rollback) continues
+    a cache and does not cross packed sequences."""
+    if step_caches and cache is None:
+        raise ValueError(f"{owner}: `step_caches=True` returns the cache after every position, so it needs a "
+                         "`cache` to continue from")
+    if step_caches and seq_idx is not None:
+        raise ValueError(f"{owner}: `step_caches=True` does not take packed sequences (`seq_idx`)")
+
+
 @dataclasses.dataclass(frozen=True)
 class BaseLMConfig:
     """Embedding, residual stream, norms, head and dtypes: the part of a config that is not the mixer.

@@ -22,10 +22,10 @@ import jax.numpy as jnp
 
 from mamba_jax.axes import CONV, EMBED, MLP, STATE
 from mamba_jax.layers.config import (MAMBA, BaseLMConfig, check_choice, check_dt_range, check_positive_int,
-                                     ssm_param_dtype)
+                                     check_step_caches, ssm_param_dtype)
 from mamba_jax.layers.init import (a_log_init, array_namespace, dt_bias_init, logical_param, projection,
                                    residual_out_scale, uniform_init)
-from mamba_jax.ops import causal_conv1d, selective_state_update
+from mamba_jax.ops import causal_conv1d, conv_state_steps, selective_state_steps
 from mamba_jax.ops.selective_scan import IMPLS
 from mamba_jax.sharding.kernels import selective_scan_on_mesh
 
@@ -110,6 +110,8 @@ class LayerCache(NamedTuple):
 
     conv_state: (b, d_conv - 1, d_inner), the last inputs of the causal conv (model dtype).
     ssm_state:  (b, d_inner, d_state), float32.
+    A mixer called with `step_caches=True` returns both with a step axis after the batch — (b, l, d_conv - 1,
+    d_inner) and (b, l, d_inner, d_state), the state after each position of the chunk — for rollback.
     """
 
     conv_state: jax.Array
@@ -142,16 +144,19 @@ class MambaMixer(nn.Module):
     Pieces of equal width share a kernel with a pieces axis, so tensor parallelism splits each along its
     width (`layers.init.projection`); `fused_in_proj` / `split_in_proj` convert to and from the fused column
     order of HF, the official code and MambaInLlama.
-    With `cache` and l == 1 the single-step update is used (decoding).
+    With `cache` and l == 1 the single-step update is used (decoding). `step_caches=True` (with a cache)
+    steps through the chunk the same way and returns the state after every position (see `LayerCache`):
+    speculative decoding verifies a chunk in one call and rolls back to the accepted position.
     """
 
     config: MambaConfig
 
     @nn.compact
     def __call__(self, x, *, positions=None, seq_idx=None, mask=None, cache: Optional[LayerCache] = None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, step_caches: bool = False):
         del positions, deterministic  # the recurrence carries position; no train-only behaviour
         cfg = self.config
+        check_step_caches("MambaMixer", step_caches, cache, seq_idx)
         di, n, r, k = cfg.d_inner, cfg.d_state, cfg.dt_rank_value, cfg.d_conv
         pdt, dt_ = cfg.jnp_param_dtype, cfg.jnp_dtype
         dense = functools.partial(projection, dtype=dt_, param_dtype=pdt)
@@ -201,10 +206,12 @@ class MambaMixer(nn.Module):
         A = -jnp.exp(A_log.astype(jnp.float32))
         initial_state = None if cache is None else cache.ssm_state
 
-        if cache is not None and x.shape[1] == 1:
-            y, ssm_state = selective_state_update(
-                cache.ssm_state, x_conv[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], D=D, z=z[:, 0])
-            y = y[:, None]
+        if cache is not None and (x.shape[1] == 1 or step_caches):   # decoding, or a chunk to verify
+            y, ssm_state = selective_state_steps(cache.ssm_state, x_conv, delta, A, B, C, D=D, z=z)
+            if step_caches:
+                conv_state = conv_state_steps(cache.conv_state, x_in)
+            else:
+                ssm_state = ssm_state[:, -1]
         else:
             y, ssm_state = selective_scan_on_mesh(
                 x_conv, delta, A, B, C, D=D, z=z, initial_state=initial_state, seq_idx=seq_idx,

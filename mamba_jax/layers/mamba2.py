@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 
 from mamba_jax.layers.config import (MAMBA2, BaseLMConfig, check_choice, check_dt_range, check_positive_int,
-                                     ssm_param_dtype)
+                                     check_step_caches, ssm_param_dtype)
 from mamba_jax.layers.init import (array_namespace, dt_bias_init, logical_param, projection, residual_out_scale,
                                    uniform_init)
-from mamba_jax.ops import causal_conv1d, gated_rms_norm, selective_state_update
+from mamba_jax.ops import causal_conv1d, conv_state_steps, gated_rms_norm, selective_state_steps
 from mamba_jax.ops._checks import check_array
 from mamba_jax.ops.ssd import SSD_IMPLS
 from mamba_jax.axes import CONV, EMBED, HEADS, MLP
@@ -114,6 +114,8 @@ class Mamba2Cache(NamedTuple):
 
     conv_state: (b, d_conv - 1, conv_dim), the last inputs (xBC) of the causal conv (model dtype).
     ssm_state:  (b, n_heads, head_dim, d_state), float32 (float64 for float64 models).
+    A mixer called with `step_caches=True` returns both with a step axis after the batch (the state after
+    each position of the chunk), for rollback.
     """
 
     conv_state: jax.Array
@@ -142,18 +144,19 @@ def _check_inputs(cfg: Mamba2Config, x, mask, cache) -> None:
         check_array(fn, "cache.ssm_state", cache.ssm_state, (b, cfg.n_heads, cfg.head_dim, cfg.d_state))
 
 
-def _decode_step(state, x, delta, A, B, C, D):
-    """One recurrent step with heads flattened into channels (`selective_state_update`).
+def _decode_steps(state, x, delta, A, B, C, D):
+    """The recurrence step by step over a short chunk, heads flattened into channels (`selective_state_steps`).
 
-    state: (b, h, p, n); x: (b, h, p); delta: (b, h) (already Δ: bias, softplus, clamp, mask applied);
-    A, D: (h,); B, C: (b, g, n). Returns (y (b, h, p) in the dtype of `x`, new state (b, h, p, n)):
-    state ← exp(Δ A) state + Δ x ⊗ B ;  y = state · C + D x.
+    state: (b, h, p, n); x: (b, l, h, p); delta: (b, l, h) (already Δ: bias, softplus, clamp, mask applied);
+    A, D: (h,); B, C: (b, l, g, n). Returns (y (b, l, h, p) in the dtype of `x`, the state after each position
+    (b, l, h, p, n)): state ← exp(Δ A) state + Δ x ⊗ B ;  y = state · C + D x.
     """
     b, h, p, n = state.shape
-    y, new_state = selective_state_update(
-        state.reshape(b, h * p, n), x.reshape(b, h * p), jnp.repeat(delta, p, axis=-1),
+    l = x.shape[1]
+    y, states = selective_state_steps(
+        state.reshape(b, h * p, n), x.reshape(b, l, h * p), jnp.repeat(delta, p, axis=-1),
         jnp.broadcast_to(jnp.repeat(A, p)[:, None], (h * p, n)), B, C, D=jnp.repeat(D, p))
-    return y.reshape(b, h, p), new_state.reshape(b, h, p, n)
+    return y.reshape(b, l, h, p), states.reshape(b, l, h, p, n)
 
 
 class Mamba2Mixer(nn.Module):
@@ -166,17 +169,19 @@ class Mamba2Mixer(nn.Module):
     `mask` (b, l) marks real tokens (1) and left padding (0): xBC is zeroed before and after the conv and
     Δ = 0 at pads, so they leave the state exactly as it was. `seq_idx` (b, l) resets the conv and the
     state where it changes (packed sequences). With `cache` and l == 1 the single-step recurrence is used
-    (decoding); with l > 1 the sequence continues from the cache (chunked prefill).
+    (decoding); with l > 1 the sequence continues from the cache (chunked prefill); `step_caches=True` steps
+    through the chunk and returns the state after every position (see `Mamba2Cache`).
     """
 
     config: Mamba2Config
 
     @nn.compact
     def __call__(self, x, *, positions=None, seq_idx=None, mask=None, cache: Optional[Mamba2Cache] = None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, step_caches: bool = False):
         del positions, deterministic  # the recurrence carries position; no train-only behaviour
         cfg = self.config
         _check_inputs(cfg, x, mask, cache)
+        check_step_caches("Mamba2Mixer", step_caches, cache, seq_idx)
         b, l, _ = x.shape
         di, n, g, h, p, k = cfg.d_inner, cfg.d_state, cfg.n_groups, cfg.n_heads, cfg.head_dim, cfg.d_conv
         pdt, dt_ = cfg.jnp_param_dtype, cfg.jnp_dtype
@@ -195,9 +200,12 @@ class Mamba2Mixer(nn.Module):
         # Masks select (`where`), never multiply: whatever a padding position holds (NaN included) stays there.
         real = None if mask is None else (mask != 0)[..., None]
 
+        conv_inputs = []
+
         def conv(v, name, axis, width, state):   # the causal conv over x or over [B | C], zeroed at padding
             if real is not None:
                 v = jnp.where(real, v, jnp.zeros((), v.dtype))
+            conv_inputs.append(v)
             w = logical_param(self, f"conv1d_{name}_kernel", uniform_init(1 / math.sqrt(k)), (CONV, axis),
                               (k, width), pdt)
             bias = (logical_param(self, f"conv1d_{name}_bias", uniform_init(1 / math.sqrt(k)), (axis,), (width,), pdt)
@@ -213,6 +221,8 @@ class Mamba2Mixer(nn.Module):
         bc, state_bc = conv(bc, "bc", None, 2 * g * n, state_bc)
         bc = constrain_batch(bc)
         conv_state = jnp.concatenate([state_x, state_bc], axis=-1)
+        if step_caches:
+            conv_state = conv_state_steps(cache.conv_state, jnp.concatenate(conv_inputs, axis=-1))
         xs = xs.reshape(b, l, h, p)
         B, C = (constrain_batch(v.reshape(b, l, g, n)) for v in (bc[..., :g * n], bc[..., g * n:]))
 
@@ -226,9 +236,10 @@ class Mamba2Mixer(nn.Module):
             delta = jnp.where(real, delta, jnp.zeros((), cd))
         A = -jnp.exp(A_log.astype(cd))
 
-        if cache is not None and l == 1:
-            y, ssm_state = _decode_step(cache.ssm_state, xs[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], D)
-            y = y[:, None]
+        if cache is not None and (l == 1 or step_caches):   # decoding, or a chunk to verify
+            y, ssm_state = _decode_steps(cache.ssm_state, xs, delta, A, B, C, D)
+            if not step_caches:
+                ssm_state = ssm_state[:, -1]
         else:
             out = ssd_on_mesh(xs, delta, A, B, C, cfg.chunk_size, D=D, seq_idx=seq_idx,
                       initial_state=None if cache is None else cache.ssm_state,

@@ -48,9 +48,10 @@ class ParallelMambaMoE(nn.Module):
     config: ParallelMambaMoEConfig
 
     @nn.compact
-    def __call__(self, x, *, positions=None, seq_idx=None, mask=None, cache=None, deterministic: bool = True):
+    def __call__(self, x, *, positions=None, seq_idx=None, mask=None, cache=None, deterministic: bool = True,
+                 step_caches: bool = False):
         y_mamba, cache = MambaMixer(self.config.mamba, name="mamba")(
-            x, positions=positions, seq_idx=seq_idx, mask=mask, cache=cache)
+            x, positions=positions, seq_idx=seq_idx, mask=mask, cache=cache, step_caches=step_caches)
         y_moe, _ = MoEMixer(self.config.moe, name="moe")(x, positions=positions, seq_idx=seq_idx, mask=mask,
                                                          deterministic=deterministic)
         return y_mamba + y_moe.astype(y_mamba.dtype), cache

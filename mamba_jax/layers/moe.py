@@ -238,7 +238,9 @@ class MoEMixer(nn.Module):
     config: MoEBlockConfig
 
     @nn.compact
-    def __call__(self, x, *, positions=None, seq_idx=None, mask=None, cache=None, deterministic: bool = True):
+    def __call__(self, x, *, positions=None, seq_idx=None, mask=None, cache=None, deterministic: bool = True,
+                 step_caches: bool = False):
+        del step_caches   # token-wise: no cache
         y, metrics = MoE(self.config.moe_config, name="moe")(x, deterministic=deterministic, token_mask=mask,
                                                              seq_idx=seq_idx)
         self.sow("losses", "router_loss", metrics["router_loss"])

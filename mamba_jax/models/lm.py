@@ -93,13 +93,13 @@ class DecoderBlock(nn.Module):
     deterministic: bool = True   # False: train-mode mixers (MoE train capacity and jitter)
 
     @nn.compact
-    def __call__(self, h, *, positions, seq_idx=None, mask=None, cache=None):
+    def __call__(self, h, *, positions, seq_idx=None, mask=None, cache=None, step_caches: bool = False):
         cfg = self.config.mixer_config(self.kind)
         mixer_cls, _ = mixer_module(self.kind)
         normed = RMSNorm(cfg.rms_norm_eps, cfg.jnp_param_dtype, name="norm")(h)
         out, new_cache = mixer_cls(cfg, name="mixer")(
             normed.astype(cfg.jnp_dtype), positions=positions, seq_idx=seq_idx, mask=mask, cache=cache,
-            deterministic=self.deterministic)
+            deterministic=self.deterministic, step_caches=step_caches)
         h = h + out.astype(h.dtype)
         if cfg.mlp_width:
             normed = RMSNorm(cfg.rms_norm_eps, cfg.jnp_param_dtype, name="mlp_norm")(h)
@@ -159,9 +159,11 @@ class DecoderLM(nn.Module):
     @nn.compact
     def forward(self, input_ids=None, *, inputs_embeds=None, positions=None, seq_idx=None, mask=None,
                 cache: Optional[ModelCache] = None, return_hidden_states: bool = False,
-                deterministic: bool = True) -> "LMOutput":
+                deterministic: bool = True, step_caches: bool = False) -> "LMOutput":
         """An `LMOutput`: logits, the new cache (None without `cache`), the hidden states (None unless
-        `return_hidden_states`). Arguments as the class docstring."""
+        `return_hidden_states`). Arguments as the class docstring; `step_caches=True` (with a cache) returns
+        a cache whose recurrent layers hold the state after every position of the chunk (a step axis after
+        the batch) — `inference.rollback_cache` keeps any prefix of the chunk."""
         cfg = self.config
         name = type(self).__name__
         if (input_ids is None) == (inputs_embeds is None):
@@ -217,7 +219,8 @@ class DecoderLM(nn.Module):
         for i, kind in enumerate(kinds):
             h, layer_cache = block_cls(cfg, kind, deterministic, name=f"layers_{i}")(
                 h, positions=positions, seq_idx=seq_idx, mask=mask,
-                cache=None if cache is None else cache.layers[i])
+                cache=None if cache is None else cache.layers[i],
+                **({"step_caches": True} if step_caches else {}))   # nn.remat would trace a bool argument
             h = constrain_batch(h)   # on a mesh: the residual stream stays batch-sharded (see the function)
             hidden_states.append(h)
             new_layers.append(layer_cache)

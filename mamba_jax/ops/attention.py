@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from mamba_jax.ops._checks import check_array, compute_dtype
 from mamba_jax.ops.positions import segment_ids  # noqa: F401 (re-exported; a query sees its own segment's keys)
 
-__all__ = ["attention_mask", "cached_attention", "dot_product_attention", "rotary_embedding", "segment_ids"]
+__all__ = ["attention_mask", "cached_attention", "causal_attention", "dot_product_attention", "rotary_embedding",
+           "segment_ids"]
 
 # A large finite negative logit for masked keys (finite in float32 and bfloat16 after the max shift).
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -89,6 +90,44 @@ def dot_product_attention(q, k, v, allowed, scale: Optional[float] = None):
     attends = jnp.any(allowed.astype(bool), axis=2)[:, :, None, None, None]                # (b, lq, 1, 1, 1)
     out = jnp.where(attends, out, jnp.zeros((), cd))
     return out.reshape(b, lq, h, v.shape[-1]).astype(q.dtype)
+
+
+def causal_attention(q, k, v, *, key_valid=None, segments=None, block_size: Optional[int] = None,
+                     scale: Optional[float] = None, fused: bool = False):
+    """Causal self-attention over one chunk (no cache) that skips the blocks above the diagonal.
+
+    q: (b, l, h, dh); k: (b, l, kv, dh); v: (b, l, kv, dv); key_valid: optional (b, l) bool (False at
+    padding); segments: optional (b, l) int (packed sequences: `ops.segment_ids`). Queries are taken
+    `block_size` at a time (None: all at once), each block attending to the keys up to its last position
+    only — about half the scores of the full l × l for long chunks, and a (block, l) score tile instead of
+    (l, l). Differentiable; equal (up to rounding) to `dot_product_attention` with the causal
+    `attention_mask`. Returns (b, l, h, dv) in q's dtype.
+
+    fused=True (no padding, no packing): `jax.nn.dot_product_attention(..., is_causal=True)`, which picks
+    cuDNN's flash attention on a GPU where it fits and XLA elsewhere.
+    """
+    fn = "causal_attention"
+    b, l, h, dh, lk, kv = _check_qkv(fn, q, k, v)
+    if lk != l:
+        raise ValueError(f"{fn}: self-attention needs as many keys as queries; got {l} queries and {lk} keys")
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"{fn}: `block_size` must be None or a positive int; got {block_size!r}")
+    if fused:
+        if key_valid is not None or segments is not None:
+            raise ValueError(f"{fn}: fused=True takes no padding (`key_valid`) and no packing (`segments`)")
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True)
+    slots = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    block = l if block_size is None else min(block_size, l)
+    outs = []
+    for start in range(0, l, block):
+        end = min(start + block, l)          # keys past `end` are in the future of every query of the block
+        keys = slice(0, end)
+        allowed = attention_mask(slots[:, start:end], slots[:, keys],
+                                 key_valid=None if key_valid is None else key_valid[:, keys],
+                                 q_segments=None if segments is None else segments[:, start:end],
+                                 k_segments=None if segments is None else segments[:, keys])
+        outs.append(dot_product_attention(q[:, start:end], k[:, keys], v[:, keys], allowed, scale))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
 def attention_mask(q_slots, k_slots, *, key_valid=None, q_segments=None, k_segments=None):

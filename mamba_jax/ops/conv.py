@@ -57,3 +57,18 @@ def causal_conv1d(x, weight, bias=None, conv_state=None, seq_idx=None, activatio
     if seq_idx is not None:
         new_state = jnp.where((sid[:, l:] == seq_idx[:, -1:])[..., None], new_state, 0)
     return _ACTIVATIONS[activation](y).astype(x.dtype), new_state.astype(x.dtype)
+
+
+def conv_state_steps(conv_state, x):
+    """The conv state after each position of a chunk: (b, k-1, d), (b, l, d) -> (b, l, k-1, d).
+
+    Entry i holds the k-1 inputs up to and including position i (the state `causal_conv1d` returns after a
+    chunk ending there; no packed sequences). Speculative decoding rolls a conv back to any of them."""
+    fn = "conv_state_steps"
+    check_array(fn, "x", x, ("b", "l", "d"))
+    b, l, d = x.shape
+    check_array(fn, "conv_state", conv_state, (b, "k-1", d))
+    width = conv_state.shape[1]
+    full = jnp.concatenate([conv_state.astype(x.dtype), x], axis=1)            # (b, k-1+l, d)
+    window = jnp.arange(l)[:, None] + 1 + jnp.arange(width)[None, :]           # (l, k-1)
+    return full[:, window]

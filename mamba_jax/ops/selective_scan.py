@@ -398,3 +398,34 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         initial_state=state, return_final_state=True, impl="reference",
     )
     return y[:, 0], new_state
+
+
+def selective_state_steps(state, x, dt, A, B, C, D=None, z=None):
+    """`selective_state_update` at each position of a short chunk, keeping the state after every one
+    (speculative decoding rolls a recurrent layer back to any of them).
+
+    Args:
+      state: (b, d, n) state before the chunk.  x, dt: (b, l, d) (dt already Δ).  A: (d, n).
+      B, C: (b, l, n) or grouped (b, l, g, n).  D: optional (d,).  z: optional (b, l, d) gate.
+    Returns:
+      (y (b, l, d) in the dtype of `x`, states (b, l, d, n)): states[:, i] is the state after position i,
+      so states[:, -1] is what `selective_scan(..., return_final_state=True)` returns.
+    """
+    fn = "selective_state_steps"
+    check_array(fn, "x", x, ("b", "l", "d"))
+    b, l, d = x.shape
+    check_array(fn, "state", state, (b, d, "n"))
+    check_array(fn, "dt", dt, (b, l, d))
+    check_array(fn, "B", B, (b, l, state.shape[2]) if B.ndim == 3 else (b, l, "g", state.shape[2]))
+    check_array(fn, "C", C, B.shape)
+    if z is not None:
+        check_array(fn, "z", z, (b, l, d))
+
+    def body(s, inputs):
+        x_t, dt_t, B_t, C_t, z_t = inputs
+        y_t, s = selective_state_update(s, x_t, dt_t, A, B_t, C_t, D=D, z=z_t)
+        return s, (y_t, s)
+
+    time_major = lambda v: None if v is None else jnp.moveaxis(v, 1, 0)
+    _, (y, states) = jax.lax.scan(body, state, tuple(map(time_major, (x, dt, B, C, z))))
+    return jnp.moveaxis(y, 0, 1), jnp.moveaxis(states, 0, 1)

@@ -61,3 +61,49 @@ def test_bench_decode_rejects_bad_options(argv, pattern, capsys):
     with pytest.raises(SystemExit):
         cli_main(["bench", "decode", *TINY, *argv])
     assert pattern in capsys.readouterr().err
+
+
+GENERATE_TINY = ["--d-model", "32", "--n-layer", "4", "--n-heads", "4", "--n-kv-heads", "2", "--d-state", "4",
+                 "--head-dim", "16", "--mamba2-d-state", "8", "--vocab-size", "40", "--repeats", "1",
+                 "--prompt-len", "5"]
+
+
+def test_bench_generate_equal_params_and_skipped_cells(tmp_path, capsys):
+    """The four models have non-embedding parameters within 10 % of the Transformer's (depth is chosen
+    for it), every row generates `length` tokens, an over-budget cell is reported as skipped, and the
+    KV cache per sequence is exactly prompt + length slots."""
+    out = tmp_path / "gen"
+    assert cli_main(["bench", "generate", *GENERATE_TINY, "--batches", "1,2", "--lengths", "8", "--max-tokens", "8",
+                     "--out-dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())["results"]
+    base = results["transformer"]["non_embedding_params"]
+    for name, r in results.items():
+        assert abs(r["non_embedding_params"] - base) <= 0.1 * base, name
+        assert r["cells"]["1x8"]["tokens_per_s"] > 0 and "skipped" in r["cells"]["2x8"]
+    assert results["transformer"]["cells"]["1x8"]["ratio_vs_transformer"] == 1.0
+    assert results["hybrid"]["layer_kinds"] == "MMMA"   # M1's attention placement for 4 layers: layer 3
+    # 4 layers · (k, v) · 13 slots · 2 kv heads · head_dim 8 · 4 bytes (+ valid, segment, index, positions)
+    assert results["transformer"]["cells"]["1x8"]["cache_bytes_per_seq"] >= 4 * 2 * 13 * 2 * 8 * 4
+    assert (out / "ratio_vs_transformer.png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "| batch | generated | model | tokens / s | ratio vs transformer |" in printed
+    assert "skipped (batch x length > --max-tokens 8): 2x8" in printed
+
+
+def test_bench_generate_rejects_bad_options(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "generate", *GENERATE_TINY, "--d-state", "3"])   # must divide head_dim 8
+    assert "d_state" in capsys.readouterr().err
+
+
+def test_bench_speculative_tiny(tmp_path, capsys):
+    """Trains a tiny target and draft for a few steps, and the speculative tokens equal plain generate's."""
+    out = tmp_path / "spec"
+    assert cli_main(["bench", "speculative", "--target-d-model", "32", "--target-n-layer", "2", "--drafts", "mamba",
+                     "--draft-d-model", "16", "--draft-n-layer", "1", "--train-steps", "5", "--batch-size", "2",
+                     "--seq-len", "16", "--max-files", "5", "--batch", "2", "--prompt-len", "6", "--new-tokens", "9",
+                     "--num-draft", "3", "--repeats", "1", "--out-dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())["results"]
+    d = results["drafts"]["mamba"]
+    assert d["same_tokens"] and 1 <= d["tau"] <= 4 and 3 <= d["target_calls"] <= 9
+    assert "| draft | draft params |" in capsys.readouterr().out

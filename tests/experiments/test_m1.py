@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from experiments.m1.config import M1Config, m1_attention_layers, preset_config
-from experiments.m1.run import claims_of, maj_at_k
+from experiments.m1.run import claims_of, maj_at_k, maj_at_k_resampled, samples_in_budget
 from mamba_jax.cli import main as cli_main
 
 
@@ -67,6 +67,20 @@ def test_maj_at_k_by_hand():
     assert maj_at_k(answers, [5, 7], 4) == 1.0
 
 
+def test_maj_at_k_resampled_by_hand():
+    """k = 1: the share of right samples (resampling converges to it: 2000 draws within 0.03); k = n: the
+    vote of the whole pool; k = 0: nothing in the budget scores 0; the budget conversion floors."""
+    answers = np.array([[5, 5, 3, None], [1, 7, 7, 2]], object)
+    rng = np.random.default_rng(0)
+    assert maj_at_k_resampled(answers, [5, 7], 1, rng, draws=2000) == pytest.approx(0.5, abs=0.03)
+    assert maj_at_k_resampled(answers, [5, 7], 4, rng) == 1.0
+    assert maj_at_k_resampled(answers, [5, 7], 0, rng) == 0.0
+    with pytest.raises(ValueError, match="`k` must lie in"):
+        maj_at_k_resampled(answers, [5, 7], 5, rng)
+    assert samples_in_budget(0.5, 10.0, 32) == 5 and samples_in_budget(0.099, 10.0, 32) == 0
+    assert samples_in_budget(100.0, 10.0, 32) == 32
+
+
 def test_claims_compare_what_the_issue_asks():
     stage = lambda p, m: {"pass@1": p, "maj@4": m}  # noqa: E731
     stages = {"teacher": stage(0.6, 0.7), "sft": stage(0.55, 0.6), "grpo_seed0": stage(0.65, 0.7),
@@ -96,8 +110,15 @@ def test_smoke_run_writes_results_and_resumes(tmp_path):
     for r in train:
         assert 0.0 <= r["reward"] <= 1.0 and np.isfinite(r["loss"]) and 0.0 <= r["clip_fraction"] <= 1.0
     assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 2, 4]
-    for name in ("results.md", "grpo_curves.png", "accuracy_vs_k.png"):
+    for name in ("results.md", "grpo_curves.png", "accuracy_vs_k.png", "accuracy_vs_time.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0
+    fixed = results["fixed_time"]
+    assert list(fixed["samples_per_s"]) == ["teacher", "student (grpo_seed0)"] and fixed["pool"] == 4
+    assert all(r > 0 for r in fixed["samples_per_s"].values()) and len(fixed["curve"]) == 4
+    for name, rate in fixed["samples_per_s"].items():   # the samples each budget buys follow the throughput
+        assert [p[name]["k"] for p in fixed["curve"]] == [min(4, int(np.floor(p["budget_s"] * rate + 1e-9)))
+                                                          for p in fixed["curve"]]
+    assert fixed["curve"][-1]["teacher"]["k"] == fixed["curve"][-1]["student (grpo_seed0)"]["k"] == 4
     # a second run in the same folder resumes: every stage loads from its checkpoint, the results agree
     assert cli_main(["run", "m1", "--preset", "smoke", "--out", out]) == 0
     with open(os.path.join(out, "results.json")) as f:

@@ -103,8 +103,8 @@ def test_prefix_causality_can_fail(fresh_programs, monkeypatch):
     """Three planted leaks from the future, each caught by `check_prefix_causality`: MoE routing over the
     whole sequence (expert choice in place of the causal capacity), attention without its causal mask, and
     a Mamba scan run backwards in time."""
-    import mamba_jax.layers.attention as attention
     import mamba_jax.layers.mamba as mamba
+    import mamba_jax.ops.attention as attention_ops
     import mamba_jax.ops.moe as moe_ops
 
     def whole_sequence(logits, k, capacity_factor, *, token_mask=None, seq_idx=None):
@@ -116,9 +116,9 @@ def test_prefix_causality_can_fail(fresh_programs, monkeypatch):
         m.setattr(moe_ops, "route_token_choice", whole_sequence)
         _expect_failure(checks.check_prefix_causality, *forward_outputs("M E[switch]", False), "planted")
 
-    real_mask = attention.attention_mask
-    with monkeypatch.context() as m:
-        m.setattr(attention, "attention_mask", lambda q, k, **kw: jnp.ones(q.shape + k.shape[1:], bool)
+    real_mask = attention_ops.attention_mask
+    with monkeypatch.context() as m:   # causal_attention's blocks then see the rest of their block
+        m.setattr(attention_ops, "attention_mask", lambda q, k, **kw: jnp.ones(q.shape + k.shape[1:], bool)
                   & real_mask(jnp.full_like(q, k.shape[1]), k, **kw))
         _expect_failure(checks.check_prefix_causality, *forward_outputs("A[rope,gqa]"), "planted")
 

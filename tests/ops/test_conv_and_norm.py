@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mamba_jax.ops import causal_conv1d, gated_rms_norm, rms_norm
+from mamba_jax.ops import causal_conv1d, conv_state_steps, gated_rms_norm, rms_norm
 
 
 def numpy_causal_conv(x, w, bias=None, history=None):
@@ -117,3 +117,14 @@ def test_gated_rms_norm_bad_inputs():
         gated_rms_norm(x, x, jnp.ones(11), 4)
     with pytest.raises(ValueError, match="`z` must have the shape of `x`"):
         gated_rms_norm(x, jnp.zeros((2, 11)), jnp.ones(12), 4)
+
+
+def test_conv_state_steps_is_the_state_after_each_prefix():
+    rng = np.random.default_rng(5)
+    x, state, w = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((2, 5, 3), (2, 3, 3), (4, 3)))
+    steps = conv_state_steps(state, x)
+    assert steps.shape == (2, 5, 3, 3)
+    for i in range(5):
+        np.testing.assert_array_equal(steps[:, i], causal_conv1d(x[:, :i + 1], w, conv_state=state)[1])
+    # the window is the last k-1 inputs: position 0 keeps two of the old state's rows, then x[:, 0]
+    np.testing.assert_array_equal(steps[:, 0], np.concatenate([state[:, 1:], x[:, :1]], 1))

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 
-from mamba_jax.ops import IMPLS, resolve_impl, selective_scan, selective_state_update
+from mamba_jax.ops import IMPLS, resolve_impl, selective_scan, selective_state_steps, selective_state_update
 from tests.ops.scan_reference_numpy import numpy_selective_scan
 
 FAST_IMPLS = [i for i in IMPLS if i != "reference"]
@@ -212,6 +212,22 @@ def test_selective_state_update_equals_one_scan_step():
         args["C"][:, 0], D=args["D"], z=args["z"][:, 0], dt_bias=args["dt_bias"], dt_softplus=True)
     assert_close(y, y_scan[:, 0], 1e-6, 1e-6)
     assert_close(h, h_scan, 1e-6, 1e-6)
+
+
+def test_selective_state_steps_keeps_the_state_after_every_position():
+    """Against the numpy scan run on each prefix: y, and the state after position i == the final state of
+    the first i + 1 positions (speculative decoding rolls back to any of them)."""
+    args = make_case(24, 2, 5, 6, 4, groups=2, with_bias=False)
+    delta = jax.nn.softplus(args["dt"])
+    y, states = selective_state_steps(args["initial_state"], args["u"], delta, args["A"], args["B"], args["C"],
+                                      D=args["D"], z=args["z"])
+    assert states.shape == (2, 5, 6, 4)
+    for i in range(5):
+        prefix = {k: (v[:, :i + 1] if k in ("u", "dt", "B", "C", "z") else v) for k, v in args.items()}
+        y_ref, h_ref = numpy_selective_scan(**{k: None if v is None else np.asarray(v, np.float64)
+                                               for k, v in prefix.items()}, dt_softplus=True)
+        assert_close(states[:, i], h_ref, 1e-5, 1e-5)
+        assert_close(y[:, i], y_ref[:, i], 1e-5, 1e-5)
 
 
 def test_auto_is_a_real_impl_and_matches_reference():
