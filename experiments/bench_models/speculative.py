@@ -1,12 +1,13 @@
-"""`mamba-jax bench speculative`: greedy speculative decoding against plain `generate` on the same target.
+"""`mamba-jax bench speculative`: speculative decoding against plain `generate` on the same target.
 
 Random weights agree on nothing, so the benchmark first trains every model briefly on the same real text
 (bytes of the Python standard library, `mamba_jax.data.text`, held-out files for the prompts): the target
 (a Transformer by default, `--target`) and one small draft of each family (Transformer, Mamba, Mamba-2, an
-"M A" hybrid). It then generates `--new-tokens` greedy tokens after held-out prompts with the target alone
-(`generate`) and with each draft (`speculative_generate`), checks that the tokens are identical, and prints
-tokens/s (compile excluded; runs interleaved; median of `--repeats`), the speed-up over plain `generate`,
-the acceptance rate and τ (tokens gained per target call).
+"M A" hybrid). It then generates `--new-tokens` tokens after held-out prompts with the target alone
+(`generate`) and with each draft (`speculative_generate`), at each of `--temperatures` (0: greedy, and the
+tokens are checked identical to `generate`'s; > 0: sampled), and prints tokens/s (compile excluded; runs
+interleaved; median of `--repeats`), the speed-up over plain `generate`, the acceptance rate and τ (tokens
+gained per target call), and the start of the target's own continuation.
 """
 from __future__ import annotations
 
@@ -103,27 +104,34 @@ def bench(args) -> Dict:
     count = lambda p: int(sum(np.size(x) for x in jax.tree_util.tree_leaves(p)))   # noqa: E731
     prompt = jnp.asarray(data.windows("eval", args.batch, args.prompt_len))
     n = args.new_tokens
-    runs = {"plain": lambda: generate(target, t_params, prompt, n, temperature=0.0)}
-    for family, (model, params, _) in drafts.items():
-        runs[family] = (lambda m=model, p=params: speculative_generate(
-            target, t_params, m, p, prompt, n, num_draft=args.num_draft)[0])
-    outputs = {name: np.asarray(fn()) for name, fn in runs.items()}          # compiles; checked below
-    times = {name: [] for name in runs}
-    for _ in tqdm(range(args.repeats), desc="timed runs"):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - start)
-    plain_s = statistics.median(times["plain"])
-    results = dict(target=dict(family=args.target, params=count(t_params), train_loss=t_loss,
-                               tokens_per_s=args.batch * n / plain_s, seconds=plain_s), drafts={})
-    for family, (model, params, loss) in drafts.items():
-        _, stats = speculative_generate(target, t_params, model, params, prompt, n, num_draft=args.num_draft)
-        seconds = statistics.median(times[family])
-        results["drafts"][family] = dict(
-            params=count(params), train_loss=loss, tokens_per_s=args.batch * n / seconds, seconds=seconds,
-            speedup=plain_s / seconds, acceptance_rate=stats.acceptance_rate, tau=stats.mean_accepted_length,
-            target_calls=stats.target_calls, same_tokens=bool(np.array_equal(outputs[family], outputs["plain"])))
+    results = dict(target=dict(family=args.target, params=count(t_params), train_loss=t_loss), modes={})
+    for temperature in args.temperatures:
+        kw = dict(temperature=temperature, rng=jax.random.PRNGKey(args.seed))
+        runs = {"plain": lambda kw=kw: generate(target, t_params, prompt, n, **kw)}
+        for family, (model, params, _) in drafts.items():
+            runs[family] = (lambda m=model, p=params, kw=kw: speculative_generate(
+                target, t_params, m, p, prompt, n, num_draft=args.num_draft, **kw)[0])
+        outputs = {name: np.asarray(fn()) for name, fn in runs.items()}          # compiles; checked below
+        times = {name: [] for name in runs}
+        for _ in tqdm(range(args.repeats), desc=f"timed runs, temperature {temperature}"):
+            for name, fn in runs.items():
+                start = time.perf_counter()
+                jax.block_until_ready(fn())
+                times[name].append(time.perf_counter() - start)
+        plain_s = statistics.median(times["plain"])
+        mode = results["modes"][f"T={temperature:g}"] = dict(
+            plain=dict(tokens_per_s=args.batch * n / plain_s, seconds=plain_s,
+                       sample=data.tok.decode(outputs["plain"][0])), drafts={})
+        for family, (model, params, loss) in drafts.items():
+            _, stats = speculative_generate(target, t_params, model, params, prompt, n, num_draft=args.num_draft,
+                                            **kw)
+            seconds = statistics.median(times[family])
+            mode["drafts"][family] = dict(
+                params=count(params), train_loss=loss, tokens_per_s=args.batch * n / seconds, seconds=seconds,
+                speedup=plain_s / seconds, acceptance_rate=stats.acceptance_rate, tau=stats.mean_accepted_length,
+                target_calls=stats.target_calls,
+                # greedy: the tokens must be generate's; sampled: another draw of the same distribution
+                same_tokens=(bool(np.array_equal(outputs[family], outputs["plain"])) if temperature == 0 else None))
     return results
 
 
@@ -144,11 +152,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batch", type=int, default=1, help="prompts generated together")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--temperatures", default="0,1",
+                        help="comma-separated; 0 is greedy (checked equal to generate), > 0 samples")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default="results/bench_speculative")
     args = parser.parse_args(argv)
     args.drafts = [x.strip() for x in args.drafts.split(",") if x.strip()]
+    try:
+        args.temperatures = [float(x) for x in args.temperatures.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--temperatures: expected comma-separated numbers; got {args.temperatures!r}")
+    if not args.temperatures or min(args.temperatures) < 0:
+        parser.error(f"--temperatures: expected numbers >= 0; got {args.temperatures}")
     bad = sorted(set(args.drafts) - set(FAMILIES))
     if bad or not args.drafts:
         parser.error(f"--drafts: unknown family {bad}; choose from {FAMILIES}")
@@ -161,19 +177,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"speculative decoding benchmark: target {t['family']} d_model {args.target_d_model} x "
           f"{args.target_n_layer} ({t['params']:,} params, train loss {t['train_loss']:.2f}); drafts d_model "
           f"{args.draft_d_model} x {args.draft_n_layer}; {args.train_steps} training steps each on standard-library "
-          f"bytes; batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} greedy tokens, num_draft "
+          f"bytes; batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, num_draft "
           f"{args.num_draft}, float32, median of {args.repeats} interleaved runs, compile excluded")
     print(hardware_description())
-    rows = [["(none: plain generate)", "", "", t["tokens_per_s"], 1.0, "", "", "", ""]]
-    rows += [[f, d["params"], d["train_loss"], d["tokens_per_s"], d["speedup"], d["acceptance_rate"], d["tau"],
-              d["target_calls"], d["same_tokens"]] for f, d in results["drafts"].items()]
-    print(markdown_table(["draft", "draft params", "draft train loss", "tokens / s", "speed-up", "acceptance",
-                          "τ", "target calls", "tokens == generate"], rows))
+    rows = []
+    for mode, r in results["modes"].items():
+        rows.append([mode, "(none: plain generate)", "", "", r["plain"]["tokens_per_s"], 1.0, "", "", "", ""])
+        rows += [[mode, f, d["params"], d["train_loss"], d["tokens_per_s"], d["speedup"], d["acceptance_rate"],
+                  d["tau"], d["target_calls"], "n/a (sampled)" if d["same_tokens"] is None else d["same_tokens"]]
+                 for f, d in r["drafts"].items()]
+    print(markdown_table(["temperature", "draft", "draft params", "draft train loss", "tokens / s", "speed-up",
+                          "acceptance", "τ", "target calls", "tokens == generate"], rows))
+    for mode, r in results["modes"].items():
+        print(f"target alone, {mode}, first row: {r['plain']['sample'][:120]!r}")
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "results.json"), "w") as f:
         json.dump(dict(hardware=hardware_description(), config=vars(args), results=results), f, indent=1)
     print(f"wrote {args.out_dir}/results.json")
-    if not all(d["same_tokens"] for d in results["drafts"].values()):
+    if any(d["same_tokens"] is False for r in results["modes"].values() for d in r["drafts"].values()):
         print("ERROR: a speculative run did not reproduce greedy generate's tokens")
         return 1
     return 0

@@ -104,6 +104,8 @@ def test_bench_speculative_tiny(tmp_path, capsys):
                      "--seq-len", "16", "--max-files", "5", "--batch", "2", "--prompt-len", "6", "--new-tokens", "9",
                      "--num-draft", "3", "--repeats", "1", "--out-dir", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())["results"]
-    d = results["drafts"]["mamba"]
+    d = results["modes"]["T=0"]["drafts"]["mamba"]
     assert d["same_tokens"] and 1 <= d["tau"] <= 4 and 3 <= d["target_calls"] <= 9
+    sampled = results["modes"]["T=1"]["drafts"]["mamba"]
+    assert sampled["same_tokens"] is None and 0 <= sampled["acceptance_rate"] <= 1
     assert "| draft | draft params |" in capsys.readouterr().out
