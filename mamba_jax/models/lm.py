@@ -107,6 +107,23 @@ class DecoderBlock(nn.Module):
         return h, new_cache
 
 
+class LowRankAdapter(nn.Module):
+    """x (b, l, d_model) -> (b, l, d_model): up(down(RMSNorm(x))), rank `rank`; `up` starts at zero, so a new
+    adapter changes nothing."""
+
+    config: BaseLMConfig
+    rank: int
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        normed = RMSNorm(cfg.rms_norm_eps, cfg.jnp_param_dtype, name="norm")(x).astype(cfg.jnp_dtype)
+        down = nn.Dense(self.rank, use_bias=False, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, name="down",
+                        kernel_init=nn.initializers.normal(cfg.d_model ** -0.5))(normed)
+        return nn.Dense(cfg.d_model, use_bias=False, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, name="up",
+                        kernel_init=nn.initializers.zeros)(down)
+
+
 class DecoderLM(nn.Module):
     """A decoder-only language model over any `BaseLMConfig` (see the module docstring).
 
@@ -131,6 +148,11 @@ class DecoderLM(nn.Module):
     Returns:
       `__call__`: the logits; `forward`: an `LMOutput`.
 
+    `residual_rate` and `adapter_rank` make the stack a rate-accelerated residual stream (M2R2's fast
+    stream, `mamba_jax.models.m2r2`): each layer's update is scaled, h ← h + rate · (block(h) − h), and,
+    with adapter_rank > 0, a low-rank adapter `adapters_{i}` (RMSNorm → d×r → r×d, the last zero at init)
+    adds its own update. The defaults (1.0, 0) are the plain model.
+
     `head=False` builds the stack alone — no token embeddings, final norm or head — for models that
     bring their own read-in and read-out (e.g. `InContextRegressor`): it takes `inputs_embeds` only and
     returns the residual stream after the last layer (b, l, d_model) in place of the logits.
@@ -138,12 +160,18 @@ class DecoderLM(nn.Module):
 
     config: BaseLMConfig
     head: bool = True
+    residual_rate: float = 1.0
+    adapter_rank: int = 0
     config_type = BaseLMConfig
 
     def __post_init__(self):
         if not isinstance(self.config, self.config_type):
             raise ValueError(f"{type(self).__name__}: `config` must be a {self.config_type.__name__}; "
                              f"got {type(self.config).__name__}")
+        if not (isinstance(self.residual_rate, (int, float)) and self.residual_rate > 0):
+            raise ValueError(f"{type(self).__name__}: `residual_rate` must be a number > 0; got {self.residual_rate!r}")
+        if isinstance(self.adapter_rank, bool) or not isinstance(self.adapter_rank, int) or self.adapter_rank < 0:
+            raise ValueError(f"{type(self).__name__}: `adapter_rank` must be an int >= 0; got {self.adapter_rank!r}")
         super().__post_init__()
 
     def __call__(self, input_ids=None, *, inputs_embeds=None, positions=None, seq_idx=None, mask=None,
@@ -217,10 +245,15 @@ class DecoderLM(nn.Module):
         new_layers = []
         block_cls = nn.remat(DecoderBlock) if cfg.remat and cache is None else DecoderBlock
         for i, kind in enumerate(kinds):
+            h_in = h
             h, layer_cache = block_cls(cfg, kind, deterministic, name=f"layers_{i}")(
                 h, positions=positions, seq_idx=seq_idx, mask=mask,
                 cache=None if cache is None else cache.layers[i],
                 **({"step_caches": True} if step_caches else {}))   # nn.remat would trace a bool argument
+            if self.residual_rate != 1.0:
+                h = h_in + self.residual_rate * (h - h_in)
+            if self.adapter_rank:
+                h = h + LowRankAdapter(cfg, self.adapter_rank, name=f"adapters_{i}")(h_in).astype(h.dtype)
             h = constrain_batch(h)   # on a mesh: the residual stream stays batch-sharded (see the function)
             hidden_states.append(h)
             new_layers.append(layer_cache)

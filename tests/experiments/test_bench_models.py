@@ -63,7 +63,7 @@ def test_bench_decode_rejects_bad_options(argv, pattern, capsys):
     assert pattern in capsys.readouterr().err
 
 
-GENERATE_TINY = ["--d-model", "32", "--n-layer", "4", "--n-heads", "4", "--n-kv-heads", "2", "--d-state", "4",
+GENERATE_TINY = ["--d-model", "32", "--n-layer", "2", "--n-heads", "4", "--n-kv-heads", "2", "--d-state", "4",
                  "--head-dim", "16", "--mamba2-d-state", "8", "--vocab-size", "40", "--repeats", "1",
                  "--prompt-len", "5"]
 
@@ -81,9 +81,9 @@ def test_bench_generate_equal_params_and_skipped_cells(tmp_path, capsys):
         assert abs(r["non_embedding_params"] - base) <= 0.1 * base, name
         assert r["cells"]["1x8"]["tokens_per_s"] > 0 and "skipped" in r["cells"]["2x8"]
     assert results["transformer"]["cells"]["1x8"]["ratio_vs_transformer"] == 1.0
-    assert results["hybrid"]["layer_kinds"] == "MMMA"   # M1's attention placement for 4 layers: layer 3
-    # 4 layers · (k, v) · 13 slots · 2 kv heads · head_dim 8 · 4 bytes (+ valid, segment, index, positions)
-    assert results["transformer"]["cells"]["1x8"]["cache_bytes_per_seq"] >= 4 * 2 * 13 * 2 * 8 * 4
+    assert results["hybrid"]["layer_kinds"] == "MA"   # M1's attention placement for 2 layers: the last
+    # 2 layers · (k, v) · 13 slots · 2 kv heads · head_dim 8 · 4 bytes (+ valid, segment, index, positions)
+    assert results["transformer"]["cells"]["1x8"]["cache_bytes_per_seq"] >= 2 * 2 * 13 * 2 * 8 * 4
     assert (out / "ratio_vs_transformer.png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert "| batch | generated | model | tokens / s | ratio vs transformer |" in printed

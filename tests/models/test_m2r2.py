@@ -1,0 +1,90 @@
+"""M2R2's fast stream: the rate-scaled update, adapter-only parameters and training, and lossless
+self-speculative decoding with the fast stream as the draft."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mamba_jax.inference import generate, speculative_generate
+from mamba_jax.models.m2r2 import (adapter_params, fast_stream, fast_stream_params, m2r2_loss, make_m2r2_train_step,
+                                   truncated_config)
+from tests.invariants.families import D_MODEL, model_and_params, tokens
+
+
+@pytest.mark.parametrize("name", ["A[rope,gqa]", "M A M2 E"])
+def test_fast_stream_scales_each_layer_update_by_its_rate(name):
+    """Independent check through the base's own hidden states: with fresh adapters (zero `up`), the fast
+    stream's first update is r times the base's first layer update: g_1 = h_0 + r (h_1 − h_0)."""
+    base, params = model_and_params(name)
+    fast = fast_stream(base, 1, rank=4, rate=2.5)
+    fp = fast_stream_params(fast, params, jax.random.PRNGKey(1))
+    x = tokens(5, 2, 9)
+    hidden = lambda model, p: jax.jit(lambda p, x: model.apply(   # noqa: E731
+        {"params": p}, x, return_hidden_states=True, method="forward").hidden_states)(p, x)
+    slow, g = hidden(base, params), hidden(fast, fp)
+    np.testing.assert_allclose(g[1], slow[0] + 2.5 * (slow[1] - slow[0]), rtol=1e-5, atol=1e-5)
+    assert fast.config.layer_kinds == base.config.layer_kinds[:1]
+
+
+def test_adapter_only_parameters_and_truncation():
+    base, params = model_and_params("M A M2 E")
+    fast = fast_stream(base, 3, rank=4)
+    assert fast.residual_rate == pytest.approx(4 / 3) and fast.config.layer_kinds == ("M", "A", "M2")
+    fp = fast_stream_params(fast, params, jax.random.PRNGKey(0))
+    adapters = adapter_params(fp)
+    assert sorted(adapters) == ["adapters_0", "adapters_1", "adapters_2"]
+    # per layer: RMSNorm weight d, down d × r, up r × d
+    assert sum(np.size(a) for a in jax.tree_util.tree_leaves(adapters)) == 3 * (D_MODEL + 2 * D_MODEL * 4)
+    for k in fp:
+        if not k.startswith("adapters_"):
+            assert all(a is b for a, b in zip(jax.tree_util.tree_leaves(fp[k]), jax.tree_util.tree_leaves(params[k])))
+    with pytest.raises(ValueError, match="`n_layers` must be an int in"):
+        truncated_config(base.config, 5)
+    with pytest.raises(ValueError, match="`residual_rate` must be a number > 0"):
+        type(base)(base.config, residual_rate=0.0)
+
+
+def test_training_moves_only_the_adapters_and_lowers_the_loss():
+    base, params = model_and_params("A[rope,gqa]")
+    fast = fast_stream(base, 1, rank=8)
+    fp = fast_stream_params(fast, params, jax.random.PRNGKey(0))
+    adapters = adapter_params(fp)
+    frozen = {k: v for k, v in fp.items() if k not in adapters}
+    before = jax.tree_util.tree_map(np.array, (params, frozen))
+    tx = optax.adam(3e-2)
+    step = make_m2r2_train_step(fast, base, tx)
+    x, mask = tokens(6, 4, 16), jnp.ones((4, 16))
+    opt_state = tx.init(adapters)
+    first = None
+    for _ in range(30):
+        adapters, opt_state, metrics = step(adapters, opt_state, frozen, params, x, mask)
+        first = float(metrics["loss"]) if first is None else first
+    assert float(metrics["loss"]) < 0.9 * first
+    for a, b in zip(jax.tree_util.tree_leaves((params, frozen)), jax.tree_util.tree_leaves(before)):
+        np.testing.assert_array_equal(a, b)                         # frozen base: bitwise unchanged
+    assert float(jnp.abs(adapters["adapters_0"]["up"]["kernel"]).max()) > 0
+    # the loss by hand for one token: align = 1 - cos of RMS-normalised residuals; kl = KL(full || fast)
+    loss, m = m2r2_loss(fast, {**frozen, **adapters}, base, params, x[:1, :1])
+    slow = base.apply({"params": params}, x[:1, :1], return_hidden_states=True, method="forward")
+    out = fast.apply({"params": {**frozen, **adapters}}, x[:1, :1], return_hidden_states=True, method="forward")
+    g, h = np.asarray(out.hidden_states[1][0, 0], np.float64), np.asarray(slow.hidden_states[2][0, 0], np.float64)
+    p = np.exp(np.asarray(slow.logits[0, 0], np.float64))
+    p /= p.sum()
+    q = np.exp(np.asarray(out.logits[0, 0], np.float64))
+    q /= q.sum()
+    np.testing.assert_allclose(m["align"], 1 - g @ h / np.linalg.norm(g) / np.linalg.norm(h), atol=1e-4)
+    np.testing.assert_allclose(m["kl"], np.sum(p * np.log(p / q)), rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,n_fast", [("A[rope,gqa]", 1), ("M A M2 E", 2)])
+def test_self_speculative_greedy_equals_the_base_model(name, n_fast):
+    base, params = model_and_params(name)
+    fast = fast_stream(base, n_fast, rank=4)
+    fp = fast_stream_params(fast, params, jax.random.PRNGKey(2))
+    fp = {**fp, **jax.tree_util.tree_map(lambda a: a + 0.1, adapter_params(fp))}   # non-zero adapters
+    prompt = tokens(7, 2, 6)
+    mask = jnp.array([[1] * 6, [0, 0, 1, 1, 1, 1]], jnp.int32)
+    out, stats = speculative_generate(base, params, fast, fp, prompt, 10, num_draft=3, prompt_mask=mask)
+    np.testing.assert_array_equal(out, generate(base, params, prompt, 10, temperature=0.0, prompt_mask=mask))
+    assert stats.target_calls <= 10
