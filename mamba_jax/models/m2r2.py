@@ -27,8 +27,8 @@ import optax
 from mamba_jax.layers.config import BaseLMConfig
 from mamba_jax.models.lm import DecoderLM
 
-__all__ = ["adapter_params", "fast_stream", "fast_stream_params", "m2r2_loss", "make_m2r2_train_step",
-           "truncated_config"]
+__all__ = ["adapter_params", "early_exit_point", "early_exit_quality", "exit_logits", "fast_stream",
+           "fast_stream_params", "m2r2_loss", "make_m2r2_train_step", "residual_distances", "truncated_config"]
 
 
 def truncated_config(config: BaseLMConfig, n_layers: int) -> BaseLMConfig:
@@ -117,3 +117,48 @@ def make_m2r2_train_step(fast: DecoderLM, base: DecoderLM, tx: optax.GradientTra
         return optax.apply_updates(adapters, updates), opt_state, metrics
 
     return step
+
+
+# ---- early exit -------------------------------------------------------------------------------------------
+
+def exit_logits(model: DecoderLM, params, input_ids, n_exits: int):
+    """(n_exits, b, l, V) float32 logits of `model`'s stream cut after 1, ..., n_exits layers, each read
+    through the shared final norm and head (same rate and adapters as `model`)."""
+    out = []
+    for k in range(1, n_exits + 1):
+        cut = type(model)(truncated_config(model.config, k), residual_rate=model.residual_rate,
+                          adapter_rank=model.adapter_rank)
+        keep = {name: v for name, v in params.items()
+                if not (name.startswith(("layers_", "adapters_")) and int(name.split("_")[1]) >= k)}
+        out.append(cut.apply({"params": keep}, input_ids))
+    return jnp.stack(out)
+
+
+def residual_distances(hidden_states):
+    """(n_layer, b, l): 1 − cos(h_k, h_{k−1}) for k = 1..n_layer — how much layer k still moves the residual
+    (distance-based early exit stops when it is small)."""
+    h = jnp.stack([x.astype(jnp.float32) for x in hidden_states])
+    cos = jnp.sum(h[1:] * h[:-1], -1) / (jnp.linalg.norm(h[1:], axis=-1) * jnp.linalg.norm(h[:-1], axis=-1) + 1e-9)
+    return 1.0 - cos
+
+
+def early_exit_point(scores, threshold: float, exit_layers, full_layers: int):
+    """Where each token stops. scores: (K, b, l) exit scores at the K exits (higher = readier); a token stops
+    at the first exit whose score ≥ threshold, else runs all `full_layers`. Returns (exit index (b, l) int32,
+    K meaning "no exit", layers run (b, l) float32)."""
+    ready = scores >= threshold
+    k = scores.shape[0]
+    first = jnp.where(jnp.any(ready, 0), jnp.argmax(ready, 0), k).astype(jnp.int32)
+    layers = jnp.asarray(list(exit_layers) + [full_layers], jnp.float32)[first]
+    return first, layers
+
+
+def early_exit_quality(exit_logits_, full_logits, targets, first):
+    """(agreement with the full model's greedy token, mean NLL of `targets`) of the predictions the tokens
+    exit with. exit_logits_: (K, b, l, V); full_logits, targets: (b, l, V), (b, l); first: (b, l) from
+    `early_exit_point` (K: the full model's logits)."""
+    logits = jnp.concatenate([exit_logits_, full_logits[None]], 0)
+    chosen = jnp.take_along_axis(logits, first[None, ..., None], axis=0)[0]            # (b, l, V)
+    agree = jnp.mean(jnp.argmax(chosen, -1) == jnp.argmax(full_logits, -1))
+    nll = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(chosen, -1), targets[..., None], -1))
+    return float(agree), float(nll)

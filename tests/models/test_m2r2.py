@@ -88,3 +88,38 @@ def test_self_speculative_greedy_equals_the_base_model(name, n_fast):
     out, stats = speculative_generate(base, params, fast, fp, prompt, 10, num_draft=3, prompt_mask=mask)
     np.testing.assert_array_equal(out, generate(base, params, prompt, 10, temperature=0.0, prompt_mask=mask))
     assert stats.target_calls <= 10
+
+
+def test_early_exit_by_hand():
+    from mamba_jax.models.m2r2 import early_exit_point, early_exit_quality, residual_distances
+
+    scores = jnp.array([[[0.9, 0.1, 0.5]], [[0.2, 0.8, 0.4]]])           # (K=2 exits, b=1, l=3)
+    first, layers = early_exit_point(scores, 0.6, exit_layers=(1, 2), full_layers=4)
+    np.testing.assert_array_equal(first, [[0, 1, 2]])
+    np.testing.assert_array_equal(layers, [[1.0, 2.0, 4.0]])
+    # token 0 exits at exit 0 (argmax 1), token 1 at exit 1 (argmax 0), token 2 runs the full model (argmax 2)
+    eye = jnp.eye(3) * 5.0
+    exits = jnp.stack([jnp.stack([eye[1], eye[2], eye[2]])[None], jnp.stack([eye[0], eye[0], eye[0]])[None]])
+    full = jnp.stack([eye[1], eye[1], eye[2]])[None]
+    agree, nll = early_exit_quality(exits, full, jnp.array([[1, 0, 0]]), first)
+    assert agree == pytest.approx(2 / 3)
+    log_p = np.log(np.exp(5.0) / (np.exp(5.0) + 2))                      # the right class of a 5-vs-0 logit
+    log_q = np.log(1 / (np.exp(5.0) + 2))
+    assert nll == pytest.approx(-(log_p + log_p + log_q) / 3, rel=1e-5)
+    h = [jnp.array([[[1.0, 0.0]]]), jnp.array([[[1.0, 1.0]]]), jnp.array([[[2.0, 2.0]]])]
+    np.testing.assert_allclose(residual_distances(h)[:, 0, 0], [1 - 1 / np.sqrt(2), 0.0], atol=1e-6)
+
+
+def test_exit_logits_end_at_the_models_own_logits():
+    from mamba_jax.models.m2r2 import exit_logits
+
+    base, params = model_and_params("M A M2 E")
+    x = tokens(8, 2, 7)
+    np.testing.assert_allclose(exit_logits(base, params, x, 4)[-1], base.apply({"params": params}, x),
+                               rtol=1e-5, atol=1e-5)
+    fast = fast_stream(base, 2, rank=4)
+    fp = fast_stream_params(fast, params, jax.random.PRNGKey(3))
+    fp = {**fp, **jax.tree_util.tree_map(lambda a: a + 0.1, adapter_params(fp))}
+    both = exit_logits(fast, fp, x, 2)
+    np.testing.assert_allclose(both[-1], fast.apply({"params": fp}, x), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(both[0], both[1])
