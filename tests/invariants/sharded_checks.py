@@ -112,9 +112,10 @@ def run(name, strategy, mesh_config, b, reference):
     state = tr.shard_state(create_train_state(model.apply, jax.tree_util.tree_map(jnp.copy, params), tx))
     what = f"{name} {strategy} {mesh_config}"
     # e.g. tensor: whole heads and whole pieces per device, so nothing is re-laid-out inside a layer
-    counts = collectives(tr.train_step.jitted.lower(state, tr.shard_batch(b)).compile().as_text())
-    check_collectives(counts, model.config.layer_kinds, mesh_config, what)
-    state, metrics = tr.train_step(state, b)
+    sharded_batch = tr.shard_batch(b)
+    compiled = tr.train_step.jitted.lower(state, sharded_batch).compile()   # counted, then run (one compile)
+    check_collectives(collectives(compiled.as_text()), model.config.layer_kinds, mesh_config, what)
+    state, metrics = compiled(state, sharded_batch)
     ref_state, ref_metrics, ref_eval = reference
     close(metrics, ref_metrics, f"{what} train metrics")
     close(state.params, ref_state.params, f"{what} params after one step")
