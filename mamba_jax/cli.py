@@ -20,6 +20,7 @@ EXPERIMENTS = {
     "pkd": "experiments.pkd.run",
     "moe_mamba": "experiments.moe_mamba.run",
     "m1": "experiments.m1.run",
+    "m2r2": "experiments.m2r2.run",
 }
 BENCHMARKS = {
     "scan": "experiments.bench_scan.run",

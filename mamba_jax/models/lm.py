@@ -187,11 +187,14 @@ class DecoderLM(nn.Module):
     @nn.compact
     def forward(self, input_ids=None, *, inputs_embeds=None, positions=None, seq_idx=None, mask=None,
                 cache: Optional[ModelCache] = None, return_hidden_states: bool = False,
-                deterministic: bool = True, step_caches: bool = False) -> "LMOutput":
+                deterministic: bool = True, step_caches: bool = False, layer_mask=None) -> "LMOutput":
         """An `LMOutput`: logits, the new cache (None without `cache`), the hidden states (None unless
         `return_hidden_states`). Arguments as the class docstring; `step_caches=True` (with a cache) returns
         a cache whose recurrent layers hold the state after every position of the chunk (a step axis after
-        the batch) — `inference.rollback_cache` keeps any prefix of the chunk."""
+        the batch) — `inference.rollback_cache` keeps any prefix of the chunk. `layer_mask` (b, l, n_layer)
+        bool: the layers each token runs; a skipped layer passes the token's residual through unchanged
+        (SkipDecode, `m2r2.skip_decoding_layer_mask`; exact for attention when a layer skipped at a position
+        is skipped at every later one, as later queries then never read keys a skipping token wrote)."""
         cfg = self.config
         name = type(self).__name__
         if (input_ids is None) == (inputs_embeds is None):
@@ -214,6 +217,8 @@ class DecoderLM(nn.Module):
         if positions is not None:
             check_array(name, "positions", positions, (b, l), kind="int")
         kinds = cfg.layer_kinds
+        if layer_mask is not None:
+            check_array(name, "layer_mask", layer_mask, (b, l, len(kinds)), kind="any")
         if cache is not None:
             if not isinstance(cache, ModelCache) or len(cache.layers) != len(kinds):
                 raise ValueError(f"{name}: `cache` must be a ModelCache with {len(kinds)} layer caches "
@@ -254,6 +259,8 @@ class DecoderLM(nn.Module):
                 h = h_in + self.residual_rate * (h - h_in)
             if self.adapter_rank:
                 h = h + LowRankAdapter(cfg, self.adapter_rank, name=f"adapters_{i}")(h_in).astype(h.dtype)
+            if layer_mask is not None:
+                h = jnp.where(layer_mask[..., i, None] != 0, h, h_in)
             h = constrain_batch(h)   # on a mesh: the residual stream stays batch-sharded (see the function)
             hidden_states.append(h)
             new_layers.append(layer_cache)

@@ -209,3 +209,28 @@ def test_bad_speculative_arguments():
         speculative_generate(tm, tp, dm, dp, PROMPT, 4, prompt_mask=MASK[:, ::-1])
     with pytest.raises(ValueError, match="step_caches"):
         tm.apply({"params": tp}, PROMPT, step_caches=True, method="forward")
+
+
+def test_self_speculative_sampling_matches_the_targets_distribution():
+    """The same end-to-end check with M2R2's fast stream as the draft (the target's first layer at rate 2 with
+    non-zero adapters, sharing the target's embeddings and head): lossless sampling, chi-square p > 1e-4."""
+    from mamba_jax.models.m2r2 import adapter_params, fast_stream, fast_stream_params
+
+    target = TransformerLM(TransformerConfig(vocab_size=4, d_model=8, n_layer=2, n_heads=2, d_intermediate=16))
+    tp = trained_scale(init_params(target, jax.random.PRNGKey(0)), seed=3)
+    draft = fast_stream(target, 1, rank=2)
+    dp = fast_stream_params(draft, tp, jax.random.PRNGKey(1))
+    dp = {**dp, **trained_scale(adapter_params(dp), seed=4)}
+    prompt = jnp.array([[2, 1]], jnp.int32)
+    n_rows = 6000
+    out, stats = speculative_generate(target, tp, draft, dp, jnp.repeat(prompt, n_rows, 0), 3, num_draft=2,
+                                      temperature=1.0, rng=jax.random.PRNGKey(8))
+    assert 0.05 < stats.acceptance_rate < 0.95
+    seqs = np.array(list(itertools.product(range(4), repeat=3)))
+    logp = jax.nn.log_softmax(target.apply({"params": tp}, jnp.concatenate(
+        [jnp.repeat(prompt, len(seqs), 0), jnp.asarray(seqs)], 1)), -1)
+    exact = np.exp(np.sum(np.take_along_axis(np.asarray(logp[:, 1:4], np.float64), seqs[..., None], -1)[..., 0], 1))
+    counts = np.zeros(len(seqs))
+    np.add.at(counts, np.asarray(out) @ np.array([16, 4, 1]), 1)
+    from scipy.stats import chisquare
+    assert chisquare(counts, exact / exact.sum() * n_rows).pvalue > 1e-4

@@ -123,3 +123,73 @@ def test_exit_logits_end_at_the_models_own_logits():
     both = exit_logits(fast, fp, x, 2)
     np.testing.assert_allclose(both[-1], fast.apply({"params": fp}, x), rtol=1e-5, atol=1e-5)
     assert not np.allclose(both[0], both[1])
+
+
+def test_skip_decoding_schedule_by_hand_and_layer_mask():
+    from mamba_jax.models.m2r2 import exit_logits, skip_decoding_layer_mask
+
+    run, mean = skip_decoding_layer_mask(3, 4, max_layers=4, min_layers=2, warmup_layers=1)
+    # L(t) = 4, 3, 2: the warm-up layer 0, then the top L(t) − 1 layers
+    np.testing.assert_array_equal(run, [[1, 1, 1, 1], [1, 0, 1, 1], [1, 0, 0, 1]])
+    assert mean == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="min_layers"):
+        skip_decoding_layer_mask(3, 4, max_layers=2, min_layers=3)
+
+    base, params = model_and_params("A[rope,gqa]")
+    n = base.config.n_layer
+    x = tokens(9, 2, 7)
+    fwd = lambda lm: base.apply({"params": params}, x, layer_mask=lm, method="forward").logits   # noqa: E731
+    np.testing.assert_allclose(fwd(jnp.ones((2, 7, n), bool)), base.apply({"params": params}, x), rtol=1e-6, atol=1e-6)
+    # every token skipping the last layer is the model cut before it (an independent path: a truncated model)
+    skip_last = jnp.ones((2, 7, n), bool).at[..., n - 1].set(False)
+    np.testing.assert_allclose(fwd(skip_last), exit_logits(base, params, x, n - 1)[-1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="layer_mask"):
+        fwd(jnp.ones((2, 7, n + 1), bool))
+
+
+def test_expert_prediction_against_a_hand_made_router():
+    """Layer 3 of "M A M2 E" routes by the sign of its normalised residual's first channel (a hand-made
+    router: expert 0 when positive, 1 when negative); the hit rate of predicting it from the residual after
+    i layers is then the share of tokens whose h_i[0] · scale[0] has the sign of h_3[0] · scale[0]."""
+    from mamba_jax.models.m2r2 import expert_hit_rate, expert_prediction_hit_rates, route_top_k
+
+    # route_top_k and expert_hit_rate by hand
+    kernel = jnp.array([[1.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    top = route_top_k(jnp.array([[3.0, 0.0], [0.0, 2.0], [-1.0, 0.1]]), jnp.ones(2), kernel, 1)
+    np.testing.assert_array_equal(top[:, 0], [0, 1, 2])
+    assert expert_hit_rate(jnp.array([[0], [1]]), jnp.array([[0], [2]])) == pytest.approx(0.5)
+    assert expert_hit_rate(jnp.array([[0, 1], [1, 2]]), jnp.array([[1, 0], [0, 3]])) == pytest.approx(0.5)
+    assert expert_hit_rate(jnp.array([[0], [1]]), jnp.array([[0], [2]]), mask=jnp.array([1, 0])) == 1.0
+
+    base, params = model_and_params("M A M2 E")
+    assert base.config.layer_kinds[3] == "E"
+    router = params["layers_3"]["mixer"]["moe"]["router"]["kernel"]
+    hand = jnp.zeros_like(router).at[0, 0].set(1.0).at[0, 1].set(-1.0)
+    params = {**params, "layers_3": {**params["layers_3"], "mixer": {**params["layers_3"]["mixer"], "moe": {
+        **params["layers_3"]["mixer"]["moe"], "router": {"kernel": hand}}}}}
+    fast = fast_stream(base, 2, rank=4)
+    fp = fast_stream_params(fast, params, jax.random.PRNGKey(5))
+    fp = {**fp, **jax.tree_util.tree_map(lambda a: a + 0.05, adapter_params(fp))}
+    x = tokens(11, 3, 9)
+    rates = expert_prediction_hit_rates(base, params, fast, fp, x, k=1)
+    sign = float(np.sign(params["layers_3"]["norm"]["weight"][0]))
+    hs = lambda m, p: m.apply({"params": p}, x, return_hidden_states=True, method="forward").hidden_states  # noqa
+    slow, g = hs(base, params), hs(fast, fp)
+    chosen = lambda h: np.asarray(h[..., 0]) * sign > 0                   # noqa: E731  (expert 0)
+    for i in range(3):
+        assert rates["slow"][3 - i] == pytest.approx(np.mean(chosen(slow[i]) == chosen(slow[3])), abs=1e-6)
+    for i in (1, 2):
+        assert rates["fast"][3 - i] == pytest.approx(np.mean(chosen(g[i]) == chosen(slow[3])), abs=1e-6)
+    assert set(rates["fast"]) == {1, 2}
+    assert 0 < rates["slow"][3] < 1          # neither trivially all nor nothing
+
+
+def test_offload_cost_model_by_hand():
+    from mamba_jax.models.m2r2 import offload_decode_latency
+
+    common = dict(n_layers=4, n_moe_layers=2, layer_s=1.0, experts_needed=2, expert_bytes=1.0, host_bandwidth=1.0)
+    assert offload_decode_latency(**common) == 8.0                                   # 4 + 2 · T (T = 2)
+    assert offload_decode_latency(**common, hit_rate=1.0, prefetch_distance=1) == 6.0   # 4 + 2 · (2 − 1)
+    assert offload_decode_latency(**common, hit_rate=1.0, prefetch_distance=2) == 4.0   # hidden; link 2·T = 4
+    assert offload_decode_latency(**common, hit_rate=0.5, prefetch_distance=3) == 6.0   # 4 + 2 · 1; link 6
+    assert offload_decode_latency(**common, hit_rate=0.0, prefetch_distance=3) == 8.0   # link-bound: 2 · 2 · T

@@ -1,0 +1,70 @@
+"""`mamba-jax run m2r2 --preset smoke` end to end: the results it writes are consistent with themselves and
+with what the mechanisms guarantee (greedy self-speculative tokens equal plain decoding's, the base frozen,
+the no-exit point is the full model, the all-layers skip schedule is the full model)."""
+import json
+import os
+
+import pytest
+
+from experiments.m2r2.config import M2R2Config, preset_config
+from experiments.m2r2.run import claims_of, quality_at
+from mamba_jax.cli import main as cli_main
+
+
+def test_smoke_run_writes_results(tmp_path):
+    out = str(tmp_path / "m2r2")
+    assert cli_main(["run", "m2r2", "--preset", "smoke", "--out", out]) == 0
+    with open(os.path.join(out, "results.json")) as f:
+        r = json.load(f)
+    c = preset_config("smoke")
+    assert r["fast"]["base_unchanged"] is True
+    # adapters only: per fast layer an RMSNorm (d) and a d×r, r×d pair
+    assert r["fast"]["adapter_params"] == c.n_fast * (c.d_model + 2 * c.d_model * c.adapter_rank)
+    e = r["early_exit"]
+    for name, points in e["sweeps"].items():
+        for p in points:
+            assert 1.0 <= p["mean_layers"] <= c.n_layer and 0.0 <= p["agreement"] <= 1.0, (name, p)
+    for name in ("M2R2 (fast stream, confidence)", "slow stream, distance-based"):
+        never = [p for p in e["sweeps"][name] if p["threshold"] == float("inf")]
+        assert len(never) == 1 and never[0]["mean_layers"] == c.n_layer and never[0]["agreement"] == 1.0
+        assert never[0]["nll"] == pytest.approx(e["full_model_nll"], rel=1e-5)
+    skip_all = [p for p in e["sweeps"]["skip decoding (SkipDecode schedule)"] if p["min_layers"] == c.n_layer]
+    assert skip_all[0]["agreement"] == 1.0 and skip_all[0]["nll"] == pytest.approx(e["full_model_nll"], rel=1e-5)
+    greedy = r["speculative"]["T=0"]
+    assert set(greedy) == {"plain decoding", "M2R2 self-speculative (fast stream)",
+                           "LayerSkip-style (first layers, no adapters)", "two-model (small Transformer draft)"}
+    for name, d in greedy.items():
+        assert d["tokens_per_s"] > 0
+        if name != "plain decoding":
+            assert d["same_tokens"] is True and 1.0 <= d["tau"] <= c.num_draft + 1 and d["target_calls"] >= 1
+    m = r["experts"]["models"]["A E"]
+    assert set(m["hit_rate"]["slow"]) == {"1", "2", "3"} and set(m["hit_rate"]["fast"]) == {"1", "2"}
+    assert all(0.0 <= v <= 1.0 for s in m["hit_rate"].values() for v in s.values())
+    assert m["offloaded_decode"]["max_abs_logit_difference"] == 0.0 and m["offloaded_decode"]["expert_bytes"] > 0
+    for chip in r["experts"]["cost_model"]["chips"].values():
+        assert chip["on_demand_ms"] > chip["all_in_hbm_ms"] > 0
+    for name in ("results.md", "quality_vs_layers.png", "speculative.png", "expert_hit_rate.png", "config.json"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+
+
+def test_quality_at_reads_the_upper_envelope_and_claims_compare_at_equal_layers():
+    pts = [dict(mean_layers=2.0, agreement=0.5), dict(mean_layers=4.0, agreement=0.9),
+           dict(mean_layers=3.0, agreement=0.4)]               # dominated: the envelope at 3 is 0.7
+    assert quality_at(pts, 1.5) is None
+    assert quality_at(pts, 3.0) == pytest.approx(0.7)
+    assert quality_at(pts, 5.0) == pytest.approx(0.9)
+    early = {"agreement_at_layers": {"M2R2 (fast stream, confidence)": {"2": 0.6, "3": 0.8},
+                                     "slow stream, distance-based": {"2": 0.5, "3": 0.8}}}
+    spec = {"T=0": {"M2R2 self-speculative (fast stream)": {"speedup": 2.1, "tau": 3.0}}}
+    assert [x["holds"] for x in claims_of(early, spec)] == [False, True]      # tie at 3 layers: not above
+
+
+def test_bad_config_values_name_the_field():
+    with pytest.raises(ValueError, match="n_fast"):
+        M2R2Config(n_fast=8, n_layer=8)
+    with pytest.raises(ValueError, match="moe_patterns"):
+        M2R2Config(moe_patterns="A M")
+    with pytest.raises(ValueError, match="temperatures"):
+        M2R2Config(temperatures="hot")
+    with pytest.raises(ValueError, match="prompt_len"):
+        M2R2Config(prompt_len=128, seq_len=128)
