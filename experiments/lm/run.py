@@ -264,7 +264,7 @@ class TextData:
     """The `text` task of a run: tokenizer, training batches, held-out batches and the baselines.
 
     * tokenizer: bytes, or a BPE trained on the train split's files (saved as <out>/tokenizer.json and
-      loaded from there on --resume, so a resumed run uses the same ids).
+      loaded from there on --resume, so a resumed run uses the same ids), or the one passed (`tokenizer`).
     * ``iterator()``: the training batches as a grain iterator, whose state is checkpointed with the
       model; ``batch(i)``, the batch of training step i — `TextLMData.batch(i)` of the train split, a
       pure function of (seed, i) — is what the iterator yields at step i (tested).
@@ -273,7 +273,7 @@ class TextData:
     * ``add_bits_per_byte(metrics)``: eval_bits_per_byte and eval_perplexity from evaluate()'s metrics.
     """
 
-    def __init__(self, config: LMConfig, out: str, *, resume: bool):
+    def __init__(self, config: LMConfig, out: str, *, resume: bool, tokenizer=None):
         import numpy as np
 
         from mamba_jax.data.text import (
@@ -296,7 +296,9 @@ class TextData:
             if count == 0:
                 raise ValueError(f"text: no file of the {len(paths)} selected falls in the {name} split; raise "
                                  f"`text_max_files` or change `text_eval_fraction` ({frac})")
-        if config.tokenizer == "byte":
+        if tokenizer is not None:   # a checkpoint's own (e.g. `HFTokenizer`)
+            pass
+        elif config.tokenizer == "byte":
             tokenizer = ByteTokenizer()
         else:
             path = os.path.join(out, "tokenizer.json")

@@ -65,6 +65,7 @@ CHIPS = {
     "A100 80GB SXM (HBM2e 2.0 TB/s, PCIe 4.0 x16 32 GB/s)": (2.0e12, 32e9),
     "H100 SXM (HBM3 3.35 TB/s, PCIe 5.0 x16 64 GB/s)": (3.35e12, 64e9),
     "H200 (HBM3e 4.8 TB/s, PCIe 5.0 x16 64 GB/s)": (4.8e12, 64e9),
+    "GH200 (HBM3 4.0 TB/s, NVLink-C2C 450 GB/s per direction)": (4.0e12, 450e9),
 }
 # A named MoE shape for the cost model (Mixtral-8x7B: 32 layers, d 4096, 8 experts of SwiGLU 14336, top-2,
 # GQA 32/8 heads of 128), bf16.
@@ -102,7 +103,7 @@ def params_digest(params) -> str:
 
 class TextCorpus:
     """The held-in / held-out text of a run: `experiments.lm.run.TextData` with a BPE tokenizer (saved as
-    <out>/tokenizer.json; an HF base brings its own)."""
+    <out>/tokenizer.json), or an HF base's own tokenizer (`HFTokenizer`)."""
 
     def __init__(self, config: M2R2Config, out: str, vocab_size: int):
         from experiments.lm.config import LMConfig
@@ -112,7 +113,12 @@ class TextCorpus:
                       seed=config.seed, seq_len=config.seq_len, text_max_files=config.text_max_files,
                       tokenizer="bpe", bpe_vocab_size=vocab_size, batch_size=config.batch_size,
                       text_eval_fraction=0.1, eval_batches=config.eval_batches)
-        self.data = TextData(lm, out, resume=True)
+        tokenizer = None
+        if config.base:
+            from mamba_jax.data import HFTokenizer
+
+            tokenizer = HFTokenizer.load(config.base)
+        self.data = TextData(lm, out, resume=True, tokenizer=tokenizer)
         self.tokenizer = self.data.tokenizer
 
     def batch(self, step: int):
@@ -216,13 +222,17 @@ def moe_model(config: M2R2Config, unit: str, vocab_size: int):
 
 
 # ------------------------------------------------------------------------------------------------ early exit
+LOWER_IS_BETTER = {"nll"}
+
+
 def _frontier(points: List[Dict[str, float]], key: str) -> Tuple[np.ndarray, np.ndarray]:
     """(layers, `key`) of the sweep points no other point beats with fewer or equal layers (the Pareto
-    frontier); between two of them a mix of their thresholds reaches the straight line."""
-    pts = sorted(points, key=lambda p: (p["mean_layers"], -p[key]))
+    frontier; for "nll" lower is better); between two of them a mix of their thresholds reaches the line."""
+    sign = -1.0 if key in LOWER_IS_BETTER else 1.0
+    pts = sorted(points, key=lambda p: (p["mean_layers"], -sign * p[key]))
     xs, ys = [], []
     for p in pts:
-        if not ys or p[key] > ys[-1]:
+        if not ys or sign * p[key] > sign * ys[-1]:
             xs.append(p["mean_layers"])
             ys.append(p[key])
     return np.asarray(xs), np.asarray(ys)
@@ -303,8 +313,9 @@ def early_exit_sweep(base, base_params, fast, fast_params, batches, config: M2R2
     sweeps["skip decoding (SkipDecode schedule)"] = skip_points
     budgets = sorted({round(n_layer * f, 3) for f in (0.5, 0.625, 0.75, 0.875)})
     at_budget = {name: {str(L): quality_at(points, L) for L in budgets} for name, points in sweeps.items()}
+    nll_at = {name: {str(L): quality_at(points, L, "nll") for L in budgets} for name, points in sweeps.items()}
     return dict(n_layer=n_layer, exit_layers=exits, tokens=int(sel.sum()), full_model_nll=full_quality[1],
-                sweeps=sweeps, agreement_at_layers=at_budget, budgets=budgets)
+                sweeps=sweeps, agreement_at_layers=at_budget, nll_at_layers=nll_at, budgets=budgets)
 
 
 # ------------------------------------------------------------------------------------------------ speculative
@@ -443,13 +454,27 @@ def claims_of(early: Dict[str, Any], spec: Dict[str, Any]) -> List[Dict[str, Any
     diffs = [(early["agreement_at_layers"][m2r2][L], early["agreement_at_layers"][dist][L])
              for L in early["agreement_at_layers"][m2r2]]
     diffs = [a - b for a, b in diffs if a is not None and b is not None]
+    nll = [early.get("nll_at_layers", {}).get(m2r2, {}).get(L) for L in early["agreement_at_layers"][m2r2]]
+    nll_dist = [early.get("nll_at_layers", {}).get(dist, {}).get(L) for L in early["agreement_at_layers"][m2r2]]
+    nll_diffs = [a - b for a, b in zip(nll, nll_dist) if a is not None and b is not None]
     greedy = spec.get("T=0", {}).get("M2R2 self-speculative (fast stream)")
     claims = [dict(claim="M2R2 early exit above distance-based early exit at equal mean layers",
                    holds=bool(diffs) and min(diffs) > 0,
                    detail=f"agreement difference at {len(diffs)} budgets: " + ", ".join(f"{d:+.3f}" for d in diffs))]
+    if nll_diffs:
+        claims.append(dict(claim="M2R2 early exit below distance-based early exit in held-out NLL at equal mean "
+                                 "layers", holds=max(nll_diffs) < 0,
+                           detail="NLL difference: " + ", ".join(f"{d:+.3f}" for d in nll_diffs)))
     if greedy:
         claims.append(dict(claim="self-speculative decoding ≥ 2x plain decoding (greedy)", holds=greedy["speedup"] >= 2,
                            detail=f"{greedy['speedup']:.2f}x, τ {greedy['tau']:.2f}"))
+    layerskip = "LayerSkip-style (first layers, no adapters)"
+    taus = [(mode, per["M2R2 self-speculative (fast stream)"]["tau"], per[layerskip]["tau"])
+            for mode, per in spec.items() if layerskip in per and "M2R2 self-speculative (fast stream)" in per]
+    if taus:
+        claims.append(dict(claim="the adapters lengthen the accepted drafts: τ of M2R2 above LayerSkip-style",
+                           holds=all(a > b for _, a, b in taus),
+                           detail=", ".join(f"{m}: {a:.2f} vs {b:.2f}" for m, a, b in taus)))
     return claims
 
 
@@ -467,6 +492,10 @@ def results_markdown(r: Dict[str, Any]) -> str:
     header = ["method"] + [f"{L:g} layers" for L in e["budgets"]]
     rows = [[name] + ["—" if v is None else v for v in at.values()] for name, at in e["agreement_at_layers"].items()]
     lines += [markdown_table(header, rows), ""]
+    if "nll_at_layers" in e:
+        lines += [f"Held-out NLL (nats / token; the full model: {e['full_model_nll']:.3f}) at the same budgets:", ""]
+        rows = [[name] + ["—" if v is None else v for v in at.values()] for name, at in e["nll_at_layers"].items()]
+        lines += [markdown_table(header, rows), ""]
     lines += ["## Self-speculative decoding", ""]
     rows = []
     for mode, per in r["speculative"].items():

@@ -55,8 +55,14 @@ def test_quality_at_reads_the_upper_envelope_and_claims_compare_at_equal_layers(
     assert quality_at(pts, 5.0) == pytest.approx(0.9)
     early = {"agreement_at_layers": {"M2R2 (fast stream, confidence)": {"2": 0.6, "3": 0.8},
                                      "slow stream, distance-based": {"2": 0.5, "3": 0.8}}}
-    spec = {"T=0": {"M2R2 self-speculative (fast stream)": {"speedup": 2.1, "tau": 3.0}}}
-    assert [x["holds"] for x in claims_of(early, spec)] == [False, True]      # tie at 3 layers: not above
+    nll_pts = [dict(mean_layers=2.0, nll=3.0), dict(mean_layers=4.0, nll=2.0), dict(mean_layers=3.0, nll=3.5)]
+    assert quality_at(nll_pts, 3.0, "nll") == pytest.approx(2.5)           # lower is better: 3.5 is dominated
+    spec = {"T=0": {"M2R2 self-speculative (fast stream)": {"speedup": 2.1, "tau": 3.0},
+                    "LayerSkip-style (first layers, no adapters)": {"speedup": 1.5, "tau": 2.0}}}
+    early["nll_at_layers"] = {"M2R2 (fast stream, confidence)": {"2": 3.0, "3": 2.9},
+                              "slow stream, distance-based": {"2": 3.1, "3": 2.95}}
+    # tie in agreement at 3 layers: not above; NLL lower at both budgets; ≥ 2x; τ above LayerSkip-style
+    assert [x["holds"] for x in claims_of(early, spec)] == [False, True, True, True]
 
 
 def test_bad_config_values_name_the_field():
