@@ -22,7 +22,9 @@ class M2R2Config:
 
     Stages (each resumable from its checkpoint folder):
       base — a Llama-style TransformerLM trained on the text (`base_steps`), or an HF Llama checkpoint
-        (`base` = its folder with tokenizer.json; `base_steps` then fine-tunes it, 0 = as is);
+        (`base` = its folder with tokenizer.json; `base_steps` then fine-tunes it, 0 = as is), or the
+        teacher of an `mamba-jax run m1` folder (`m1_run`; the data is then M1's arithmetic task: training
+        rows of its training problems, held-out rows and prompts of its held-out problems);
       fast — the fast stream: the base's first `n_fast` layers at rate `rate` (0: n_layer / n_fast) with
         adapters of rank `adapter_rank`, trained `adapter_steps` on alignment + KL, base weights frozen;
       draft — the two-model speculative baseline: a TransformerLM of `n_fast` layers at the base's width
@@ -45,6 +47,7 @@ class M2R2Config:
     eval_batches: int = 4
     # -- base: Llama-style Transformer --
     base: str = ""
+    m1_run: str = ""                  # or the teacher of a `mamba-jax run m1` folder, on its arithmetic task
     d_model: int = 256
     n_layer: int = 8
     n_heads: int = 8
@@ -72,7 +75,7 @@ class M2R2Config:
     temperatures: str = "0,1"
     repeats: int = 3
     # -- MoE: expert prediction --
-    moe_patterns: str = "A E,M E"      # comma-separated repeating units
+    moe_patterns: str = "A E,M E"      # comma-separated repeating units ("": skip the expert stage)
     moe_d_model: int = 128
     moe_n_layer: int = 8
     n_experts: int = 8
@@ -105,6 +108,8 @@ class M2R2Config:
         if not self.moe_n_fast < self.moe_n_layer:
             raise ValueError(f"M2R2Config: `moe_n_fast` ({self.moe_n_fast}) must be < `moe_n_layer` "
                              f"({self.moe_n_layer})")
+        if self.base and self.m1_run:
+            raise ValueError("M2R2Config: set at most one of `base` (an HF checkpoint) and `m1_run` (an m1 run folder)")
         if self.rate < 0:
             raise ValueError(f"M2R2Config: `rate` must be >= 0 (0: n_layer / n_fast); got {self.rate}")
         if self.skip_warmup_layers > self.n_layer:

@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from experiments.lm.config import parse_run_arguments, timestamped_run_dir
+from experiments.m1.run import count_params
 from experiments.m2r2.config import PRESETS, M2R2Config, preset_config
 
 RESULTS_ROOT = os.path.join("results", "m2r2")
@@ -85,12 +86,6 @@ def parse_command_line(argv: Sequence[str]) -> Tuple[M2R2Config, str]:
 
 
 # ------------------------------------------------------------------------------------------------ pieces
-def count_params(params) -> int:
-    import jax
-
-    return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
-
-
 def params_digest(params) -> str:
     """sha256 of every leaf's bytes, in tree order: equal digests mean bitwise-equal parameters."""
     import jax
@@ -138,6 +133,63 @@ class TextCorpus:
         if not rows:
             raise ValueError(f"m2r2: no held-out row has {length} tokens of one document; lower `prompt_len`")
         return np.stack([rows[i % len(rows)] for i in range(n)]).astype(np.int32)
+
+
+class ReasoningCorpus:
+    """M1's arithmetic task (the data of an `m1_run` base), with `TextCorpus`'s interface: training rows of
+    the m1 run's training problems, held-out rows (`sft_rows`) and prompts of its held-out problems."""
+
+    def __init__(self, m1_config, batch_size: int, eval_batches: int):
+        import dataclasses
+
+        from experiments.m1.run import ReasoningData
+        from mamba_jax.data.reasoning import sft_rows
+
+        self.data = ReasoningData(dataclasses.replace(m1_config, batch_size=batch_size))
+        self.tokenizer = self.data.tok
+        rows = sft_rows(self.data.eval, self.tokenizer, m1_config.seq_len)
+        n = max(1, min(eval_batches * batch_size, rows["input_ids"].shape[0]) // batch_size) * batch_size
+        keys = {"inputs": "input_ids", "targets": "targets", "loss_mask": "loss_mask", "seq_idx": "seq_idx"}
+        self.eval_batches = [{k: np.asarray(rows[v][i:i + batch_size]) for k, v in keys.items()}
+                             for i in range(0, n, batch_size)]
+
+    def batch(self, step: int):
+        return self.data.batch(step)
+
+    def prompts(self, n: int, length: int) -> np.ndarray:
+        """(n, L): the first held-out problem's prompt (BOS + statement) repeated; `length` is unused."""
+        ids, mask = self.data.prompts(self.data.eval[:1])
+        return np.stack([ids[0][mask[0] == 1]] * n).astype(np.int32)
+
+
+def load_m1_teacher(folder: str):
+    """(teacher model, its trained params, M1Config) of an `mamba-jax run m1` folder (read only)."""
+    import jax
+
+    from experiments.m1.config import M1Config
+    from experiments.m1.run import _optimizer as m1_optimizer, teacher_model
+    from mamba_jax.models import init_params
+    from mamba_jax.train import Checkpointer, create_train_state
+
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"m2r2: `m1_run` must be a `mamba-jax run m1` folder with config.json; {folder} has none")
+    with open(path) as f:
+        m1 = M1Config(**json.load(f))
+    if m1.teacher:
+        raise ValueError(f"m2r2: the m1 run in {folder} uses the HF teacher {m1.teacher}: pass it as `base`")
+    model = teacher_model(m1)
+    checkpoints = Checkpointer(os.path.join(folder, "teacher", "checkpoints"), max_to_keep=1)
+    try:
+        if checkpoints.latest_step() is None:
+            raise ValueError(f"m2r2: no teacher checkpoint in {folder}/teacher/checkpoints (has the m1 run "
+                             "finished its teacher stage?)")
+        template = create_train_state(model.apply, init_params(model, jax.random.PRNGKey(0)),
+                                      m1_optimizer(m1, m1.teacher_lr, max(m1.teacher_steps, 1)))
+        state, _ = checkpoints.restore(template)
+    finally:
+        checkpoints.close()
+    return model, state.params, m1
 
 
 def _optimizer(config: M2R2Config, lr: float, steps: int):
@@ -198,11 +250,11 @@ def train_fast_stream(name: str, out: str, base, base_params, n_fast: int, rate:
     return fast, {**frozen, **adapters}, dict(adapter_params=count_params(adapters), base_unchanged=unchanged)
 
 
-def base_model(config: M2R2Config, vocab_size: int, n_layer: Optional[int] = None):
+def base_model(config: M2R2Config, vocab_size: int):
     from mamba_jax.models import TransformerConfig, TransformerLM
 
     return TransformerLM(TransformerConfig(vocab_size=vocab_size, d_model=config.d_model,
-                                           n_layer=n_layer or config.n_layer, n_heads=config.n_heads,
+                                           n_layer=config.n_layer, n_heads=config.n_heads,
                                            n_kv_heads=config.n_kv_heads,
                                            d_intermediate=config.d_intermediate or None))
 
@@ -299,8 +351,8 @@ def early_exit_sweep(base, base_params, fast, fast_params, batches, config: M2R2
     skip_points = []
     warm = min(config.skip_warmup_layers, n_layer)
     for min_layers in range(max(warm, 1), n_layer + 1):
-        run_mask, _ = skip_decoding_layer_mask(config.seq_len, n_layer, max_layers=n_layer, min_layers=min_layers,
-                                               warmup_layers=warm)
+        run_mask, _ = skip_decoding_layer_mask(batches[0]["inputs"].shape[1], n_layer, max_layers=n_layer,
+                                               min_layers=min_layers, warmup_layers=warm)
         logits = []
         for b in batches:
             lm = jnp.broadcast_to(run_mask, (b["inputs"].shape[0],) + run_mask.shape)
@@ -320,7 +372,7 @@ def early_exit_sweep(base, base_params, fast, fast_params, batches, config: M2R2
 
 # ------------------------------------------------------------------------------------------------ speculative
 def speculative_comparison(base, base_params, drafts: Dict[str, Tuple[Any, Any]], prompts: np.ndarray,
-                           config: M2R2Config) -> Dict[str, Any]:
+                           config: M2R2Config, new_tokens: Optional[int] = None) -> Dict[str, Any]:
     """Plain decoding of the base against speculative decoding with each draft, per temperature: tokens/s
     (compile excluded; runs interleaved; median of `repeats`), acceptance, τ, greedy tokens == plain."""
     import jax
@@ -329,7 +381,7 @@ def speculative_comparison(base, base_params, drafts: Dict[str, Tuple[Any, Any]]
     from mamba_jax.inference import generate, speculative_generate
 
     prompt = jnp.asarray(prompts)
-    n = config.new_tokens
+    n = new_tokens or config.new_tokens
     modes = {}
     for temperature in config.temperature_list:
         kw = dict(temperature=temperature, rng=jax.random.PRNGKey(config.seed))
@@ -505,28 +557,31 @@ def results_markdown(r: Dict[str, Any]) -> str:
     lines += [markdown_table(["temperature", "method", "tokens / s", "speed-up", "acceptance", "τ",
                               "tokens == plain"], rows), ""]
     x = r["experts"]
-    lines += ["## Expert prediction: hit rate of layer j's experts predicted after i layers, per distance j − i", ""]
-    rows = []
-    for unit, m in x["models"].items():
-        for d in m["hit_rate"]["slow"]:
-            rows.append([unit, d, m["hit_rate"]["slow"][d],
-                         m["hit_rate"]["fast"].get(d, "—"), m["chance"]])
-    lines += [markdown_table(["unit", "distance", "slow residual h_i", "fast residual g_i (M2R2)", "chance"], rows), ""]
-    cm = x["cost_model"]
-    rows = [[unit, m["offloaded_decode"]["expert_bytes"], m["offloaded_decode"]["resident_ms"],
-             m["offloaded_decode"]["offloaded_ms"], m["offloaded_decode"]["max_abs_logit_difference"]]
-            for unit, m in x["models"].items()]
-    lines += ["Decode step with the experts in host memory (`inference.offload`, moved inside the step) on this "
-              "machine, batch 1:", "", markdown_table(["unit", "expert bytes", "resident (ms / step)",
-                                                        "offloaded (ms / step)", "max |Δ logit|"], rows), ""]
-    lines += [f"Cost model: {cm['shape']['n_layers']}-layer Mixtral-8x7B shape, {cm['expert_mb']:.0f} MB experts in "
-              f"host memory, batch 1, hit rates of the {cm['hit_rates_from']!r} model. Memory kinds here: "
-              f"{', '.join(x['memory_kinds'])}.", ""]
-    dists = sorted({d for c in cm["chips"].values() for d in c["prefetch_ms"]}, key=int)
-    rows = [[chip, c["all_in_hbm_ms"], c["on_demand_ms"]] + [c["prefetch_ms"][d] for d in dists]
-            for chip, c in cm["chips"].items()]
-    lines += [markdown_table(["chip", "all in HBM (ms)", "on demand (ms)"] + [f"prefetch d={d} (ms)" for d in dists],
-                             rows), ""]
+    if x is None:
+        lines += ["## Expert prediction", "", "(skipped: `moe_patterns` is empty)", ""]
+    else:
+        lines += ["## Expert prediction: hit rate of layer j's experts predicted after i layers, per distance j − i", ""]
+        rows = []
+        for unit, m in x["models"].items():
+            for d in m["hit_rate"]["slow"]:
+                rows.append([unit, d, m["hit_rate"]["slow"][d],
+                             m["hit_rate"]["fast"].get(d, "—"), m["chance"]])
+        lines += [markdown_table(["unit", "distance", "slow residual h_i", "fast residual g_i (M2R2)", "chance"], rows), ""]
+        cm = x["cost_model"]
+        rows = [[unit, m["offloaded_decode"]["expert_bytes"], m["offloaded_decode"]["resident_ms"],
+                 m["offloaded_decode"]["offloaded_ms"], m["offloaded_decode"]["max_abs_logit_difference"]]
+                for unit, m in x["models"].items()]
+        lines += ["Decode step with the experts in host memory (`inference.offload`, moved inside the step) on this "
+                  "machine, batch 1:", "", markdown_table(["unit", "expert bytes", "resident (ms / step)",
+                                                            "offloaded (ms / step)", "max |Δ logit|"], rows), ""]
+        lines += [f"Cost model: {cm['shape']['n_layers']}-layer Mixtral-8x7B shape, {cm['expert_mb']:.0f} MB experts in "
+                  f"host memory, batch 1, hit rates of the {cm['hit_rates_from']!r} model. Memory kinds here: "
+                  f"{', '.join(x['memory_kinds'])}.", ""]
+        dists = sorted({d for c in cm["chips"].values() for d in c["prefetch_ms"]}, key=int)
+        rows = [[chip, c["all_in_hbm_ms"], c["on_demand_ms"]] + [c["prefetch_ms"][d] for d in dists]
+                for chip, c in cm["chips"].items()]
+        lines += [markdown_table(["chip", "all in HBM (ms)", "on demand (ms)"] + [f"prefetch d={d} (ms)" for d in dists],
+                                 rows), ""]
     lines += ["## Claims", ""] + [f"- {'holds' if c['holds'] else 'does not hold'}: {c['claim']} ({c['detail']})"
                                   for c in r["claims"]]
     lines += ["", "## The paper (abstract; other models, tasks and hardware)", ""]
@@ -573,6 +628,8 @@ def plot_results(r: Dict[str, Any], out: str) -> None:
     fig.savefig(os.path.join(out, "speculative.png"), dpi=120)
     plt.close(fig)
 
+    if r["experts"] is None:
+        return
     fig, ax = plt.subplots(figsize=(6, 4))
     for unit, m in r["experts"]["models"].items():
         for stream, ls in (("slow", "--"), ("fast", "-")):
@@ -592,7 +649,7 @@ def plot_results(r: Dict[str, Any], out: str) -> None:
 # ------------------------------------------------------------------------------------------------ run
 def run(config: M2R2Config, out: str) -> Dict[str, Any]:
     from mamba_jax.bench_utils import hardware_description
-    from mamba_jax.models.m2r2 import fast_stream, fast_stream_params
+    from mamba_jax.models.m2r2 import fast_stream, fast_stream_params, truncated_config
 
     import jax
 
@@ -601,7 +658,14 @@ def run(config: M2R2Config, out: str) -> Dict[str, Any]:
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config.to_dict(), f, indent=2)
 
-    if config.base:
+    new_tokens = config.new_tokens
+    if config.m1_run:
+        base, base_params, m1 = load_m1_teacher(config.m1_run)
+        vocab = base.config.vocab_size
+        description = (f"the teacher of the m1 run {config.m1_run} ({base.config.n_layer} layers, d "
+                       f"{base.config.d_model}), on its arithmetic task")
+        new_tokens = m1.max_new_tokens
+    elif config.base:
         from mamba_jax.interop import load_hf
         from mamba_jax.models import TransformerLM
 
@@ -616,16 +680,21 @@ def run(config: M2R2Config, out: str) -> Dict[str, Any]:
         base, base_params = base_model(config, vocab), None
         description = (f"Llama-style Transformer, {config.n_layer} layers, d {config.d_model}, {config.n_heads} "
                        f"heads ({config.n_kv_heads} KV), trained {config.base_steps} steps here")
-    data = TextCorpus(config, out, vocab)
-    base_params = train_lm("base", out, base, data, config.base_steps, config.base_lr, config, params=base_params,
-                           seed=config.seed)
+    if config.m1_run:
+        data = ReasoningCorpus(m1, config.batch_size, config.eval_batches)
+    else:
+        data = TextCorpus(config, out, vocab)
+        base_params = train_lm("base", out, base, data, config.base_steps, config.base_lr, config,
+                               params=base_params, seed=config.seed)
     n_layer = base.config.n_layer
+    if not config.n_fast < n_layer:
+        raise ValueError(f"m2r2: `n_fast` ({config.n_fast}) must be < the base's {n_layer} layers")
     rate = config.rate or n_layer / config.n_fast
     fast, fast_params, info = train_fast_stream("fast", out, base, base_params, config.n_fast, rate, data,
                                                 config.adapter_steps, config)
     layerskip = fast_stream(base, config.n_fast, rank=0, rate=1.0)
     layerskip_params = fast_stream_params(layerskip, base_params, jax.random.PRNGKey(0))
-    draft = base_model(config, vocab, n_layer=config.n_fast)
+    draft = type(base)(truncated_config(base.config, config.n_fast))   # the base's shape, n_fast layers
     draft_params = train_lm("draft", out, draft, data, config.draft_steps or config.base_steps, config.base_lr,
                             config, seed=config.seed + 1)
 
@@ -636,9 +705,9 @@ def run(config: M2R2Config, out: str) -> Dict[str, Any]:
     spec = speculative_comparison(base, base_params, {
         "M2R2 self-speculative (fast stream)": (fast, fast_params),
         "LayerSkip-style (first layers, no adapters)": (layerskip, layerskip_params),
-        "two-model (small Transformer draft)": (draft, draft_params)}, prompts, config)
+        "two-model (small Transformer draft)": (draft, draft_params)}, prompts, config, new_tokens)
     print("expert prediction ...", flush=True)
-    experts = experts_stage(out, data, vocab, config)
+    experts = experts_stage(out, data, vocab, config) if config.moe_units else None
 
     results = {
         "experiment": "m2r2", "preset": config.preset, "config": config.to_dict(),
@@ -656,7 +725,8 @@ def run(config: M2R2Config, out: str) -> Dict[str, Any]:
         f.write(text)
     plot_results(results, out)
     print(text)
-    print(f"wrote {out}/results.md, results.json, quality_vs_layers.png, speculative.png, expert_hit_rate.png")
+    print(f"wrote {out}/results.md, results.json, quality_vs_layers.png, speculative.png"
+          + (", expert_hit_rate.png" if experts else ""))
     return results
 
 

@@ -4,6 +4,7 @@ the no-exit point is the full model, the all-layers skip schedule is the full mo
 import json
 import os
 
+import numpy as np
 import pytest
 
 from experiments.m2r2.config import M2R2Config, preset_config
@@ -74,3 +75,42 @@ def test_bad_config_values_name_the_field():
         M2R2Config(temperatures="hot")
     with pytest.raises(ValueError, match="prompt_len"):
         M2R2Config(prompt_len=128, seq_len=128)
+
+
+def test_the_teacher_of_an_m1_run_as_the_base(tmp_path):
+    """`m1_run=<folder>`: the teacher is restored from the m1 run's checkpoint (read only) and the run uses
+    M1's arithmetic task; greedy self-speculative tokens still equal plain decoding's."""
+    import jax
+
+    from experiments.m1.config import preset_config as m1_preset
+    from experiments.m1.run import _optimizer as m1_optimizer, teacher_model
+    from experiments.m2r2.run import load_m1_teacher
+    from mamba_jax.models import init_params
+    from mamba_jax.train import Checkpointer, create_train_state
+    from tests.invariants.families import trained_scale
+
+    m1 = m1_preset("smoke")
+    folder = tmp_path / "m1"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(m1.to_dict()))
+    teacher = teacher_model(m1)
+    params = trained_scale(init_params(teacher, jax.random.PRNGKey(0)), seed=5)
+    checkpoints = Checkpointer(str(folder / "teacher" / "checkpoints"), max_to_keep=1)
+    checkpoints.save(m1.teacher_steps, create_train_state(teacher.apply, params, m1_optimizer(
+        m1, m1.teacher_lr, m1.teacher_steps)), {"step": m1.teacher_steps})
+    checkpoints.close()
+    _, restored, _ = load_m1_teacher(str(folder))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, restored, params)
+    with pytest.raises(ValueError, match="config.json"):
+        load_m1_teacher(str(tmp_path))
+
+    out = str(tmp_path / "m2r2")
+    overrides = [f"m1_run={folder}", "n_fast=1", "adapter_steps=4", "draft_steps=4", "moe_patterns=",
+                 "exit_thresholds=3"]
+    assert cli_main(["run", "m2r2", "--preset", "smoke", "--out", out, *overrides]) == 0
+    with open(os.path.join(out, "results.json")) as f:
+        r = json.load(f)
+    assert "m1 run" in r["base"]["description"] and r["base"]["n_layer"] == m1.n_layer
+    assert r["fast"]["base_unchanged"] is True
+    assert all(d["same_tokens"] is True for name, d in r["speculative"]["T=0"].items() if name != "plain decoding")
+    assert r["experts"] is None and not os.path.exists(os.path.join(out, "expert_hit_rate.png"))
