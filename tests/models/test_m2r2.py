@@ -77,7 +77,8 @@ def test_training_moves_only_the_adapters_and_lowers_the_loss():
     np.testing.assert_allclose(m["kl"], np.sum(p * np.log(p / q)), rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.parametrize("name,n_fast", [("A[rope,gqa]", 1), ("M A M2 E", 2)])
+@pytest.mark.parametrize("name,n_fast", [("A[rope,gqa]", 1), ("M A M2 E", 2), ("M[reference]", 1),
+                                         ("M2[reference]", 1)])
 def test_self_speculative_greedy_equals_the_base_model(name, n_fast):
     base, params = model_and_params(name)
     fast = fast_stream(base, n_fast, rank=4)
