@@ -272,6 +272,7 @@ _COMMON: List[Tuple[str, Baseline]] = [
 BASELINES_FOR_TASK: Dict[str, List[Tuple[str, Baseline]]] = {
     "linear_regression": list(_COMMON),
     "skewed_linear_regression": list(_COMMON),
+    "axis_skewed_linear_regression": list(_COMMON),
     "sparse_linear_regression": list(_COMMON) + [
         (f"lasso_alpha={a:g}", functools.partial(lasso, alpha=a)) for a in LASSO_ALPHAS],
     "relu_2nn": list(_COMMON) + [("2nn_adam", two_layer_nn)],

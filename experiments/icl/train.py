@@ -22,7 +22,8 @@ from mamba_jax.models.icl import InContextRegressor
 from mamba_jax.train import create_train_state
 
 INIT_STREAM = 2 ** 31 - 1  # the parameters' key: fold_in ids below it are the training steps'
-LINEAR_TASKS = ("linear_regression", "skewed_linear_regression", "sparse_linear_regression")
+LINEAR_TASKS = ("linear_regression", "skewed_linear_regression", "axis_skewed_linear_regression",
+                "sparse_linear_regression")
 
 
 @dataclasses.dataclass(frozen=True)

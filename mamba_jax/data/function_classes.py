@@ -1,15 +1,19 @@
 """In-context regression prompts (Garg et al. 2022, arXiv 2208.01066; Grazzi et al. 2024, arXiv 2402.03170).
 
 Each prompt is one random function f from a function class, evaluated at ``n_points`` random inputs:
-``xs[b, i] ~ N(0, I_d)`` (or ``N(0, Σ)`` for the skewed task) and ``ys[b, i] = f_b(xs[b, i])``. A model
+``xs[b, i] ~ N(0, I_d)`` (or ``N(0, Σ)`` for the skewed tasks) and ``ys[b, i] = f_b(xs[b, i])``. A model
 reads the interleaved sequence ``x_1, y_1, x_2, y_2, ...`` (`mamba_jax.models.icl.interleave`) and
 predicts ``y_i`` from ``x_i`` and the ``i - 1`` earlier pairs.
 
 Function classes (``TASKS``), all pure jax functions of a PRNG key:
 
 * ``linear_regression``: ``y = x · w``, ``w ~ N(0, I_d)``.
-* ``skewed_linear_regression``: same, but ``x ~ N(0, Σ)``, ``Σ = diag(λ)``, ``λ_i ∝ 1 / (i + 1)``
-  (``i = 0 .. d - 1``) normalised so that ``trace Σ = d``.
+* ``skewed_linear_regression``: same, but ``x = z T`` with ``z ~ N(0, I_d)`` and Garg et al.'s transform
+  ``T = U diag(λ) Uᵀ · sqrt(d / Σλ²)``, ``λ_i = 1 / (i + 1)``, ``U`` a uniformly random rotation drawn
+  afresh for every batch (Grazzi et al. train on it so; Garg et al. evaluate on one draw): covariance
+  ``Σ = Tᵀ T`` with eigenvalues ∝ ``1 / (i + 1)²`` along random directions, ``trace Σ = d``.
+* ``axis_skewed_linear_regression``: the easier axis-aligned variant, ``Σ = diag(λ)``,
+  ``λ_i ∝ 1 / (i + 1)``, ``trace Σ = d`` (one fixed preconditioner for every prompt).
 * ``sparse_linear_regression``: ``w ~ N(0, I)`` with all but ``k`` (default 3) random coordinates zeroed.
 * ``relu_2nn``: ``y = sqrt(2 / h) · Σ_j W2_j relu(W1_j · x)``, ``W1_j ~ N(0, I_d)``, ``W2_j ~ N(0, 1)``,
   ``h = hidden`` (default 100) hidden units. With this scaling ``E[y²] = E||x||² = d``.
@@ -31,13 +35,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-TASKS = ("linear_regression", "skewed_linear_regression", "sparse_linear_regression", "relu_2nn",
-         "decision_tree")
+TASKS = ("linear_regression", "skewed_linear_regression", "axis_skewed_linear_regression",
+         "sparse_linear_regression", "relu_2nn", "decision_tree")
 
 # Task-specific keyword arguments and their defaults.
 _TASK_KWARGS = {
     "linear_regression": {},
     "skewed_linear_regression": {},
+    "axis_skewed_linear_regression": {},
     "sparse_linear_regression": {"k": 3},
     "relu_2nn": {"hidden": 100},
     "decision_tree": {"depth": 4},
@@ -85,7 +90,7 @@ def _resolve_d_active(d: int, d_active: Optional[int]) -> int:
 def error_scale(task: str, d: int, k: int = 3, x_scale: float = 1.0) -> float:
     """The squared-error normaliser: ``E[y²]`` of the task, i.e. the error of always predicting 0.
 
-    ``d`` for the dense regression tasks (linear, skewed, relu_2nn), ``k`` for sparse linear regression,
+    ``d`` for the dense regression tasks (linear, both skewed, relu_2nn), ``k`` for sparse linear regression,
     1 for decision trees (leaf values ~ N(0, 1)); times ``x_scale²`` for inputs scaled by ``x_scale``
     (every task but the trees is positively homogeneous of degree 1 in x).
     """
@@ -98,9 +103,18 @@ def error_scale(task: str, d: int, k: int = 3, x_scale: float = 1.0) -> float:
 
 
 def skewed_eigenvalues(d: int) -> jax.Array:
-    """(d,) eigenvalues of the skewed covariance: ``λ_i ∝ 1 / (i + 1)`` with ``sum(λ) = d``."""
+    """(d,) eigenvalues of the axis-aligned skewed covariance: ``λ_i ∝ 1 / (i + 1)`` with ``sum(λ) = d``."""
     lam = 1.0 / jnp.arange(1, _positive_int("d", d) + 1, dtype=jnp.float32)
     return lam * (d / jnp.sum(lam))
+
+
+def skewed_transform(key: jax.Array, d: int) -> jax.Array:
+    """(d, d) Garg et al.'s skewing transform ``T = U diag(λ) Uᵀ · sqrt(d / Σλ²)``, ``λ_i = 1 / (i + 1)``,
+    with ``U`` the left singular vectors of a standard Gaussian matrix (a uniformly random rotation):
+    ``x = z T`` for ``z ~ N(0, I_d)`` has covariance ``Tᵀ T``, eigenvalues ``λ_i² · d / Σλ²`` (trace d)."""
+    lam = 1.0 / jnp.arange(1, _positive_int("d", d) + 1, dtype=jnp.float32)
+    u, _, _ = jnp.linalg.svd(jax.random.normal(key, (d, d), dtype=jnp.float32))
+    return (u * lam) @ u.T * jnp.sqrt(d / jnp.sum(lam ** 2))
 
 
 def _active_mask(d: int, d_active: int) -> jax.Array:
@@ -109,13 +123,18 @@ def _active_mask(d: int, d_active: int) -> jax.Array:
 
 def sample_xs(key: jax.Array, task: str, batch: int, n_points: int, d: int,
               d_active: Optional[int] = None) -> jax.Array:
-    """(batch, n_points, d) float32 inputs: N(0, I_d) (N(0, diag(λ)) for the skewed task), coordinates
-    from ``d_active`` on zeroed."""
+    """(batch, n_points, d) float32 inputs: N(0, I_d); for the skewed task ``z T`` with one fresh
+    `skewed_transform` per call (per batch); for the axis-aligned one N(0, diag(λ)). Coordinates from
+    ``d_active`` on are zeroed (after the transform, as Garg et al.'s sampler does)."""
     _check_task(task)
     batch, n_points = _positive_int("batch", batch), _positive_int("n_points", n_points)
     d_active = _resolve_d_active(d, d_active)
-    xs = jax.random.normal(key, (batch, n_points, d), dtype=jnp.float32)
     if task == "skewed_linear_regression":
+        key, rotation_key = jax.random.split(key)
+        xs = jax.random.normal(key, (batch, n_points, d), dtype=jnp.float32) @ skewed_transform(rotation_key, d)
+    else:
+        xs = jax.random.normal(key, (batch, n_points, d), dtype=jnp.float32)
+    if task == "axis_skewed_linear_regression":
         xs = xs * jnp.sqrt(skewed_eigenvalues(d))
     return xs * _active_mask(d, d_active)
 
@@ -124,7 +143,7 @@ def sample_functions(key: jax.Array, task: str, batch: int, d: int, *, d_active:
                      **task_kwargs) -> Params:
     """Parameters of ``batch`` random functions of the class ``task``, as a dict of arrays:
 
-    * linear / skewed / sparse: ``{"w": (batch, d)}`` (zero outside the active coordinates; for sparse
+    * linear / skewed / axis-skewed / sparse: ``{"w": (batch, d)}`` (zero outside the active coordinates; for sparse
       exactly ``k`` nonzeros, almost surely);
     * relu_2nn: ``{"w1": (batch, hidden, d), "w2": (batch, hidden)}``;
     * decision_tree: ``{"coords": (batch, 2**depth - 1) int32, "leaves": (batch, 2**depth)}``.

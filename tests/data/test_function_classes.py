@@ -12,7 +12,9 @@ from mamba_jax.data.function_classes import (
     evaluate,
     sample_functions,
     sample_prompts,
+    sample_xs,
     skewed_eigenvalues,
+    skewed_transform,
 )
 from mamba_jax.models.icl import interleave
 
@@ -143,12 +145,12 @@ def test_sparse_has_exactly_k_nonzeros(k, d_active):
     assert error_scale("sparse_linear_regression", d, k) == k
 
 
-def test_skewed_covariance_spectrum():
+def test_axis_skewed_covariance_spectrum():
     d = 8
     lam = 1.0 / np.arange(1, d + 1)
     lam = lam * d / lam.sum()
     np.testing.assert_allclose(np.asarray(skewed_eigenvalues(d)), lam, rtol=1e-6)
-    xs, ys = _np(*sample_prompts(KEY, "skewed_linear_regression", 1000, 200, d))
+    xs, ys = _np(*sample_prompts(KEY, "axis_skewed_linear_regression", 1000, 200, d))
     flat = xs.reshape(-1, d)
     cov = flat.T @ flat / flat.shape[0]  # mean is 0 by construction
     np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(cov))[::-1], lam, rtol=0.02)
@@ -253,6 +255,31 @@ def test_interleave_layout():
     assert np.all(z[:, 1::2, 1:] == 0)
     with pytest.raises(ValueError, match="ys"):
         interleave(xs, ys[:, :2])
+
+
+def test_rotated_skewed_covariance_against_its_closed_form():
+    """Garg et al.'s skewed inputs: x = z T, T = U diag(1/(i+1)) Uᵀ · sqrt(d / Σ 1/(i+1)²) with a random
+    rotation U per batch, so cov(x) = Tᵀ T has eigenvalues d · (1/(i+1)²) / Σ_j 1/(j+1)² along random axes."""
+    d = 6
+    lam = 1.0 / np.arange(1, d + 1)
+    eig_closed = d * lam ** 2 / np.sum(lam ** 2)
+    t = np.asarray(skewed_transform(KEY, d), np.float64)
+    np.testing.assert_allclose(t, t.T, atol=1e-6)                                    # U diag Uᵀ: symmetric
+    np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(t.T @ t))[::-1], eig_closed, rtol=1e-4)
+    assert abs(np.trace(t.T @ t) - d) < 1e-4
+    key = jax.random.PRNGKey(4)
+    xs = np.asarray(sample_xs(key, "skewed_linear_regression", 2000, 100, d), np.float64).reshape(-1, d)
+    _, rotation_key = jax.random.split(key)
+    t = np.asarray(skewed_transform(rotation_key, d), np.float64)                   # the batch's transform
+    cov = xs.T @ xs / xs.shape[0]
+    # each entry's standard error is at most sqrt(2) · λ_max / sqrt(n): allow 5 of them
+    np.testing.assert_allclose(cov, t.T @ t, atol=5 * np.sqrt(2) * eig_closed[0] / np.sqrt(xs.shape[0]))
+    assert np.max(np.abs(cov - np.diag(np.diag(cov)))) > 0.1                          # not axis-aligned
+    other = np.asarray(skewed_transform(jax.random.PRNGKey(5), d), np.float64)
+    assert np.max(np.abs(other - t)) > 0.1                                            # a fresh rotation per batch
+    # the curriculum zeroes the inactive coordinates after the transform
+    cut = np.asarray(sample_xs(key, "skewed_linear_regression", 4, 5, d, d_active=2))
+    assert np.all(cut[..., 2:] == 0) and np.all(cut[..., :2] != 0)
 
 
 def test_error_scale():
