@@ -19,7 +19,11 @@ from mamba_jax.models import HybridConfig, Mamba2Config, MambaConfig, Transforme
 from mamba_jax.models.icl import InContextRegressor
 
 PRESETS = ("smoke", "cpu", "paper")
-MODEL_NAMES = ("mamba", "mamba2", "transformer", "hybrid")
+# "transformer" takes its positions from `transformer_positions`; the two named arms are the papers' own:
+# Garg et al.'s GPT-2 learns absolute positions, Grazzi et al.'s zeroes and freezes them
+# (`remove_pos_embedding: True` in automl/is_mamba_capable_of_icl), i.e. it has none.
+MODEL_NAMES = ("mamba", "mamba2", "transformer", "transformer_garg", "transformer_grazzi", "hybrid")
+TRANSFORMER_ARMS = {"transformer_garg": "learned", "transformer_grazzi": "none"}
 # The papers' model sizes (Garg et al.'s standard / small / tiny; Grazzi et al. give Mamba twice the layers):
 MODEL_SIZES = {
     "standard": dict(d_model=256, mamba_layers=24, transformer_layers=12, n_heads=8),
@@ -41,8 +45,8 @@ class ICLConfig:
     mamba_layers: int = 4                 # Mamba layers have no MLP; the papers give Mamba twice the layers
     transformer_layers: int = 3
     n_heads: int = 4
-    # Garg et al.'s and Grazzi et al.'s code use HF GPT-2, which adds learned absolute positions; "none" is
-    # the position-free variant (it learns too, more slowly: README, ICL section).
+    # positions of the "transformer" arm: learned (Garg et al.'s GPT-2), none (Grazzi et al.'s GPT-2, whose
+    # position embeddings are zeroed and frozen) or rope; the named arms fix them (TRANSFORMER_ARMS)
     transformer_positions: str = "learned"   # learned | rope | none
     # std of the attention projections' initialisation: GPT-2's 0.02 suits width 256; at width 32 it leaves
     # q·k ≈ 0 for hundreds of steps, so the CPU preset uses ≈ 1/sqrt(d_model) (measured: README).
@@ -106,7 +110,7 @@ class ICLConfig:
         return dims, points
 
     def model_configs(self):
-        """{name: family config}; the Transformer has no positional embedding, as in the papers."""
+        """{name: family config}: the Transformer arms differ only in their positions (`TRANSFORMER_ARMS`)."""
         common = dict(vocab_size=1, d_model=self.d_model)
         attention = TransformerConfig(**common, n_layer=self.transformer_layers, n_heads=self.n_heads,
                                       d_intermediate=4 * self.d_model,
@@ -117,6 +121,7 @@ class ICLConfig:
         mamba2 = Mamba2Config(**common, n_layer=self.mamba_layers, head_dim=min(64, 2 * self.d_model),
                               d_state=64, chunk_size=64)
         configs = dict(mamba=mamba, mamba2=mamba2, transformer=attention,
+                       **{arm: attention.replace(position_embedding=pos) for arm, pos in TRANSFORMER_ARMS.items()},
                        # the hybrid's initializer_range (0.02) is common to its layers, attention included
                        hybrid=HybridConfig(pattern=self.hybrid_pattern, **common, mamba=mamba, mamba2=mamba2,
                                            attention=attention.replace(initializer_range=0.02)))

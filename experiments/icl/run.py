@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from experiments.icl.baselines import BASELINES_FOR_TASK, squared_error
-from experiments.icl.config import MODEL_SIZES, PRESETS, ICLConfig, preset_config
+from experiments.icl.config import MODEL_NAMES, MODEL_SIZES, PRESETS, ICLConfig, preset_config
 from experiments.icl import probe
 from experiments.icl.train import LINEAR_TASKS, model_errors, train
 from experiments.lm.config import parse_run_arguments, timestamped_run_dir
@@ -92,8 +92,8 @@ def plot_errors(errors: Dict[str, list], path: str, *, title: str, trained_point
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, curve in errors.items():
-        ax.plot(range(len(curve)), curve, label=name, lw=2.2 if name in ("mamba", "mamba2", "transformer", "hybrid")
-                else 1.2, ls="-" if name in ("mamba", "mamba2", "transformer", "hybrid") else "--")
+        ax.plot(range(len(curve)), curve, label=name, lw=2.2 if name in MODEL_NAMES else 1.2,
+                ls="-" if name in MODEL_NAMES else "--")
     ax.axvline(trained_points - 1, color="grey", lw=0.8, ls=":", label="trained length")
     ax.set_xlabel("in-context examples")
     ax.set_ylabel("squared error / d")

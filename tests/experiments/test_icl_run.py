@@ -98,3 +98,31 @@ def test_paper_sizes():
     assert (relu.points_start, relu.points_end, relu.points_increment) == (26, 101, 5)
     with pytest.raises(ValueError, match="`size`"):
         preset_config("cpu", size="huge")
+
+
+def test_the_papers_transformer_arms_differ_only_in_their_positions():
+    """transformer_garg learns absolute positions (Garg et al.'s GPT-2); transformer_grazzi has none (Grazzi
+    et al. zero and freeze them): the same weights otherwise, and only Garg's arm reads a position table."""
+    import jax
+
+    from mamba_jax.data.function_classes import sample_prompts
+    from mamba_jax.pytree import path_names
+
+    config = ICLConfig(models="transformer_garg,transformer_grazzi", d_model=16, transformer_layers=1)
+    models = config.build_models()
+    garg, grazzi = models["transformer_garg"], models["transformer_grazzi"]
+    assert garg.config.position_embedding == "learned" and grazzi.config.position_embedding == "none"
+    assert garg.config.replace(position_embedding="none") == grazzi.config
+    xs, ys = sample_prompts(jax.random.PRNGKey(0), "linear_regression", 2, 5, config.d)
+    pg = garg.init(jax.random.PRNGKey(1), xs, ys)["params"]
+    pz = grazzi.init(jax.random.PRNGKey(1), xs, ys)["params"]
+    name = lambda path: "/".join(path_names(path))                                              # noqa: E731
+    names = lambda p: {name(path) for path, _ in jax.tree_util.tree_leaves_with_path(p)}       # noqa: E731
+    extra = names(pg) - names(pz)
+    assert extra and all("position" in n for n in extra), extra
+    assert not names(pz) - names(pg)
+    # Garg's arm depends on its position table; Grazzi's output is what Garg's gives with a zero table
+    zeroed = jax.tree_util.tree_map_with_path(lambda path, x: x * 0 if "position" in name(path) else x, pg)
+    np.testing.assert_allclose(grazzi.apply({"params": {k: v for k, v in zeroed.items() if k in pz}}, xs, ys),
+                               garg.apply({"params": zeroed}, xs, ys), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(garg.apply({"params": pg}, xs, ys), garg.apply({"params": zeroed}, xs, ys))
