@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 import json
 import os
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -136,8 +136,37 @@ def plot_probes(probes: Dict[str, Any], path: str, *, title: str, positions) -> 
     plt.close(fig)
 
 
+def garg_ood_settings(config: ICLConfig) -> Dict[str, Tuple[str, float]]:
+    """{label: (setting, scale)} of Garg et al.'s linear-regression suite, the scales from `ood_scales`."""
+    plain = ("standard", "random_quadrants", "orthogonal_train_test", "overlapping_train_test", "half_subspace",
+             "skewed", "noisy_linear_regression")
+    scaled = {f"{axis}={s:g}": (axis, s) for axis in ("scale_x", "scale_y") for s in config.x_scales()}
+    return {**{name: (name, 1.0) for name in plain}, **scaled}
+
+
+def garg_ood_errors(config: ICLConfig, trained: Dict[str, Any]) -> Dict[str, Dict[str, list]]:
+    """{setting: {model or baseline: per-position error ÷ d}} on Garg et al.'s suite (linear regression): a
+    prompt counts at its query position (`garg_ood_prompts`); None where no prompt queries a position."""
+    from mamba_jax.data.function_classes import garg_ood_prompts
+
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed + EVAL_SEED_OFFSET), 2)
+    out = {}
+    for i, (label, (setting, scale)) in enumerate(garg_ood_settings(config).items()):
+        xs, ys, query = garg_ood_prompts(jax.random.fold_in(key, i), setting, config.eval_prompts,
+                                         config.eval_points, config.d, scale=scale)
+        preds = {name: np.asarray(jax.jit(model.apply)({"params": params}, xs, ys))
+                 for name, (model, params) in trained.items()}
+        preds.update({name: baseline(xs, ys) for name, baseline in BASELINES_FOR_TASK[config.task]})
+        ys, query = np.asarray(ys, np.float64), np.asarray(query)
+        counts = np.stack([(query == i) | (query == -1) for i in range(config.eval_points)], 1)   # (m, n)
+        out[label] = {name: [float(v) if c else None for v, c in zip(
+            ((p - ys) ** 2 * counts).sum(0) / np.maximum(counts.sum(0), 1) / config.d, counts.any(0))]
+            for name, p in preds.items()}
+    return out
+
+
 def results_markdown(config: ICLConfig, errors: Dict[str, list], scaled: Dict[float, Dict[str, list]] = None,
-                     probes: Dict[str, Any] = None) -> str:
+                     probes: Dict[str, Any] = None, garg_ood: Dict[str, Dict[str, list]] = None) -> str:
     positions = report_positions(config.eval_points, config.points_end)
     rows = [[name] + [errors[name][i] for i in positions] for name in errors]
     header = ["model / baseline"] + [f"{i} examples" for i in positions]
@@ -153,6 +182,15 @@ def results_markdown(config: ICLConfig, errors: Dict[str, list], scaled: Dict[fl
         text += (f"\nOut of distribution, inputs scaled (x → s·x, same functions), at {at} examples; error "
                  f"normalised by E[y²] at that scale:\n\n"
                  + markdown_table(["model / baseline"] + [f"s = {s:g}" for s in columns], rows) + "\n")
+    if garg_ood:
+        names = list(next(iter(garg_ood.values())))
+        cols = [i for i in (config.d // 2, config.d, at) if i < config.eval_points]
+        cols = sorted(set(cols))
+        fmt = lambda v: "—" if v is None else v                                  # noqa: E731
+        rows = [[label] + [fmt(garg_ood[label][n][i]) for n in names for i in cols] for label in garg_ood]
+        text += (f"\nGarg et al.'s out-of-distribution suite (squared error ÷ d, as their plots), at "
+                 f"{', '.join(map(str, cols))} examples (—: no query there):\n\n"
+                 + markdown_table(["setting"] + [f"{n} @{i}" for n in names for i in cols], rows) + "\n")
     if probes:
         depth = max(len(e) for e in probes["layers"].values())
         rows = [[name] + [e[i][at] if i < len(e) else "" for i in range(depth)]
@@ -190,9 +228,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     errors = evaluate_all(config, trained)
     scaled = {s: evaluate_all(config, trained, x_scale=s) for s in config.x_scales()}
     probes = probe_all(config, trained) if config.probe else None
-    table = results_markdown(config, errors, scaled, probes)
+    garg_ood = garg_ood_errors(config, trained) if config.task == "linear_regression" else None
+    table = results_markdown(config, errors, scaled, probes, garg_ood)
     results = dict(config=dataclasses.asdict(config), errors=errors,
-                   ood_scaled={f"{s:g}": e for s, e in scaled.items()}, probes=probes,
+                   ood_scaled={f"{s:g}": e for s, e in scaled.items()}, garg_ood=garg_ood, probes=probes,
                    final_train_loss={name: h[-1]["loss"] for name, h in histories.items()},
                    hardware=hardware_description())
     with open(os.path.join(out, "results.json"), "w") as f:

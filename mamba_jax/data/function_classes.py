@@ -217,3 +217,90 @@ def sample_prompts(key: jax.Array, task: str, batch: int, n_points: int, d: int,
     if noise_std > 0:
         ys = ys + noise_std * jax.random.normal(kn, ys.shape, dtype=jnp.float32)
     return xs, ys.astype(jnp.float32)
+
+
+# ---- Garg et al.'s out-of-distribution suite for linear regression -------------------------------------------
+
+GARG_OOD_SETTINGS = ("standard", "random_quadrants", "orthogonal_train_test", "overlapping_train_test",
+                     "half_subspace", "skewed", "scale_x", "scale_y", "noisy_linear_regression")
+
+
+def _rotated_transform(key: jax.Array, eigenvalues: jax.Array, normalize: bool) -> jax.Array:
+    """``U diag(eigenvalues) Uᵀ`` (U: a random rotation), scaled by sqrt(d / Σ eigenvalues²) when `normalize`
+    (Garg et al.'s `sample_transformation`)."""
+    d = eigenvalues.shape[0]
+    u, _, _ = jnp.linalg.svd(jax.random.normal(key, (d, d), dtype=jnp.float32))
+    t = (u * eigenvalues) @ u.T
+    return t * jnp.sqrt(d / jnp.sum(eigenvalues ** 2)) if normalize else t
+
+
+def _query_prompts(train: jax.Array, test: jax.Array, n_queries: int) -> Tuple[jax.Array, jax.Array]:
+    """For each query position i < n_queries the prompt train[:i] ++ test[i:] (Garg et al.'s `eval_batch`
+    with `xs_p`): ((n_queries · b, n, d) inputs, (n_queries · b,) query positions)."""
+    b, n, _ = train.shape
+    take = jnp.arange(n)[None, :, None] < jnp.arange(n_queries)[:, None, None]          # (q, n, 1)
+    xs = jnp.where(take[:, None], train[None], test[None])                               # (q, b, n, d)
+    return xs.reshape(n_queries * b, n, -1), jnp.repeat(jnp.arange(n_queries, dtype=jnp.int32), b)
+
+
+def garg_ood_prompts(key: jax.Array, setting: str, batch: int, n_points: int, d: int, *,
+                     scale: float = 1.0) -> Tuple[jax.Array, jax.Array, jax.Array]:
+    """Garg et al.'s evaluation prompts for linear regression (dtsip/in-context-learning, `build_evals`):
+    ``(xs (m, n, d), ys (m, n), query (m,) int32)``; a prompt's error counts at position ``query`` only, or at
+    every position where ``query`` is -1. Normalise errors by d (`error_scale`), as Garg et al. do.
+
+    * standard: x ~ N(0, I), y = x · w, w ~ N(0, I).
+    * random_quadrants: the in-context x's share one random orthant (|x| · a sign pattern per prompt), the
+      query is a fresh Gaussian x.
+    * orthogonal_train_test: query i is x_i minus its projection on span(x_0..x_{i-1}), rescaled to ‖x_i‖
+      (queries i < min(n, d)).
+    * overlapping_train_test: query i (≥ 1) repeats one of the i in-context x's, drawn uniformly.
+    * half_subspace: x = z T, T a random rotation of diag(1, …, 1, 0, …, 0) (d // 2 ones), normalised: x lies
+      in a random d//2-dimensional subspace, E‖x‖² = d.
+    * skewed: x = z T with one `skewed_transform` for the whole evaluation (Garg et al. draw it once).
+    * scale_x: x = scale · z; scale_y: y = scale · x · w.
+    * noisy_linear_regression: y = x · w + N(0, 1), then rescaled to std sqrt(d) over the batch.
+    """
+    if setting not in GARG_OOD_SETTINGS:
+        raise ValueError(f"garg_ood_prompts: `setting` must be one of {GARG_OOD_SETTINGS}; got {setting!r}")
+    batch, n_points, d = _positive_int("batch", batch), _positive_int("n_points", n_points), _positive_int("d", d)
+    if not scale > 0:
+        raise ValueError(f"garg_ood_prompts: `scale` must be > 0; got {scale!r}")
+    kx, kw, kt, kn = jax.random.split(key, 4)
+    z = jax.random.normal(kx, (batch, n_points, d), dtype=jnp.float32)
+    w = jax.random.normal(kw, (batch, d), dtype=jnp.float32)
+    every = jnp.full((batch,), -1, jnp.int32)
+    if setting in ("standard", "scale_x", "scale_y", "half_subspace", "skewed", "noisy_linear_regression"):
+        xs = z
+        if setting == "scale_x":
+            xs = z * scale
+        elif setting == "half_subspace":
+            xs = z @ _rotated_transform(kt, (jnp.arange(d) < d // 2).astype(jnp.float32), normalize=True)
+        elif setting == "skewed":
+            xs = z @ skewed_transform(kt, d)
+        ys = jnp.einsum("bnd,bd->bn", xs, w) * (scale if setting == "scale_y" else 1.0)
+        if setting == "noisy_linear_regression":
+            ys = ys + jax.random.normal(kn, ys.shape, dtype=jnp.float32)
+            ys = ys * jnp.sqrt(d) / jnp.std(ys)
+        return xs, ys, every
+    if setting == "random_quadrants":
+        pattern = jnp.sign(jax.random.normal(kt, (batch, 1, d)))
+        xs, query = _query_prompts(jnp.abs(z) * pattern, z, n_points)
+    elif setting == "orthogonal_train_test":
+        tests = [z[:, 0]]
+        for i in range(1, min(n_points, d)):
+            prev = z[:, :i]                                                                # (b, i, d)
+            _, _, vt = jnp.linalg.svd(prev, full_matrices=False)                           # (b, i, d)
+            proj = jnp.einsum("bd,bkd,bke->be", z[:, i], vt, vt)
+            ortho = z[:, i] - proj
+            tests.append(ortho * jnp.linalg.norm(z[:, i], axis=-1, keepdims=True)
+                         / jnp.linalg.norm(ortho, axis=-1, keepdims=True))
+        test = jnp.zeros_like(z).at[:, :len(tests)].set(jnp.stack(tests, 1))
+        xs, query = _query_prompts(z, test, min(n_points, d))
+    else:   # overlapping_train_test
+        pick = jnp.floor(jax.random.uniform(kt, (batch, n_points)) * jnp.arange(n_points)).astype(jnp.int32)
+        test = jnp.take_along_axis(z, pick[..., None], axis=1)                             # x_{pick_i}, pick_i < i
+        xs, query = _query_prompts(z, test, n_points)
+    reps = xs.shape[0] // batch
+    ys = jnp.einsum("mnd,md->mn", xs, jnp.tile(w, (reps, 1)))
+    return xs, ys, query

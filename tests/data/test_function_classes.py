@@ -324,3 +324,69 @@ def test_x_scale_scales_the_inputs_of_the_same_functions(task):
 def test_bad_arguments_raise(call, name):
     with pytest.raises(ValueError, match=name):
         call()
+
+
+# ----------------------------------------------------------------------------- Garg et al.'s OOD suite
+def _least_squares_error_at_queries(setting, d=4, n=10, batch=64):
+    """Normalised (÷ d) squared error of minimum-norm least squares per position, counting each prompt at its
+    query position (or every position)."""
+    from experiments.icl.baselines import least_squares
+    from mamba_jax.data.function_classes import garg_ood_prompts
+
+    xs, ys, query = garg_ood_prompts(jax.random.PRNGKey(7), setting, batch, n, d, scale=2.0)
+    xs, ys, query = np.asarray(xs, np.float64), np.asarray(ys, np.float64), np.asarray(query)
+    err = (least_squares(xs, ys) - ys) ** 2 / d                                          # (m, n)
+    out = np.zeros(n)
+    for i in range(n):
+        rows = (query == i) | (query == -1)
+        out[i] = err[rows, i].mean() if rows.any() else np.nan
+    return xs, ys, query, out
+
+
+@pytest.mark.parametrize("setting", ["standard", "scale_x", "scale_y", "skewed", "random_quadrants"])
+def test_ood_least_squares_is_exact_from_d_examples(setting):
+    d = 4
+    *_, err = _least_squares_error_at_queries(setting, d)
+    assert np.all(err[d:] < 1e-8), err
+    assert np.all(err[:d - 1] > 0.05), err                 # under-determined before d examples
+
+
+def test_ood_closed_forms_of_the_prompting_strategies():
+    d, n = 4, 10
+    # half subspace: x lies in a d/2-dimensional subspace, so least squares is exact from d/2 examples
+    xs, *_, err = _least_squares_error_at_queries("half_subspace", d, n)
+    assert np.linalg.matrix_rank(xs.reshape(-1, d), tol=1e-4) == d // 2
+    assert np.all(err[d // 2:] < 1e-8) and err[0] > 0.05
+    # orthogonal: the query is orthogonal to every in-context x (same norm), so min-norm LS predicts 0
+    xs, ys, query, err = _least_squares_error_at_queries("orthogonal_train_test", d, n)
+    assert set(query.tolist()) == set(range(d))
+    for i in range(1, d):
+        rows = query == i
+        cos = np.einsum("bkd,bd->bk", xs[rows, :i], xs[rows, i]) / (
+            np.linalg.norm(xs[rows, :i], axis=-1) * np.linalg.norm(xs[rows, i], axis=-1)[:, None])
+        # float32 projection (ε ≈ 6e-8) amplified by the rescaling when x_i lies near the span: 1e-3 in cosine
+        assert np.max(np.abs(cos)) < 1e-3, np.max(np.abs(cos))
+    from experiments.icl.baselines import least_squares
+    at_query = least_squares(xs, ys)[np.arange(len(query)), query]
+    assert np.max(np.abs(at_query[query > 0]) / np.abs(ys[np.arange(len(query)), query][query > 0]).mean()) < 1e-3
+    # overlapping: the query repeats an in-context x, so noiseless least squares is exact from position 1
+    xs, ys, query, err = _least_squares_error_at_queries("overlapping_train_test", d, n)
+    assert np.all(err[1:] < 1e-8) and err[0] > 0.05
+    for j in np.where(query > 0)[0][:20]:
+        i = query[j]
+        assert np.any(np.all(np.isclose(xs[j, :i], xs[j, i]), axis=-1))
+    # random quadrants: every in-context x of a prompt shares its sign pattern
+    xs, ys, query, _ = _least_squares_error_at_queries("random_quadrants", d, n)
+    for j in np.where(query >= 2)[0][:20]:
+        signs = np.sign(xs[j, :query[j]])
+        assert np.all(signs == signs[0])
+    # noisy linear regression: the labels are rescaled to std sqrt(d)
+    _, ys, query, err = _least_squares_error_at_queries("noisy_linear_regression", d, n)
+    assert abs(np.std(ys) - np.sqrt(d)) < 1e-3 and np.all(query == -1) and np.all(err[d + 1:] > 1e-3)
+    # scale_y: the labels are twice standard's (same key, scale 2)
+    from mamba_jax.data.function_classes import garg_ood_prompts
+    _, y1, _ = garg_ood_prompts(jax.random.PRNGKey(7), "standard", 8, n, d)
+    _, y2, _ = garg_ood_prompts(jax.random.PRNGKey(7), "scale_y", 8, n, d, scale=2.0)
+    np.testing.assert_allclose(np.asarray(y2), 2 * np.asarray(y1), rtol=1e-6)
+    with pytest.raises(ValueError, match="setting"):
+        garg_ood_prompts(jax.random.PRNGKey(0), "rotated", 2, 3, d)

@@ -41,6 +41,16 @@ def test_smoke_run_writes_results(tmp_path, capsys):
         assert set(scaled) == set(errors), scale
         assert np.asarray(scaled["least_squares"])[config.d:].max() < 1e-6
         assert all(np.isfinite(v).all() for v in scaled.values())
+    # Garg et al.'s suite (÷ d): least squares is exact from d examples where the closed form says so, the
+    # orthogonal queries stop at d, and every model has a finite error at every queried position
+    ood = results["garg_ood"]
+    assert {"standard", "random_quadrants", "orthogonal_train_test", "overlapping_train_test", "half_subspace",
+            "skewed", "noisy_linear_regression", "scale_x=2", "scale_y=0.5"} <= set(ood)
+    for setting in ("standard", "random_quadrants", "overlapping_train_test", "half_subspace", "skewed",
+                    "scale_x=2", "scale_y=0.5"):
+        assert max(ood[setting]["least_squares"][config.d:]) < 1e-6, setting
+    assert ood["orthogonal_train_test"]["mamba"][config.d:] == [None] * (config.eval_points - config.d)
+    assert all(np.isfinite(v) for e in ood["standard"].values() for v in e)
     # probes: one row per residual stream (read-in + each layer); gradient descent from w = 0 starts at
     # the error of predicting 0, which is mean(y²)/d on the evaluation prompts, recomputed here
     probes = results["probes"]
