@@ -53,6 +53,7 @@ class LMConfig:
     n_layer: int = 2
     d_state: int = 16
     d_conv: int = 4
+    selective: bool = True             # False: the LTI ablation (Δ, B, C independent of the input; MambaConfig)
     expand: int = 2
     scan_impl: str = "auto"
     compute_dtype: str = "float32"     # forward/backward dtype: float32 | bfloat16 (params, optimizer state: float32)
@@ -153,7 +154,7 @@ class LMConfig:
 
     def model_config(self) -> MambaConfig:
         return MambaConfig(vocab_size=self.vocab_size(), d_model=self.d_model, n_layer=self.n_layer,
-                           d_state=self.d_state, d_conv=self.d_conv, expand=self.expand,
+                           d_state=self.d_state, d_conv=self.d_conv, expand=self.expand, selective=self.selective,
                            scan_impl=self.scan_impl, dtype=self.compute_dtype, param_dtype="float32")
 
     def optimizer_config(self) -> OptimizerConfig:

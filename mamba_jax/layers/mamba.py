@@ -42,6 +42,9 @@ class MambaConfig(BaseLMConfig):
     form: in_proj packs [z, x, B, C, dt] from the layer input, B/C in n_groups = d_inner / d_state groups).
     d_xb: with bc_source="input", the width of x and B before their repetition to d_inner (an attention
     layer's kv_heads · head_dim; None: d_inner, no repetition). Must be a multiple of d_state dividing d_inner.
+    selective: True (S6, the default): Δ, B and C are functions of the input (x_proj, dt_proj). False: the
+    LTI ablation of the Mamba paper (its Table 1, "S4"): Δ = softplus(dt_proj_bias) per channel, B and C
+    learned (d_state,) vectors — the same at every position and for every input (bc_source="conv" only).
     """
 
     family: ClassVar[str] = "mamba"
@@ -61,6 +64,7 @@ class MambaConfig(BaseLMConfig):
     chunk_size: int = 256
     bc_source: str = "conv"
     d_xb: Optional[int] = None
+    selective: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -71,6 +75,10 @@ class MambaConfig(BaseLMConfig):
         check_dt_range("MambaConfig", self.dt_min, self.dt_max, self.dt_init_floor)
         check_choice("MambaConfig", "scan_impl", self.scan_impl, IMPLS + ("auto", "pallas"))
         check_choice("MambaConfig", "bc_source", self.bc_source, BC_SOURCES)
+        if not isinstance(self.selective, bool):
+            raise ValueError(f"MambaConfig: `selective` must be a bool; got {self.selective!r}")
+        if not self.selective and self.bc_source != "conv":
+            raise ValueError("MambaConfig: selective=False (the LTI ablation) needs bc_source='conv'")
         if self.bc_source == "conv":
             if self.d_xb is not None:
                 raise ValueError("MambaConfig: `d_xb` is only used with bc_source='input'; leave it None")
@@ -188,15 +196,25 @@ class MambaMixer(nn.Module):
         if real is not None:
             x_conv = jnp.where(real, x_conv, jnp.zeros((), x_conv.dtype))
 
-        if not from_input:
-            x_dbl = dense(r + 2 * n, False, (MLP, None), "x_proj")(x_conv)
-            dt_low, B, C = jnp.split(x_dbl, [r, r + n], axis=-1)
-        dt_w = logical_param(self, "dt_proj_kernel", uniform_init(r ** -0.5 * cfg.dt_scale), (None, MLP), (r, di), pdt)
         sdt = ssm_param_dtype(pdt)   # A_log, D and the Δ bias stay float32 under a bf16 param_dtype
         dt_b = logical_param(self, "dt_proj_bias", dt_bias_init(cfg.dt_min, cfg.dt_max, cfg.dt_init_floor),
-                      (MLP,), (di,), sdt)
-        # Δ in float32: softplus(dt_low · W + b), zero at padding.
-        delta = jax.nn.softplus(dt_low.astype(jnp.float32) @ dt_w.astype(jnp.float32) + dt_b.astype(jnp.float32))
+                             (MLP,), (di,), sdt)
+        if not cfg.selective:   # LTI: Δ, B, C are parameters, the same at every position and for every input
+            lti_shape = x_conv.shape[:-1]
+            B = jnp.broadcast_to(logical_param(self, "B", nn.initializers.ones, (STATE,), (n,), sdt),
+                                 (*lti_shape, n)).astype(x_conv.dtype)
+            C = jnp.broadcast_to(logical_param(self, "C", nn.initializers.normal(1.0), (STATE,), (n,), sdt),
+                                 (*lti_shape, n)).astype(x_conv.dtype)
+            delta = jnp.broadcast_to(jax.nn.softplus(dt_b.astype(jnp.float32)), (*lti_shape, di))
+        else:
+            if not from_input:
+                x_dbl = dense(r + 2 * n, False, (MLP, None), "x_proj")(x_conv)
+                dt_low, B, C = jnp.split(x_dbl, [r, r + n], axis=-1)
+            dt_w = logical_param(self, "dt_proj_kernel", uniform_init(r ** -0.5 * cfg.dt_scale), (None, MLP),
+                                 (r, di), pdt)
+            # Δ in float32: softplus(dt_low · W + b), zero at padding.
+            delta = jax.nn.softplus(dt_low.astype(jnp.float32) @ dt_w.astype(jnp.float32)
+                                    + dt_b.astype(jnp.float32))
         if real is not None:
             delta = jnp.where(real, delta, jnp.zeros((), delta.dtype))
             if from_input:   # B and C read the layer input directly, not the zeroed conv output
