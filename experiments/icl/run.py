@@ -150,11 +150,12 @@ def garg_ood_errors(config: ICLConfig, trained: Dict[str, Any]) -> Dict[str, Dic
     from mamba_jax.data.function_classes import garg_ood_prompts
 
     key = jax.random.fold_in(jax.random.PRNGKey(config.seed + EVAL_SEED_OFFSET), 2)
+    applies = {name: jax.jit(model.apply) for name, (model, _) in trained.items()}   # one compile per shape
     out = {}
     for i, (label, (setting, scale)) in enumerate(garg_ood_settings(config).items()):
         xs, ys, query = garg_ood_prompts(jax.random.fold_in(key, i), setting, config.eval_prompts,
                                          config.eval_points, config.d, scale=scale)
-        preds = {name: np.asarray(jax.jit(model.apply)({"params": params}, xs, ys))
+        preds = {name: np.asarray(applies[name]({"params": params}, xs, ys))
                  for name, (model, params) in trained.items()}
         preds.update({name: baseline(xs, ys) for name, baseline in BASELINES_FOR_TASK[config.task]})
         ys, query = np.asarray(ys, np.float64), np.asarray(query)
