@@ -197,9 +197,10 @@ class MambaMixer(nn.Module):
             x_conv = jnp.where(real, x_conv, jnp.zeros((), x_conv.dtype))
 
         sdt = ssm_param_dtype(pdt)   # A_log, D and the Δ bias stay float32 under a bf16 param_dtype
-        dt_b = logical_param(self, "dt_proj_bias", dt_bias_init(cfg.dt_min, cfg.dt_max, cfg.dt_init_floor),
-                             (MLP,), (di,), sdt)
+        bias_init = dt_bias_init(cfg.dt_min, cfg.dt_max, cfg.dt_init_floor)
+        # The order of creation fixes each parameter's init key: dt_proj kernel, then bias, as always.
         if not cfg.selective:   # LTI: Δ, B, C are parameters, the same at every position and for every input
+            dt_b = logical_param(self, "dt_proj_bias", bias_init, (MLP,), (di,), sdt)
             lti_shape = x_conv.shape[:-1]
             B = jnp.broadcast_to(logical_param(self, "B", nn.initializers.ones, (STATE,), (n,), sdt),
                                  (*lti_shape, n)).astype(x_conv.dtype)
@@ -212,6 +213,7 @@ class MambaMixer(nn.Module):
                 dt_low, B, C = jnp.split(x_dbl, [r, r + n], axis=-1)
             dt_w = logical_param(self, "dt_proj_kernel", uniform_init(r ** -0.5 * cfg.dt_scale), (None, MLP),
                                  (r, di), pdt)
+            dt_b = logical_param(self, "dt_proj_bias", bias_init, (MLP,), (di,), sdt)
             # Δ in float32: softplus(dt_low · W + b), zero at padding.
             delta = jax.nn.softplus(dt_low.astype(jnp.float32) @ dt_w.astype(jnp.float32)
                                     + dt_b.astype(jnp.float32))
