@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from experiments.lm.config import parse_run_arguments, timestamped_run_dir
-from experiments.m1.run import count_params
+from experiments.m1.run import count_params, train_stage   # checkpointed, resumable stages (out/<name>)
 from experiments.m2r2.config import PRESETS, M2R2Config, preset_config
 
 RESULTS_ROOT = os.path.join("results", "m2r2")
@@ -198,13 +198,6 @@ def _optimizer(config: M2R2Config, lr: float, steps: int):
     return make_optimizer(OptimizerConfig(learning_rate=lr, warmup_steps=min(config.warmup_steps, max(steps - 1, 0)),
                                           total_steps=max(steps, 1), grad_clip_norm=config.grad_clip_norm,
                                           weight_decay=config.weight_decay))
-
-
-def train_stage(name: str, out: str, model, params, step_fn, tx, data, steps: int, config: M2R2Config):
-    """`steps` steps of step_fn(state, batch) on data.batch(step), checkpointed in out/<name> (resumes)."""
-    from experiments.m1.run import train_stage as m1_train_stage
-
-    return m1_train_stage(name, out, model, params, step_fn, tx, data, steps, config)
 
 
 def train_lm(name: str, out: str, model, data, steps: int, lr: float, config: M2R2Config, params=None, seed=0):

@@ -22,7 +22,10 @@ def test_smoke_run_writes_results(tmp_path):
     # adapters only: per fast layer an RMSNorm (d) and a d×r, r×d pair
     assert r["fast"]["adapter_params"] == c.n_fast * (c.d_model + 2 * c.d_model * c.adapter_rank)
     e = r["early_exit"]
+    assert set(e["sweeps"]) == {"M2R2 (fast stream, confidence)", "slow stream, confidence (no adapters)",
+                                "slow stream, distance-based", "skip decoding (SkipDecode schedule)"}
     for name, points in e["sweeps"].items():
+        assert len(points) >= 2, name
         for p in points:
             assert 1.0 <= p["mean_layers"] <= c.n_layer and 0.0 <= p["agreement"] <= 1.0, (name, p)
     for name in ("M2R2 (fast stream, confidence)", "slow stream, distance-based"):

@@ -57,6 +57,8 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in [
     *[Family(f"M[{impl}]", lambda impl=impl: MambaLM(MambaConfig(**_common, n_layer=2, d_state=4, scan_impl=impl,
                                                                   chunk_size=8)), ("M",))
       for impl in ("reference", "associative", "chunked", "chunked_associative", "pallas")],
+    Family("M[lti]", lambda: MambaLM(MambaConfig(**_common, n_layer=2, d_state=4, selective=False,
+                                                 scan_impl="chunked", chunk_size=8)), ("M",)),
     Family("M[input-form]", lambda: MambaLM(MambaConfig(**_common, n_layer=2, d_state=4, bc_source="input", d_xb=16, dt_rank=4,
                                                          scan_impl="chunked", chunk_size=8)), ("M",)),
     *[Family(f"M2[{impl}]", lambda impl=impl: Mamba2LM(Mamba2Config(**_common, n_layer=2, d_state=8, head_dim=8,
