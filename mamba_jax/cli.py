@@ -21,6 +21,7 @@ EXPERIMENTS = {
     "moe_mamba": "experiments.moe_mamba.run",
     "m1": "experiments.m1.run",
     "m2r2": "experiments.m2r2.run",
+    "selective_copy": "experiments.selective_copy.run",
 }
 BENCHMARKS = {
     "scan": "experiments.bench_scan.run",

@@ -5,6 +5,7 @@ One flat frozen dataclass (``key=value`` overrides), three presets:
 * ``smoke`` — seconds; used by the tests.
 * ``cpu``   — the default and `make demo`: linear regression at d = 4, Mamba (4 × 32) vs a Transformer
   (3 × 32, 4 heads) vs the exact baselines, about 3 minutes on a 2-core CPU.
+* ``cpu_long`` — d = 8, Mamba vs both papers' Transformers, 3 seeds, 8,000 steps (≤ 60 minutes on 2 cores).
 * ``paper`` — d = 20 and the papers' sizes (Mamba 24 × 256, Transformer 12 × 256 with 8 heads), the
   Garg et al. curriculum and 500k steps: a GPU job.
 """
@@ -18,7 +19,7 @@ from mamba_jax.data.function_classes import TASKS
 from mamba_jax.models import HybridConfig, Mamba2Config, MambaConfig, TransformerConfig
 from mamba_jax.models.icl import InContextRegressor
 
-PRESETS = ("smoke", "cpu", "paper")
+PRESETS = ("smoke", "cpu", "cpu_long", "paper")
 # "transformer" takes its positions from `transformer_positions`; the two named arms are the papers' own:
 # Garg et al.'s GPT-2 learns absolute positions, Grazzi et al.'s zeroes and freezes them
 # (`remove_pos_embedding: True` in automl/is_mamba_capable_of_icl), i.e. it has none.
@@ -39,6 +40,7 @@ class ICLConfig:
     preset: str = "cpu"
     task: str = "linear_regression"
     seed: int = 0
+    seeds: int = 1                        # models per arm, seeds seed .. seed + seeds - 1 (vmapped: one step each)
     d: int = 4
     models: str = "mamba,transformer"     # comma-separated subset of MODEL_NAMES
     d_model: int = 32
@@ -64,7 +66,7 @@ class ICLConfig:
     lr_schedule: str = "constant"         # constant (Garg et al.) | cosine (warm-up, decay to 1 %)
     eval_prompts: int = 512
     eval_points: int = 15                 # > points_end: the tail is out of distribution (more examples)
-    ood_scales: str = "0.333,0.5,2,3"     # out of distribution: inputs scaled by these factors (Garg et al.'s)
+    ood_scales: str = "0.333,0.5,2,3"     # Garg et al.'s OOD suite: x (and, apart, y) scaled by these factors
     probe: bool = True                    # per-layer probes and gradient-descent iterations (linear tasks)
     log_every: int = 50
     progress: bool = True
@@ -74,7 +76,7 @@ class ICLConfig:
             raise ValueError(f"ICLConfig: `preset` must be one of {PRESETS}; got {self.preset!r}")
         if self.task not in TASKS:
             raise ValueError(f"ICLConfig: `task` must be one of {TASKS}; got {self.task!r}")
-        for name in ("d", "d_model", "mamba_layers", "transformer_layers", "n_heads", "num_steps", "batch_size",
+        for name in ("seeds", "d", "d_model", "mamba_layers", "transformer_layers", "n_heads", "num_steps", "batch_size",
                      "eval_prompts", "eval_points", "log_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -96,6 +98,13 @@ class ICLConfig:
         if any(not s > 0 for s in scales):
             raise ValueError(f"ICLConfig: `ood_scales` must be comma-separated positive floats; got {self.ood_scales!r}")
         return scales
+
+    def full_size_step(self) -> int:
+        """The first step at which the curriculum trains at full dimension and length."""
+        dims, points = self.curricula()
+        stages = max(-(-(dims.end - dims.start) // max(dims.increment, 1)),
+                     -(-(points.end - points.start) // max(points.increment, 1)) if points.increment else 0)
+        return stages * self.curriculum_interval
 
     def model_names(self) -> Tuple[str, ...]:
         names = tuple(x.strip() for x in self.models.split(",") if x.strip())
@@ -136,6 +145,11 @@ _PRESETS = {
                   curriculum_interval=10, num_steps=30, batch_size=8, eval_prompts=32, eval_points=9, log_every=10,
                   progress=False),
     "cpu": {},
+    # ≤ 60 min on 2 cores: d = 8 (dims 3 → 8, points 9 → 17, 500 steps a stage: full size at step 2500),
+    # Mamba beside both papers' Transformers, 3 seeds each, evaluated to twice the trained length
+    "cpu_long": dict(d=8, d_start=3, points_start=9, points_end=17, points_increment=2, curriculum_interval=500,
+                     num_steps=8000, models="mamba,transformer_garg,transformer_grazzi", seeds=3,
+                     lr_schedule="cosine", eval_points=34, log_every=100),
     "paper": dict(d=20, **MODEL_SIZES["standard"], attention_init=0.02,
                   d_start=5, points_start=11, points_end=41, curriculum_interval=2000, num_steps=500_000,
                   batch_size=64, learning_rate=1e-4, eval_prompts=1280, eval_points=81, log_every=500),

@@ -7,7 +7,7 @@ averaged over every position, as Garg et al.), a jitted train step, the per-posi
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -97,29 +97,64 @@ def model_errors(model, params, xs, ys, task: str, d: int, k: int = 3, x_scale: 
     return squared_error(np.asarray(preds), np.asarray(ys), task, d, k, x_scale)
 
 
-def train(model: InContextRegressor, *, task: str, d: int, num_steps: int, batch_size: int,
-          dims: Curriculum, points: Curriculum, learning_rate: float = 1e-4, lr_schedule: str = "constant",
-          seed: int = 0, log_every: int = 50, progress: bool = True, state=None, start_step: int = 0,
-          task_kwargs: Optional[Dict] = None, name: str = "icl"):
-    """Train for steps [start_step, num_steps); returns (state, history: list of {step, loss, dims, points}).
-    `name` labels the progress bar."""
-    key = jax.random.PRNGKey(seed)
-    if state is None:
-        state = init_state(model, jax.random.fold_in(key, INIT_STREAM), d,
-                           learning_rate_schedule(learning_rate, lr_schedule, num_steps))
-    step_fn = make_train_step()
-    history: List[Dict] = []
+def seed_state(stacked, i: int):
+    """Seed i's TrainState out of `train_seeds`' stacked one (every leaf's leading axis is the seed)."""
+    return jax.tree_util.tree_map(lambda x: x[i], stacked)
+
+
+def train_seeds(model: InContextRegressor, *, seeds: Sequence[int], task: str, d: int, num_steps: int,
+                batch_size: int, dims: Curriculum, points: Curriculum, learning_rate: float = 1e-4,
+                lr_schedule: str = "constant", log_every: int = 50, progress: bool = True,
+                task_kwargs: Optional[Dict] = None, name: str = "icl"):
+    """Train one model per seed, all in one vmapped step (one compilation per prompt length).
+
+    Seed s's run is what a lone run of seed s would be: parameters from ``fold_in(PRNGKey(s), INIT_STREAM)``,
+    step t's prompts from ``fold_in(PRNGKey(s), t)``. Returns (state, histories): a TrainState whose leaves
+    have a leading seed axis (`seed_state` takes one out) and, per seed, a list of {step, loss, dims, points}
+    (the mean training loss over the last `log_every` steps).
+    """
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("train_seeds: `seeds` must name at least one seed")
+    keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
+    tx = optax.adam(learning_rate_schedule(learning_rate, lr_schedule, num_steps))
+    example_xs, example_ys = jnp.zeros((1, 4, d)), jnp.zeros((1, 4))
+
+    def init(key):
+        params = nn.meta.unbox(model.init(jax.random.fold_in(key, INIT_STREAM), example_xs, example_ys)["params"])
+        return create_train_state(model.apply, params, tx)
+
+    state = jax.jit(jax.vmap(init))(keys)
+    kwargs = task_kwargs or {}
+    sample = jax.jit(jax.vmap(lambda key, step, n_points, d_active: sample_prompts(
+        jax.random.fold_in(key, step), task, batch_size, n_points, d, d_active=d_active, **kwargs),
+        in_axes=(0, None, None, None)), static_argnums=(2, 3))
+    step_fn = jax.jit(jax.vmap(make_train_step(donate=False)), donate_argnums=(0,))
+    histories: List[List[Dict]] = [[] for _ in seeds]
     window: List[jax.Array] = []
-    bar = tqdm(range(start_step, num_steps), desc=f"{name} {task}", disable=not progress)
+    bar = tqdm(range(num_steps), desc=f"{name} {task}" + (f" ×{len(seeds)} seeds" if len(seeds) > 1 else ""),
+               disable=not progress)
     for step in bar:
         d_active, n_points = dims.value(step), points.value(step)
-        xs, ys = sample_prompts(jax.random.fold_in(key, step), task, batch_size, n_points, d, d_active=d_active,
-                                **(task_kwargs or {}))
+        xs, ys = sample(keys, step, n_points, d_active)
         state, loss = step_fn(state, xs, ys)
         window.append(loss)
         if (step + 1) % log_every == 0 or step + 1 == num_steps:
-            mean = float(np.mean(jax.device_get(window)))
-            history.append(dict(step=step + 1, loss=mean, dims=d_active, points=n_points))
-            bar.set_postfix(loss=f"{mean:.3f}", dims=d_active, points=n_points)
+            means = np.mean(jax.device_get(window), axis=0)                    # (seeds,)
+            for history, mean in zip(histories, means):
+                history.append(dict(step=step + 1, loss=float(mean), dims=d_active, points=n_points))
+            bar.set_postfix(loss=f"{float(means.mean()):.3f}", dims=d_active, points=n_points)
             window = []
-    return state, history
+    return state, histories
+
+
+def train(model: InContextRegressor, *, task: str, d: int, num_steps: int, batch_size: int,
+          dims: Curriculum, points: Curriculum, learning_rate: float = 1e-4, lr_schedule: str = "constant",
+          seed: int = 0, log_every: int = 50, progress: bool = True, task_kwargs: Optional[Dict] = None,
+          name: str = "icl"):
+    """One seed of `train_seeds`: returns (state, history: list of {step, loss, dims, points})."""
+    state, histories = train_seeds(model, seeds=(seed,), task=task, d=d, num_steps=num_steps,
+                                   batch_size=batch_size, dims=dims, points=points, learning_rate=learning_rate,
+                                   lr_schedule=lr_schedule, log_every=log_every, progress=progress,
+                                   task_kwargs=task_kwargs, name=name)
+    return seed_state(state, 0), histories[0]

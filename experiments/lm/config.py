@@ -14,16 +14,17 @@ import datetime
 import difflib
 import os
 import typing
-from typing import Any, Dict, Mapping, Sequence
+from typing import Any, Dict, Mapping, Sequence, Union
 
 from mamba_jax.data import make_task
-from mamba_jax.layers import MambaConfig
+from mamba_jax.layers import MambaConfig, TransformerConfig
 from mamba_jax.train import LoopConfig, OptimizerConfig
 
 TASKS = ("selective_copy", "mqar", "text")
 DEFAULT_TASK = "text"  # of `mamba-jax run lm` without --task
 PRESETS = ("smoke", "cpu", "paper")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+ARCHITECTURES = ("mamba", "transformer")
 TOKENIZERS = ("byte", "bpe")
 BYTE_VOCAB_SIZE = 259  # mamba_jax.data.text.ByteTokenizer: 256 byte values + BOS, EOS, PAD
 
@@ -39,6 +40,7 @@ class LMConfig:
     seq_len: int = 32
     n_tokens_to_copy: int = 4          # selective_copy: data tokens to copy
     n_data_tokens: int = 8             # selective_copy: distinct data token values (vocab = this + 2)
+    copy_teacher_forced: bool = True   # selective_copy: False = the Mamba paper's (markers in the answer region)
     num_kv_pairs: int = 4              # mqar: key-value pairs (all queried)
     mqar_vocab_size: int = 32          # mqar: keys in [1, V/2), values in [V/2, V)
     mqar_power_a: float = 0.01         # mqar: query-slot power law (Zoology's default 0.01)
@@ -48,7 +50,9 @@ class LMConfig:
     text_eval_fraction: float = 0.05   # text: share of files held out for eval (stable hash of the path)
     tokenizer: str = "byte"            # text: byte (vocab 259) | bpe (trained on the train split)
     bpe_vocab_size: int = 1024         # text, bpe: target vocabulary (specials included; the model's vocab)
-    # -- model (MambaLM) --
+    # -- model: a Mamba LM, or a Llama-style Transformer of the same width and depth (rotary positions) --
+    architecture: str = "mamba"        # mamba | transformer
+    n_heads: int = 4                   # transformer: attention heads (d_intermediate = 4 · d_model)
     d_model: int = 128
     n_layer: int = 2
     d_state: int = 16
@@ -90,6 +94,8 @@ class LMConfig:
         if self.batch_size % self.grad_accum_steps:
             raise ValueError(f"LMConfig: `grad_accum_steps` ({self.grad_accum_steps}) must divide `batch_size` "
                              f"({self.batch_size}) into equal micro-batches")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"LMConfig: `architecture` must be one of {ARCHITECTURES}; got {self.architecture!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"LMConfig: `compute_dtype` must be one of {COMPUTE_DTYPES}; got {self.compute_dtype!r}")
         self._check_text_fields()
@@ -148,14 +154,18 @@ class LMConfig:
                              "synthetic task")
         if self.task == "selective_copy":
             return make_task("selective_copy", seq_len=self.seq_len, n_tokens_to_copy=self.n_tokens_to_copy,
-                             n_data_tokens=self.n_data_tokens)
+                             n_data_tokens=self.n_data_tokens, teacher_forced=self.copy_teacher_forced)
         return make_task("mqar", seq_len=self.seq_len, num_kv_pairs=self.num_kv_pairs,
                          vocab_size=self.mqar_vocab_size, power_a=self.mqar_power_a)
 
-    def model_config(self) -> MambaConfig:
-        return MambaConfig(vocab_size=self.vocab_size(), d_model=self.d_model, n_layer=self.n_layer,
-                           d_state=self.d_state, d_conv=self.d_conv, expand=self.expand, selective=self.selective,
-                           scan_impl=self.scan_impl, dtype=self.compute_dtype, param_dtype="float32")
+    def model_config(self) -> Union[MambaConfig, TransformerConfig]:
+        common = dict(vocab_size=self.vocab_size(), d_model=self.d_model, n_layer=self.n_layer,
+                      dtype=self.compute_dtype, param_dtype="float32")
+        if self.architecture == "transformer":
+            return TransformerConfig(**common, n_heads=self.n_heads, d_intermediate=4 * self.d_model,
+                                     max_position_embeddings=max(2048, self.seq_len))
+        return MambaConfig(**common, d_state=self.d_state, d_conv=self.d_conv, expand=self.expand,
+                           selective=self.selective, scan_impl=self.scan_impl)
 
     def optimizer_config(self) -> OptimizerConfig:
         return OptimizerConfig(learning_rate=self.learning_rate, warmup_steps=self.warmup_steps,
@@ -186,7 +196,8 @@ _PRESET_VALUES: Dict[str, Dict[str, Any]] = {
                   checkpoint_every=5000, progress=True),
 }
 _TASK_PRESET_VALUES: Dict[tuple, Dict[str, Any]] = {
-    ("paper", "selective_copy"): dict(seq_len=4096 + 16, n_tokens_to_copy=16, n_data_tokens=14),
+    ("paper", "selective_copy"): dict(seq_len=4096 + 16, n_tokens_to_copy=16, n_data_tokens=14,
+                                      copy_teacher_forced=False),
     ("paper", "mqar"): dict(seq_len=512, num_kv_pairs=64, mqar_vocab_size=8192, d_model=256, n_layer=2),
     # text: 8 files (a quarter held out), rows of 64 bytes
     ("smoke", "text"): dict(seq_len=64, text_max_files=8, text_eval_fraction=0.25, d_model=32, batch_size=8,

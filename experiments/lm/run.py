@@ -169,34 +169,45 @@ def task_description(config: LMConfig) -> str:
                 f"rows of {config.seq_len} with seq_idx (the scan restarts at each document), "
                 f"{config.text_eval_fraction:.0%} of the files held out")
     if config.task == "selective_copy":
+        answers = "teacher-forced" if config.copy_teacher_forced else "answers read at markers (not teacher-forced)"
         return (f"selective copying: {config.n_tokens_to_copy} of {config.n_data_tokens} data tokens in a noise "
-                f"region of {config.seq_len - config.n_tokens_to_copy}, seq_len {config.seq_len}, teacher-forced")
+                f"region of {config.seq_len - config.n_tokens_to_copy}, seq_len {config.seq_len}, {answers}")
     return (f"MQAR: {config.num_kv_pairs} kv pairs, vocab {config.mqar_vocab_size}, seq_len {config.seq_len}, "
             f"power_a {config.mqar_power_a}")
+
+
+def model_description(config: LMConfig) -> str:
+    """The model's name in tables and titles: Mamba-1 (S6), its LTI ablation, or the Transformer."""
+    if config.architecture == "transformer":
+        return f"Transformer (Llama-style, rotary, {config.n_heads} heads)"
+    return "Mamba-1" + ("" if config.selective else " with the LTI layer (Δ, B, C input-independent)")
 
 
 def results_markdown(results: Dict[str, Any]) -> str:
     """The results table (ours beside the published number, where one exists) as markdown."""
     cfg, final, paper = results["config"], results["final"], results["paper"]
+    model = model_description(config_from_dict(cfg))
     lines = [
         f"# lm: {cfg['task']} ({cfg['preset']} preset)",
         "",
-        f"Task: {results['task_description']}. Model: Mamba-1, n_layer {cfg['n_layer']}, d_model "
-        f"{cfg['d_model']}, d_state {cfg['d_state']} ({results['num_params']:,} parameters). "
+        f"Task: {results['task_description']}. Model: {model}, n_layer {cfg['n_layer']}, d_model "
+        f"{cfg['d_model']}" + (f", d_state {cfg['d_state']}" if cfg["architecture"] == "mamba" else "")
+        + f" ({results['num_params']:,} parameters). "
         f"{cfg['num_steps']} steps × batch {cfg['batch_size']}. Evaluated on {results['eval_sequences']} held-out "
         f"sequences ({int(final['eval_tokens'])} answer tokens). Run: {results['wall_time_s']:.0f} s on "
         f"{results['device']}, {results['date']}.",
         "",
         "| model | setting | answer-token accuracy | exact match (all answers) | chance |",
         "|---|---|---|---|---|",
-        f"| Mamba (ours) | {cfg['preset']} preset, above | {100 * final['eval_accuracy']:.1f}% | "
+        f"| {model} (ours) | {cfg['preset']} preset, above | {100 * final['eval_accuracy']:.1f}% | "
         f"{100 * final['eval_exact_match']:.1f}% | {100 * results['chance_accuracy']:.1f}% |",
     ]
     if paper is not None:
         lines.append(f"| Mamba (published) | {paper['setting']} | {100 * paper['accuracy']:.1f}% | — | — |")
+        forced = ", teacher-forced answers" if cfg.get("copy_teacher_forced", True) else ""
         lines += ["", f"Published number: {paper['source']}. Our setting differs (shorter sequences, a smaller "
-                      f"vocabulary/fewer tokens, far fewer steps, teacher-forced answers), so the two are context, "
-                      f"not a like-for-like comparison."]
+                      f"vocabulary/fewer tokens, far fewer steps{forced}), so the two are context, not a "
+                      f"like-for-like comparison."]
     else:
         lines += ["", "No published table number for this setting: Zoology (Arora et al. 2023, arXiv 2312.04927) "
                       "reports MQAR accuracy in figures only."]
@@ -377,10 +388,11 @@ def build_train_state(config: LMConfig):
     computes in `config.compute_dtype`."""
     import jax
 
-    from mamba_jax.models import MambaLM, init_params
+    from mamba_jax.models import init_params
+    from mamba_jax.models.lm import DecoderLM
     from mamba_jax.train import create_train_state, make_optimizer
 
-    model = MambaLM(config.model_config())
+    model = DecoderLM(config.model_config())
     params = init_params(model, jax.random.PRNGKey(config.seed), seq_len=config.seq_len)
     return model, create_train_state(model.apply, params, make_optimizer(config.optimizer_config()))
 
@@ -490,7 +502,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f.write(table)
     plot_history(records, os.path.join(out, "training.png"), chance=results["chance_accuracy"],
                  baseline_bpb=text.baseline["unigram_bits_per_byte"] if text else None,
-                 title=f"Mamba on {config.task} ({config.preset} preset)")
+                 title=f"{model_description(config)} on {config.task} ({config.preset} preset)")
     print(table)
     if text is not None:
         print(f"held-out bits per byte: {final['eval_bits_per_byte']:.4f} (Mamba) vs. "

@@ -31,7 +31,8 @@ from mamba_jax.layers.config import BaseLMConfig
 from mamba_jax.models.moe_mamba import PAPER_SETTINGS, mamba_baseline_config, moe_mamba_config
 
 PRESETS = ("smoke", "cpu", "paper")
-ROUTER_NAMES = ("switch", "topk")   # expert choice is not causal: refused in language models
+ROUTER_NAMES = ("switch", "topk")
+ROUTINGS = ("batch", "sequence")   # expert choice is not causal: refused in language models
 ARM_FORMS = ("mamba", "moe", "moe_e<N>", "moe_top2", "moe_cf<X>", "moe_parallel")
 BASELINE = "mamba"
 
@@ -98,6 +99,9 @@ class MoEMambaConfig:
     d_expert: int = 0                  # expert FFN width; 0 = 3·d_model (the paper's)
     router: str = "switch"
     capacity_factor: float = 1.0
+    # routing groups: "batch" (the authors' code: capacity and balancing loss over all of a batch's tokens,
+    # position-major so no row's future reaches its past) or "sequence" (each row alone)
+    routing: str = "batch"
     aux_loss_coef: float = 0.01
     jitter: float = 0.0                # router-input jitter eps (Switch); per-step rng from `seed`
     dispatch: str = "sorted"
@@ -128,6 +132,8 @@ class MoEMambaConfig:
             raise ValueError(f"MoEMambaConfig: `preset` must be one of {PRESETS}; got {self.preset!r}")
         if self.setting not in PAPER_SETTINGS:
             raise ValueError(f"MoEMambaConfig: `setting` must be one of {tuple(PAPER_SETTINGS)}; got {self.setting!r}")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"MoEMambaConfig: `routing` must be one of {ROUTINGS}; got {self.routing!r}")
         if self.router not in ROUTER_NAMES:
             raise ValueError(f"MoEMambaConfig: `router` must be one of {ROUTER_NAMES}; got {self.router!r}")
         for name in ("d_model", "n_blocks", "n_experts"):
@@ -171,6 +177,7 @@ class MoEMambaConfig:
         baseline = settings.pop("baseline", False)
         kwargs = dict(self.sizes(), router=self.router, capacity_factor=self.capacity_factor,
                       aux_loss_coef=self.aux_loss_coef, jitter=self.jitter, dispatch=self.dispatch,
+                      routing_rows=None if self.routing == "batch" else 1,
                       d_state=self.d_state,
                       expand=self.expand, scan_impl=self.scan_impl, d_expert=self.d_expert or None)
         kwargs.update(settings)

@@ -68,20 +68,26 @@ class SelectiveCopyTask:
         [SEP] [d_1 ... d_n_tokens_to_copy]
 
     ``inputs = full[:-1]``, ``targets = full[1:]``; the loss mask marks the ``n_tokens_to_copy`` positions
-    from the separator on, whose targets are d_1 ... d_n. Token ids: 0 = noise, 1 = separator,
-    2 .. 2 + n_data_tokens - 1 = data. Unlike the paper's version (marker tokens, no teacher forcing), the
-    answer is teacher-forced: the model sees d_1..d_{j-1} when predicting d_j.
+    from the separator on, whose targets are d_1 ... d_n. Token ids: 0 = noise, 1 = separator (marker),
+    2 .. 2 + n_data_tokens - 1 = data.
+
+    ``teacher_forced=True`` (the default) feeds the answer back: the model sees d_1..d_{j-1} when predicting
+    d_j. ``teacher_forced=False`` is the Mamba paper's version (its Figure 2): the answer region of the
+    inputs holds only markers, ``[noise region][SEP × n_tokens_to_copy]``, so every data token must be
+    recalled from the state, none can be read off the previous answer.
 
     Args:
       seq_len: L, the length of `inputs`/`targets`; needs L >= 2 * n_tokens_to_copy.
       n_tokens_to_copy: how many data tokens to memorise (the paper: 16).
       n_data_tokens: how many distinct data token values (the paper: 14, i.e. vocab 16 with noise and
         marker). Data tokens are drawn uniformly, with repetition.
+      teacher_forced: whether the inputs' answer region holds the answer so far (see above).
     """
 
     seq_len: int = 64
     n_tokens_to_copy: int = 8
     n_data_tokens: int = 8
+    teacher_forced: bool = True
 
     NOISE = 0
     SEPARATOR = 1
@@ -90,6 +96,8 @@ class SelectiveCopyTask:
     def __post_init__(self):
         for name in ("seq_len", "n_tokens_to_copy", "n_data_tokens"):
             _positive_int("SelectiveCopyTask", name, getattr(self, name))
+        if not isinstance(self.teacher_forced, (bool, np.bool_)):
+            raise ValueError(f"SelectiveCopyTask: `teacher_forced` must be a bool; got {self.teacher_forced!r}")
         if self.seq_len < 2 * self.n_tokens_to_copy:
             raise ValueError(
                 f"SelectiveCopyTask: `n_tokens_to_copy`={self.n_tokens_to_copy} is too many for "
@@ -119,7 +127,10 @@ class SelectiveCopyTask:
         full[positions] = data
         full[region] = self.SEPARATOR
         full[region + 1:] = data
-        return _lm_example(full, np.arange(region, region + m))
+        example = _lm_example(full, np.arange(region, region + m))
+        if not self.teacher_forced:
+            example["inputs"][region:] = self.SEPARATOR
+        return example
 
     def example(self, seed: int, index: int, split: str = "train") -> Example:
         """Example `index` of `split` for `seed` (deterministic)."""

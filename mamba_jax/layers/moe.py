@@ -5,8 +5,9 @@
     loss = task_loss + metrics["router_loss"]        # aux_loss_coef · aux_loss + z_loss_coef · z_loss
 
 x: (b, l, d_model) -> y: (b, l, d_model). With a capacity factor, each sequence (batch row) is one routing
-group: capacity and the (causal, token-major) drop order are per sequence (see `mamba_jax.ops.moe` for the
-routing conventions); dropped tokens get y = 0, so the residual connection around the layer carries them
+group by default: capacity and the (causal, token-major) drop order are per sequence (see `mamba_jax.ops.moe`
+for the routing conventions); `routing_rows` groups several rows, or the whole batch as MoE-Mamba's code does
+(position-major, so no row's future reaches its past: `to_routing_groups`); dropped tokens get y = 0, so the residual connection around the layer carries them
 unchanged. With capacity factor None the layer is dropless: every token reaches its k experts, and its
 output depends on nothing but its own input (the default in evaluation and decoding). An optional ``token_mask``
 (b, l) (1 = real token, 0 = padding) keeps padding out of routing: no expert slot, y = 0, and no part in
@@ -21,7 +22,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mamba_jax.layers.config import DTYPES, MOE, BaseLMConfig, check_choice, check_positive_int
-from mamba_jax.ops.moe import ACTIVATIONS, DISPATCHES, ROUTERS, default_k, router_jitter
+from mamba_jax.ops.moe import (ACTIVATIONS, DISPATCHES, ROUTERS, default_k, from_routing_groups, router_jitter,
+                               to_routing_groups)
 from mamba_jax.axes import EMBED, EXPERT, MLP
 from mamba_jax.sharding.experts import expert_parallel_moe
 
@@ -54,6 +56,12 @@ class MoEConfig:
     d_expert: hidden width of each expert FFN; None = 3 · d_model (MoE-Mamba's choice).
     activation: "relu" (Switch, MoE-Mamba), "gelu" or "silu". expert_bias: biases in the expert FFNs.
     dtype / param_dtype: of the expert computation and weights; the router is always float32.
+    routing_rows: batch rows per routing group (capacity and load-balancing loss are computed per group):
+       1 (default) = each sequence alone, so a sequence's output never depends on another's; None = the
+       whole batch (MoE-Mamba's code: capacity = cf · b · l · k / E, the aux loss over the batch); r = groups
+       of r rows (e.g. one device's batch shard). A group of several rows is ordered position-major
+       (`mamba_jax.ops.moe.to_routing_groups`) and its causal capacity counts its tokens in that order;
+       packed documents (`seq_idx`) then share their group's capacity.
     """
 
     n_experts: int = 8
@@ -70,10 +78,13 @@ class MoEConfig:
     expert_bias: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
+    routing_rows: Optional[int] = 1
 
     def __post_init__(self):
         owner = type(self).__name__
         check_positive_int(owner, "n_experts", self.n_experts)
+        if self.routing_rows is not None:
+            check_positive_int(owner, "routing_rows", self.routing_rows)
         check_choice(owner, "router", self.router, ROUTERS)
         if self.k is not None:
             check_positive_int(owner, "k", self.k)
@@ -170,12 +181,22 @@ class MoE(nn.Module):
             b_in = self.param("b_in", nn.with_logical_partitioning(zeros, (EXPERT, MLP)), (n_exp, d_expert), pdt)
             b_out = self.param("b_out", nn.with_logical_partitioning(zeros, (EXPERT, EMBED)), (n_exp, d_model), pdt)
 
+        rows = x.shape[0] if cfg.routing_rows is None else cfg.routing_rows
+        if rows > 1:
+            if x.shape[0] % rows:
+                raise ValueError(f"MoE: the batch ({x.shape[0]} sequences) must be divisible by `routing_rows`="
+                                 f"{rows} (MoEConfig)")
+            x, logits = to_routing_groups(x, rows), to_routing_groups(logits, rows)
+            token_mask = None if token_mask is None else to_routing_groups(jnp.asarray(token_mask), rows)
+            seq_idx = None
         # on a mesh with an `expert` axis: experts split over it, tokens exchanged with all-to-all
         y, metrics = expert_parallel_moe(x, logits, w_in, w_out, b_in, b_out, activation=cfg.activation,
                                          router=cfg.router, k=cfg.top_k,
                                          capacity_factor=cfg.capacity_factor(deterministic),
                                          dispatch=cfg.dispatch, compute_dtype=cdt, token_mask=token_mask,
                                          seq_idx=seq_idx)
+        if rows > 1:
+            y = from_routing_groups(y, rows)
         metrics = dict(metrics)
         metrics["router_loss"] = cfg.aux_loss_coef * metrics["aux_loss"] + cfg.z_loss_coef * metrics["z_loss"]
         return y, metrics

@@ -15,7 +15,7 @@ h += Mamba(norm(h)) + MoE(norm(h)) in each block) with the same sublayers.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import jax
 
@@ -35,7 +35,7 @@ def moe_mamba_config(setting: str = "25m", *, vocab_size: int, n_experts: int = 
                      aux_loss_coef: float = 0.01, z_loss_coef: float = 0.0, jitter: float = 0.0,
                      dispatch: str = "sorted",
                      expand: int = 2, d_state: int = 16, d_expert: int = None, scan_impl: str = "auto",
-                     parallel: bool = False, **common) -> HybridConfig:
+                     parallel: bool = False, routing_rows: Optional[int] = 1, **common) -> HybridConfig:
     """A MoE-Mamba HybridConfig: `n_blocks` × (Mamba layer, Switch MoE layer), sequential as in the
     paper's main model; ``parallel=True`` (the paper's parallel ablation): `n_blocks` "P" layers, each
     h += Mamba(norm(h)) + MoE(norm(h)) with the same sublayers (one norm per block instead of two).
@@ -45,6 +45,9 @@ def moe_mamba_config(setting: str = "25m", *, vocab_size: int, n_experts: int = 
     causal model's eval loss must not depend on later tokens through capacity). `jitter`: the router-input jitter eps (Switch; 0 = off;
     training then needs a "jitter" rng, e.g. ``make_train_step(rng=seed)``). `setting` "25m" / "100m"
     fills d_model, n_blocks and n_experts (explicit arguments win). `scan_impl`: the Mamba layers' selective-scan implementation.
+    `routing_rows`: rows per routing group (`MoEConfig.routing_rows`): 1 (the default) = each sequence alone;
+    None = the whole batch, as the authors' code (llm-random) computes capacity and the balancing loss over
+    all of a batch's tokens (position-major, so nothing reaches a row's past from its future).
     `common`: other BaseLMConfig fields (dtype, remat, ...).
     """
     if setting not in PAPER_SETTINGS:
@@ -55,7 +58,8 @@ def moe_mamba_config(setting: str = "25m", *, vocab_size: int, n_experts: int = 
     n_experts = base["n_experts"] if n_experts is None else n_experts
     moe = MoEConfig(n_experts=n_experts, router=router, capacity_factor_train=capacity_factor,
                     capacity_factor_eval=None, aux_loss_coef=aux_loss_coef,
-                    z_loss_coef=z_loss_coef, jitter=jitter, dispatch=dispatch, d_expert=d_expert)
+                    z_loss_coef=z_loss_coef, jitter=jitter, dispatch=dispatch, d_expert=d_expert,
+                    routing_rows=routing_rows)
     block = MAMBA_MOE if parallel else f"{MAMBA} {MOE}"
     return HybridConfig(pattern=" ".join([block] * n_blocks), vocab_size=vocab_size, d_model=d_model,
                         mamba=MambaConfig(expand=expand, d_state=d_state, scan_impl=scan_impl),

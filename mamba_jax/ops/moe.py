@@ -270,6 +270,26 @@ def _documents(token_mask, seq_idx, g: int, t: int):
     return doc_start, token_positions(token_mask, seq_idx, None, g, t)
 
 
+def to_routing_groups(a, rows: int):
+    """Rows of a batch into routing groups of `rows` rows each, position-major: (b, l, ...) ->
+    (b / rows, l · rows, ...), group i holding rows i·rows .. (i + 1)·rows − 1 ordered as (position 0 of each
+    row, position 1 of each row, ...). Under the causal capacity a token's fate then depends on earlier
+    positions of every row in its group and on the same position of the rows before it, never on any row's
+    later positions (MoE-Mamba's batch-level capacity without a leak from a row's future)."""
+    b, l = a.shape[:2]
+    if b % rows:
+        raise ValueError(f"to_routing_groups: the batch ({b} rows) must be divisible by `rows`={rows}")
+    grouped = a.reshape(b // rows, rows, l, *a.shape[2:])
+    return jnp.swapaxes(grouped, 1, 2).reshape(b // rows, l * rows, *a.shape[2:])
+
+
+def from_routing_groups(a, rows: int):
+    """The inverse of `to_routing_groups`: (b / rows, l · rows, ...) -> (b, l, ...)."""
+    g, n = a.shape[:2]
+    grouped = a.reshape(g, n // rows, rows, *a.shape[2:])
+    return jnp.swapaxes(grouped, 1, 2).reshape(g * rows, n // rows, *a.shape[2:])
+
+
 def route_token_choice(logits, k: int, capacity_factor: float, *, token_mask=None, seq_idx=None) -> Routing:
     """Switch (k = 1) / top-k token-choice routing with the causal capacity (`causal_slots`).
 

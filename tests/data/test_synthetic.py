@@ -35,6 +35,28 @@ def test_selective_copy_answers_are_the_non_noise_tokens_in_order(seq_len, m, k)
         assert inputs.max() < task.vocab_size and targets.max() < task.vocab_size
 
 
+@pytest.mark.parametrize("seq_len,m,k", [(16, 2, 4), (264, 4, 8)])
+def test_selective_copy_without_teacher_forcing_feeds_only_markers(seq_len, m, k):
+    """The Mamba paper's version: the answer region of the inputs is markers only, so no answer is visible
+    when the next is predicted; the noise region, targets and mask are those of the teacher-forced example."""
+    forced = SelectiveCopyTask(seq_len=seq_len, n_tokens_to_copy=m, n_data_tokens=k)
+    paper = SelectiveCopyTask(seq_len=seq_len, n_tokens_to_copy=m, n_data_tokens=k, teacher_forced=False)
+    for i in range(20):
+        a, b = forced.example(0, i), paper.example(0, i)
+        np.testing.assert_array_equal(b["targets"], a["targets"])
+        np.testing.assert_array_equal(b["loss_mask"], a["loss_mask"])
+        region = seq_len - m
+        np.testing.assert_array_equal(b["inputs"][:region], a["inputs"][:region])
+        np.testing.assert_array_equal(b["inputs"][region:], [paper.SEPARATOR] * m)
+        # the answers are the data tokens of the noise region, in order, and none of them is in the input
+        # after the region
+        data = b["inputs"][:region][b["inputs"][:region] != paper.NOISE]
+        np.testing.assert_array_equal(b["targets"][b["loss_mask"]], data)
+        assert np.all(np.flatnonzero(b["loss_mask"]) >= region)
+    with pytest.raises(ValueError, match="`teacher_forced`"):
+        SelectiveCopyTask(teacher_forced="no")
+
+
 def test_selective_copy_positions_vary():
     task = SelectiveCopyTask(seq_len=64, n_tokens_to_copy=8, n_data_tokens=8)
     layouts = {tuple(np.flatnonzero(ex["inputs"][:56] != 0)) for ex in _examples(task, 20)}

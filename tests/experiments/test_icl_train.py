@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from experiments.icl.train import (Curriculum, icl_loss, learning_rate_schedule, model_errors, paper_curricula,
-                                  train)
+                                  seed_state, train, train_seeds)
 from mamba_jax.data.function_classes import sample_prompts
 from mamba_jax.models import MambaConfig
 from mamba_jax.models.icl import InContextRegressor
@@ -59,3 +59,20 @@ def test_training_learns_linear_regression_in_context():
     assert errors[0] > 0.8  # the first prediction has no examples: nothing to learn from
     averaging = np.mean([(d + 1) / i for i in range(8, 12)])
     assert errors[-4:].mean() < min(0.45, averaging), errors
+
+
+def test_each_seed_of_a_vmapped_run_is_the_lone_run_of_that_seed():
+    """`train_seeds` trains all seeds in one vmapped step; seed 1 of (0, 1) must be `train(seed=1)` — the
+    same initialisation and the same prompts — and seed 0 must differ from it."""
+    model = InContextRegressor(MambaConfig(d_model=16, n_layer=1, d_state=4))
+    kw = dict(task="linear_regression", d=3, num_steps=12, batch_size=4, dims=Curriculum(2, 3, 1, 6),
+              points=Curriculum(4, 6, 2, 6), learning_rate=3e-3, log_every=6, progress=False)
+    lone, history = train(model, seed=1, **kw)
+    both, histories = train_seeds(model, seeds=(0, 1), **kw)
+    np.testing.assert_allclose([h["loss"] for h in histories[1]], [h["loss"] for h in history], rtol=1e-5)
+    assert [h["points"] for h in history] == [4, 6]
+    for a, b in zip(jax.tree_util.tree_leaves(lone.params), jax.tree_util.tree_leaves(seed_state(both, 1).params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(histories[0][0]["loss"], histories[1][0]["loss"])
+    with pytest.raises(ValueError, match="`seeds`"):
+        train_seeds(model, seeds=(), **kw)

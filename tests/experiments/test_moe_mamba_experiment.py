@@ -176,3 +176,16 @@ def test_cpu_and_paper_presets_build():
     cpu = MoEMambaConfig()
     assert cpu.preset == "cpu" and "moe_top2" in cpu.arm_names() and cpu.arm_names()[0] == "mamba"
     assert preset_config("paper").lm_config().seq_len == 256
+
+
+def test_routing_groups_are_the_whole_batch_by_default_as_the_authors_code():
+    """llm-random computes capacity and the balancing loss over all of a batch's tokens: the experiment's
+    MoE layers route the whole batch as one group (`routing_rows=None`); `routing=sequence` keeps rows apart."""
+    config = preset_config("smoke")
+    assert config.routing == "batch"
+    moe = config.model_config("moe").moe.moe
+    assert moe.routing_rows is None
+    per_row = MoEMambaConfig(**{**vars(config), "routing": "sequence"}).model_config("moe").moe.moe
+    assert per_row.routing_rows == 1 and per_row.replace(routing_rows=None) == moe
+    with pytest.raises(ValueError, match="`routing`"):
+        MoEMambaConfig(**{**vars(config), "routing": "row"})
