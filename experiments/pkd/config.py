@@ -18,6 +18,10 @@ from mamba_jax.data.images import DATASETS
 from mamba_jax.models.classifier import ClassifierConfig
 
 PRESETS = ("smoke", "cpu", "paper")
+# How an ensemble of students predicts: "additive" (B-DISTIL: F_m = F_{m-1} + f_m in logit space, student m
+# trained on the sum with students 1..m-1 frozen) or "mean_softmax" (the mean of the students' softmaxes,
+# each student trained alone with boosting weights from the ensemble before it).
+ENSEMBLE_RULES = ("additive", "mean_softmax")
 IMAGE_SHAPES = {"fashion_mnist": (28, 28), "mnist": (28, 28), "digits": (8, 8)}
 
 
@@ -36,10 +40,13 @@ class PKDConfig:
     FLOPs per example come closest to the whole ensemble's (`single_layers` layers); they train
     `single_steps` steps, which at equal FLOPs per example is the ensemble's total training compute when
     single_steps = student_steps.
-    Loss of every student: per-example weighted mean of α·CE + (1−α)·T²·KL(teacher_T ‖ student_T).
-    Boosting weights (before student m+1): w_i ∝ exp(β · ℓ_i), ℓ_i the cross-entropy of the current
-    ensemble (mean of its students' softmaxes) on example i, normalised to mean 1 and clipped at
-    `boost_max_weight` (then normalised again); uniform for the first student.
+    Ensembles (`ensembles`, ENSEMBLE_RULES): "additive" — student m's logits f_m are added to the frozen
+    sum F_{m−1} of the students before it (their logits precomputed like the teacher's), and the loss
+    α·CE + (1−α)·T²·KL(teacher_T ‖ softmax((F_{m−1} + f_m)/T)) is that of the sum; "mean_softmax" — each
+    student's own loss α·CE + (1−α)·T²·KL(teacher_T ‖ student_T), per-example weighted by boosting weights
+    (before student m+1): w_i ∝ exp(β · ℓ_i), ℓ_i the cross-entropy of the current ensemble (mean of its
+    students' softmaxes) on example i, normalised to mean 1 and clipped at `boost_max_weight` (then
+    normalised again); uniform for the first student.
     """
 
     preset: str = "cpu"
@@ -64,8 +71,10 @@ class PKDConfig:
     # -- loss --
     alpha: float = 0.5                    # weight of the hard-label CE; 1 − alpha on the KD term
     temperature: float = 2.0
-    boost_beta: float = 1.0
+    boost_beta: float = 1.0               # mean_softmax only: the boosting weights' β
     boost_max_weight: float = 20.0
+    # ensembles trained in the run, the first being the main one (tables, measurements): ENSEMBLE_RULES
+    ensembles: str = "additive,mean_softmax"
     # -- optimisation (AdamW, warm-up + cosine decay, clipping: mamba_jax.train.optim) --
     batch_size: int = 128
     learning_rate: float = 3e-3
@@ -107,6 +116,7 @@ class PKDConfig:
             raise ValueError(f"PKDConfig: `warmup_steps` must be an int in [0, min(teacher_steps, student_steps, "
                              f"single_steps)); got {self.warmup_steps!r}")
         self.student_widths()
+        self.ensemble_rules()
         self.teacher_config()
 
     @property
@@ -123,6 +133,14 @@ class PKDConfig:
             raise ValueError(f"PKDConfig: `student_d_models` must be comma-separated positive ints (one per "
                              f"student); got {self.student_d_models!r}")
         return widths
+
+    def ensemble_rules(self) -> Tuple[str, ...]:
+        """The ensembles of the run (`ensembles`), the main one first."""
+        rules = tuple(x.strip() for x in self.ensembles.split(",") if x.strip())
+        if not rules or len(set(rules)) != len(rules) or set(rules) - set(ENSEMBLE_RULES):
+            raise ValueError(f"PKDConfig: `ensembles` must be a comma-separated subset of {ENSEMBLE_RULES}; got "
+                             f"{self.ensembles!r}")
+        return rules
 
     def _classifier(self, d_model: int, n_layer: int, d_state: int, bidirectional: bool) -> ClassifierConfig:
         h, w = self.image_shape

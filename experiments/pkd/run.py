@@ -3,14 +3,18 @@ ensemble of small Mamba students (Medina et al., arXiv 2503.01727), beside two s
 
 1. Teacher: a larger (bidirectional) `MambaClassifier`, trained with cross-entropy. Its logits on every
    training image are computed once and stored (the teacher is frozen from then on).
-2. Progressive ensemble: K small students trained one after another. Student m+1's loss is the
-   per-example weighted mean of ``α·CE + (1−α)·T²·KL(teacher_T ‖ student_T)`` (`kd_loss` of
-   `mamba_jax.distill`, per example), with boosting weights ``w_i ∝ exp(β·ℓ_i)`` where ℓ_i is the
-   cross-entropy of the ensemble of students 1..m on training example i (`boosting_weights`; uniform for
-   the first student): examples the ensemble still gets wrong count more, in the spirit of B-DISTIL.
-   The ensemble's prediction after m students is the average of their softmaxes (probabilities, not
-   logits: each student is calibrated on its own, and averaging probabilities is the classic bagging /
-   boosting-committee rule). Accuracy after 1, 2, ..., K students is the anytime curve.
+2. Progressive ensembles of K small students trained one after another, one ensemble per rule of
+   `ensembles` (the first is the main one):
+   - "additive" (B-DISTIL, arXiv 2302.10093): F_m = F_{m−1} + f_m in logit space. Student m trains with
+     students 1..m−1 frozen (their logits on every training image precomputed, like the teacher's) on
+     ``α·CE(F_{m−1} + f_m) + (1−α)·T²·KL(teacher_T ‖ softmax((F_{m−1} + f_m)/T))``: it fits what the
+     teacher has and the ensemble so far lacks. The ensemble predicts with the sum of the logits.
+   - "mean_softmax": each student's own loss ``α·CE + (1−α)·T²·KL(teacher_T ‖ student_T)``
+     (`kd_loss` of `mamba_jax.distill`, per example), per-example weighted by boosting weights
+     ``w_i ∝ exp(β·ℓ_i)``, ℓ_i the cross-entropy of the ensemble of students 1..m on example i
+     (`boosting_weights`; uniform for the first student); the ensemble predicts with the mean of the
+     students' softmaxes.
+   Accuracy after 1, 2, ..., K students is the anytime curve of each.
 3. "direct": one student whose FLOPs per example match the whole ensemble's (width searched with XLA's
    cost analysis), distilled from the teacher with the same loss and uniform weights; "labels": the
    same architecture trained with cross-entropy only.
@@ -23,6 +27,7 @@ of `latency_repeats` calls, the default CPU scan); peak memory = compiled `memor
 argument bytes at batch 256 (and 1).
 
 Writes `results/pkd/<timestamp>/`: config.json, metrics.jsonl (training losses), models/<name>.msgpack
+(students: <rule>_student_<m>)
 (flax msgpack params) and models/<name>.json (ClassifierConfig), results.json, results.md (printed at the
 end) and accuracy_vs_flops.png.
 """
@@ -45,7 +50,7 @@ import optax
 from flax import serialization
 
 from experiments.lm.config import parse_run_arguments, timestamped_run_dir
-from experiments.pkd.config import PRESETS, PKDConfig, preset_config
+from experiments.pkd.config import ENSEMBLE_RULES, PRESETS, PKDConfig, preset_config
 from mamba_jax.bench_utils import hardware_description, markdown_table
 from mamba_jax.data.images import fashion_mnist_baselines, image_batches, load_images
 from mamba_jax.distill.losses import kd_loss
@@ -54,6 +59,8 @@ from mamba_jax.train.optim import OptimizerConfig, make_optimizer
 from mamba_jax.train.step import TrainState
 
 RESULTS_ROOT = os.path.join("results", "pkd")
+RULE_TEXT = {"additive": "additive (sum of logits, B-DISTIL)",
+             "mean_softmax": "mean of softmaxes, boosting weights"}
 
 # The paper's figures (Medina et al., arXiv 2503.01727) on MNIST — not Fashion-MNIST, not our runs.
 PAPER_MNIST = [
@@ -124,12 +131,14 @@ def boosting_weights(losses: np.ndarray, beta: float, max_weight: Optional[float
 @functools.lru_cache(maxsize=None)
 def _train_step(model_config: ClassifierConfig, opt: OptimizerConfig, alpha: float, temperature: float,
                 distill: bool):
-    """A jitted ``(state, images, labels, teacher_logits, weights) -> (state, loss)`` (one per setting)."""
+    """A jitted ``(state, images, labels, teacher_logits, weights, base_logits) -> (state, loss)`` (one per
+    setting). The loss is that of ``base_logits + the model's logits``: base_logits (b, V) are the frozen
+    logits of an additive ensemble's earlier students (zeros for a model trained alone)."""
     model = MambaClassifier(model_config)
 
-    def step(state, images, labels, teacher_logits, weights):
+    def step(state, images, labels, teacher_logits, weights, base_logits):
         def loss_fn(params):
-            logits = model.apply({"params": params}, images)
+            logits = base_logits + model.apply({"params": params}, images)
             per = per_example_loss(logits, labels, teacher_logits if distill else None, alpha=alpha,
                                    temperature=temperature)
             return jnp.sum(weights * per) / jnp.sum(weights)
@@ -177,11 +186,13 @@ def init_params(model_config: ClassifierConfig, seed: int):
 
 def train_model(name: str, model_config: ClassifierConfig, config: PKDConfig, train: Tuple[np.ndarray, np.ndarray],
                 *, steps: int, seed: int, teacher_logits: Optional[np.ndarray] = None,
-                weights: Optional[np.ndarray] = None, pbar=None, records: Optional[List[dict]] = None):
+                weights: Optional[np.ndarray] = None, base_logits: Optional[np.ndarray] = None, pbar=None,
+                records: Optional[List[dict]] = None):
     """Train one classifier for `steps` steps on shuffled batches of `train` (images, labels).
 
     teacher_logits: (n, V) stored teacher logits (the KD term) or None (cross-entropy only).
-    weights: (n,) per-example weights (None: uniform). Returns the trained params; appends
+    weights: (n,) per-example weights (None: uniform). base_logits: (n, V) logits the model's are added to
+    before the loss (an additive ensemble's frozen students; None: zeros). Returns the trained params; appends
     {model, step, loss} (mean over the last `log_every` steps) to `records`.
     """
     images, labels = train
@@ -203,7 +214,8 @@ def train_model(name: str, model_config: ClassifierConfig, config: PKDConfig, tr
         idx = batch["index"]
         t = teacher_logits[idx] if distill else np.zeros((len(idx), n_classes), np.float32)
         w = (np.ones(len(idx), np.float32) if weights is None else weights[idx].astype(np.float32))
-        state, loss = step_fn(state, batch["image"], batch["label"], t, w)
+        base = np.zeros((len(idx), n_classes), np.float32) if base_logits is None else base_logits[idx]
+        state, loss = step_fn(state, batch["image"], batch["label"], t, w, base)
         window.append(loss)
         if (step + 1) % config.log_every == 0 or step + 1 == steps:
             mean = float(np.mean([float(x) for x in window]))
@@ -231,17 +243,23 @@ def _cpu():
     return jax.devices("cpu")[0]
 
 
-def _forward_fn(configs: Sequence[ClassifierConfig]):
-    """images → mean of the models' softmaxes (one model: its logits). Params: a tuple, one per model."""
+def ensemble_prediction(rule: str, logits: Sequence[Any]):
+    """An ensemble's prediction from its students' logits [(b, V)] (jnp or numpy): "additive" — their sum
+    (logits); "mean_softmax" — the mean of their softmaxes (probabilities)."""
+    if rule == "additive":
+        return sum(logits)
+    if rule == "mean_softmax":
+        return sum(jax.nn.softmax(z, axis=-1) for z in logits) / len(logits)
+    raise ValueError(f"ensemble_prediction: `rule` must be one of {ENSEMBLE_RULES}; got {rule!r}")
+
+
+def _forward_fn(configs: Sequence[ClassifierConfig], rule: str = "mean_softmax"):
+    """images → the ensemble's prediction (`ensemble_prediction`; one model: its logits). Params: a tuple,
+    one per model."""
     models = [MambaClassifier(c) for c in configs]
     if len(models) == 1:
         return lambda params, x: models[0].apply({"params": params[0]}, x)
-
-    def ensemble(params, x):
-        probs = [jax.nn.softmax(m.apply({"params": p}, x), axis=-1) for m, p in zip(models, params)]
-        return sum(probs) / len(probs)
-
-    return ensemble
+    return lambda params, x: ensemble_prediction(rule, [m.apply({"params": p}, x) for m, p in zip(models, params)])
 
 
 def _image_spec(cfg: ClassifierConfig, batch: int):
@@ -255,37 +273,39 @@ def _param_specs(cfg: ClassifierConfig):
 
 
 @functools.lru_cache(maxsize=None)
-def flops_per_example(configs: Tuple[ClassifierConfig, ...]) -> float:
-    """XLA's FLOPs of one forward at batch 1 of a model (or of an ensemble: all softmaxes and their mean),
-    compiled for the CPU with the associative scan (no while loop, so every step of the recurrence is
-    counted; see the module docstring)."""
+def flops_per_example(configs: Tuple[ClassifierConfig, ...], rule: str = "mean_softmax") -> float:
+    """XLA's FLOPs of one forward at batch 1 of a model (or of an ensemble under `rule`), compiled for the
+    CPU with the associative scan (no while loop, so every step of the recurrence is counted; see the
+    module docstring)."""
     configs = tuple(c.replace(scan_impl="associative") for c in configs)
     params = tuple(_param_specs(c) for c in configs)
     with jax.default_device(_cpu()):
-        compiled = jax.jit(_forward_fn(configs)).lower(params, _image_spec(configs[0], 1)).compile()
+        compiled = jax.jit(_forward_fn(configs, rule)).lower(params, _image_spec(configs[0], 1)).compile()
     return float(_first(compiled.cost_analysis()).get("flops", float("nan")))
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_forward(configs: Tuple[ClassifierConfig, ...], batch: int, platform: str = "cpu"):
-    """The forward of `configs` (one model: logits; an ensemble: mean softmax) compiled for the first
-    device of `platform` at `batch` (cached)."""
+def _compiled_forward(configs: Tuple[ClassifierConfig, ...], batch: int, platform: str = "cpu",
+                      rule: str = "mean_softmax"):
+    """The forward of `configs` (one model: logits; an ensemble: its prediction under `rule`) compiled for
+    the first device of `platform` at `batch` (cached)."""
     params = tuple(_param_specs(c) for c in configs)
     with jax.default_device(jax.devices(platform)[0]):
-        return jax.jit(_forward_fn(configs)).lower(params, _image_spec(configs[0], batch)).compile()
+        return jax.jit(_forward_fn(configs, rule)).lower(params, _image_spec(configs[0], batch)).compile()
 
 
-def measure(configs: Sequence[ClassifierConfig], params: Sequence[Any], repeats: int) -> Dict[str, Any]:
+def measure(configs: Sequence[ClassifierConfig], params: Sequence[Any], repeats: int,
+            rule: str = "mean_softmax") -> Dict[str, Any]:
     """params, flops (per example), CPU latency (ms, median of `repeats` calls) at batch 1 and 256, and
     memory (compiled temp + argument bytes) at batch 1 and 256, of a model or an ensemble of models."""
     configs = tuple(configs)
     cpu = _cpu()
     params_cpu = jax.device_put(tuple(params), cpu)
     out: Dict[str, Any] = dict(params=int(sum(count_params(p) for p in params)),
-                               flops=flops_per_example(configs))
+                               flops=flops_per_example(configs, rule))
     for batch in (1, 256):
         x = jax.device_put(np.zeros((batch, configs[0].image_height, configs[0].image_width), np.float32), cpu)
-        compiled = _compiled_forward(configs, batch)
+        compiled = _compiled_forward(configs, batch, "cpu", rule)
         mem = compiled.memory_analysis()
         out[f"memory_bytes_b{batch}"] = (int(mem.temp_size_in_bytes + mem.argument_size_in_bytes)
                                          if mem is not None else None)
@@ -338,14 +358,21 @@ def results_markdown(results: Dict[str, Any]) -> str:
     lines = [f"### PKD on `{config['dataset']}`, preset `{config['preset']}`", "",
              f"Test accuracy on {results['data']['n_test']} held-out images; FLOPs per example from XLA's cost "
              f"analysis (associative scan); latency on the CPU; memory = compiled temp + argument bytes at batch "
-             f"256. Ensemble = mean of the students' softmaxes; student m was trained with boosting weights from "
-             f"the ensemble of students 1..m−1 (α = {config['alpha']}, T = {config['temperature']}, "
-             f"β = {config['boost_beta']}).", "",
+             f"256. Main ensemble: {RULE_TEXT[results['ensemble_rule']]} (α = {config['alpha']}, "
+             f"T = {config['temperature']}).", "",
              "Anytime ensemble (accuracy after m students):", ""]
     rows = [[e["m"], e["d_model"], f"{e['accuracy']:.4f}", f"{e['student_accuracy']:.4f}", f"{e['cumulative_flops']:.4g}",
              f"{100 * e['cumulative_flops'] / tf:.1f}%"] for e in results["ensemble"]]
     lines += [markdown_table(["m", "student width", "ensemble acc.", "student m alone", "cumulative FLOPs",
                               "% of teacher FLOPs"], rows), ""]
+    ensembles = results.get("ensembles") or {}
+    if len(ensembles) > 1:
+        rules = list(ensembles)
+        lines += ["The ensemble rules at each number of students (same widths, seeds and training steps):", ""]
+        rows = [[e["m"], f"{100 * e['cumulative_flops'] / tf:.1f}%"]
+                + [f"{ensembles[r]['curve'][i]['accuracy']:.4f} (student alone {ensembles[r]['curve'][i]['student_accuracy']:.4f})"
+                   for r in rules] for i, e in enumerate(results["ensemble"])]
+        lines += [markdown_table(["m", "% of teacher FLOPs"] + [RULE_TEXT[r] for r in rules], rows), ""]
     lines += ["Models:", ""]
 
     def row(name, acc, s):
@@ -395,8 +422,10 @@ def plot_accuracy_vs_flops(results: Dict[str, Any], path: str) -> None:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     ens = results["ensemble"]
-    ax.plot([100 * e["cumulative_flops"] / tf for e in ens], [e["accuracy"] for e in ens], "o-", lw=2,
-            label="progressive ensemble (after m students)")
+    for rule, entry in (results.get("ensembles") or {results.get("ensemble_rule", "mean_softmax"): dict(curve=ens)}).items():
+        curve = entry["curve"]
+        ax.plot([100 * e["cumulative_flops"] / tf for e in curve], [e["accuracy"] for e in curve], "o-", lw=2,
+                label=f"ensemble, {RULE_TEXT[rule]} (after m students)")
     for e in ens:
         ax.annotate(str(e["m"]), (100 * e["cumulative_flops"] / tf, e["accuracy"]), textcoords="offset points",
                     xytext=(3, -10), fontsize=7)
@@ -442,6 +471,52 @@ def save_model(out: str, name: str, model_config: ClassifierConfig, params) -> N
         json.dump(model_config.to_dict(), f, indent=1)
 
 
+def train_ensemble(rule: str, config: PKDConfig, train, test, teacher_logits: np.ndarray, out: str, *, pbar=None,
+                   records: Optional[List[dict]] = None):
+    """Train the K students of one ensemble `rule` (ENSEMBLE_RULES) one after another.
+
+    "additive": student m trains on the sum of its logits and the frozen logits of students 1..m−1
+    (precomputed on the training set, like the teacher's), uniform weights; the ensemble predicts with the
+    sum. "mean_softmax": student m trains alone with boosting weights from the ensemble of students
+    1..m−1 (uniform for the first); the ensemble predicts with the mean of the softmaxes.
+    Students are saved as models/<rule>_student_<m>. Returns (students: [{d_model, params, config,
+    accuracy}], curve: [{m, d_model, accuracy, student_accuracy, cumulative_flops, train_accuracy}] (the
+    ensemble after m students), boosting: [{before_student, max_weight, effective_fraction,
+    mean_ensemble_loss}]).
+    """
+    test_images, test_labels = test
+    ebs = config.eval_batch_size
+    students, curve, boosting = [], [], []
+    train_logits, test_logits = [], []
+    weights, cumulative = None, 0.0
+    K = len(config.student_widths())
+    for m, (cfg, width) in enumerate(zip(config.student_configs(), config.student_widths())):
+        name = f"{rule}_student_{m + 1}"
+        base = sum(train_logits) if rule == "additive" and train_logits else None
+        params = train_model(name, cfg, config, train, steps=config.student_steps, seed=config.seed + 1 + m,
+                             teacher_logits=teacher_logits, weights=weights, base_logits=base, pbar=pbar,
+                             records=records)
+        save_model(out, name, cfg, params)
+        train_logits.append(predict_probs(cfg, params, train[0], ebs, logits=True))
+        test_logits.append(predict_probs(cfg, params, test_images, ebs, logits=True))
+        cumulative += flops_per_example((cfg,))
+        student_acc = accuracy(test_logits[-1], test_labels)
+        students.append(dict(d_model=width, params=params, config=cfg, accuracy=student_acc))
+        ens_train = np.asarray(ensemble_prediction(rule, train_logits))
+        curve.append(dict(m=m + 1, d_model=width, accuracy=accuracy(np.asarray(ensemble_prediction(rule, test_logits)),
+                                                                   test_labels),
+                          student_accuracy=student_acc, cumulative_flops=cumulative,
+                          train_accuracy=accuracy(ens_train, train[1])))
+        if rule == "mean_softmax" and m + 1 < K:  # weights for the next student, from students 1..m
+            p_true = ens_train[np.arange(len(train[1])), train[1]]
+            losses = -np.log(np.maximum(p_true, 1e-12))
+            weights = boosting_weights(losses, config.boost_beta, config.boost_max_weight)
+            boosting.append(dict(before_student=m + 2, max_weight=float(weights.max()),
+                                 effective_fraction=float(weights.sum() ** 2 / (weights ** 2).sum() / len(weights)),
+                                 mean_ensemble_loss=float(losses.mean())))
+    return students, curve, boosting
+
+
 def run(config: PKDConfig, out: str) -> Dict[str, Any]:
     """Run the experiment, write every output under `out`, return the results dict."""
     from tqdm.auto import tqdm
@@ -456,7 +531,7 @@ def run(config: PKDConfig, out: str) -> Dict[str, Any]:
     records: List[dict] = []
     widths = config.student_widths()
     K = len(widths)
-    total = config.teacher_steps + K * config.student_steps + 2 * config.single_steps
+    total = config.teacher_steps + len(config.ensemble_rules()) * K * config.student_steps + 2 * config.single_steps
     pbar = tqdm(total=total, desc="pkd", disable=not config.progress, dynamic_ncols=True)
     ebs = config.eval_batch_size
 
@@ -468,34 +543,12 @@ def run(config: PKDConfig, out: str) -> Dict[str, Any]:
     teacher_logits = predict_probs(t_cfg, t_params, train[0], ebs, logits=True)  # stored: (n_train, V)
     save_model(out, "teacher", t_cfg, t_params)
 
-    # 2. progressive ensemble
-    s_cfgs = config.student_configs()
-    students, ensemble, boosting = [], [], []
-    ens_train = np.zeros_like(teacher_logits)
-    ens_test = np.zeros_like(t_test)
-    weights = None
-    cumulative = 0.0
-    for m, (cfg, width) in enumerate(zip(s_cfgs, widths)):
-        name = f"student_{m + 1}"
-        params = train_model(name, cfg, config, train, steps=config.student_steps, seed=config.seed + 1 + m,
-                             teacher_logits=teacher_logits, weights=weights, pbar=pbar, records=records)
-        save_model(out, name, cfg, params)
-        p_test = predict_probs(cfg, params, test_images, ebs)
-        ens_train += predict_probs(cfg, params, train[0], ebs)
-        ens_test += p_test
-        flops = flops_per_example((cfg,))
-        cumulative += flops
-        students.append(dict(d_model=width, params=params, config=cfg, accuracy=accuracy(p_test, test_labels)))
-        ensemble.append(dict(m=m + 1, d_model=width, accuracy=accuracy(ens_test, test_labels),
-                             student_accuracy=accuracy(p_test, test_labels), cumulative_flops=cumulative,
-                             train_accuracy=accuracy(ens_train, train[1])))
-        if m + 1 < K:  # weights for the next student, from the ensemble of students 1..m
-            p_true = ens_train[np.arange(len(train[1])), train[1]] / (m + 1)
-            losses = -np.log(np.maximum(p_true, 1e-12))
-            weights = boosting_weights(losses, config.boost_beta, config.boost_max_weight)
-            boosting.append(dict(before_student=m + 2, max_weight=float(weights.max()),
-                                 effective_fraction=float(weights.sum() ** 2 / (weights ** 2).sum() / len(weights)),
-                                 mean_ensemble_loss=float(losses.mean())))
+    # 2. progressive ensembles, one per rule (the same student widths and seeds)
+    ensembles = {rule: train_ensemble(rule, config, train, (test_images, test_labels), teacher_logits, out,
+                                      pbar=pbar, records=records) for rule in config.ensemble_rules()}
+    main_rule = config.ensemble_rules()[0]
+    students, ensemble, boosting = ensembles[main_rule]
+    cumulative = ensemble[-1]["cumulative_flops"]
 
     # 3. single students of the ensemble's FLOPs
     widest = max(widths)
@@ -516,7 +569,8 @@ def run(config: PKDConfig, out: str) -> Dict[str, Any]:
     t_stats = measure((t_cfg,), (t_params,), reps)
     for s in students:
         s["stats"] = measure((s["config"],), (s["params"],), reps)
-    ens_stats = measure(tuple(s["config"] for s in students), tuple(s["params"] for s in students), reps)
+    ens_stats = measure(tuple(s["config"] for s in students), tuple(s["params"] for s in students), reps,
+                        main_rule)
     single_stats = measure((single_cfg,), (arms["direct"]["params"],), reps)
     for key in arms:
         arms[key]["stats"] = single_stats  # same architecture
@@ -532,7 +586,10 @@ def run(config: PKDConfig, out: str) -> Dict[str, Any]:
         data=dict(dataset=config.dataset, n_train=int(len(train[1])), n_test=int(len(test_labels))),
         teacher=dict(d_model=config.teacher_d_model, accuracy=teacher_acc, stats=t_stats),
         students=[dict(d_model=s["d_model"], accuracy=s["accuracy"], stats=s["stats"]) for s in students],
-        ensemble=ensemble, ensemble_stats=ens_stats, boosting=boosting,
+        ensemble=ensemble, ensemble_stats=ens_stats, boosting=boosting, ensemble_rule=main_rule,
+        ensembles={rule: dict(curve=curve, boosting=b, students=[dict(d_model=s["d_model"], accuracy=s["accuracy"])
+                                                                 for s in st])
+                   for rule, (st, curve, b) in ensembles.items()},
         direct={k: v for k, v in arms["direct"].items() if k != "params"},
         labels={k: v for k, v in arms["labels"].items() if k != "params"},
         goal=goal, paper_mnist=PAPER_MNIST,

@@ -149,29 +149,61 @@ def test_smoke_run_writes_results(smoke_run):
     for stats in [results["teacher"]["stats"], results["ensemble_stats"], results["direct"]["stats"]]:
         assert stats["params"] > 0 and stats["latency_ms_b1"] > 0 and stats["latency_ms_b256"] > 0
         assert stats["memory_bytes_b256"] > stats["memory_bytes_b1"] > 0
-    assert len(results["boosting"]) == K - 1
-    assert all(b["max_weight"] >= 1.0 and 0 < b["effective_fraction"] <= 1.0 for b in results["boosting"])
+    # the main ensemble is additive (no boosting weights); the mean-of-softmaxes one boosts before 2..K
+    assert results["ensemble_rule"] == "additive" and results["boosting"] == []
+    boosting = results["ensembles"]["mean_softmax"]["boosting"]
+    assert len(boosting) == K - 1
+    assert all(b["max_weight"] >= 1.0 and 0 < b["effective_fraction"] <= 1.0 for b in boosting)
+    assert results["ensembles"]["additive"]["curve"] == ens
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {r["model"] for r in records} == {"teacher", "direct", "labels"} | {f"student_{i + 1}" for i in range(K)}
+    assert {r["model"] for r in records} == {"teacher", "direct", "labels"} | {
+        f"{rule}_student_{i + 1}" for rule in ("additive", "mean_softmax") for i in range(K)}
     table = (out / "results.md").read_text()
     assert "paper" in table and "MNIST" in table and "Anytime ensemble" in table
 
 
-def test_saved_students_reproduce_the_ensemble_accuracy(smoke_run):
-    """The ensemble's accuracy, recomputed here from the saved students (mean of softmaxes)."""
+@pytest.mark.parametrize("rule", ["additive", "mean_softmax"])
+def test_saved_students_reproduce_the_ensemble_accuracy(smoke_run, rule):
+    """Each ensemble's accuracy after m students, recomputed here from the saved students: the additive
+    ensemble predicts with the sum of its students' logits, the other with the mean of their softmaxes."""
     results = json.loads((smoke_run / "results.json").read_text())
     x, y = load_digits("test")
-    probs = []
-    for i in range(len(results["students"])):
-        cfg = ClassifierConfig(**json.loads((smoke_run / "models" / f"student_{i + 1}.json").read_text()))
-        model = MambaClassifier(cfg)
-        params = serialization.msgpack_restore((smoke_run / "models" / f"student_{i + 1}.msgpack").read_bytes())
-        logits = np.asarray(model.apply({"params": params}, x), np.float64)
-        p = np.exp(logits - logits.max(-1, keepdims=True))
-        probs.append(p / p.sum(-1, keepdims=True))
-        assert sum(a.size for a in jax.tree_util.tree_leaves(params)) == results["students"][i]["stats"]["params"]
-        mean = np.mean(probs, axis=0)
-        assert abs(np.mean(mean.argmax(-1) == y) - results["ensemble"][i]["accuracy"]) < 1e-9
+    logits = []
+    for i, student in enumerate(results["ensembles"][rule]["students"]):
+        name = f"{rule}_student_{i + 1}"
+        cfg = ClassifierConfig(**json.loads((smoke_run / "models" / f"{name}.json").read_text()))
+        params = serialization.msgpack_restore((smoke_run / "models" / f"{name}.msgpack").read_bytes())
+        logits.append(np.asarray(MambaClassifier(cfg).apply({"params": params}, x), np.float64))
+        assert abs(np.mean(logits[-1].argmax(-1) == y) - student["accuracy"]) < 1e-9
+        if rule == "additive":
+            pred = np.sum(logits, axis=0)
+            assert sum(a.size for a in jax.tree_util.tree_leaves(params)) == results["students"][i]["stats"]["params"]
+        else:
+            p = [np.exp(z - z.max(-1, keepdims=True)) for z in logits]
+            pred = np.mean([q / q.sum(-1, keepdims=True) for q in p], axis=0)
+        assert abs(np.mean(pred.argmax(-1) == y) - results["ensembles"][rule]["curve"][i]["accuracy"]) < 1e-9
+
+
+def test_an_additive_student_trains_on_the_sum_with_the_frozen_ensemble():
+    """The loss of student m is that of F_{m-1} + f_m: on a frozen ensemble already certain of every label
+    (and a teacher that agrees) the new student's loss is near 0, alone (base 0) it is about log 10; the
+    frozen logits are an input, never changed by training."""
+    from experiments.pkd.run import train_model
+
+    config = preset_config("smoke")
+    cfg = config.student_configs()[0]
+    x, y = load_digits("train")
+    x, y = x[:64], y[:64]
+    certain = 20.0 * np.eye(10, dtype=np.float32)[y]
+    frozen = certain.copy()
+    losses = {}
+    for label, base in (("alone", None), ("on the ensemble", frozen)):
+        records = []
+        train_model(label, cfg, config, (x, y), steps=2, seed=config.seed + 1, teacher_logits=certain,
+                    base_logits=base, records=records)
+        losses[label] = records[-1]["loss"]
+    np.testing.assert_array_equal(frozen, certain)
+    assert losses["on the ensemble"] < 0.05 < 1.0 < losses["alone"], losses
 
 
 @pytest.mark.parametrize("override,pattern", [
@@ -181,6 +213,7 @@ def test_saved_students_reproduce_the_ensemble_accuracy(smoke_run):
     (dict(teacher_steps=0), "`teacher_steps`"),
     (dict(patch_size=3), "`patch_size`"),
     (dict(boost_max_weight=0.5), "`boost_max_weight`"),
+    (dict(ensembles="additive,bagging"), "`ensembles`"),
 ])
 def test_bad_config_is_named(override, pattern):
     with pytest.raises(ValueError, match=pattern):
