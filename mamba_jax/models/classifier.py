@@ -176,6 +176,20 @@ class MambaClassifier(nn.Module):
         return logits.astype(jnp.float32)
 
 
+def classifier_flops(config: ClassifierConfig) -> int:
+    """Analytic FLOPs (2 per multiply-add) of one image's forward: the token embedding, every mixer at every
+    token (two per layer when bidirectional; `mamba_jax.models.sizes.mixer_flops_per_token`) and the head.
+    Norms, positions, pooling and the softmax are element-wise and not counted. The quantity papers quote
+    (matmuls + scan), beside which XLA's `cost_analysis` also counts element-wise work and, for a parallel
+    scan, its extra combine steps."""
+    from mamba_jax.models.sizes import mixer_flops_per_token
+
+    mixers = config.n_layer * (2 if config.bidirectional else 1)
+    embed = 2 * config.token_dim * config.d_model * config.num_tokens
+    return embed + mixers * config.num_tokens * mixer_flops_per_token(config.mamba_config()) \
+        + 2 * config.d_model * config.n_classes
+
+
 def init_classifier(config: ClassifierConfig, rng: jax.Array) -> Tuple[MambaClassifier, Any]:
     """(model, params) of a fresh classifier; params initialised from `rng` on a (1, H, W, C) dummy image and
     unboxed (plain arrays; the mixers' logical axis names are dropped)."""

@@ -33,3 +33,20 @@ def mamba_config(size: str, **overrides) -> MambaConfig:
                   tie_embeddings=True, residual_in_fp32=True, **MAMBA_SIZES[size])
     values.update(overrides)
     return MambaConfig(**values)
+
+
+SCAN_FLOPS_PER_STATE = 6   # h ← exp(Δ·A)·h + (Δ·x)·B and y += C·h: three multiply-adds per (token, channel, state)
+
+
+def mixer_flops_per_token(config: MambaConfig) -> int:
+    """Analytic FLOPs (2 per multiply-add) of one Mamba-1 mixer per token, the default (conv-output) form:
+    in_proj d → 2·d_inner, the depthwise conv (d_conv taps per channel), x_proj d_inner → dt_rank + 2·d_state,
+    dt_proj dt_rank → d_inner, the selective scan (`SCAN_FLOPS_PER_STATE` per channel and state) and out_proj
+    d_inner → d. Element-wise work (norms, SiLU, softplus, exponentials, the D skip, the gate) is not
+    counted: it is O(d_inner) per token against the O(d · d_inner) matmuls."""
+    d, di, n, r, k = config.d_model, config.d_inner, config.d_state, config.dt_rank_value, config.d_conv
+    if config.bc_source != "conv" or not config.selective:
+        raise ValueError("mixer_flops_per_token: counts the default selective mixer (bc_source='conv', "
+                         "selective=True) only")
+    multiply_adds = d * 2 * di + k * di + di * (r + 2 * n) + r * di + di * d
+    return 2 * multiply_adds + SCAN_FLOPS_PER_STATE * di * n

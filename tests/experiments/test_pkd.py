@@ -144,6 +144,9 @@ def test_smoke_run_writes_results(smoke_run):
     assert all(b > a for a, b in zip(cum, cum[1:]))
     np.testing.assert_allclose(cum, np.cumsum([s["stats"]["flops"] for s in results["students"]]), rtol=1e-9)
     assert cum[-1] < results["teacher"]["stats"]["flops"]
+    from mamba_jax.models.classifier import classifier_flops
+    assert results["teacher"]["stats"]["flops_analytic"] == classifier_flops(config.teacher_config())
+    assert results["ensemble_stats"]["flops_analytic"] == sum(classifier_flops(c) for c in config.student_configs())
     # the single students were sized to the ensemble's FLOPs
     assert abs(results["direct"]["stats"]["flops"] / cum[-1] - 1) < 0.25
     for stats in [results["teacher"]["stats"], results["ensemble_stats"], results["direct"]["stats"]]:
@@ -231,3 +234,17 @@ def test_presets():
     assert preset_config("smoke").dataset == "digits"
     paper = preset_config("paper")
     assert len(paper.student_widths()) == 7 and paper.patch_size == 4
+
+
+def test_analytic_flops_of_a_tiny_classifier_by_hand():
+    """8×8 images as 8 row tokens of 8 values, d_model 4 (d_inner 8, dt_rank 1), d_state 2, d_conv 4, one
+    layer, 10 classes. Multiply-adds per token in the mixer: in_proj 4·16 = 64, conv 4·8 = 32, x_proj
+    8·(1 + 4) = 40, dt_proj 1·8 = 8, out_proj 8·4 = 32 → 176, i.e. 352 FLOPs, plus the scan's 6 per channel
+    and state: 6·8·2 = 96 → 448 per token, 3,584 for 8 tokens. Embedding 2·8·4·8 = 512, head 2·4·10 = 80:
+    4,176. Bidirectional: a second mixer per layer, +3,584."""
+    from mamba_jax.models.classifier import classifier_flops
+
+    cfg = ClassifierConfig(n_classes=10, image_height=8, image_width=8, d_model=4, n_layer=1, d_state=2, d_conv=4)
+    assert classifier_flops(cfg) == 4176
+    assert classifier_flops(cfg.replace(bidirectional=True)) == 4176 + 3584
+    assert classifier_flops(cfg.replace(n_layer=3)) == 512 + 3 * 3584 + 80
