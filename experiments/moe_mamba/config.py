@@ -26,7 +26,7 @@ import math
 import re
 from typing import Any, Dict, Tuple
 
-from experiments.lm.config import BYTE_VOCAB_SIZE, LMConfig
+from experiments.lm.config import LMConfig
 from mamba_jax.layers.config import BaseLMConfig
 from mamba_jax.models.moe_mamba import PAPER_SETTINGS, mamba_baseline_config, moe_mamba_config
 
@@ -85,12 +85,14 @@ class MoEMambaConfig:
     preset: str = "cpu"
     seed: int = 0
     arms: str = "mamba,moe,moe_e1,moe_e4,moe_e16,moe_e32,moe_top2,moe_cf0.5,moe_cf2"
-    # -- text (byte-level, `mamba_jax.data.text` through the `lm` experiment's TextData) --
+    # -- text (`mamba_jax.data.text` through the `lm` experiment's TextData) --
     text_root: str = ""                # "" = the Python standard library's sources
     text_pattern: str = "*.py"
     text_max_files: int = 400
     text_eval_fraction: float = 0.05
     seq_len: int = 128
+    tokenizer: str = "byte"            # byte (vocab 259) | bpe (trained on the training split; `bpe_vocab_size`)
+    bpe_vocab_size: int = 1024
     # -- models --
     setting: str = "25m"               # paper setting (PAPER_SETTINGS) for sizes left 0 and the reference number
     d_model: int = 64
@@ -182,7 +184,7 @@ class MoEMambaConfig:
                       expand=self.expand, scan_impl=self.scan_impl, d_expert=self.d_expert or None)
         kwargs.update(settings)
         try:
-            moe = moe_mamba_config(self.setting, vocab_size=BYTE_VOCAB_SIZE, **kwargs)
+            moe = moe_mamba_config(self.setting, vocab_size=self.lm_config().vocab_size(), **kwargs)
         except ValueError as error:
             raise ValueError(f"MoEMambaConfig: arm {arm!r}: {error}") from None
         return mamba_baseline_config(moe) if baseline else moe
@@ -193,7 +195,8 @@ class MoEMambaConfig:
         return LMConfig(preset=self.preset, task="text", seed=self.seed, seq_len=self.seq_len,
                         text_root=self.text_root, text_pattern=self.text_pattern,
                         text_max_files=self.text_max_files, text_eval_fraction=self.text_eval_fraction,
-                        tokenizer="byte", batch_size=self.batch_size, num_steps=self.num_steps,
+                        tokenizer=self.tokenizer, bpe_vocab_size=self.bpe_vocab_size,
+                        batch_size=self.batch_size, num_steps=self.num_steps,
                         learning_rate=self.learning_rate, warmup_steps=self.warmup_steps,
                         end_lr_ratio=self.end_lr_ratio, weight_decay=self.weight_decay, b1=self.b1, b2=self.b2,
                         grad_clip_norm=self.grad_clip_norm, lr_schedule=self.lr_schedule,

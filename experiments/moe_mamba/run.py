@@ -220,7 +220,7 @@ def results_markdown(results: Dict[str, Any]) -> str:
     cfg, cmp_ = results["config"], results["comparison"]
     sizes = results["sizes"]
     lines = [f"# moe_mamba ({cfg['preset']} preset)", "",
-             f"Byte-level text: {results['data']['train_files']} training files of the Python standard library "
+             f"{'Byte-level' if _unit(cfg) == 'byte' else 'BPE'} text: {results['data']['train_files']} training files of the Python standard library "
              f"({results['data']['train_tokens']:,} tokens), {results['data']['eval_files']} held out "
              f"({results['data']['eval_rows']} rows of {cfg['seq_len']} evaluated). Every arm: seed {cfg['seed']}, the "
              f"same batches, {cfg['num_steps']} steps × {cfg['batch_size']} × {cfg['seq_len']} tokens. MoE-Mamba: "
@@ -228,7 +228,7 @@ def results_markdown(results: Dict[str, Any]) -> str:
              f"(d_expert 3·d_model), router {cfg['router']}, capacity factor {cfg['capacity_factor']} per "
              f"{'batch (position-major)' if cfg.get('routing', 'sequence') == 'batch' else 'sequence'}; Mamba: "
              f"{2 * sizes['n_blocks']} Mamba layers. Train loss = EMA (β = {cfg['ema']}, debiased) of the training "
-             f"cross-entropy (nats/byte); eval loss = held-out cross-entropy.", ""]
+             f"cross-entropy (nats/{_unit(cfg)}); eval loss = held-out cross-entropy.", ""]
     rows = []
     for a in results["arms"]:
         speed = "1 (baseline)" if a["arm"] == BASELINE else (
@@ -277,9 +277,9 @@ def plot_losses(results: Dict[str, Any], path: str) -> None:
         line, = ax_train.plot(c["steps"], c["smoothed"], label=a["arm"], **style)
         ax_train.plot(c["steps"], c["loss"], color=line.get_color(), alpha=0.15, lw=0.8)
         ax_eval.plot(c["eval_steps"], c["eval_loss"], "o-", color=line.get_color(), label=a["arm"], ms=3)
-    ax_train.set(xlabel="step", ylabel="cross-entropy (nats/byte)",
+    ax_train.set(xlabel="step", ylabel=f"cross-entropy (nats/{_unit(results['config'])})",
                  title=f"training loss (EMA β={results['config']['ema']})")
-    ax_eval.set(xlabel="step", ylabel="cross-entropy (nats/byte)", title="held-out loss")
+    ax_eval.set(xlabel="step", ylabel=f"cross-entropy (nats/{_unit(results['config'])})", title="held-out loss")
     ax_train.legend(fontsize=7)
     ax_eval.legend(fontsize=7)
     fig.suptitle(f"Mamba vs MoE-Mamba ({results['config']['preset']} preset)")
@@ -306,12 +306,17 @@ def plot_speedup(results: Dict[str, Any], path: str) -> None:
         ax.annotate(f"paper {setting}: {value}x", (0.01, value), xycoords=("axes fraction", "data"), fontsize=7)
     if cmp_.get("levels"):
         ax.set_xlim(cmp_["levels"][0], cmp_["levels"][-1])
-    ax.set(xlabel="training loss level (nats/byte, EMA)", ylabel="speedup (Mamba steps / MoE steps)",
+    ax.set(xlabel=f"training loss level (nats/{_unit(results['config'])}, EMA)", ylabel="speedup (Mamba steps / MoE steps)",
            title=f"steps-to-loss speedup vs Mamba ({results['config']['preset']} preset)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def _unit(cfg: Dict[str, Any]) -> str:
+    """The loss's unit: nats per byte (byte tokenizer) or per BPE token."""
+    return "byte" if cfg.get("tokenizer", "byte") == "byte" else "token"
 
 
 # -------------------------------------------------------------------------------------------------- main

@@ -189,3 +189,12 @@ def test_routing_groups_are_the_whole_batch_by_default_as_the_authors_code():
     assert per_row.routing_rows == 1 and per_row.replace(routing_rows=None) == moe
     with pytest.raises(ValueError, match="`routing`"):
         MoEMambaConfig(**{**vars(config), "routing": "row"})
+
+
+def test_bpe_tokens_set_the_models_vocabulary():
+    config = MoEMambaConfig(**{**vars(preset_config("smoke")), "tokenizer": "bpe", "bpe_vocab_size": 512})
+    assert config.lm_config().tokenizer == "bpe" and config.model_config("moe").vocab_size == 512
+    assert config.model_config("mamba").vocab_size == 512
+    assert preset_config("smoke").model_config("moe").vocab_size == 259       # bytes + BOS, EOS, PAD
+    with pytest.raises(ValueError, match="`tokenizer`"):
+        MoEMambaConfig(**{**vars(preset_config("smoke")), "tokenizer": "chars"})
