@@ -165,6 +165,11 @@ def train_arm(config: MoEMambaConfig, arm: str, text, out: str) -> Dict[str, Any
     evals = [r for r in history if r["kind"] == "eval"]
     curves = arm_curves(history, config.ema)
     dropped = [r["moe_dropped_fraction"] for r in train if "moe_dropped_fraction" in r]
+    prefix = "moe_dropped_fraction_"
+    layers = sorted({k[len(prefix):] for r in train for k in r if k.startswith(prefix)},
+                    key=lambda name: int(name.rsplit("_", 1)[-1]))
+    dropped_by_layer = {layer: float(np.mean([r[prefix + layer] for r in train if prefix + layer in r]))
+                        for layer in layers}
     return {
         "arm": arm, "params_total": counts["total"], "params_active": counts["active"],
         "params_expert": counts["expert"], "records": history,
@@ -174,6 +179,7 @@ def train_arm(config: MoEMambaConfig, arm: str, text, out: str) -> Dict[str, Any
         "tokens_per_s": train_tokens_per_s(history),
         # the baseline has no router
         "dropped_fraction": float(np.mean(dropped)) if dropped else None,
+        "dropped_fraction_by_layer": dropped_by_layer,     # mean over the run, per MoE layer
         "wall_time_s": time.perf_counter() - t0,
     }
 
@@ -237,10 +243,12 @@ def results_markdown(results: Dict[str, Any]) -> str:
             "not reached" if a.get("speedup_eval") is None else f"{a['speedup_eval']:.2f}x")
         rows.append([a["arm"], f"{a['params_total']:,}", f"{a['params_active']:,}", f"{a['final_train_loss']:.4f}",
                      f"{a['final_eval_loss']:.4f}", speed, speed_eval, _fmt(a["tokens_per_s"], ",.0f"),
-                     _fmt(a["dropped_fraction"], ".3f")])
+                     _fmt(a["dropped_fraction"], ".3f"),
+                     " / ".join(f"{v:.3f}" for v in (a.get("dropped_fraction_by_layer") or {}).values()) or "—"])
     lines += [markdown_table(["arm", "total params", "active params/token", "final train loss (EMA)",
                               "final eval loss", "speedup vs Mamba (train)", "speedup vs Mamba (eval)",
-                              "train tokens/s", "dropped-token fraction"], rows), ""]
+                              "train tokens/s", "dropped-token fraction",
+                              "dropped per MoE layer (first → last)"], rows), ""]
     if cmp_.get("curves"):
         main = next((a for a in results["arms"] if a["arm"] == "moe"), None)
         ours = "—" if main is None else ("not reached" if main.get("speedup") is None else f"{main['speedup']:.2f}x")

@@ -52,7 +52,8 @@ def forward_train(apply_fn: Callable, params, batch: Batch, rng: Optional[jax.Ar
 
     router_loss: the sum of every sown ``losses`` value (MoE load-balancing + z losses, already weighted
     by their coefficients), or None when the model sows none. moe_metrics: the mean over layers of each
-    sown ``moe_metrics`` entry (e.g. dropped_fraction), {} without MoE layers.
+    sown ``moe_metrics`` entry (e.g. ``moe_dropped_fraction``), and each layer's dropped fraction
+    (``moe_dropped_fraction_<layer>``, e.g. ``moe_dropped_fraction_layers_1``); {} without MoE layers.
     """
     kwargs = {"seq_idx": batch["seq_idx"]} if "seq_idx" in batch else {}
     if rng is not None:
@@ -62,10 +63,14 @@ def forward_train(apply_fn: Callable, params, batch: Batch, rng: Optional[jax.Ar
     losses = jax.tree_util.tree_leaves(sown.get("losses", {}))
     router_loss = sum(losses[1:], losses[0]) if losses else None
     by_name: Dict[str, list] = {}
+    per_layer: Dict[str, jax.Array] = {}
     for path, value in jax.tree_util.tree_leaves_with_path(sown.get("moe_metrics", {})):
-        name = next(p.key for p in reversed(path) if isinstance(getattr(p, "key", None), str))
-        by_name.setdefault(name, []).append(value)
+        keys = [p.key for p in path if isinstance(getattr(p, "key", None), str)]
+        by_name.setdefault(keys[-1], []).append(value)
+        if keys[-1] == "dropped_fraction":
+            per_layer[f"moe_dropped_fraction_{keys[0]}"] = value
     moe_metrics = {f"moe_{k}": sum(v) / len(v) for k, v in by_name.items()}
+    moe_metrics.update(per_layer)
     return logits, router_loss, moe_metrics
 
 

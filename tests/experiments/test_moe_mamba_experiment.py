@@ -152,6 +152,9 @@ def test_smoke_run_writes_results_with_sound_values(smoke_run):
         assert 0 < a["final_eval_loss"] < math.log(259) + 0.5 and math.isfinite(a["final_train_loss"])
         assert a["tokens_per_s"] > 0
     assert base["dropped_fraction"] is None and 0.0 <= moe["dropped_fraction"] < 1.0
+    # per MoE layer (the smoke model has one, "M E": layers_1); the run's mean equals the overall mean
+    assert base["dropped_fraction_by_layer"] == {} and list(moe["dropped_fraction_by_layer"]) == ["layers_1"]
+    assert moe["dropped_fraction_by_layer"]["layers_1"] == pytest.approx(moe["dropped_fraction"], abs=1e-9)
     # the headline speedup: at Mamba's final smoothed loss, > 0, or None when the MoE arm never got there
     cmp_ = results["comparison"]
     assert cmp_["level"] == base["final_train_loss"] and cmp_["eval_level"] == base["final_eval_loss"]

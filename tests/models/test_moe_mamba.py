@@ -64,14 +64,19 @@ def test_train_step_objective_is_cross_entropy_plus_weighted_router_losses(model
                                    deterministic=False)
         ce = masked_token_stats(logits, batch["targets"], batch["loss_mask"])["nll_sum"] / batch["loss_mask"].sum()
         aux = sum(sown["moe_metrics"][f"layers_{i}"]["mixer"]["aux_loss"][0] for i in (1, 3))
-        return ce + 0.01 * aux, (ce, aux)
+        drops = [sown["moe_metrics"][f"layers_{i}"]["mixer"]["dropped_fraction"][0] for i in (1, 3)]
+        return ce + 0.01 * aux, (ce, aux, drops)
 
-    (want_loss, (ce, aux)), want_grads = jax.value_and_grad(by_hand, has_aux=True)(params)
+    (want_loss, (ce, aux, drops)), want_grads = jax.value_and_grad(by_hand, has_aux=True)(params)
     state = create_train_state(model.apply, jax.tree_util.tree_map(jnp.copy, params), optax.sgd(1.0))
     new_state, metrics = make_train_step(donate=False)(state, batch)
     assert float(metrics["loss"]) == pytest.approx(float(ce), rel=1e-5)          # `loss` stays the token CE
     assert float(metrics["router_loss"]) == pytest.approx(0.01 * float(aux), rel=1e-5)
     assert 0.0 <= float(metrics["moe_dropped_fraction"]) < 1.0
+    # each MoE layer's dropped fraction is reported too (layers 1 and 3 of "M E M E"), their mean above
+    for i, drop in zip((1, 3), drops):
+        assert float(metrics[f"moe_dropped_fraction_layers_{i}"]) == pytest.approx(float(drop), abs=1e-7)
+    assert float(metrics["moe_dropped_fraction"]) == pytest.approx(float(sum(drops)) / 2, abs=1e-7)
     # SGD with lr 1: the update is minus the gradient of CE + 0.01 · Σ aux
     got = jax.tree_util.tree_map(lambda a, b: a - b, params, new_state.params)
     jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-6), got, want_grads)
