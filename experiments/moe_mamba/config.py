@@ -35,6 +35,7 @@ ROUTER_NAMES = ("switch", "topk")
 ROUTINGS = ("batch", "sequence")   # expert choice is not causal: refused in language models
 ARM_FORMS = ("mamba", "moe", "moe_e<N>", "moe_top2", "moe_cf<X>", "moe_parallel")
 BASELINE = "mamba"
+E1_CONTROL = "moe_e1"   # one expert: a dense FFN in place of every MoE layer, the control MoE must beat too
 
 
 def arm_settings(arm: str) -> Dict[str, Any]:

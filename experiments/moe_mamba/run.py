@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from experiments.lm.config import parse_run_arguments, timestamped_run_dir
-from experiments.moe_mamba.config import BASELINE, PRESETS, MoEMambaConfig, preset_config
+from experiments.moe_mamba.config import BASELINE, E1_CONTROL, PRESETS, MoEMambaConfig, preset_config
 
 RESULTS_ROOT = os.path.join("results", "moe_mamba")
 
@@ -184,12 +184,13 @@ def train_arm(config: MoEMambaConfig, arm: str, text, out: str) -> Dict[str, Any
     }
 
 
-def compare(arms: List[Dict[str, Any]], ema: float) -> Dict[str, Any]:
-    """Speedups of every MoE arm against the ``mamba`` arm (when it ran): at Mamba's final smoothed train
-    loss and final eval loss, and speedup-vs-loss curves over Mamba's smoothed loss range (from its value
-    at 10 % of the steps down to its final value, 40 levels). Adds ``speedup``/``speedup_eval`` to each
-    MoE arm summary (None: not reached)."""
-    base = next((a for a in arms if a["arm"] == BASELINE), None)
+def compare(arms: List[Dict[str, Any]], ema: float, baseline: str = BASELINE, suffix: str = "") -> Dict[str, Any]:
+    """Speedups of every other arm against the `baseline` arm (when it ran; default ``mamba``): at the
+    baseline's final smoothed train loss and final eval loss, and speedup-vs-loss curves over its smoothed
+    loss range (from its value at 10 % of the steps down to its final value, 40 levels). Adds
+    ``speedup<suffix>``/``speedup_eval<suffix>`` to each other arm's summary (None: not reached); the
+    ``moe_e1`` control is compared with suffix ``_vs_e1``."""
+    base = next((a for a in arms if a["arm"] == baseline), None)
     if base is None:
         return {"levels": [], "curves": {}}
     bc = arm_curves(base["records"], ema)
@@ -198,12 +199,14 @@ def compare(arms: List[Dict[str, Any]], ema: float) -> Dict[str, Any]:
     levels = np.linspace(start, level, 40).tolist()
     curves = {}
     for a in arms:
-        if a["arm"] == BASELINE:
+        if a["arm"] in (baseline, BASELINE):
             continue
         c = arm_curves(a["records"], ema)
         train_pair, eval_pair = (c["steps"], c["smoothed"]), (c["eval_steps"], c["eval_loss"])
-        a["speedup"] = _finite(speedup_at((bc["steps"], bc["smoothed"]), train_pair, level))
-        a["speedup_eval"] = _finite(speedup_at((bc["eval_steps"], bc["eval_loss"]), eval_pair, eval_level))
+        a["speedup" + suffix] = _finite(speedup_at((bc["steps"], bc["smoothed"]), train_pair, level))
+        a["speedup_eval" + suffix] = _finite(speedup_at((bc["eval_steps"], bc["eval_loss"]), eval_pair, eval_level))
+        if suffix:
+            continue
         a["steps_to_mamba_final"] = _finite(steps_to_reach(*train_pair, level))
         a["eval_steps_to_mamba_final"] = _finite(steps_to_reach(*eval_pair, eval_level))
         curves[a["arm"]] = [_finite(x) for x in speedup_curve((bc["steps"], bc["smoothed"]), train_pair, levels)]
@@ -241,13 +244,15 @@ def results_markdown(results: Dict[str, Any]) -> str:
             "not reached" if a.get("speedup") is None else f"{a['speedup']:.2f}x")
         speed_eval = "1 (baseline)" if a["arm"] == BASELINE else (
             "not reached" if a.get("speedup_eval") is None else f"{a['speedup_eval']:.2f}x")
+        vs_e1 = "—" if a["arm"] in (BASELINE, E1_CONTROL) or "speedup_vs_e1" not in a else (
+            "not reached" if a["speedup_vs_e1"] is None else f"{a['speedup_vs_e1']:.2f}x")
         rows.append([a["arm"], f"{a['params_total']:,}", f"{a['params_active']:,}", f"{a['final_train_loss']:.4f}",
-                     f"{a['final_eval_loss']:.4f}", speed, speed_eval, _fmt(a["tokens_per_s"], ",.0f"),
+                     f"{a['final_eval_loss']:.4f}", speed, speed_eval, vs_e1, _fmt(a["tokens_per_s"], ",.0f"),
                      _fmt(a["dropped_fraction"], ".3f"),
                      " / ".join(f"{v:.3f}" for v in (a.get("dropped_fraction_by_layer") or {}).values()) or "—"])
     lines += [markdown_table(["arm", "total params", "active params/token", "final train loss (EMA)",
                               "final eval loss", "speedup vs Mamba (train)", "speedup vs Mamba (eval)",
-                              "train tokens/s", "dropped-token fraction",
+                              "speedup vs moe_e1 (train)", "train tokens/s", "dropped-token fraction",
                               "dropped per MoE layer (first → last)"], rows), ""]
     if cmp_.get("curves"):
         main = next((a for a in results["arms"] if a["arm"] == "moe"), None)
@@ -344,6 +349,7 @@ def run(config: MoEMambaConfig, out: str) -> Dict[str, Any]:
     text = TextData(config.lm_config(), out, resume=False)
     arms = [train_arm(config, arm, text, out) for arm in config.arm_names()]
     comparison = compare(arms, config.ema)
+    compare(arms, config.ema, baseline=E1_CONTROL, suffix="_vs_e1")   # adds speedup_vs_e1 where moe_e1 ran
     results = {"experiment": "moe_mamba", "config": config.to_dict(), "sizes": config.sizes(),
                "data": text.summary(), "comparison": comparison,
                "arms": arms, "paper_speedup": PAPER_SPEEDUP, "wall_time_s": time.perf_counter() - t0,

@@ -65,6 +65,12 @@ def test_compare_reads_the_levels_from_mamba_and_measures_each_moe_arm():
     assert result["levels"][0] == pytest.approx(g(10)) and result["levels"][-1] == pytest.approx(g(100))
     assert result["curves"]["moe"] == pytest.approx([2.0] * 40, rel=1e-9)
     assert result["curves"]["slow"] == [None] * 40 and "mamba" not in result["curves"]
+    # against the one-expert control: an arm stretched 4x in steps is moe at 1/2 speed, moe 4x faster than it
+    arms.append({"arm": "moe_e1", "records": records(4, g)})
+    run.compare(arms, ema=0.0, baseline="moe_e1", suffix="_vs_e1")
+    assert moe["speedup_vs_e1"] == pytest.approx(4.0) and moe["speedup_eval_vs_e1"] == pytest.approx(4.0)
+    assert slow["speedup_vs_e1"] is None and "speedup_vs_e1" not in arms[0] and "speedup_vs_e1" not in arms[3]
+    assert moe["steps_to_mamba_final"] == pytest.approx(100.0)          # the Mamba comparison is untouched
 
 
 def test_ema_is_debiased():
