@@ -248,9 +248,19 @@ def results_markdown(config: ICLConfig, errors: Dict[str, list], probes: Dict[st
     return text + f"\n{hardware_description()}\n"
 
 
-def plot_training_loss(histories: Dict[str, List[list]], path: str, *, title: str, full_size_step: int) -> None:
+def least_squares_loss_floor(d: int, n_points: int) -> float:
+    """The training loss (mean squared error over the n_points positions of a prompt) of minimum-norm least
+    squares on noiseless isotropic linear regression at full size: with j < d examples its error is
+    E|w projected off their span|² = d − j, from d examples on 0 — so Σ_j max(d − j, 0) / n_points. The
+    floor no model can go below on average (predicting 0 scores d)."""
+    return sum(max(d - j, 0) for j in range(n_points)) / n_points
+
+
+def plot_training_loss(histories: Dict[str, List[list]], path: str, *, title: str, full_size_step: int,
+                       floor: Optional[float] = None) -> None:
     """Training loss against step per arm (mean over seeds, the band from the lowest to the highest seed), on
-    a log scale, with the step where the curriculum reaches full size: the plateau and its escape."""
+    a log scale, with the step where the curriculum reaches full size: the plateau and its escape; `floor`:
+    least squares' loss at full size (`least_squares_loss_floor`)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -263,6 +273,8 @@ def plot_training_loss(histories: Dict[str, List[list]], path: str, *, title: st
         if len(runs) > 1:
             ax.fill_between(steps, losses.min(0), losses.max(0), color=line.get_color(), alpha=0.2, lw=0)
     ax.axvline(full_size_step, color="grey", lw=0.8, ls=":", label="curriculum at full size")
+    if floor is not None:
+        ax.axhline(floor, color="black", lw=0.8, ls="--", label="least squares at full size")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (squared error)")
@@ -323,8 +335,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f.write(table)
     title = f"{config.task}, d = {config.d}"
     plot_errors(errors, os.path.join(out, "errors.png"), title=title, trained_points=config.points_end)
+    floor = least_squares_loss_floor(config.d, config.points_end) if config.task == "linear_regression" else None
     plot_training_loss(histories, os.path.join(out, "training_loss.png"), title=title,
-                       full_size_step=config.full_size_step())
+                       full_size_step=config.full_size_step(), floor=floor)
     if probes:
         plot_probes(probes, os.path.join(out, "probes.png"), title=title, positions=probe_positions(config))
     print(table)

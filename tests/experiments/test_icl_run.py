@@ -161,3 +161,19 @@ def test_cpu_long_preset_is_the_issues_protocol():
     assert config.eval_points > 2 * config.points_end - 1 and config.lr_schedule == "cosine"
     # the demo: dims 2 → 4 (2 stages), points 5 → 11 by 2 (3 stages) of 250 steps
     assert preset_config("cpu").full_size_step() == 750
+
+
+def test_least_squares_loss_floor_by_hand():
+    """d = 8, 17 points: errors 8, 7, ..., 1 with 0..7 examples, 0 after: 36 / 17. d = 4, 11 points: 10 / 11."""
+    from experiments.icl.run import least_squares_loss_floor
+
+    assert least_squares_loss_floor(8, 17) == pytest.approx(36 / 17)
+    assert least_squares_loss_floor(4, 11) == pytest.approx(10 / 11)
+    # the same from the least-squares baseline on sampled prompts (its per-position error × d, averaged)
+    from experiments.icl.baselines import least_squares
+    from mamba_jax.data.function_classes import sample_prompts
+    import jax
+
+    xs, ys = sample_prompts(jax.random.PRNGKey(0), "linear_regression", 4000, 11, 4)
+    mse = np.mean((least_squares(np.asarray(xs, np.float64), np.asarray(ys, np.float64)) - np.asarray(ys)) ** 2)
+    assert mse == pytest.approx(10 / 11, rel=0.05)
