@@ -8,6 +8,9 @@ presets:
 * ``cpu``   — the default: every ablation arm at a small width, sized for ≤ 45 minutes on a 2-core CPU.
               A toy scale (a ~0.1M-parameter Mamba, a few hundred steps): it shows the pipeline and the
               direction of the effect, not the paper's numbers.
+* ``cpu_long`` — the paper's protocol at CPU scale (≤ 60 minutes on 2 cores): arms mamba, moe_e1, moe_e4,
+              moe (8 experts), moe_e16, moe_e32 on BPE tokens of the whole corpus, lr 1e-3, gradient clip 0.5,
+              routing over the whole batch, experts sized so every arm has Mamba's active parameters, 2 seeds.
 * ``paper`` — the paper's model sizes (`setting` "25m" or "100m" of `PAPER_SETTINGS`): a GPU/TPU job.
 
 Arms (`arms`, comma-separated, run in that order, all on the same batches from the same seed):
@@ -30,7 +33,7 @@ from experiments.lm.config import LMConfig
 from mamba_jax.layers.config import BaseLMConfig
 from mamba_jax.models.moe_mamba import PAPER_SETTINGS, mamba_baseline_config, moe_mamba_config
 
-PRESETS = ("smoke", "cpu", "paper")
+PRESETS = ("smoke", "cpu", "cpu_long", "paper")
 ROUTER_NAMES = ("switch", "topk")
 ROUTINGS = ("batch", "sequence")   # expert choice is not causal: refused in language models
 ARM_FORMS = ("mamba", "moe", "moe_e<N>", "moe_top2", "moe_cf<X>", "moe_parallel")
@@ -85,6 +88,7 @@ class MoEMambaConfig:
 
     preset: str = "cpu"
     seed: int = 0
+    seeds: int = 1                     # seeds seed, seed+1, ...: every arm once per seed (its own init and batches)
     arms: str = "mamba,moe,moe_e1,moe_e4,moe_e16,moe_e32,moe_top2,moe_cf0.5,moe_cf2"
     # -- text (`mamba_jax.data.text` through the `lm` experiment's TextData) --
     text_root: str = ""                # "" = the Python standard library's sources
@@ -145,7 +149,7 @@ class MoEMambaConfig:
                 raise ValueError(f"MoEMambaConfig: `{name}` must be an int >= 0 (0: from `setting`); got {value!r}")
         if isinstance(self.d_expert, bool) or not isinstance(self.d_expert, int) or self.d_expert < 0:
             raise ValueError(f"MoEMambaConfig: `d_expert` must be an int >= 0 (0: 3·d_model); got {self.d_expert!r}")
-        for name in ("log_every", "eval_every", "eval_batches", "batch_size", "num_steps"):
+        for name in ("seeds", "log_every", "eval_every", "eval_batches", "batch_size", "num_steps"):
             _check_positive_int(name, getattr(self, name))
         if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) or not 0.0 <= self.ema < 1.0:
             raise ValueError(f"MoEMambaConfig: `ema` must be a number in [0, 1); got {self.ema!r}")
@@ -193,7 +197,7 @@ class MoEMambaConfig:
     def lm_config(self) -> LMConfig:
         """The `lm` experiment's config of the same text, optimizer and loop settings (its `TextData`,
         `optimizer_config()` and `loop_config()` are reused; its model fields are not)."""
-        return LMConfig(preset=self.preset, task="text", seed=self.seed, seq_len=self.seq_len,
+        return LMConfig(preset="cpu" if self.preset == "cpu_long" else self.preset, task="text", seed=self.seed, seq_len=self.seq_len,
                         text_root=self.text_root, text_pattern=self.text_pattern,
                         text_max_files=self.text_max_files, text_eval_fraction=self.text_eval_fraction,
                         tokenizer=self.tokenizer, bpe_vocab_size=self.bpe_vocab_size,
@@ -209,12 +213,23 @@ class MoEMambaConfig:
         return dataclasses.asdict(self)
 
 
+# the expert width at which a MoE arm's active parameters equal Mamba's at d_model 64, d_state 16, expand 2
+# (`parameter_counts`, tested); the paper matches active parameters, 3·d_model = 192 leaves Mamba 9 % more
+CPU_LONG_D_EXPERT = 251
+
 _PRESETS: Dict[str, Dict[str, Any]] = {
     # two arms, tiny models, 16 steps: seconds (jit compiles dominate)
     "smoke": dict(arms="mamba,moe", text_max_files=8, text_eval_fraction=0.25, seq_len=32, d_model=16, n_blocks=1,
                   n_experts=4, d_state=4, batch_size=4, num_steps=16, warmup_steps=2, learning_rate=3e-3,
                   eval_every=8, eval_batches=2, tensorboard=False, progress=False),
     "cpu": {},
+    # the paper's protocol (llm-random: capacity and balancing over the batch, lr 1e-3, clip 0.5; the experts
+    # ablation 1/4/8/16/32; active parameters matched) at CPU scale: 750 steps x 32 x 128 BPE tokens per arm
+    # (3.1M tokens; the issue's suggested 1,500 steps would take ~2 h on 2 cores with 6 arms x 2 seeds)
+    "cpu_long": dict(arms="mamba,moe_e1,moe_e4,moe,moe_e16,moe_e32", seeds=2, tokenizer="bpe", text_max_files=0,
+                     d_expert=CPU_LONG_D_EXPERT, batch_size=32, num_steps=750, learning_rate=1e-3,
+                     warmup_steps=50, grad_clip_norm=0.5, ema=0.95, eval_every=50, eval_batches=8,
+                     tensorboard=False),
     # the paper's sizes (d_model, blocks, 42 experts from `setting`); step count, batch and learning rate are
     # this project's choice for a GPU/TPU run, not the paper's exact schedule
     "paper": dict(arms="mamba,moe,moe_e1,moe_e4,moe_e8,moe_e16,moe_e32,moe_top2,moe_cf0.5,"
@@ -225,7 +240,7 @@ _PRESETS: Dict[str, Dict[str, Any]] = {
 
 
 def preset_config(preset: str = "cpu") -> MoEMambaConfig:
-    """The config of `preset` ("smoke", "cpu", "paper")."""
+    """The config of `preset` (one of PRESETS)."""
     if preset not in PRESETS:
         raise ValueError(f"preset_config: `preset` must be one of {PRESETS}; got {preset!r}")
     return MoEMambaConfig(preset=preset, **_PRESETS[preset])

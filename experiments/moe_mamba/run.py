@@ -22,6 +22,7 @@ and speedup_vs_loss.png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -33,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from experiments.lm.config import parse_run_arguments, timestamped_run_dir
-from experiments.moe_mamba.config import BASELINE, E1_CONTROL, PRESETS, MoEMambaConfig, preset_config
+from experiments.moe_mamba.config import BASELINE, E1_CONTROL, PRESETS, MoEMambaConfig, arm_settings, preset_config
 
 RESULTS_ROOT = os.path.join("results", "moe_mamba")
 
@@ -140,6 +141,14 @@ def train_arm(config: MoEMambaConfig, arm: str, text, out: str) -> Dict[str, Any
     from mamba_jax.train import (MetricsWriter, create_train_state, evaluate, learning_rate_schedule,
                                  make_eval_step, make_optimizer, make_train_step, train_loop)
 
+    arm_dir = os.path.join(out, "arms", arm)
+    summary_path = os.path.join(arm_dir, "summary.json")
+    if os.path.isfile(summary_path):          # a finished arm of an interrupted run with the same settings
+        with open(summary_path) as f:
+            saved = json.load(f)
+        if saved.get("config") == _resume_key(config):
+            print(f"moe_mamba: arm {arm}: done before, read from {summary_path}", file=sys.stderr)
+            return saved["summary"]
     lm = config.lm_config()
     model_config = config.model_config(arm)
     model = (MambaLM if arm == BASELINE else HybridLM)(model_config)
@@ -147,7 +156,6 @@ def train_arm(config: MoEMambaConfig, arm: str, text, out: str) -> Dict[str, Any
     counts = parameter_counts(model_config, params)
     state = create_train_state(model.apply, params, make_optimizer(lm.optimizer_config()))
     eval_step = make_eval_step(model.apply)
-    arm_dir = os.path.join(out, "arms", arm)
     metrics = MetricsWriter(os.path.join(arm_dir, "metrics.jsonl"),
                             tensorboard_dir=os.path.join(arm_dir, "tensorboard") if config.tensorboard else None)
     print(f"moe_mamba: arm {arm}: {counts['total']:,} parameters, {counts['active']:,} active per token",
@@ -170,7 +178,7 @@ def train_arm(config: MoEMambaConfig, arm: str, text, out: str) -> Dict[str, Any
                     key=lambda name: int(name.rsplit("_", 1)[-1]))
     dropped_by_layer = {layer: float(np.mean([r[prefix + layer] for r in train if prefix + layer in r]))
                         for layer in layers}
-    return {
+    summary = {
         "arm": arm, "params_total": counts["total"], "params_active": counts["active"],
         "params_expert": counts["expert"], "records": history,
         "final_train_loss": float(curves["smoothed"][-1]), "final_train_loss_raw": float(train[-1]["loss"]),
@@ -182,6 +190,15 @@ def train_arm(config: MoEMambaConfig, arm: str, text, out: str) -> Dict[str, Any
         "dropped_fraction_by_layer": dropped_by_layer,     # mean over the run, per MoE layer
         "wall_time_s": time.perf_counter() - t0,
     }
+    with open(summary_path, "w") as f:
+        json.dump({"config": _resume_key(config), "summary": summary}, f)
+    return summary
+
+
+def _resume_key(config: MoEMambaConfig) -> Dict[str, Any]:
+    """What must match for a finished arm to be reused: every field but the run's arm list, seed count and
+    display switches."""
+    return {k: v for k, v in config.to_dict().items() if k not in ("arms", "seeds", "progress", "tensorboard")}
 
 
 def compare(arms: List[Dict[str, Any]], ema: float, baseline: str = BASELINE, suffix: str = "") -> Dict[str, Any]:
@@ -213,6 +230,54 @@ def compare(arms: List[Dict[str, Any]], ema: float, baseline: str = BASELINE, su
     return {"level": level, "eval_level": eval_level,
             "mamba_steps_to_final": steps_to_reach(bc["steps"], bc["smoothed"], level),
             "levels": levels, "curves": curves}
+
+
+def seed_configs(config: MoEMambaConfig) -> List[MoEMambaConfig]:
+    """One config per seed: seed, seed + 1, ..., seed + seeds − 1 (each arm's init, batches and router keys)."""
+    return [dataclasses.replace(config, seed=config.seed + i) for i in range(config.seeds)]
+
+
+SEED_METRICS = ("final_train_loss", "final_eval_loss", "speedup", "speedup_eval", "speedup_vs_e1",
+                "dropped_fraction")
+
+
+def _mean_sd(values: Sequence[Optional[float]]) -> Tuple[Optional[float], Optional[float]]:
+    """(mean, sample sd) of the values; (None, None) when any is None (e.g. a speedup "not reached" in one
+    seed: the mean would hide it); sd 0 for one value."""
+    if not values or any(v is None for v in values):
+        return None, None
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def across_seeds(by_seed: List[List[Dict[str, Any]]]) -> Dict[str, Dict[str, Any]]:
+    """Per arm, over the seeds' arm summaries (by_seed[s] = that seed's arms): for each of SEED_METRICS the
+    per-seed values (``<metric>_by_seed``, None where not reached or not measured) and their mean and
+    sample sd (None when a seed lacks the value)."""
+    out = {}
+    for arm in [a["arm"] for a in by_seed[0]]:
+        entries = [next(a for a in arms if a["arm"] == arm) for arms in by_seed]
+        row = {"params_total": entries[0]["params_total"], "params_active": entries[0]["params_active"]}
+        for metric in SEED_METRICS:
+            values = [e.get(metric) for e in entries]
+            row[metric + "_by_seed"] = values
+            row[metric + "_mean"], row[metric + "_sd"] = _mean_sd(values)
+        out[arm] = row
+    return out
+
+
+def experts_ablation(config: MoEMambaConfig, by_seed: List[List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
+    """The paper's experts ablation from the arms that differ from ``moe`` only in their expert count (``moe``
+    itself at `n_experts`, ``moe_e<N>``): one row per count, ascending, with `across_seeds`' statistics;
+    [] with fewer than two such arms."""
+    stats = across_seeds(by_seed)
+    counts = {}
+    for arm in stats:
+        settings = arm_settings(arm)
+        if arm == "moe" or set(settings) == {"n_experts"}:
+            counts.setdefault(settings.get("n_experts", config.sizes()["n_experts"]), arm)
+    if len(counts) < 2:
+        return []
+    return [dict(n_experts=n, arm=counts[n], **stats[counts[n]]) for n in sorted(counts)]
 
 
 # ---------------------------------------------------------------------------------------------- reports
@@ -254,6 +319,7 @@ def results_markdown(results: Dict[str, Any]) -> str:
                               "final eval loss", "speedup vs Mamba (train)", "speedup vs Mamba (eval)",
                               "speedup vs moe_e1 (train)", "train tokens/s", "dropped-token fraction",
                               "dropped per MoE layer (first → last)"], rows), ""]
+    lines += seeds_markdown(results)
     if cmp_.get("curves"):
         main = next((a for a in results["arms"] if a["arm"] == "moe"), None)
         ours = "—" if main is None else ("not reached" if main.get("speedup") is None else f"{main['speedup']:.2f}x")
@@ -274,6 +340,50 @@ def results_markdown(results: Dict[str, Any]) -> str:
                   "expert full (averaged over MoE layers). Tokens/s: median over logged train steps after the first (jit), this machine.",
               "", results["hardware"], ""]
     return "\n".join(lines)
+
+
+def _speedups(values: Sequence[Optional[float]]) -> str:
+    return " / ".join("not reached" if v is None else f"{v:.2f}x" for v in values)
+
+
+def _spread(row: Dict[str, Any], metric: str) -> str:
+    mean, sd = row.get(metric + "_mean"), row.get(metric + "_sd")
+    return "—" if mean is None else f"{mean:.4f} ± {sd:.4f}"
+
+
+def seeds_markdown(results: Dict[str, Any]) -> List[str]:
+    """With several seeds: every arm's mean ± sd over seeds and its per-seed speedups; with the expert-count
+    arms: the experts ablation (the paper's table). [] when neither applies."""
+    from mamba_jax.bench_utils import markdown_table
+
+    lines = []
+    seeds = [b["seed"] for b in results.get("by_seed", [])]
+    stats = results.get("across_seeds", {})
+    if len(seeds) > 1:
+        lines += [f"Across seeds {', '.join(map(str, seeds))} (mean ± sample sd; speedups per seed, in seed "
+                  f"order; the table above is seed {seeds[0]}):", ""]
+        rows = [[arm, _spread(r, "final_train_loss"), _spread(r, "final_eval_loss"),
+                 "1 (baseline)" if arm == BASELINE else _speedups(r["speedup_by_seed"]),
+                 "1 (baseline)" if arm == BASELINE else _speedups(r["speedup_eval_by_seed"]),
+                 "—" if arm in (BASELINE, E1_CONTROL) or E1_CONTROL not in stats
+                 else _speedups(r["speedup_vs_e1_by_seed"]),
+                 _fmt(r["dropped_fraction_mean"], ".3f")]
+                for arm, r in stats.items()]
+        lines += [markdown_table(["arm", "final train loss (EMA)", "final eval loss", "speedup vs Mamba (train)",
+                                  "speedup vs Mamba (eval)", "speedup vs moe_e1 (train)",
+                                  "dropped-token fraction"], rows), ""]
+    ablation = results.get("experts_ablation") or []
+    if ablation:
+        lines += [f"Experts ablation (the paper's table of expert counts; {len(seeds) or 1} seed(s)):", ""]
+        rows = [[r["n_experts"], r["arm"], f"{r['params_total']:,}", f"{r['params_active']:,}",
+                 _spread(r, "final_eval_loss"), _speedups(r["speedup_by_seed"]),
+                 "1 (control)" if r["arm"] == E1_CONTROL else
+                 "—" if E1_CONTROL not in stats else _speedups(r["speedup_vs_e1_by_seed"]),
+                 _fmt(r["dropped_fraction_mean"], ".3f")] for r in ablation]
+        lines += [markdown_table(["experts", "arm", "total params", "active params/token", "final eval loss",
+                                  "speedup vs Mamba (train)", "speedup vs moe_e1 (train)",
+                                  "dropped-token fraction"], rows), ""]
+    return lines
 
 
 def plot_losses(results: Dict[str, Any], path: str) -> None:
@@ -346,13 +456,26 @@ def run(config: MoEMambaConfig, out: str) -> Dict[str, Any]:
         f.write(resolved)
     print(f"moe_mamba: resolved config ({out}/config.json):\n{resolved}", file=sys.stderr)
     t0 = time.perf_counter()
-    text = TextData(config.lm_config(), out, resume=False)
-    arms = [train_arm(config, arm, text, out) for arm in config.arm_names()]
-    comparison = compare(arms, config.ema)
-    compare(arms, config.ema, baseline=E1_CONTROL, suffix="_vs_e1")   # adds speedup_vs_e1 where moe_e1 ran
+    # resume=True: a rerun into the same directory reads the BPE tokenizer it trained (same ids) and every
+    # finished arm (`train_arm`)
+    text = TextData(config.lm_config(), out, resume=True)
+    by_seed = []
+    for cfg in seed_configs(config):
+        seed_out = out if config.seeds == 1 else os.path.join(out, f"seed_{cfg.seed}")
+        seed_text = text if cfg.seed == config.seed else TextData(cfg.lm_config(), seed_out, resume=False,
+                                                                   tokenizer=text.tokenizer)
+        arms = [train_arm(cfg, arm, seed_text, seed_out) for arm in cfg.arm_names()]
+        comparison = compare(arms, cfg.ema)
+        compare(arms, cfg.ema, baseline=E1_CONTROL, suffix="_vs_e1")   # adds speedup_vs_e1 where moe_e1 ran
+        by_seed.append({"seed": cfg.seed, "arms": arms, "comparison": comparison})
     results = {"experiment": "moe_mamba", "config": config.to_dict(), "sizes": config.sizes(),
-               "data": text.summary(), "comparison": comparison,
-               "arms": arms, "paper_speedup": PAPER_SPEEDUP, "wall_time_s": time.perf_counter() - t0,
+               "data": text.summary(), "comparison": by_seed[0]["comparison"], "arms": by_seed[0]["arms"],
+               "by_seed": [{"seed": b["seed"], "comparison": b["comparison"],
+                            "arms": [{k: v for k, v in a.items() if k != "records"} for a in b["arms"]]}
+                           for b in by_seed],
+               "across_seeds": across_seeds([b["arms"] for b in by_seed]),
+               "experts_ablation": experts_ablation(config, [b["arms"] for b in by_seed]),
+               "paper_speedup": PAPER_SPEEDUP, "wall_time_s": time.perf_counter() - t0,
                "hardware": hardware_description()}
     plot_losses(results, os.path.join(out, "loss_vs_steps.png"))
     plot_speedup(results, os.path.join(out, "speedup_vs_loss.png"))

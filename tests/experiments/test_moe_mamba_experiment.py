@@ -207,3 +207,86 @@ def test_bpe_tokens_set_the_models_vocabulary():
     assert preset_config("smoke").model_config("moe").vocab_size == 259       # bytes + BOS, EOS, PAD
     with pytest.raises(ValueError, match="`tokenizer`"):
         MoEMambaConfig(**{**vars(preset_config("smoke")), "tokenizer": "chars"})
+
+
+# ------------------------------------------------------------------------------- seeds and the ablation
+
+
+def _arm(name, train, eval_, speedup=None, vs_e1=None, dropped=None):
+    return dict(arm=name, params_total=10, params_active=5, final_train_loss=train, final_eval_loss=eval_,
+                speedup=speedup, speedup_eval=None, speedup_vs_e1=vs_e1, dropped_fraction=dropped)
+
+
+def test_across_seeds_means_and_sample_sd_and_keeps_not_reached_visible():
+    by_seed = [[_arm("mamba", 2.0, 2.5), _arm("moe", 1.8, 2.4, speedup=1.5, dropped=0.1)],
+               [_arm("mamba", 2.2, 2.9), _arm("moe", 1.9, 2.6, speedup=None, dropped=0.3)]]
+    stats = run.across_seeds(by_seed)
+    assert list(stats) == ["mamba", "moe"]
+    assert stats["mamba"]["final_eval_loss_mean"] == pytest.approx(2.7)
+    assert stats["mamba"]["final_eval_loss_sd"] == pytest.approx(math.sqrt(0.08))   # (0.2² + 0.2²) / (2 − 1)
+    assert stats["moe"]["speedup_by_seed"] == [1.5, None]
+    assert stats["moe"]["speedup_mean"] is None          # one seed did not reach: no mean hides it
+    assert stats["moe"]["dropped_fraction_mean"] == pytest.approx(0.2)
+    one = run.across_seeds(by_seed[:1])
+    assert one["moe"]["speedup_mean"] == 1.5 and one["moe"]["speedup_sd"] == 0.0
+
+
+def test_experts_ablation_takes_the_arms_that_differ_only_in_expert_count():
+    config = MoEMambaConfig(**{**vars(preset_config("smoke")),
+                               "arms": "mamba,moe_e16,moe_top2,moe,moe_e1,moe_cf2", "n_experts": 4})
+    by_seed = [[_arm(a, 2.0, 2.0 + i / 10, vs_e1=1.0 + i) for i, a in enumerate(config.arm_names())]]
+    rows = run.experts_ablation(config, by_seed)
+    assert [(r["n_experts"], r["arm"]) for r in rows] == [(1, "moe_e1"), (4, "moe"), (16, "moe_e16")]
+    assert [r["final_eval_loss_mean"] for r in rows] == pytest.approx([2.4, 2.3, 2.1])
+    table = "\n".join(run.seeds_markdown({"by_seed": [{"seed": 0}], "across_seeds": run.across_seeds(by_seed),
+                                          "experts_ablation": rows}))
+    assert "| 16 | moe_e16 |" in table and "| 1 | moe_e1 |" in table and "1 (control)" in table
+    two = [[a for a in by_seed[0] if a["arm"] in ("mamba", "moe", "moe_top2")]]
+    assert run.experts_ablation(config, two) == []          # one expert count is no ablation
+
+
+def test_cpu_long_preset_is_the_papers_protocol_at_equal_active_parameters():
+    import jax
+
+    from mamba_jax.models import HybridLM, MambaLM, init_params
+    from mamba_jax.models.moe_mamba import parameter_counts
+
+    config = preset_config("cpu_long")
+    assert config.arm_names() == ("mamba", "moe_e1", "moe_e4", "moe", "moe_e16", "moe_e32")
+    assert (config.learning_rate, config.grad_clip_norm, config.routing, config.tokenizer, config.seeds) == \
+        (1e-3, 0.5, "batch", "bpe", 2)
+    assert config.lm_config().optimizer_config().grad_clip_norm == 0.5
+    active = {}
+    for arm in ("mamba", "moe"):
+        model_config = config.model_config(arm)
+        model = (MambaLM if arm == "mamba" else HybridLM)(model_config)
+        shapes = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), seq_len=8))
+        active[arm] = parameter_counts(model_config, shapes)["active"]
+    assert active["moe"] == active["mamba"], active        # d_expert 251 matches them exactly at 8 experts
+
+
+def test_seeds_train_every_arm_per_seed_and_a_rerun_reads_the_finished_arms(tmp_path, monkeypatch):
+    import mamba_jax.train
+
+    monkeypatch.setenv("MAMBA_JAX_CACHE", str(tmp_path / "cache"))
+    config = MoEMambaConfig(**{**vars(SMOKE), "arms": "moe", "seeds": 2, "num_steps": 4, "eval_every": 4})
+    first = run.run(config, str(tmp_path / "run"))
+    assert [b["seed"] for b in first["by_seed"]] == [0, 1]
+    losses = [b["arms"][0]["final_eval_loss"] for b in first["by_seed"]]
+    assert losses[0] != losses[1]                         # own init and batches per seed
+    stats = first["across_seeds"]["moe"]
+    assert stats["final_eval_loss_by_seed"] == losses
+    assert stats["final_eval_loss_mean"] == pytest.approx(np.mean(losses))
+    for seed in (0, 1):
+        assert (tmp_path / "run" / f"seed_{seed}" / "arms" / "moe" / "summary.json").is_file()
+    assert "Across seeds 0, 1" in (tmp_path / "run" / "results.md").read_text()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished arm was trained again")
+
+    monkeypatch.setattr(mamba_jax.train, "train_loop", no_training)
+    again = run.run(config, str(tmp_path / "run"))
+    assert again["across_seeds"] == first["across_seeds"]
+    changed = MoEMambaConfig(**{**vars(config), "learning_rate": 1e-2})
+    with pytest.raises(AssertionError, match="trained again"):   # other settings: the arm is not reused
+        run.run(changed, str(tmp_path / "run"))
