@@ -7,6 +7,9 @@ presets:
 * ``smoke`` — scikit-learn's 8×8 digits, tiny models, a few seconds of training; used by the tests.
 * ``cpu``   — the default: Fashion-MNIST (Debian `dataset-fashion-mnist`), pixel-row tokens, a 3-layer
   bidirectional teacher and 6 one-layer bidirectional students; about 23 minutes on a 2-core CPU.
+* ``cpu_long`` — the paper's protocol at CPU scale on MNIST (the 10k set): 7 one-layer students from ~1 % to
+  ~15 % of the teacher's analytic FLOPs each, both ensemble rules, a direct KD student at every cumulative
+  budget, 2 seeds (``dataset=fashion_mnist`` for Fashion-MNIST).
 * ``paper`` — Fashion-MNIST with 4×4 patches, a wider teacher, 7 students, longer training: a GPU job.
 """
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Tuple
 from mamba_jax.data.images import DATASETS
 from mamba_jax.models.classifier import ClassifierConfig
 
-PRESETS = ("smoke", "cpu", "paper")
+PRESETS = ("smoke", "cpu", "cpu_long", "paper")
 # How an ensemble of students predicts: "additive" (B-DISTIL: F_m = F_{m-1} + f_m in logit space, student m
 # trained on the sum with students 1..m-1 frozen) or "mean_softmax" (the mean of the students' softmaxes,
 # each student trained alone with boosting weights from the ensemble before it).
@@ -52,6 +55,7 @@ class PKDConfig:
     preset: str = "cpu"
     dataset: str = "fashion_mnist"        # fashion_mnist | mnist | digits
     seed: int = 0
+    seeds: int = 1                        # seeds seed, seed+1, ...: the whole run once per seed, then the summary
     patch_size: int = 0                   # 0: one token per pixel row; p: p×p patches
     # -- teacher --
     teacher_d_model: int = 48
@@ -68,6 +72,9 @@ class PKDConfig:
     # -- the single-student arms (same FLOPs as the whole ensemble) --
     single_layers: int = 1
     single_steps: int = 600
+    # a direct KD student at every prefix's cumulative FLOPs (the ensemble of m students, m = 1..K), not
+    # only at the whole ensemble's
+    direct_per_budget: bool = False
     # -- loss --
     alpha: float = 0.5                    # weight of the hard-label CE; 1 − alpha on the KD term
     temperature: float = 2.0
@@ -92,7 +99,7 @@ class PKDConfig:
             raise ValueError(f"PKDConfig: `preset` must be one of {PRESETS}; got {self.preset!r}")
         if self.dataset not in DATASETS:
             raise ValueError(f"PKDConfig: `dataset` must be one of {DATASETS}; got {self.dataset!r}")
-        for name in ("teacher_d_model", "teacher_layers", "teacher_d_state", "teacher_steps", "student_layers",
+        for name in ("seeds", "teacher_d_model", "teacher_layers", "teacher_d_state", "teacher_steps", "student_layers",
                      "student_d_state", "student_steps", "single_layers", "single_steps", "batch_size",
                      "eval_batch_size", "latency_repeats", "log_every"):
             _positive_int(name, getattr(self, name))
@@ -167,9 +174,12 @@ class PKDConfig:
 _PRESETS = {
     "smoke": dict(dataset="digits", teacher_d_model=24, teacher_layers=1, teacher_d_state=4, teacher_steps=120,
                   student_d_models="6,6,6", student_layers=1, student_bidirectional=False, student_d_state=2,
-                  student_steps=60, single_steps=40, batch_size=64, learning_rate=1e-2, warmup_steps=5,
+                  student_steps=60, single_steps=40, direct_per_budget=True, batch_size=64, learning_rate=1e-2, warmup_steps=5,
                   eval_batch_size=256, latency_repeats=2, log_every=20, progress=False),
     "cpu": {},
+    # students of 1.1, 1.6, 2.9, 4.6, 6.7, 9.1 and 14.8 % of the teacher's analytic FLOPs (40.8 % together)
+    "cpu_long": dict(dataset="mnist", student_d_models="6,8,12,16,20,24,32", direct_per_budget=True, seeds=2,
+                     latency_repeats=3, progress=False),
     "paper": dict(patch_size=4, teacher_d_model=128, teacher_layers=6, teacher_d_state=16, teacher_steps=20_000,
                   student_d_models="8,12,16,24,32,48,64", student_layers=2, student_d_state=8,
                   student_steps=5_000, single_layers=2, single_steps=5_000, batch_size=128, learning_rate=2e-3,
@@ -178,7 +188,7 @@ _PRESETS = {
 
 
 def preset_config(preset: str = "cpu") -> PKDConfig:
-    """The config of `preset` ("smoke", "cpu", "paper")."""
+    """The config of `preset` (one of PRESETS)."""
     if preset not in PRESETS:
         raise ValueError(f"preset_config: `preset` must be one of {PRESETS}; got {preset!r}")
     return PKDConfig(preset=preset, **_PRESETS[preset])

@@ -320,24 +320,14 @@ def measure(configs: Sequence[ClassifierConfig], params: Sequence[Any], repeats:
     return out
 
 
-def match_flops_width(config: PKDConfig, target: float, guess: int) -> int:
-    """The single-student width whose FLOPs per example are closest to `target` on XLA's (monotone) count.
-
-    Starts at `guess` and walks up or down one width at a time until the target is bracketed (FLOPs grow
-    about quadratically with the width, so a guess from that rule needs a few compiles only)."""
-    f = lambda w: flops_per_example((config.single_config(w),))
-    w = max(1, guess)
-    if f(w) < target:
-        while f(w + 1) < target:
-            w += 1
-        lo, hi = w, w + 1
-    else:
-        while w > 1 and f(w - 1) >= target:
-            w -= 1
-        if w == 1:
-            return 1
-        lo, hi = w - 1, w
-    return lo if abs(f(lo) - target) < abs(f(hi) - target) else hi
+def match_flops_width(config: PKDConfig, target: float) -> int:
+    """The single-student width whose analytic FLOPs per example (`classifier_flops`: matmul multiply-adds
+    and the scan, the paper's kind of count) are closest to `target`; they grow with the width."""
+    f = lambda w: classifier_flops(config.single_config(w))
+    w = 1
+    while f(w + 1) < target:
+        w += 1
+    return w if abs(f(w) - target) <= abs(f(w + 1) - target) else w + 1
 
 
 def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -374,6 +364,14 @@ def results_markdown(results: Dict[str, Any]) -> str:
                 + [f"{ensembles[r]['curve'][i]['accuracy']:.4f} (student alone {ensembles[r]['curve'][i]['student_accuracy']:.4f})"
                    for r in rules] for i, e in enumerate(results["ensemble"])]
         lines += [markdown_table(["m", "% of teacher FLOPs"] + [RULE_TEXT[r] for r in rules], rows), ""]
+    by_budget = results.get("direct_by_budget") or []
+    if len(by_budget) > 1:
+        ta = teacher["stats"]["flops_analytic"]
+        lines += ["A direct KD student at each prefix's cumulative FLOPs (analytic; width matched):", ""]
+        rows = [[d["m"], d["d_model"], f"{100 * d['budget_analytic'] / ta:.1f}%", f"{100 * d['flops_analytic'] / ta:.1f}%",
+                 f"{results['ensemble'][d['m'] - 1]['accuracy']:.4f}", f"{d['accuracy']:.4f}"] for d in by_budget]
+        lines += [markdown_table(["m", "direct student width", "budget: m students' FLOPs", "direct student's FLOPs",
+                                  f"ensemble of m ({results['ensemble_rule']})", "direct KD student"], rows), ""]
     lines += ["Models:", ""]
 
     ta = teacher["stats"]["flops_analytic"]
@@ -416,37 +414,114 @@ def results_markdown(results: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_accuracy_vs_flops(results: Dict[str, Any], path: str) -> None:
-    """Accuracy against % of the teacher's FLOPs (log x): the ensemble prefix curve, each arm, the teacher,
-    and the paper's MNIST points (hollow, labelled as the paper's)."""
+def _mean_sd(values: Sequence[float]) -> Tuple[float, float]:
+    """(mean, sample sd; 0 for one value)."""
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def across_seeds(by_seed: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """The seeds' results (each `run_seed`'s dict, same config but the seed) as accuracy lists per point,
+    with x = analytic FLOPs as a fraction of the teacher's (`classifier_flops`; the same in every seed):
+    {seeds, dataset, preset, teacher: {accuracy: [..]}, ensembles: {rule: [{m, d_model, flops_fraction,
+    accuracy: [..], student_accuracy: [..]}]}, direct_by_budget: [{m, d_model, flops_fraction, accuracy}],
+    labels: {d_model, flops_fraction, accuracy}}; every accuracy list in seed order."""
+    first = by_seed[0]
+    tf = first["teacher"]["stats"]["flops_analytic"]
+    acc = lambda get: [get(r) for r in by_seed]
+    ensembles = {}
+    for rule, entry in first["ensembles"].items():
+        ensembles[rule] = [dict(m=e["m"], d_model=e["d_model"], flops_fraction=e["cumulative_flops_analytic"] / tf,
+                                accuracy=acc(lambda r, i=i: r["ensembles"][rule]["curve"][i]["accuracy"]),
+                                student_accuracy=acc(lambda r, i=i: r["ensembles"][rule]["curve"][i]["student_accuracy"]))
+                           for i, e in enumerate(entry["curve"])]
+    direct = [dict(m=d["m"], d_model=d["d_model"], flops_fraction=d["flops_analytic"] / tf,
+                   accuracy=acc(lambda r, i=i: r["direct_by_budget"][i]["accuracy"]))
+              for i, d in enumerate(first["direct_by_budget"])]
+    labels = dict(d_model=first["labels"]["d_model"], flops_fraction=first["labels"]["stats"]["flops_analytic"] / tf,
+                  accuracy=acc(lambda r: r["labels"]["accuracy"]))
+    return dict(seeds=[r["config"]["seed"] for r in by_seed], dataset=first["config"]["dataset"],
+                preset=first["config"]["preset"], teacher=dict(accuracy=acc(lambda r: r["teacher"]["accuracy"])),
+                ensembles=ensembles, direct_by_budget=direct, labels=labels)
+
+
+def _spread(values: Sequence[float]) -> str:
+    mean, sd = _mean_sd(values)
+    return f"{mean:.4f}" if len(values) == 1 else f"{mean:.4f} ± {sd:.4f}"
+
+
+def seeds_markdown(summary: Dict[str, Any]) -> str:
+    """The anytime curves of `across_seeds` as one table: per number of students m, the % of the teacher's
+    analytic FLOPs, each ensemble rule's accuracy and the direct KD student of that budget (mean ± sample sd
+    over the seeds), then the teacher, the labels-only student and the paper's MNIST points."""
+    seeds = summary["seeds"]
+    rules = list(summary["ensembles"])
+    direct = {d["m"]: d for d in summary["direct_by_budget"]}
+    lines = [f"### PKD on `{summary['dataset']}`, preset `{summary['preset']}`, seeds {', '.join(map(str, seeds))}",
+             "", f"Test accuracy, mean ± sample sd over {len(seeds)} seeds (each seed: its own teacher, students and "
+                 f"batches). FLOPs: analytic (matmul multiply-adds and the scan, `classifier_flops`), % of the "
+                 f"teacher's.", ""]
+    rows = []
+    for i, e in enumerate(summary["ensembles"][rules[0]]):
+        d = direct.get(e["m"])
+        rows.append([e["m"], e["d_model"], f"{100 * e['flops_fraction']:.1f}%"]
+                    + [_spread(summary["ensembles"][r][i]["accuracy"]) for r in rules]
+                    + [_spread(e["student_accuracy"]),
+                       "—" if d is None else f"{_spread(d['accuracy'])} (d={d['d_model']}, "
+                                             f"{100 * d['flops_fraction']:.1f}%)"])
+    lines += [markdown_table(["m", "student m width", "cumulative % of teacher FLOPs"]
+                             + [f"ensemble: {RULE_TEXT[r]}" for r in rules]
+                             + [f"student m alone ({rules[0]})", "direct KD student of that budget"], rows), ""]
+    labels = summary["labels"]
+    lines += [f"Teacher: {_spread(summary['teacher']['accuracy'])} (100 %). Labels-only student at the whole "
+              f"ensemble's FLOPs (d={labels['d_model']}, {100 * labels['flops_fraction']:.1f}%): "
+              f"{_spread(labels['accuracy'])}.", ""]
+    lines += ["The paper's numbers (Medina et al., arXiv 2503.01727), **on MNIST**:", "",
+              markdown_table(["model (paper, MNIST)", "accuracy", "% of teacher FLOPs"],
+                             [[p["model"], p["accuracy"], f"{100 * p['flops_fraction']:.0f}%"] for p in PAPER_MNIST]),
+              ""]
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_flops(summary: Dict[str, Any], path: str) -> None:
+    """Accuracy against % of the teacher's analytic FLOPs (log x), from `across_seeds` (one seed or more:
+    mean, with the sample sd as error bars): each ensemble rule after m students, the direct KD student at
+    each budget, each student alone, the labels-only student, the teacher, and the paper's MNIST points
+    (hollow, labelled as the paper's)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    tf = results["teacher"]["stats"]["flops"]
     fig = Figure(figsize=(7, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    ens = results["ensemble"]
-    for rule, entry in (results.get("ensembles") or {results.get("ensemble_rule", "mean_softmax"): dict(curve=ens)}).items():
-        curve = entry["curve"]
-        ax.plot([100 * e["cumulative_flops"] / tf for e in curve], [e["accuracy"] for e in curve], "o-", lw=2,
-                label=f"ensemble, {RULE_TEXT[rule]} (after m students)")
-    for e in ens:
-        ax.annotate(str(e["m"]), (100 * e["cumulative_flops"] / tf, e["accuracy"]), textcoords="offset points",
+
+    def curve(points, fmt, label, **style):
+        stats = [_mean_sd(p["accuracy"]) for p in points]
+        ax.errorbar([100 * p["flops_fraction"] for p in points], [m for m, _ in stats], yerr=[s for _, s in stats],
+                    fmt=fmt, capsize=2, label=label, **style)
+
+    for rule, points in summary["ensembles"].items():
+        curve(points, "o-", f"ensemble, {RULE_TEXT[rule]} (after m students)", lw=2)
+    main = next(iter(summary["ensembles"].values()))
+    for e in main:
+        ax.annotate(str(e["m"]), (100 * e["flops_fraction"], _mean_sd(e["accuracy"])[0]), textcoords="offset points",
                     xytext=(3, -10), fontsize=7)
-    ax.scatter([100 * s["stats"]["flops"] / tf for s in results["students"]],
-               [s["accuracy"] for s in results["students"]], color="grey", s=14, label="each student alone")
-    ax.scatter([100.0], [results["teacher"]["accuracy"]], marker="*", s=160, color="black", label="teacher")
-    for key, marker, label in (("direct", "s", "single student, KD from teacher"),
-                               ("labels", "^", "single student, labels only")):
-        ax.scatter([100 * results[key]["stats"]["flops"] / tf], [results[key]["accuracy"]], marker=marker, s=60,
-                   label=label + " (ensemble's FLOPs)")
+    alone = [dict(flops_fraction=e["flops_fraction"] - (main[i - 1]["flops_fraction"] if i else 0.0),
+                  accuracy=e["student_accuracy"]) for i, e in enumerate(main)]
+    curve(alone, ".", "each student alone", color="grey", ms=6)
+    if len(summary["direct_by_budget"]) > 1:
+        curve(summary["direct_by_budget"], "s--", "single student of that budget, KD from teacher")
+    else:
+        curve(summary["direct_by_budget"], "s", "single student, KD from teacher (ensemble's FLOPs)", ms=7)
+    curve([summary["labels"]], "^", "single student, labels only (ensemble's FLOPs)", ms=7)
+    curve([dict(flops_fraction=1.0, accuracy=summary["teacher"]["accuracy"])], "*", "teacher", color="black", ms=12)
     ax.plot([100 * p["flops_fraction"] for p in PAPER_MNIST], [p["accuracy"] for p in PAPER_MNIST], "D",
             mfc="none", color="tab:red", label="paper's numbers, MNIST (Medina et al.)")
     ax.set_xscale("log")
-    ax.set_xlabel("FLOPs per example, % of the teacher's (XLA cost analysis)")
+    ax.set_xlabel("FLOPs per example, % of the teacher's (analytic: matmuls + scan)")
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"PKD on {results['config']['dataset']} (preset {results['config']['preset']})")
+    seeds = summary["seeds"]
+    ax.set_title(f"PKD on {summary['dataset']} (preset {summary['preset']}"
+                 + (f", mean ± sd of {len(seeds)} seeds)" if len(seeds) > 1 else ")"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -485,7 +560,8 @@ def train_ensemble(rule: str, config: PKDConfig, train, test, teacher_logits: np
     sum. "mean_softmax": student m trains alone with boosting weights from the ensemble of students
     1..m−1 (uniform for the first); the ensemble predicts with the mean of the softmaxes.
     Students are saved as models/<rule>_student_<m>. Returns (students: [{d_model, params, config,
-    accuracy}], curve: [{m, d_model, accuracy, student_accuracy, cumulative_flops, train_accuracy}] (the
+    accuracy}], curve: [{m, d_model, accuracy, student_accuracy, cumulative_flops (XLA),
+    cumulative_flops_analytic, train_accuracy}] (the
     ensemble after m students), boosting: [{before_student, max_weight, effective_fraction,
     mean_ensemble_loss}]).
     """
@@ -493,7 +569,7 @@ def train_ensemble(rule: str, config: PKDConfig, train, test, teacher_logits: np
     ebs = config.eval_batch_size
     students, curve, boosting = [], [], []
     train_logits, test_logits = [], []
-    weights, cumulative = None, 0.0
+    weights, cumulative, cumulative_analytic = None, 0.0, 0
     K = len(config.student_widths())
     for m, (cfg, width) in enumerate(zip(config.student_configs(), config.student_widths())):
         name = f"{rule}_student_{m + 1}"
@@ -505,12 +581,14 @@ def train_ensemble(rule: str, config: PKDConfig, train, test, teacher_logits: np
         train_logits.append(predict_probs(cfg, params, train[0], ebs, logits=True))
         test_logits.append(predict_probs(cfg, params, test_images, ebs, logits=True))
         cumulative += flops_per_example((cfg,))
+        cumulative_analytic += classifier_flops(cfg)
         student_acc = accuracy(test_logits[-1], test_labels)
         students.append(dict(d_model=width, params=params, config=cfg, accuracy=student_acc))
         ens_train = np.asarray(ensemble_prediction(rule, train_logits))
         curve.append(dict(m=m + 1, d_model=width, accuracy=accuracy(np.asarray(ensemble_prediction(rule, test_logits)),
                                                                    test_labels),
                           student_accuracy=student_acc, cumulative_flops=cumulative,
+                          cumulative_flops_analytic=cumulative_analytic,
                           train_accuracy=accuracy(ens_train, train[1])))
         if rule == "mean_softmax" and m + 1 < K:  # weights for the next student, from students 1..m
             p_true = ens_train[np.arange(len(train[1])), train[1]]
@@ -522,8 +600,8 @@ def train_ensemble(rule: str, config: PKDConfig, train, test, teacher_logits: np
     return students, curve, boosting
 
 
-def run(config: PKDConfig, out: str) -> Dict[str, Any]:
-    """Run the experiment, write every output under `out`, return the results dict."""
+def run_seed(config: PKDConfig, out: str) -> Dict[str, Any]:
+    """Run the experiment for `config.seed`, write every output under `out`, return the results dict."""
     from tqdm.auto import tqdm
 
     os.makedirs(out, exist_ok=True)
@@ -536,7 +614,8 @@ def run(config: PKDConfig, out: str) -> Dict[str, Any]:
     records: List[dict] = []
     widths = config.student_widths()
     K = len(widths)
-    total = config.teacher_steps + len(config.ensemble_rules()) * K * config.student_steps + 2 * config.single_steps
+    singles = (K if config.direct_per_budget else 1) + 1
+    total = config.teacher_steps + len(config.ensemble_rules()) * K * config.student_steps + singles * config.single_steps
     pbar = tqdm(total=total, desc="pkd", disable=not config.progress, dynamic_ncols=True)
     ebs = config.eval_batch_size
 
@@ -555,18 +634,28 @@ def run(config: PKDConfig, out: str) -> Dict[str, Any]:
     students, ensemble, boosting = ensembles[main_rule]
     cumulative = ensemble[-1]["cumulative_flops"]
 
-    # 3. single students of the ensemble's FLOPs
-    widest = max(widths)
-    ratio = cumulative / flops_per_example((config.single_config(widest),))
-    single_width = match_flops_width(config, cumulative, guess=int(round(widest * ratio ** 0.5)))
-    single_cfg = config.single_config(single_width)
-    arms = {}
-    for key, teacher in (("direct", teacher_logits), ("labels", None)):
-        params = train_model(key, single_cfg, config, train, steps=config.single_steps, seed=config.seed + 100,
-                             teacher_logits=teacher, pbar=pbar, records=records)
-        save_model(out, f"single_{key}", single_cfg, params)
-        arms[key] = dict(d_model=single_width, params=params,
-                         accuracy=accuracy(predict_probs(single_cfg, params, test_images, ebs), test_labels))
+    # 3. single students of the ensemble's FLOPs (analytic): "direct" (KD) and "labels"; with
+    # `direct_per_budget`, a direct KD student at every prefix m's cumulative FLOPs (the last is "direct")
+    budgets = [e["cumulative_flops_analytic"] for e in ensemble]
+    direct_by_budget = []
+    for m, budget in enumerate(budgets, start=1):
+        if m < len(budgets) and not config.direct_per_budget:
+            continue
+        width = match_flops_width(config, budget)
+        cfg = config.single_config(width)
+        params = train_model(f"direct_budget_{m}", cfg, config, train, steps=config.single_steps,
+                             seed=config.seed + 100, teacher_logits=teacher_logits, pbar=pbar, records=records)
+        save_model(out, f"direct_budget_{m}", cfg, params)
+        direct_by_budget.append(dict(m=m, d_model=width, params=params, config=cfg,
+                                     flops_analytic=classifier_flops(cfg), budget_analytic=budget,
+                                     accuracy=accuracy(predict_probs(cfg, params, test_images, ebs), test_labels)))
+    single_width, single_cfg = direct_by_budget[-1]["d_model"], direct_by_budget[-1]["config"]
+    arms = {"direct": {k: direct_by_budget[-1][k] for k in ("d_model", "params", "accuracy")}}
+    params = train_model("labels", single_cfg, config, train, steps=config.single_steps, seed=config.seed + 100,
+                         pbar=pbar, records=records)
+    save_model(out, "single_labels", single_cfg, params)
+    arms["labels"] = dict(d_model=single_width, params=params,
+                          accuracy=accuracy(predict_probs(single_cfg, params, test_images, ebs), test_labels))
     pbar.close()
 
     # 4. measurements
@@ -596,6 +685,7 @@ def run(config: PKDConfig, out: str) -> Dict[str, Any]:
                                                                  for s in st])
                    for rule, (st, curve, b) in ensembles.items()},
         direct={k: v for k, v in arms["direct"].items() if k != "params"},
+        direct_by_budget=[{k: v for k, v in d.items() if k not in ("params", "config")} for d in direct_by_budget],
         labels={k: v for k, v in arms["labels"].items() if k != "params"},
         goal=goal, paper_mnist=PAPER_MNIST,
         baselines=pick_baselines() if config.dataset == "fashion_mnist" else [],
@@ -608,9 +698,33 @@ def run(config: PKDConfig, out: str) -> Dict[str, Any]:
     table = results_markdown(results)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table)
-    plot_accuracy_vs_flops(results, os.path.join(out, "accuracy_vs_flops.png"))
+    plot_accuracy_vs_flops(across_seeds([results]), os.path.join(out, "accuracy_vs_flops.png"))
     print(table)
     print(f"wrote {out}/results.md, results.json, accuracy_vs_flops.png")
+    return results
+
+
+def run(config: PKDConfig, out: str) -> Dict[str, Any]:
+    """Run the experiment: one seed writes its outputs in `out` and returns its results; several (`seeds`)
+    run one after another into out/seed_<s> and `out` gets the summary over seeds (`across_seeds`):
+    results.json (with each seed's results), results.md and accuracy_vs_flops.png."""
+    if config.seeds == 1:
+        return run_seed(config, out)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(config), f, indent=1)
+    by_seed = [run_seed(dataclasses.replace(config, seed=config.seed + i, seeds=1),
+                        os.path.join(out, f"seed_{config.seed + i}")) for i in range(config.seeds)]
+    summary = across_seeds(by_seed)
+    results = dict(config=dataclasses.asdict(config), summary=summary, by_seed=by_seed, hardware=hardware_description())
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    table = seeds_markdown(summary) + "\n" + results["hardware"] + "\n"
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(table)
+    plot_accuracy_vs_flops(summary, os.path.join(out, "accuracy_vs_flops.png"))
+    print(table)
+    print(f"wrote {out}/results.md, results.json, accuracy_vs_flops.png (each seed's in {out}/seed_<s>)")
     return results
 
 

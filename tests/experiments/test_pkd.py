@@ -147,8 +147,21 @@ def test_smoke_run_writes_results(smoke_run):
     from mamba_jax.models.classifier import classifier_flops
     assert results["teacher"]["stats"]["flops_analytic"] == classifier_flops(config.teacher_config())
     assert results["ensemble_stats"]["flops_analytic"] == sum(classifier_flops(c) for c in config.student_configs())
-    # the single students were sized to the ensemble's FLOPs
-    assert abs(results["direct"]["stats"]["flops"] / cum[-1] - 1) < 0.25
+    # the single students were sized to the ensemble's analytic FLOPs; with direct_per_budget, one direct KD
+    # student per prefix m, sized to the first m students' analytic FLOPs, the last being "direct"
+    cum_analytic = np.cumsum([classifier_flops(c) for c in config.student_configs()])
+    assert [e["cumulative_flops_analytic"] for e in ens] == cum_analytic.tolist()
+    assert results["direct"]["stats"]["flops_analytic"] == results["labels"]["stats"]["flops_analytic"]
+    by_budget = results["direct_by_budget"]
+    assert config.direct_per_budget and [d["m"] for d in by_budget] == list(range(1, K + 1))
+    for d, budget in zip(by_budget, cum_analytic):
+        assert d["budget_analytic"] == budget and abs(d["flops_analytic"] / budget - 1) < 0.25
+        # the closest width: one narrower or wider is further from the budget
+        for other in (d["d_model"] - 1, d["d_model"] + 1):
+            if other >= 1:
+                assert abs(classifier_flops(config.single_config(other)) - budget) >= abs(d["flops_analytic"] - budget)
+    assert by_budget[-1]["d_model"] == results["direct"]["d_model"]
+    assert by_budget[-1]["accuracy"] == results["direct"]["accuracy"]
     for stats in [results["teacher"]["stats"], results["ensemble_stats"], results["direct"]["stats"]]:
         assert stats["params"] > 0 and stats["latency_ms_b1"] > 0 and stats["latency_ms_b256"] > 0
         assert stats["memory_bytes_b256"] > stats["memory_bytes_b1"] > 0
@@ -159,7 +172,7 @@ def test_smoke_run_writes_results(smoke_run):
     assert all(b["max_weight"] >= 1.0 and 0 < b["effective_fraction"] <= 1.0 for b in boosting)
     assert results["ensembles"]["additive"]["curve"] == ens
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {r["model"] for r in records} == {"teacher", "direct", "labels"} | {
+    assert {r["model"] for r in records} == {"teacher", "labels"} | {f"direct_budget_{m}" for m in range(1, K + 1)} | {
         f"{rule}_student_{i + 1}" for rule in ("additive", "mean_softmax") for i in range(K)}
     table = (out / "results.md").read_text()
     assert "paper" in table and "MNIST" in table and "Anytime ensemble" in table
@@ -232,6 +245,8 @@ def test_bad_command_line_exits_with_usage(capsys):
 def test_presets():
     assert preset_config("cpu") == PKDConfig()
     assert preset_config("smoke").dataset == "digits"
+    long = preset_config("cpu_long")
+    assert (long.dataset, long.seeds, long.direct_per_budget, len(long.student_widths())) == ("mnist", 2, True, 7)
     paper = preset_config("paper")
     assert len(paper.student_widths()) == 7 and paper.patch_size == 4
 
@@ -248,3 +263,62 @@ def test_analytic_flops_of_a_tiny_classifier_by_hand():
     assert classifier_flops(cfg) == 4176
     assert classifier_flops(cfg.replace(bidirectional=True)) == 4176 + 3584
     assert classifier_flops(cfg.replace(n_layer=3)) == 512 + 3 * 3584 + 80
+
+
+def test_frozen_students_are_bitwise_unchanged_while_the_next_trains(tmp_path, monkeypatch):
+    """Additive ensemble: what student m trains on top of is exactly (bitwise) the sum of the logits of the
+    saved students 1..m−1, and each student's params when it finished equal the saved ones and those the
+    ensemble keeps after every later student trained."""
+    from experiments.pkd import run as pkd_run
+
+    config = PKDConfig(**{**vars(preset_config("smoke")), "student_steps": 8})
+    x, y = load_digits("train")
+    x, y = x[:96], y[:96]
+    teacher = np.random.default_rng(0).normal(size=(len(y), 10)).astype(np.float32)
+    seen = []
+    original = pkd_run.train_model
+
+    def recording(name, *args, base_logits=None, **kwargs):
+        params = original(name, *args, base_logits=base_logits, **kwargs)
+        seen.append((name, None if base_logits is None else base_logits.copy(),
+                     jax.tree_util.tree_map(np.array, params)))
+        return params
+
+    monkeypatch.setattr(pkd_run, "train_model", recording)
+    students, curve, _ = pkd_run.train_ensemble("additive", config, (x, y), (x[:32], y[:32]), teacher, str(tmp_path))
+    assert [name for name, _, _ in seen] == ["additive_student_1", "additive_student_2", "additive_student_3"]
+    assert seen[0][1] is None
+    logits = []
+    for m, ((name, base, at_finish), student) in enumerate(zip(seen, students)):
+        saved = serialization.from_bytes(at_finish, (tmp_path / "models" / f"{name}.msgpack").read_bytes())
+        for a, b, c in zip(jax.tree_util.tree_leaves(at_finish), jax.tree_util.tree_leaves(saved),
+                           jax.tree_util.tree_leaves(student["params"])):
+            np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(a, np.asarray(c))
+        if m:
+            np.testing.assert_array_equal(base, sum(logits))
+        logits.append(pkd_run.predict_probs(student["config"], saved, x, config.eval_batch_size, logits=True))
+
+
+def test_across_seeds_means_each_point_and_plots(smoke_run, tmp_path):
+    from experiments.pkd.run import across_seeds, plot_accuracy_vs_flops, seeds_markdown
+
+    first = json.loads((smoke_run / "results.json").read_text())
+    second = json.loads(json.dumps(first))
+    second["config"]["seed"] = 1
+    for entry in second["ensembles"]["additive"]["curve"] + second["direct_by_budget"] + [second["labels"],
+                                                                                          second["teacher"]]:
+        entry["accuracy"] = entry["accuracy"] - 0.1
+    summary = across_seeds([first, second])
+    assert summary["seeds"] == [0, 1]
+    tf = first["teacher"]["stats"]["flops_analytic"]
+    for got, a in zip(summary["ensembles"]["additive"], first["ensembles"]["additive"]["curve"]):
+        assert got["accuracy"] == pytest.approx([a["accuracy"], a["accuracy"] - 0.1])
+        assert got["flops_fraction"] == a["cumulative_flops_analytic"] / tf
+    assert summary["ensembles"]["mean_softmax"][0]["accuracy"] == [first["ensembles"]["mean_softmax"]["curve"][0]["accuracy"]] * 2
+    assert summary["labels"]["flops_fraction"] == pytest.approx(first["labels"]["stats"]["flops_analytic"] / tf)
+    table = seeds_markdown(summary)
+    m1 = first["ensembles"]["additive"]["curve"][0]["accuracy"]
+    assert f"{m1 - 0.05:.4f} ± {0.1 / math.sqrt(2):.4f}" in table and "seeds 0, 1" in table
+    plot_accuracy_vs_flops(summary, str(tmp_path / "plot.png"))
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
