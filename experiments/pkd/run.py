@@ -632,7 +632,6 @@ def run_seed(config: PKDConfig, out: str) -> Dict[str, Any]:
                                       pbar=pbar, records=records) for rule in config.ensemble_rules()}
     main_rule = config.ensemble_rules()[0]
     students, ensemble, boosting = ensembles[main_rule]
-    cumulative = ensemble[-1]["cumulative_flops"]
 
     # 3. single students of the ensemble's FLOPs (analytic): "direct" (KD) and "labels"; with
     # `direct_per_budget`, a direct KD student at every prefix m's cumulative FLOPs (the last is "direct")

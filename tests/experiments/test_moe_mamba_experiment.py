@@ -241,6 +241,7 @@ def test_experts_ablation_takes_the_arms_that_differ_only_in_expert_count():
     table = "\n".join(run.seeds_markdown({"by_seed": [{"seed": 0}], "across_seeds": run.across_seeds(by_seed),
                                           "experts_ablation": rows}))
     assert "| 16 | moe_e16 |" in table and "| 1 | moe_e1 |" in table and "1 (control)" in table
+    assert "| 3.45 / 56% |" in table and "| 3.56 / >100% |" in table      # the paper's v1 row beside ours
     two = [[a for a in by_seed[0] if a["arm"] in ("mamba", "moe", "moe_top2")]]
     assert run.experts_ablation(config, two) == []          # one expert count is no ablation
 
