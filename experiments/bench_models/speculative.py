@@ -16,7 +16,7 @@ import json
 import os
 import statistics
 import time
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -87,8 +87,44 @@ def train(model, data: TextWindows, steps: int, batch: int, seq_len: int, lr: fl
     return state.params, float(loss)
 
 
-def bench(args) -> Dict:
+def time_speculative(target, target_params, drafts: Dict[str, Tuple[Any, Any]], prompt, new_tokens: int, *,
+                     num_draft: int, temperature: float, seed: int, repeats: int, desc: Optional[str] = None) -> Dict:
+    """Plain `generate` of the target against `speculative_generate` with each draft (drafts: {name: (model,
+    params)}) on the same prompt (b, l) at one temperature: every run compiled first (its tokens kept),
+    then `repeats` timed rounds with the runs interleaved, median seconds (compile excluded).
+
+    Returns {"plain": {tokens_per_s, seconds, tokens (b, l + new_tokens)}, "drafts": {name: {tokens_per_s,
+    seconds, speedup (plain seconds / its seconds), acceptance_rate, tau, target_calls, same_tokens}}};
+    same_tokens: greedy output identical to plain `generate`'s (None when sampled: another draw)."""
     from mamba_jax.inference import generate, speculative_generate
+
+    kw = dict(temperature=temperature, rng=jax.random.PRNGKey(seed))
+    runs = {None: lambda: generate(target, target_params, prompt, new_tokens, **kw)}
+    for name, (model, params) in drafts.items():
+        runs[name] = (lambda m=model, p=params: speculative_generate(
+            target, target_params, m, p, prompt, new_tokens, num_draft=num_draft, **kw))
+    outputs = {name: fn() for name, fn in runs.items()}                        # compiles
+    times = {name: [] for name in runs}
+    for _ in tqdm(range(repeats), desc=desc, disable=desc is None):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - start)
+    tokens = int(prompt.shape[0]) * new_tokens
+    plain_s = statistics.median(times[None])
+    plain = np.asarray(outputs[None])
+    result = dict(plain=dict(tokens_per_s=tokens / plain_s, seconds=plain_s, tokens=plain), drafts={})
+    for name in drafts:
+        out, stats = outputs[name]
+        seconds = statistics.median(times[name])
+        result["drafts"][name] = dict(
+            tokens_per_s=tokens / seconds, seconds=seconds, speedup=plain_s / seconds,
+            acceptance_rate=stats.acceptance_rate, tau=stats.mean_accepted_length, target_calls=stats.target_calls,
+            same_tokens=bool(np.array_equal(np.asarray(out), plain)) if temperature == 0 else None)
+    return result
+
+
+def bench(args) -> Dict:
 
     data = TextWindows(args.max_files, args.seed)
     vocab = data.tok.vocab_size
@@ -106,32 +142,15 @@ def bench(args) -> Dict:
     n = args.new_tokens
     results = dict(target=dict(family=args.target, params=count(t_params), train_loss=t_loss), modes={})
     for temperature in args.temperatures:
-        kw = dict(temperature=temperature, rng=jax.random.PRNGKey(args.seed))
-        runs = {"plain": lambda kw=kw: generate(target, t_params, prompt, n, **kw)}
-        for family, (model, params, _) in drafts.items():
-            runs[family] = (lambda m=model, p=params, kw=kw: speculative_generate(
-                target, t_params, m, p, prompt, n, num_draft=args.num_draft, **kw)[0])
-        outputs = {name: np.asarray(fn()) for name, fn in runs.items()}          # compiles; checked below
-        times = {name: [] for name in runs}
-        for _ in tqdm(range(args.repeats), desc=f"timed runs, temperature {temperature}"):
-            for name, fn in runs.items():
-                start = time.perf_counter()
-                jax.block_until_ready(fn())
-                times[name].append(time.perf_counter() - start)
-        plain_s = statistics.median(times["plain"])
+        timed = time_speculative(target, t_params, {f: (m, p) for f, (m, p, _) in drafts.items()}, prompt, n,
+                                 num_draft=args.num_draft, temperature=temperature, seed=args.seed,
+                                 repeats=args.repeats, desc=f"timed runs, temperature {temperature}")
+        plain = timed["plain"]
         mode = results["modes"][f"T={temperature:g}"] = dict(
-            plain=dict(tokens_per_s=args.batch * n / plain_s, seconds=plain_s,
-                       sample=data.tok.decode(outputs["plain"][0])), drafts={})
+            plain=dict(tokens_per_s=plain["tokens_per_s"], seconds=plain["seconds"],
+                       sample=data.tok.decode(plain["tokens"][0])), drafts={})
         for family, (model, params, loss) in drafts.items():
-            _, stats = speculative_generate(target, t_params, model, params, prompt, n, num_draft=args.num_draft,
-                                            **kw)
-            seconds = statistics.median(times[family])
-            mode["drafts"][family] = dict(
-                params=count(params), train_loss=loss, tokens_per_s=args.batch * n / seconds, seconds=seconds,
-                speedup=plain_s / seconds, acceptance_rate=stats.acceptance_rate, tau=stats.mean_accepted_length,
-                target_calls=stats.target_calls,
-                # greedy: the tokens must be generate's; sampled: another draw of the same distribution
-                same_tokens=(bool(np.array_equal(outputs[family], outputs["plain"])) if temperature == 0 else None))
+            mode["drafts"][family] = dict(params=count(params), train_loss=loss, **timed["drafts"][family])
     return results
 
 

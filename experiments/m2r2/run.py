@@ -367,39 +367,21 @@ def early_exit_sweep(base, base_params, fast, fast_params, batches, config: M2R2
 def speculative_comparison(base, base_params, drafts: Dict[str, Tuple[Any, Any]], prompts: np.ndarray,
                            config: M2R2Config, new_tokens: Optional[int] = None) -> Dict[str, Any]:
     """Plain decoding of the base against speculative decoding with each draft, per temperature: tokens/s
-    (compile excluded; runs interleaved; median of `repeats`), acceptance, τ, greedy tokens == plain."""
-    import jax
+    (compile excluded; runs interleaved; median of `repeats`: `bench speculative`'s `time_speculative`),
+    acceptance, τ, greedy tokens == plain."""
     import jax.numpy as jnp
 
-    from mamba_jax.inference import generate, speculative_generate
+    from experiments.bench_models.speculative import time_speculative
 
-    prompt = jnp.asarray(prompts)
-    n = new_tokens or config.new_tokens
     modes = {}
     for temperature in config.temperature_list:
-        kw = dict(temperature=temperature, rng=jax.random.PRNGKey(config.seed))
-        runs = {"plain decoding": lambda kw=kw: generate(base, base_params, prompt, n, **kw)}
-        for name, (model, params) in drafts.items():
-            runs[name] = (lambda m=model, p=params, kw=kw: speculative_generate(
-                base, base_params, m, p, prompt, n, num_draft=config.num_draft, **kw)[0])
-        outputs = {name: np.asarray(fn()) for name, fn in runs.items()}          # compiles
-        times = {name: [] for name in runs}
-        for _ in range(config.repeats):
-            for name, fn in runs.items():
-                start = time.perf_counter()
-                jax.block_until_ready(fn())
-                times[name].append(time.perf_counter() - start)
-        plain_s = statistics.median(times["plain decoding"])
-        rows = {"plain decoding": dict(tokens_per_s=prompt.shape[0] * n / plain_s, speedup=1.0)}
-        for name, (model, params) in drafts.items():
-            _, stats = speculative_generate(base, base_params, model, params, prompt, n, num_draft=config.num_draft,
-                                            **kw)
-            seconds = statistics.median(times[name])
-            rows[name] = dict(tokens_per_s=prompt.shape[0] * n / seconds, speedup=plain_s / seconds,
-                              acceptance_rate=stats.acceptance_rate, tau=stats.mean_accepted_length,
-                              target_calls=stats.target_calls,
-                              same_tokens=(bool(np.array_equal(outputs[name], outputs["plain decoding"]))
-                                           if temperature == 0 else None))
+        timed = time_speculative(base, base_params, drafts, jnp.asarray(prompts), new_tokens or config.new_tokens,
+                                 num_draft=config.num_draft, temperature=temperature, seed=config.seed,
+                                 repeats=config.repeats)
+        rows = {"plain decoding": dict(tokens_per_s=timed["plain"]["tokens_per_s"], speedup=1.0)}
+        for name, d in timed["drafts"].items():
+            rows[name] = {k: d[k] for k in ("tokens_per_s", "speedup", "acceptance_rate", "tau", "target_calls",
+                                            "same_tokens")}
         modes[f"T={temperature:g}"] = rows
     return modes
 
