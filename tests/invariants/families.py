@@ -3,7 +3,7 @@
 Every layer kind the library offers appears: Mamba-1 ("M", each scan impl that runs on CPU — Pallas
 interpreted — and MambaInLlama's attention-initialisable form), Mamba-2 ("M2", each SSD impl), attention ("A", rotary with GQA, learned
 positions), MoE ("E", each causal router; expert choice is refused in decoders), Mamba + MoE in parallel
-("P"), and hybrids mixing them. Sizes are tiny (compile time is what the suite pays for) but the parameters
+("P"), hybrids mixing them, and M2R2's fast stream over a hybrid (residual rate and adapters). Sizes are tiny (compile time is what the suite pays for) but the parameters
 are not at their initialisation: `trained_scale` moves every weight off its init and shifts Δ so that
 decay matters — at initialisation the SSM barely changes the logits, so a state bug would pass unseen
 (see `test_state_matters`).
@@ -23,6 +23,7 @@ from mamba_jax.layers.mamba import MambaConfig
 from mamba_jax.layers.mamba2 import Mamba2Config
 from mamba_jax.layers.moe import MoEBlockConfig, MoEConfig
 from mamba_jax.models import HybridConfig, HybridLM, Mamba2LM, MambaLM, TransformerLM, init_params
+from mamba_jax.models.m2r2 import fast_stream
 
 VOCAB = 61            # padded to 64 rows: ids in [61, 64) would read padding rows if not clipped
 D_MODEL = 16
@@ -79,6 +80,8 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in [
     Family("P P", lambda: _hybrid("P P"), ("P",), moe=True),
     Family("M A M2 E", lambda: _hybrid("M A M2 E", moe=dataclasses.replace(MOE, router="topk", k=2)),
            ("M", "A", "M2", "E"), moe=True, attention=True),
+    # M2R2's fast stream (`fast_stream`): the first 2 of 4 layers at residual rate 2 with rank-4 adapters
+    Family("fast[M A]", lambda: fast_stream(_hybrid("M A M A"), 2, rank=4), ("M", "A"), attention=True),
 ]}
 
 
