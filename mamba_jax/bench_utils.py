@@ -1,4 +1,5 @@
-"""Small helpers shared by the benchmark scripts: timing, hardware description, tables."""
+"""Small helpers shared by the benchmark scripts and experiments: timing, hardware description, mean ± sd
+over seeds, tables."""
 from __future__ import annotations
 
 import datetime
@@ -6,9 +7,10 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 import jax
+import numpy as np
 
 
 def time_call(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> tuple[float, float]:
@@ -39,6 +41,16 @@ def hardware_description() -> str:
     devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
     return (f"{cpu}, {os.cpu_count()} cores; jax {jax.__version__} on {jax.default_backend()} ({devices}); "
             f"{datetime.date.today().isoformat()}")
+
+
+def mean_and_sd(values: Sequence[Optional[float]], ddof: int = 1) -> Tuple[Optional[float], Optional[float]]:
+    """(mean, standard deviation with `ddof`: 1 = sample, 0 = population) of one quantity over seeds or runs;
+    (None, None) when any value is None (a missing value, e.g. a target never reached, stays visible instead
+    of being averaged away); the sd of a single value is 0."""
+    if not len(values) or any(v is None for v in values):
+        return None, None
+    x = np.asarray(values, np.float64)
+    return float(x.mean()), float(x.std(ddof=ddof)) if x.size > 1 else 0.0
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -26,7 +26,7 @@ from experiments.icl.config import MODEL_NAMES, MODEL_SIZES, PRESETS, ICLConfig,
 from experiments.icl import probe
 from experiments.icl.train import LINEAR_TASKS, model_errors, seed_state, train_seeds
 from experiments.lm.config import parse_run_arguments, timestamped_run_dir
-from mamba_jax.bench_utils import hardware_description, markdown_table
+from mamba_jax.bench_utils import hardware_description, markdown_table, mean_and_sd
 from mamba_jax.data.function_classes import TASKS, sample_prompts
 from mamba_jax.interop import save_pretrained
 
@@ -72,15 +72,8 @@ def evaluate_all(config: ICLConfig, trained: Dict[str, Any], baselines: bool = T
 
 def seed_mean(curves: Sequence[Sequence[Optional[float]]]) -> Tuple[list, list]:
     """(mean, standard deviation) over seeds of per-position curves; None where a curve has None."""
-    mean, spread = [], []
-    for values in zip(*curves):
-        if any(v is None for v in values):
-            mean.append(None)
-            spread.append(None)
-        else:
-            mean.append(float(np.mean(values)))
-            spread.append(float(np.std(values)))
-    return mean, spread
+    pairs = [mean_and_sd(values, ddof=0) for values in zip(*curves)]
+    return [m for m, _ in pairs], [s for _, s in pairs]
 
 
 def by_seed(per_seed: Sequence[Dict[str, list]]) -> Tuple[Dict[str, list], Dict[str, list]]:

@@ -35,6 +35,7 @@ import numpy as np
 
 from experiments.lm.config import parse_run_arguments, timestamped_run_dir
 from experiments.moe_mamba.config import BASELINE, E1_CONTROL, PRESETS, MoEMambaConfig, arm_settings, preset_config
+from mamba_jax.bench_utils import mean_and_sd
 
 RESULTS_ROOT = os.path.join("results", "moe_mamba")
 
@@ -247,14 +248,6 @@ SEED_METRICS = ("final_train_loss", "final_eval_loss", "speedup", "speedup_eval"
                 "dropped_fraction")
 
 
-def _mean_sd(values: Sequence[Optional[float]]) -> Tuple[Optional[float], Optional[float]]:
-    """(mean, sample sd) of the values; (None, None) when any is None (e.g. a speedup "not reached" in one
-    seed: the mean would hide it); sd 0 for one value."""
-    if not values or any(v is None for v in values):
-        return None, None
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-
-
 def across_seeds(by_seed: List[List[Dict[str, Any]]]) -> Dict[str, Dict[str, Any]]:
     """Per arm, over the seeds' arm summaries (by_seed[s] = that seed's arms): for each of SEED_METRICS the
     per-seed values (``<metric>_by_seed``, None where not reached or not measured) and their mean and
@@ -266,7 +259,7 @@ def across_seeds(by_seed: List[List[Dict[str, Any]]]) -> Dict[str, Dict[str, Any
         for metric in SEED_METRICS:
             values = [e.get(metric) for e in entries]
             row[metric + "_by_seed"] = values
-            row[metric + "_mean"], row[metric + "_sd"] = _mean_sd(values)
+            row[metric + "_mean"], row[metric + "_sd"] = mean_and_sd(values)
         out[arm] = row
     return out
 

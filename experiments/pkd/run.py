@@ -51,7 +51,7 @@ from flax import serialization
 
 from experiments.lm.config import parse_run_arguments, timestamped_run_dir
 from experiments.pkd.config import ENSEMBLE_RULES, PRESETS, PKDConfig, preset_config
-from mamba_jax.bench_utils import hardware_description, markdown_table
+from mamba_jax.bench_utils import hardware_description, markdown_table, mean_and_sd
 from mamba_jax.data.images import fashion_mnist_baselines, image_batches, load_images
 from mamba_jax.distill.losses import kd_loss
 from mamba_jax.models.classifier import ClassifierConfig, MambaClassifier, classifier_flops, count_params
@@ -414,11 +414,6 @@ def results_markdown(results: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _mean_sd(values: Sequence[float]) -> Tuple[float, float]:
-    """(mean, sample sd; 0 for one value)."""
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-
-
 def across_seeds(by_seed: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """The seeds' results (each `run_seed`'s dict, same config but the seed) as accuracy lists per point,
     with x = analytic FLOPs as a fraction of the teacher's (`classifier_flops`; the same in every seed):
@@ -445,7 +440,7 @@ def across_seeds(by_seed: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 def _spread(values: Sequence[float]) -> str:
-    mean, sd = _mean_sd(values)
+    mean, sd = mean_and_sd(values)
     return f"{mean:.4f}" if len(values) == 1 else f"{mean:.4f} ± {sd:.4f}"
 
 
@@ -495,7 +490,7 @@ def plot_accuracy_vs_flops(summary: Dict[str, Any], path: str) -> None:
     ax = fig.add_subplot(1, 1, 1)
 
     def curve(points, fmt, label, **style):
-        stats = [_mean_sd(p["accuracy"]) for p in points]
+        stats = [mean_and_sd(p["accuracy"]) for p in points]
         ax.errorbar([100 * p["flops_fraction"] for p in points], [m for m, _ in stats], yerr=[s for _, s in stats],
                     fmt=fmt, capsize=2, label=label, **style)
 
@@ -503,7 +498,7 @@ def plot_accuracy_vs_flops(summary: Dict[str, Any], path: str) -> None:
         curve(points, "o-", f"ensemble, {RULE_TEXT[rule]} (after m students)", lw=2)
     main = next(iter(summary["ensembles"].values()))
     for e in main:
-        ax.annotate(str(e["m"]), (100 * e["flops_fraction"], _mean_sd(e["accuracy"])[0]), textcoords="offset points",
+        ax.annotate(str(e["m"]), (100 * e["flops_fraction"], mean_and_sd(e["accuracy"])[0]), textcoords="offset points",
                     xytext=(3, -10), fontsize=7)
     alone = [dict(flops_fraction=e["flops_fraction"] - (main[i - 1]["flops_fraction"] if i else 0.0),
                   accuracy=e["student_accuracy"]) for i, e in enumerate(main)]
