@@ -29,9 +29,21 @@ CONFIGS = {
 FIRST = 4  # leading values kept per parameter
 
 
-def init_summary(config) -> dict:
+def _fast_stream():
+    """M2R2's fast stream over the 4-layer Transformer (rate 2, rank-4 adapters): its adapters are its own."""
+    from mamba_jax.models.m2r2 import fast_stream
+
+    return fast_stream(DecoderLM(TransformerConfig(vocab_size=11, d_model=16, n_layer=4, n_heads=2,
+                                                   d_intermediate=32)), 2, rank=4)
+
+
+MODELS = {"transformer_fast_stream": _fast_stream}      # families that are not a plain DecoderLM(config)
+
+
+def init_summary(family: str) -> dict:
     """{parameter path: [shape, mean |value|, first values]} of the family's initialisation at seed 0."""
-    params = init_params(DecoderLM(config), jax.random.PRNGKey(0), seq_len=4)
+    model = MODELS[family]() if family in MODELS else DecoderLM(CONFIGS[family])
+    params = init_params(model, jax.random.PRNGKey(0), seq_len=4)
     out = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         x = np.asarray(leaf, np.float64)
@@ -39,11 +51,11 @@ def init_summary(config) -> dict:
     return out
 
 
-@pytest.mark.parametrize("family", sorted(CONFIGS))
+@pytest.mark.parametrize("family", sorted(CONFIGS) + sorted(MODELS))
 def test_initialisation_matches_the_golden_record(family):
     with open(GOLDEN) as f:
         golden = json.load(f)[family]
-    summary = init_summary(CONFIGS[family])
+    summary = init_summary(family)
     assert sorted(summary) == sorted(golden), "the parameter names changed"
     for name, (shape, mean_abs, first) in golden.items():
         got_shape, got_mean_abs, got_first = summary[name]
@@ -70,7 +82,7 @@ def test_the_check_catches_a_reordered_initialisation(monkeypatch):
         return original(module, name, *args)
 
     monkeypatch.setattr(mamba_layer, "logical_param", earlier_probe)
-    summary = init_summary(CONFIGS["mamba"])
+    summary = init_summary("mamba")
     kernel = "layers_0/mixer/dt_proj_kernel"
     assert summary[kernel][0] == golden[kernel][0]
     assert not np.allclose(summary[kernel][2], golden[kernel][2], rtol=1e-5)
@@ -83,5 +95,5 @@ if __name__ == "__main__":
     if len(sys.argv) > 1:
         sys.exit("usage: python tests/models/test_golden_init.py  (rewrites golden_init.json)")
     with open(GOLDEN, "w") as f:
-        json.dump({family: init_summary(config) for family, config in CONFIGS.items()}, f, indent=0)
+        json.dump({family: init_summary(family) for family in list(CONFIGS) + list(MODELS)}, f, indent=0)
     print(f"wrote {GOLDEN}")
