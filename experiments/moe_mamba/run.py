@@ -298,7 +298,7 @@ def results_markdown(results: Dict[str, Any]) -> str:
              f"({results['data']['eval_rows']} rows of {cfg['seq_len']} evaluated). Every arm: seed {cfg['seed']}, the "
              f"same batches, {cfg['num_steps']} steps × {cfg['batch_size']} × {cfg['seq_len']} tokens. MoE-Mamba: "
              f"d_model {sizes['d_model']}, {sizes['n_blocks']} × (Mamba, MoE), {sizes['n_experts']} experts "
-             f"(d_expert 3·d_model), router {cfg['router']}, capacity factor {cfg['capacity_factor']} per "
+             f"(d_expert {cfg.get('d_expert') or '3·d_model'}), router {cfg['router']}, capacity factor {cfg['capacity_factor']} per "
              f"{'batch (position-major)' if cfg.get('routing', 'sequence') == 'batch' else 'sequence'}; Mamba: "
              f"{2 * sizes['n_blocks']} Mamba layers. Train loss = EMA (β = {cfg['ema']}, debiased) of the training "
              f"cross-entropy (nats/{_unit(cfg)}); eval loss = held-out cross-entropy.", ""]
