@@ -88,10 +88,12 @@ def train(model, data: TextWindows, steps: int, batch: int, seq_len: int, lr: fl
 
 
 def time_speculative(target, target_params, drafts: Dict[str, Tuple[Any, Any]], prompt, new_tokens: int, *,
-                     num_draft: int, temperature: float, seed: int, repeats: int, desc: Optional[str] = None) -> Dict:
+                     num_draft: int, temperature: float, seed: int, repeats: int, desc: Optional[str] = None,
+                     share_kv: Collection[str] = ()) -> Dict:
     """Plain `generate` of the target against `speculative_generate` with each draft (drafts: {name: (model,
     params)}) on the same prompt (b, l) at one temperature: every run compiled first (its tokens kept),
-    then `repeats` timed rounds with the runs interleaved, median seconds (compile excluded).
+    then `repeats` timed rounds with the runs interleaved, median seconds (compile excluded). The drafts named
+    in `share_kv` draft over the target's KV caches (`speculative_generate(..., share_kv=True)`).
 
     Returns {"plain": {tokens_per_s, seconds, tokens (b, l + new_tokens)}, "drafts": {name: {tokens_per_s,
     seconds, speedup (plain seconds / its seconds), acceptance_rate, tau, target_calls, same_tokens}}};
@@ -102,7 +104,7 @@ def time_speculative(target, target_params, drafts: Dict[str, Tuple[Any, Any]], 
     runs = {None: lambda: generate(target, target_params, prompt, new_tokens, **kw)}
     for name, (model, params) in drafts.items():
         runs[name] = (lambda m=model, p=params: speculative_generate(
-            target, target_params, m, p, prompt, new_tokens, num_draft=num_draft, **kw))
+            target, target_params, m, p, prompt, new_tokens, num_draft=num_draft, share_kv=name in share_kv, **kw))
     outputs = {name: fn() for name, fn in runs.items()}                        # compiles
     times = {name: [] for name in runs}
     for _ in tqdm(range(repeats), desc=desc, disable=desc is None):

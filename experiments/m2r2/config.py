@@ -27,6 +27,8 @@ class M2R2Config:
         rows of its training problems, held-out rows and prompts of its held-out problems);
       fast — the fast stream: the base's first `n_fast` layers at rate `rate` (0: n_layer / n_fast) with
         adapters of rank `adapter_rank`, trained `adapter_steps` on alignment + KL, base weights frozen;
+        `shared_kv` (default, M2R2): its attention reads the base's KV cache for earlier tokens, in training,
+        early exit and self-speculative decoding alike; False: its own caches;
       draft — the two-model speculative baseline: a TransformerLM of `n_fast` layers at the base's width
         (the fast stream's cost per token), trained like the base for `draft_steps` (0: base_steps);
       moe — for each pattern of `moe_patterns` ("A E": a Transformer with Switch-MoE feed-forward layers;
@@ -63,6 +65,7 @@ class M2R2Config:
     adapter_lr: float = 3e-3
     align_weight: float = 1.0
     kl_weight: float = 1.0
+    shared_kv: bool = True            # the fast stream reads the slow stream's KV cache (M2R2); False: its own
     # -- two-model speculative baseline --
     draft_steps: int = 0              # 0: base_steps
     # -- early exit and skip decoding --

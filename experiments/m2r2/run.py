@@ -51,7 +51,6 @@ M2R2_REPORTED = {
 DEVIATIONS = (
     "design: our reading of the abstract (no code or full text is public): g_{i+1} = g_i + r·(layer_i(g_i) − g_i) "
     "+ adapter_i(g_i), trained on 1 − cos(g_k, h_round(r·k)) + KL(full ‖ fast);",
-    "the fast stream keeps its own KV / recurrent cache (M2R2 shares the KV cache between the streams);",
     "data: BPE on standard-library Python sources, base model trained here (the paper: pretrained LLMs, "
     "MT-Bench and other chat benchmarks — not reachable offline);",
     "early exit is evaluated teacher-forced: every exit reads the full model's context (keys and values of all "
@@ -61,6 +60,21 @@ DEVIATIONS = (
     "expert loading: this CPU has one memory, so loading is a cost model with the measured hit rates and the "
     "chips' published bandwidths, not a measured transfer.",
 )
+KV_DEVIATION = {
+    True: "the KV cache is shared as we read the abstract: the fast stream's attention reads the slow stream's keys "
+          "and values at earlier tokens and its own at the current one (in training too); within a draft round "
+          "it reads its own draft tokens' keys, which the verify call then overwrites; recurrent layers keep "
+          "their own state;",
+    False: "shared_kv=False: the fast stream keeps its own KV / recurrent cache (M2R2 shares the KV cache "
+           "between the streams);",
+}
+
+
+def deviations(config) -> List[str]:
+    """Where this run differs from the paper, for results.json / results.md."""
+    return [DEVIATIONS[0], KV_DEVIATION[bool(config.shared_kv)], *DEVIATIONS[1:]]
+
+
 # Published bandwidths (vendor spec sheets): HBM, and the host link per direction (PCIe x16).
 CHIPS = {
     "A100 80GB SXM (HBM2e 2.0 TB/s, PCIe 4.0 x16 32 GB/s)": (2.0e12, 32e9),
@@ -227,7 +241,8 @@ def train_fast_stream(name: str, out: str, base, base_params, n_fast: int, rate:
     frozen = {k: v for k, v in params.items() if k not in adapters}
     before = params_digest(base_params)
     tx = _optimizer(config, config.adapter_lr, steps)
-    step = make_m2r2_train_step(fast, base, tx, align_weight=config.align_weight, kl_weight=config.kl_weight)
+    step = make_m2r2_train_step(fast, base, tx, align_weight=config.align_weight, kl_weight=config.kl_weight,
+                                shared_kv=config.shared_kv)
 
     def step_fn(state, batch):
         new, opt_state, metrics = step(state.params, state.opt_state, frozen, base_params, batch["inputs"],
@@ -235,8 +250,9 @@ def train_fast_stream(name: str, out: str, base, base_params, n_fast: int, rate:
         metrics = {**metrics, "accuracy": metrics["agreement"]}   # the loop's progress shows "accuracy"
         return state.replace(step=state.step + 1, params=new, opt_state=opt_state), metrics
 
-    if steps:
-        adapters = train_stage(name, out, fast, adapters, step_fn, tx, data, steps, config)
+    if steps:   # a stage folder per KV mode: a rerun with the other mode never resumes these adapters
+        stage = name if config.shared_kv else f"{name}_own_kv"
+        adapters = train_stage(stage, out, fast, adapters, step_fn, tx, data, steps, config)
     unchanged = params_digest(base_params) == before
     if not unchanged:
         raise AssertionError(f"m2r2: training the {name} adapters changed the base weights")
@@ -304,7 +320,8 @@ def early_exit_sweep(base, base_params, fast, fast_params, batches, config: M2R2
     exits = list(range(1, n_fast + 1))
     fwd = jax.jit(lambda p, ids, seq: base.apply({"params": p}, ids, seq_idx=seq, return_hidden_states=True,
                                                  method="forward"))
-    fast_exits = jax.jit(lambda p, ids, seq: exit_logits(fast, p, ids, n_fast, seq_idx=seq))
+    fast_exits = jax.jit(lambda p, ids, seq, slow: exit_logits(fast, p, ids, n_fast, seq_idx=seq,
+                                                               shared_kv_states=slow))
     slow_exits = jax.jit(lambda p, ids, seq: exit_logits(base, p, ids, n_fast, seq_idx=seq))
     masked = jax.jit(lambda p, ids, seq, lm: base.apply({"params": p}, ids, seq_idx=seq, layer_mask=lm,
                                                     method="forward").logits)
@@ -312,7 +329,8 @@ def early_exit_sweep(base, base_params, fast, fast_params, batches, config: M2R2
     for b in batches:
         out = fwd(base_params, b["inputs"], b["seq_idx"])
         collected["full"].append(out.logits)
-        collected["fast"].append(fast_exits(fast_params, b["inputs"], b["seq_idx"]))
+        collected["fast"].append(fast_exits(fast_params, b["inputs"], b["seq_idx"],
+                                            out.hidden_states if config.shared_kv else None))
         collected["slow"].append(slow_exits(base_params, b["inputs"], b["seq_idx"]))
         collected["dist"].append(residual_distances(out.hidden_states)[:n_fast])
         collected["targets"].append(jnp.asarray(b["targets"]))
@@ -365,10 +383,11 @@ def early_exit_sweep(base, base_params, fast, fast_params, batches, config: M2R2
 
 # ------------------------------------------------------------------------------------------------ speculative
 def speculative_comparison(base, base_params, drafts: Dict[str, Tuple[Any, Any]], prompts: np.ndarray,
-                           config: M2R2Config, new_tokens: Optional[int] = None) -> Dict[str, Any]:
+                           config: M2R2Config, new_tokens: Optional[int] = None,
+                           share_kv: Sequence[str] = ()) -> Dict[str, Any]:
     """Plain decoding of the base against speculative decoding with each draft, per temperature: tokens/s
     (compile excluded; runs interleaved; median of `repeats`: `bench speculative`'s `time_speculative`),
-    acceptance, τ, greedy tokens == plain."""
+    acceptance, τ, greedy tokens == plain. The drafts named in `share_kv` draft over the base's KV caches."""
     import jax.numpy as jnp
 
     from experiments.bench_models.speculative import time_speculative
@@ -377,7 +396,7 @@ def speculative_comparison(base, base_params, drafts: Dict[str, Tuple[Any, Any]]
     for temperature in config.temperature_list:
         timed = time_speculative(base, base_params, drafts, jnp.asarray(prompts), new_tokens or config.new_tokens,
                                  num_draft=config.num_draft, temperature=temperature, seed=config.seed,
-                                 repeats=config.repeats)
+                                 repeats=config.repeats, share_kv=share_kv)
         rows = {"plain decoding": dict(tokens_per_s=timed["plain"]["tokens_per_s"], speedup=1.0)}
         for name, d in timed["drafts"].items():
             rows[name] = {k: d[k] for k in ("tokens_per_s", "speedup", "acceptance_rate", "tau", "target_calls",
@@ -458,7 +477,7 @@ def experts_stage(out: str, data: TextCorpus, vocab: int, config: M2R2Config) ->
         fast, fast_params, info = train_fast_stream(f"moe_{tag}_fast", out, model, params, config.moe_n_fast, rate,
                                                     data, config.moe_adapter_steps, config)
         per_batch = [expert_prediction_hit_rates(model, params, fast, fast_params, b["inputs"],
-                                                 b["loss_mask"].astype(np.int32))
+                                                 b["loss_mask"].astype(np.int32), shared_kv=config.shared_kv)
                      for b in data.eval_batches]
         rates = {s: {d: float(np.mean([r[s][d] for r in per_batch])) for d in per_batch[0][s]}
                  for s in ("slow", "fast")}
@@ -680,7 +699,10 @@ def run(config: M2R2Config, out: str) -> Dict[str, Any]:
     spec = speculative_comparison(base, base_params, {
         "M2R2 self-speculative (fast stream)": (fast, fast_params),
         "LayerSkip-style (first layers, no adapters)": (layerskip, layerskip_params),
-        "two-model (small Transformer draft)": (draft, draft_params)}, prompts, config, new_tokens)
+        "two-model (small Transformer draft)": (draft, draft_params)}, prompts, config, new_tokens,
+        # LayerSkip reuses the early layers' cache (exact: its layers are the target's on the same residual)
+        share_kv=("M2R2 self-speculative (fast stream)",) * config.shared_kv
+        + ("LayerSkip-style (first layers, no adapters)",))
     print("expert prediction ...", flush=True)
     experts = experts_stage(out, data, vocab, config) if config.moe_units else None
 
@@ -690,7 +712,7 @@ def run(config: M2R2Config, out: str) -> Dict[str, Any]:
         "fast": dict(n_fast=config.n_fast, rate=rate, rank=config.adapter_rank, **info),
         "draft": dict(n_layer=config.n_fast, params=count_params(draft_params)),
         "early_exit": early, "speculative": spec, "experts": experts,
-        "claims": claims_of(early, spec), "m2r2_reported": M2R2_REPORTED, "deviations": list(DEVIATIONS),
+        "claims": claims_of(early, spec), "m2r2_reported": M2R2_REPORTED, "deviations": deviations(config),
         "hardware": hardware_description(), "elapsed_min": (time.perf_counter() - t0) / 60,
     }
     with open(os.path.join(out, "results.json"), "w") as f:

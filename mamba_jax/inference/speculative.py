@@ -11,6 +11,11 @@ one token of its own, so a round costs one target call and yields 1 to num_draft
   p and q are the target's and the draft's sampling distributions (the same temperature / top-k / top-p
   for both), so the output is distributed exactly as sampling from the target alone.
 
+Shared KV cache (`share_kv=True`, M2R2's self-speculative decoding): a draft made of the target's first
+layers (`models.m2r2.fast_stream`) drafts over the target's own KV caches — its attention layer i reads the
+keys and values the target's layer i wrote for every accepted token, and its draft tokens' keys and values
+go into slots the verify call then overwrites. The draft keeps no cache and needs no prefill.
+
 Rollback: rows of a batch accept different lengths. A recurrent layer (Mamba, Mamba-2) takes the state
 after the last kept position from the per-position states of the verify call (target) or of the draft's
 steps; a KV cache marks the rejected slots invalid and moves its write index past the longest kept prefix
@@ -27,10 +32,11 @@ import numpy as np
 
 from mamba_jax.inference.sampling import check_sampling_args, sampling_logits
 from mamba_jax.layers.attention import KVCache
+from mamba_jax.layers.config import ATTENTION, MOE
 from mamba_jax.models.lm import DecoderLM, ModelCache, init_cache
 from mamba_jax.ops._checks import check_array, check_left_padded, check_mask_values, check_token_ids
 
-__all__ = ["SpeculativeStats", "acceptance_probability", "greedy_verify", "kv_slots_for_speculation",
+__all__ = ["SpeculativeStats", "acceptance_probability", "check_shared_kv", "greedy_verify", "kv_slots_for_speculation",
            "residual_distribution", "rollback_cache", "sampling_verify", "speculative_generate"]
 
 
@@ -127,6 +133,30 @@ def kv_slots_for_speculation(prompt_len: int, batch_size: int, max_new_tokens: i
     return prompt_len + min(batch_size, num_draft + 1) * (max_new_tokens + num_draft)
 
 
+def check_shared_kv(target_config, draft_config) -> None:
+    """Raise ValueError unless a draft of `draft_config` can draft over the KV caches of a target of
+    `target_config` (`speculative_generate(..., share_kv=True)`): its layer kinds are the target's first,
+    it has attention and no recurrent layers, and its KV caches have the target's shape and dtype."""
+    fn = "speculative_generate"
+    kinds, target_kinds = draft_config.layer_kinds, target_config.layer_kinds
+    if tuple(target_kinds[:len(kinds)]) != tuple(kinds):
+        raise ValueError(f"{fn}: share_kv=True needs the draft's layers {' '.join(kinds)!r} to be the target's "
+                         f"first layers ({' '.join(target_kinds)!r}), as a fast stream's are")
+    if ATTENTION not in kinds:
+        raise ValueError(f"{fn}: share_kv=True: the draft has no attention layer, so no KV cache to share")
+    recurrent = sorted({kind for kind in kinds if kind not in (ATTENTION, MOE)})
+    if recurrent:
+        raise ValueError(f"{fn}: share_kv=True takes drafts of attention and MoE layers only; the draft has "
+                         f"recurrent layers {recurrent}, which would need their own prefill over the shared keys")
+    for i, kind in enumerate(kinds):
+        if kind == ATTENTION:
+            mine, theirs = draft_config.mixer_config(kind), target_config.mixer_config(kind)
+            shape = lambda c: (c.kv_heads, c.head_dim_value, c.jnp_dtype)  # noqa: E731
+            if shape(mine) != shape(theirs):
+                raise ValueError(f"{fn}: share_kv=True: layer {i}'s KV cache (kv_heads, head_dim, dtype) is "
+                                 f"{shape(mine)} in the draft but {shape(theirs)} in the target")
+
+
 def _stack_steps(caches):
     """Per-step layer caches stacked by `scan` (steps, b, ...) -> (b, steps, ...); KV layers are None."""
     return tuple(None if c is None else type(c)(*(jnp.moveaxis(s, 0, 1) for s in c)) for c in caches)
@@ -141,13 +171,16 @@ def _recurrent_layers(cache: ModelCache):
 def speculative_generate(target: DecoderLM, target_params, draft: DecoderLM, draft_params, prompt_ids,
                          max_new_tokens: int, *, num_draft: int = 4, temperature: float = 0.0,
                          top_k: Optional[int] = None, top_p: Optional[float] = None, rng=None, prompt_mask=None,
-                         eos_id: Optional[int] = None):
+                         eos_id: Optional[int] = None, share_kv: bool = False):
     """Generate with `target`, `draft` proposing `num_draft` tokens per target call (see the module docstring).
 
     Args: as `generate` — prompt_ids (b, l) int, left-padded with `prompt_mask` (b, l) 0/1 when lengths
       differ; temperature 0 is greedy; top_k / top_p filter both models' distributions; rng a jax key
       (required when temperature > 0); eos_id: a row that emits it keeps emitting it. Any family may be the
       target or the draft (Transformer, Mamba, Mamba-2, hybrids); they must share the vocabulary.
+      share_kv: the draft reads and writes the target's KV caches (see the module docstring); the draft's
+      layer kinds must be the first of the target's, with attention layers of the same KV shape and no
+      recurrent layers (a recurrent draft layer would need its own prefill over the shared keys).
     Returns:
       (tokens (b, max_new_tokens) int32, SpeculativeStats). Greedy tokens equal greedy `generate` with the
       target; sampled tokens are distributed as `generate` with the target samples them.
@@ -177,10 +210,12 @@ def speculative_generate(target: DecoderLM, target_params, draft: DecoderLM, dra
                              f"{num_draft} draft tokens exceed the {name}'s {n_pos} learned position embeddings")
     if temperature > 0 and rng is None:
         raise ValueError(f"{fn}: `rng` (a jax.random key) is required when temperature > 0")
+    if share_kv:
+        check_shared_kv(target.config, draft.config)
     tokens, counts = _speculative(target, target_params, draft, draft_params, prompt_ids, prompt_mask,
                                   jax.random.PRNGKey(0) if rng is None else rng, max_new_tokens=max_new_tokens,
                                   num_draft=num_draft, temperature=float(temperature), top_k=top_k, top_p=top_p,
-                                  eos_id=eos_id)
+                                  eos_id=eos_id, share_kv=bool(share_kv))
     rounds, accepted, proposed, calls = (int(c) for c in jax.device_get(counts))
     stats = SpeculativeStats(acceptance_rate=accepted / max(proposed, 1),
                              mean_accepted_length=(accepted + rounds) / max(rounds, 1),
@@ -189,14 +224,15 @@ def speculative_generate(target: DecoderLM, target_params, draft: DecoderLM, dra
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2), static_argnames=(
-    "max_new_tokens", "num_draft", "temperature", "top_k", "top_p", "eos_id"))
+    "max_new_tokens", "num_draft", "temperature", "top_k", "top_p", "eos_id", "share_kv"))
 def _speculative(target, target_params, draft, draft_params, prompt_ids, prompt_mask, rng, *, max_new_tokens,
-                 num_draft, temperature, top_k, top_p, eos_id):
+                 num_draft, temperature, top_k, top_p, eos_id, share_kv):
     b, l = prompt_ids.shape
     k = num_draft
+    n_draft_layers = len(draft.config.layer_kinds)
     slots = kv_slots_for_speculation(l, b, max_new_tokens, k)
     caches = []
-    for model, params in ((target, target_params), (draft, draft_params)):
+    for model, params in ((target, target_params),) + (() if share_kv else ((draft, draft_params),)):
         cache = init_cache(model.config, b, slots)
         if l > 1:   # every token but the last: the last is the first input of the first round
             cache = model.apply({"params": params}, prompt_ids[:, :-1], cache=cache, method="forward",
@@ -224,6 +260,8 @@ def _speculative(target, target_params, draft, draft_params, prompt_ids, prompt_
         t_cache, d_cache, last, out, count, done, rng, totals = state
         rng, draft_key, verify_key = jax.random.split(rng, 3)
         live = (count < max_new_tokens) & ~done
+        if share_kv:   # the target's caches of the draft's layers, as the last verify call left them
+            d_cache = ModelCache(t_cache.layers[:n_draft_layers], t_cache.positions)
         draft_tokens, q, d_end, d_steps = draft_round(d_cache, last, draft_key)
         chunk = jnp.concatenate([last[:, None], draft_tokens], axis=1)                        # (b, K+1)
         verified = target.apply({"params": target_params}, chunk, cache=t_cache, method="forward", step_caches=True)
@@ -233,8 +271,12 @@ def _speculative(target, target_params, draft, draft_params, prompt_ids, prompt_
             n, nxt = sampling_verify(probs(verified.logits), q, draft_tokens, verify_key)
         n_keep = jnp.where(live, n + 1, 1)   # finished rows keep one token: their slots stay few
         t_cache = rollback_cache(t_cache, verified.cache, n_keep)
-        d_after = ModelCache(tuple(s if s is not None else e for s, e in zip(d_steps, d_end.layers)), d_end.positions)
-        d_cache = rollback_cache(d_cache, d_after, n_keep)
+        if share_kv:
+            d_cache = None
+        else:
+            d_after = ModelCache(tuple(s if s is not None else e for s, e in zip(d_steps, d_end.layers)),
+                                 d_end.positions)
+            d_cache = rollback_cache(d_cache, d_after, n_keep)
         new = jnp.where(jnp.arange(k + 1)[None] == n[:, None], nxt[:, None],
                         jnp.concatenate([draft_tokens, draft_tokens[:, :1]], axis=1))       # d_1..d_n, next
         cols = count[:, None] + jnp.arange(k + 1)[None]
@@ -252,7 +294,7 @@ def _speculative(target, target_params, draft, draft_params, prompt_ids, prompt_
         count, done = state[4], state[5]
         return jnp.any((count < max_new_tokens) & ~done)
 
-    init = (caches[0], caches[1], prompt_ids[:, -1].astype(jnp.int32),
+    init = (caches[0], None if share_kv else caches[1], prompt_ids[:, -1].astype(jnp.int32),
             jnp.zeros((b, max_new_tokens + k + 1), jnp.int32), jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool),
             rng, jnp.zeros((4,), jnp.int32))
     state = jax.lax.while_loop(cond, body, init)

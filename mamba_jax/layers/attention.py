@@ -15,7 +15,8 @@ import jax.numpy as jnp
 
 from mamba_jax.layers.config import ATTENTION, BaseLMConfig, check_choice, check_positive_int
 from mamba_jax.ops._checks import check_array
-from mamba_jax.ops.attention import cached_attention, causal_attention, rotary_embedding, segment_ids
+from mamba_jax.ops.attention import (cached_attention, causal_attention, rotary_embedding, segment_ids,
+                                    shared_kv_attention)
 from mamba_jax.axes import EMBED, HEADS, KV_HEADS
 
 POSITION_EMBEDDINGS = ("rope", "learned", "none")
@@ -139,6 +140,10 @@ class Attention(nn.Module):
     cache: optional KVCache; the chunk's keys/values are written at slots [index, index + l), its queries
       attend to every valid slot up to their own, and the new cache (index + l) is returned. l == 1 is a
       decode step, l > 1 a (chunked) prefill. Without a cache: causal attention within the chunk.
+    shared_kv_input: optional (b, l, d_model), without a cache: the normalised input of another stream's
+      copy of this layer (M2R2's slow stream), whose keys and values this stream reads at earlier positions
+      in place of its own (`ops.shared_kv_attention`) — the parallel form of decoding over a KV cache the
+      other stream wrote.
     Returns (out, new cache or None).
     """
 
@@ -146,7 +151,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, positions=None, seq_idx=None, mask=None, cache: Optional[KVCache] = None,
-                 deterministic: bool = True, step_caches: bool = False):
+                 deterministic: bool = True, step_caches: bool = False, shared_kv_input=None):
         # no train-only behaviour (no dropout); a KV cache rolls back by its validity and index, without steps
         del deterministic, step_caches
         cfg, fn = self.config, "Attention"
@@ -158,6 +163,11 @@ class Attention(nn.Module):
                 check_array(fn, name, arr, (b, l), kind=kind)
         if cfg.position_embedding == "rope" and positions is None:
             raise ValueError(f"{fn}: rotary position embeddings need `positions` (b, l) int")
+        if shared_kv_input is not None:
+            check_array(fn, "shared_kv_input", shared_kv_input, x.shape)
+            if cache is not None:
+                raise ValueError(f"{fn}: `shared_kv_input` is the uncached form of a shared KV cache; with a "
+                                 "`cache`, pass the other stream's cache instead")
 
         # Kernels per head — (d, heads, head_dim), (head_dim last, not sharded) — so tensor parallelism splits
         # whole heads (`heads` / `kv_heads` rules, divisibility checked per head) and moves no data inside.
@@ -168,15 +178,21 @@ class Attention(nn.Module):
                 param_dtype=cfg.jnp_param_dtype, name=name,
                 kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), axes),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[n_in:]))
+        k_proj = project((kv, dh), (EMBED, KV_HEADS, None), "k_proj")
+        v_proj = project((kv, dh), (EMBED, KV_HEADS, None), "v_proj")
         q = project((h, dh), (EMBED, HEADS, None), "q_proj")(x)
-        k = project((kv, dh), (EMBED, KV_HEADS, None), "k_proj")(x)
-        v = project((kv, dh), (EMBED, KV_HEADS, None), "v_proj")(x)
-        if cfg.position_embedding == "rope":
-            q = rotary_embedding(q, positions, cfg.rope_theta)
-            k = rotary_embedding(k, positions, cfg.rope_theta)
+        k, v = k_proj(x), v_proj(x)
+        rotate = (lambda t: rotary_embedding(t, positions, cfg.rope_theta)) if cfg.position_embedding == "rope" \
+            else (lambda t: t)
+        q, k = rotate(q), rotate(k)
         valid = jnp.ones((b, l), bool) if mask is None else mask != 0
 
-        if cache is None:   # causal over the chunk, in query blocks that skip the keys above the diagonal
+        if shared_kv_input is not None:
+            out = shared_kv_attention(q, k, v, rotate(k_proj(shared_kv_input)), v_proj(shared_kv_input),
+                                      key_valid=None if mask is None else valid,
+                                      segments=None if seq_idx is None else segment_ids(seq_idx))
+            new_cache = None
+        elif cache is None:   # causal over the chunk, in query blocks that skip the keys above the diagonal
             fused = mask is None and seq_idx is None and jax.default_backend() == "gpu"
             out = causal_attention(q, k, v, key_valid=None if mask is None else valid,
                                    segments=None if seq_idx is None else segment_ids(seq_idx),

@@ -86,6 +86,8 @@ class DecoderBlock(nn.Module):
     """Pre-norm residual block: h += mixer(norm(h)); h += mlp(mlp_norm(h)) when the config has an MLP.
 
     h: (b, l, d_model) residual stream (float32 when residual_in_fp32). Returns (h, new layer cache).
+    shared_kv_h: optional (b, l, d_model), another stream's residual entering this layer; an attention mixer
+    reads its keys and values at earlier positions (`Attention.shared_kv_input`), other mixers ignore it.
     """
 
     config: BaseLMConfig
@@ -93,13 +95,18 @@ class DecoderBlock(nn.Module):
     deterministic: bool = True   # False: train-mode mixers (MoE train capacity and jitter)
 
     @nn.compact
-    def __call__(self, h, *, positions, seq_idx=None, mask=None, cache=None, step_caches: bool = False):
+    def __call__(self, h, *, positions, seq_idx=None, mask=None, cache=None, step_caches: bool = False,
+                 shared_kv_h=None):
         cfg = self.config.mixer_config(self.kind)
         mixer_cls, _ = mixer_module(self.kind)
-        normed = RMSNorm(cfg.rms_norm_eps, cfg.jnp_param_dtype, name="norm")(h)
+        norm = RMSNorm(cfg.rms_norm_eps, cfg.jnp_param_dtype, name="norm")
+        normed = norm(h)
+        shared = {}
+        if shared_kv_h is not None and self.kind == ATTENTION:   # recurrent mixers keep their own state
+            shared = {"shared_kv_input": norm(shared_kv_h).astype(cfg.jnp_dtype)}
         out, new_cache = mixer_cls(cfg, name="mixer")(
             normed.astype(cfg.jnp_dtype), positions=positions, seq_idx=seq_idx, mask=mask, cache=cache,
-            deterministic=self.deterministic, step_caches=step_caches)
+            deterministic=self.deterministic, step_caches=step_caches, **shared)
         h = h + out.astype(h.dtype)
         if cfg.mlp_width:
             normed = RMSNorm(cfg.rms_norm_eps, cfg.jnp_param_dtype, name="mlp_norm")(h)
@@ -175,26 +182,32 @@ class DecoderLM(nn.Module):
         super().__post_init__()
 
     def __call__(self, input_ids=None, *, inputs_embeds=None, positions=None, seq_idx=None, mask=None,
-                 deterministic: bool = True, cache=None, return_hidden_states: bool = False):
+                 deterministic: bool = True, cache=None, return_hidden_states: bool = False, shared_kv_states=None):
         """The logits (b, l, vocab_size) (see the class docstring); `forward` returns the `LMOutput`."""
         if cache is not None or return_hidden_states:
             raise ValueError(f"{type(self).__name__}: `cache` and `return_hidden_states` are arguments of "
                              "`forward`, which returns an LMOutput (logits, cache, hidden_states): "
                              "model.apply(variables, input_ids, cache=cache, method=\"forward\")")
         return self.forward(input_ids, inputs_embeds=inputs_embeds, positions=positions, seq_idx=seq_idx,
-                            mask=mask, deterministic=deterministic).logits
+                            mask=mask, deterministic=deterministic, shared_kv_states=shared_kv_states).logits
 
     @nn.compact
     def forward(self, input_ids=None, *, inputs_embeds=None, positions=None, seq_idx=None, mask=None,
                 cache: Optional[ModelCache] = None, return_hidden_states: bool = False,
-                deterministic: bool = True, step_caches: bool = False, layer_mask=None) -> "LMOutput":
+                deterministic: bool = True, step_caches: bool = False, layer_mask=None,
+                shared_kv_states=None) -> "LMOutput":
         """An `LMOutput`: logits, the new cache (None without `cache`), the hidden states (None unless
         `return_hidden_states`). Arguments as the class docstring; `step_caches=True` (with a cache) returns
         a cache whose recurrent layers hold the state after every position of the chunk (a step axis after
         the batch) — `inference.rollback_cache` keeps any prefix of the chunk. `layer_mask` (b, l, n_layer)
         bool: the layers each token runs; a skipped layer passes the token's residual through unchanged
         (SkipDecode, `m2r2.skip_decoding_layer_mask`; exact for attention when a layer skipped at a position
-        is skipped at every later one, as later queries then never read keys a skipping token wrote)."""
+        is skipped at every later one, as later queries then never read keys a skipping token wrote).
+        `shared_kv_states` (no cache): at least n_layer arrays (b, l, d_model), another stream's residual
+        entering each layer (its `hidden_states`): attention layer i reads that stream's keys and values at
+        earlier positions and its own only at the current one — M2R2's fast stream over the slow stream's KV
+        cache, in parallel (decoding shares by passing the slow stream's KV caches: `speculative_generate(...,
+        share_kv=True)`); recurrent layers keep their own state."""
         cfg = self.config
         name = type(self).__name__
         if (input_ids is None) == (inputs_embeds is None):
@@ -219,6 +232,15 @@ class DecoderLM(nn.Module):
         kinds = cfg.layer_kinds
         if layer_mask is not None:
             check_array(name, "layer_mask", layer_mask, (b, l, len(kinds)), kind="any")
+        if shared_kv_states is not None:
+            if cache is not None:
+                raise ValueError(f"{name}: `shared_kv_states` is the uncached form of a shared KV cache; with a "
+                                 "`cache`, put the other stream's KV caches in it instead")
+            if not isinstance(shared_kv_states, (tuple, list)) or len(shared_kv_states) < len(kinds):
+                raise ValueError(f"{name}: `shared_kv_states` must be a sequence of at least n_layer={len(kinds)} "
+                                 f"arrays (b, l, d_model) (another stream's hidden_states)")
+            for i in range(len(kinds)):
+                check_array(name, f"shared_kv_states[{i}]", shared_kv_states[i], (b, l, cfg.d_model))
         if cache is not None:
             if not isinstance(cache, ModelCache) or len(cache.layers) != len(kinds):
                 raise ValueError(f"{name}: `cache` must be a ModelCache with {len(kinds)} layer caches "
@@ -254,6 +276,7 @@ class DecoderLM(nn.Module):
             h, layer_cache = block_cls(cfg, kind, deterministic, name=f"layers_{i}")(
                 h, positions=positions, seq_idx=seq_idx, mask=mask,
                 cache=None if cache is None else cache.layers[i],
+                shared_kv_h=None if shared_kv_states is None else shared_kv_states[i],
                 **({"step_caches": True} if step_caches else {}))   # nn.remat would trace a bool argument
             if self.residual_rate != 1.0:
                 h = h_in + self.residual_rate * (h - h_in)

@@ -9,11 +9,16 @@ update scaled by a rate r (default n_layer / n_fast) and a low-rank accelerator 
 
 so that after k layers g_k approximates the slow residual h_{r·k} ("early residual alignment"). It is a
 `DecoderLM` (`residual_rate`, `adapter_rank`), so it decodes, caches and drafts like any model: as the draft
-of `speculative_generate` with the base as target it is lossless self-speculative decoding. Its KV and
-recurrent caches are its own (M2R2 shares the KV cache between the streams: a deviation, costing the cache
-of n_fast layers). Training (`make_m2r2_train_step`) updates the adapters only, with
-`m2r2_loss` = alignment (1 − cosine of the RMS-normalised residuals, g_k against h_{round(r·k)}) + KL(full
-model ‖ fast stream) through the shared head.
+of `speculative_generate` with the base as target it is lossless self-speculative decoding. Training
+(`make_m2r2_train_step`) updates the adapters only, with `m2r2_loss` = alignment (1 − cosine of the
+RMS-normalised residuals, g_k against h_{round(r·k)}) + KL(full model ‖ fast stream) through the shared head.
+
+The KV cache is shared (`shared_kv=True`, M2R2's design): the fast stream's attention layer i reads the keys
+and values the slow stream's layer i wrote for earlier tokens, and its own only for the current token. In
+training and early exit that is `forward(..., shared_kv_states=<the slow stream's hidden_states>)`; in
+decoding the fast stream drafts over the base's KV caches (`speculative_generate(..., share_kv=True)`), so it
+keeps no cache of its own. With `shared_kv=False` the fast stream is a model of its own, caches included.
+Recurrent layers (hybrids) always keep their own state.
 """
 from __future__ import annotations
 
@@ -72,21 +77,24 @@ def _rms_normalised(h):
 
 
 def m2r2_loss(fast: DecoderLM, fast_params, base: DecoderLM, base_params, input_ids, loss_mask=None, *,
-              seq_idx=None, align_weight: float = 1.0, kl_weight: float = 1.0) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+              seq_idx=None, align_weight: float = 1.0, kl_weight: float = 1.0,
+              shared_kv: bool = False) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """(loss, metrics) of the fast stream against the frozen full model on input_ids (b, l).
 
     align: mean over fast layers k = 1..n_fast and unmasked tokens of 1 − cos(g_k, h_{round(r·k)}) (RMS-
     normalised residuals); kl: KL(softmax(full logits) ‖ softmax(fast logits)) per token. loss_mask (b, l)
     selects the tokens (default all); seq_idx (b, l): packed documents, as the models take it. The full model
-    gets no gradient (stop_gradient).
+    gets no gradient (stop_gradient). shared_kv: the fast stream's attention reads the slow stream's keys and
+    values at earlier positions (see the module docstring).
     """
     b, l = input_ids.shape
     mask = jnp.ones((b, l), jnp.float32) if loss_mask is None else loss_mask.astype(jnp.float32)
     slow = base.apply({"params": base_params}, input_ids, seq_idx=seq_idx, return_hidden_states=True,
                       method="forward")
     slow_logits = jax.lax.stop_gradient(slow.logits)
+    shared = jax.lax.stop_gradient(slow.hidden_states) if shared_kv else None
     out = fast.apply({"params": fast_params}, input_ids, seq_idx=seq_idx, return_hidden_states=True,
-                     method="forward")
+                     shared_kv_states=shared, method="forward")
     n_fast, rate = len(out.hidden_states) - 1, fast.residual_rate
     total = mask.sum() + 1e-9
     aligns = []
@@ -104,15 +112,15 @@ def m2r2_loss(fast: DecoderLM, fast_params, base: DecoderLM, base_params, input_
 
 
 def make_m2r2_train_step(fast: DecoderLM, base: DecoderLM, tx: optax.GradientTransformation, *,
-                         align_weight: float = 1.0, kl_weight: float = 1.0):
+                         align_weight: float = 1.0, kl_weight: float = 1.0, shared_kv: bool = False):
     """A jitted `step(adapters, opt_state, frozen, base_params, input_ids, loss_mask, seq_idx=None) -> (adapters,
     opt_state, metrics)`: the gradient is taken w.r.t. the adapters only (`adapter_params`); `frozen` (the
     fast stream's shared params) and `base_params` are inputs, never outputs, so they cannot change.
-    Start with `opt_state = tx.init(adapters)`."""
+    Start with `opt_state = tx.init(adapters)`. shared_kv: as `m2r2_loss`."""
 
     def loss_fn(adapters, frozen, base_params, input_ids, loss_mask, seq_idx):
         return m2r2_loss(fast, {**frozen, **adapters}, base, base_params, input_ids, loss_mask, seq_idx=seq_idx,
-                         align_weight=align_weight, kl_weight=kl_weight)
+                         align_weight=align_weight, kl_weight=kl_weight, shared_kv=shared_kv)
 
     @jax.jit
     def step(adapters, opt_state, frozen, base_params, input_ids, loss_mask, seq_idx=None):
@@ -128,8 +136,8 @@ def make_m2r2_train_step(fast: DecoderLM, base: DecoderLM, tx: optax.GradientTra
 
 def exit_logits(model: DecoderLM, params, input_ids, n_exits: int, **kwargs):
     """(n_exits, b, l, V) float32 logits of `model`'s stream cut after 1, ..., n_exits layers, each read
-    through the shared final norm and head (same rate and adapters as `model`); `kwargs` (seq_idx, mask)
-    go to every call."""
+    through the shared final norm and head (same rate and adapters as `model`); `kwargs` (seq_idx, mask,
+    shared_kv_states) go to every call."""
     out = []
     for k in range(1, n_exits + 1):
         cut = type(model)(truncated_config(model.config, k), residual_rate=model.residual_rate,
@@ -231,20 +239,23 @@ def expert_hit_rate(predicted, actual, mask=None):
 
 
 def expert_prediction_hit_rates(base: DecoderLM, base_params, fast: Optional[DecoderLM], fast_params, input_ids,
-                                mask=None, *, k: Optional[int] = None) -> Dict[str, Dict[int, float]]:
+                                mask=None, *, k: Optional[int] = None,
+                                shared_kv: bool = False) -> Dict[str, Dict[int, float]]:
     """Hit rates of predicting MoE layer j's experts ahead, per distance j − i.
 
     The experts actually used at layer j are its routing of the slow residual h_j entering it. A prediction
     made after i < j layers applies layer j's router to the residual known then: the slow stream's own h_i
     ("slow") or — for i ≤ n_fast — the fast stream's g_i ("fast", M2R2: g_i is meant to be ahead of h_i).
     Returns {"slow": {d: rate}, "fast": {d: rate}}, each the mean over the (j, i) pairs at distance d and
-    over tokens; k defaults to each layer's routing k.
+    over tokens; k defaults to each layer's routing k; shared_kv: the fast stream reads the slow stream's
+    keys and values (as it was trained).
     """
     kinds = base.config.layer_kinds
     slow = base.apply({"params": base_params}, input_ids, mask=mask, return_hidden_states=True,
                       method="forward").hidden_states
     fast_h = () if fast is None else fast.apply({"params": fast_params}, input_ids, mask=mask,
-                                                return_hidden_states=True, method="forward").hidden_states
+                                                return_hidden_states=True, method="forward",
+                                                shared_kv_states=slow if shared_kv else None).hidden_states
     rates: Dict[str, Dict[int, list]] = {"slow": {}, "fast": {}}
     for j, kind in enumerate(kinds):
         if kind != "E":

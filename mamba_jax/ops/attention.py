@@ -22,7 +22,7 @@ from mamba_jax.ops._checks import check_array, compute_dtype
 from mamba_jax.ops.positions import segment_ids  # noqa: F401 (re-exported; a query sees its own segment's keys)
 
 __all__ = ["attention_mask", "cached_attention", "causal_attention", "dot_product_attention", "rotary_embedding",
-           "segment_ids"]
+           "segment_ids", "shared_kv_attention"]
 
 # A large finite negative logit for masked keys (finite in float32 and bfloat16 after the max shift).
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -128,6 +128,33 @@ def causal_attention(q, k, v, *, key_valid=None, segments=None, block_size: Opti
                                  k_segments=None if segments is None else segments[:, keys])
         outs.append(dot_product_attention(q[:, start:end], k[:, keys], v[:, keys], allowed, scale))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+def shared_kv_attention(q, k, v, k_shared, v_shared, *, key_valid=None, segments=None,
+                        scale: Optional[float] = None):
+    """Causal attention of one stream over a KV cache another stream wrote (M2R2's shared KV cache), in
+    parallel over a chunk: query t attends to the other stream's keys at positions < t and to its own key
+    at t — what a decode step of this stream reads when the other stream has written every earlier slot.
+
+    q: (b, l, h, dh), k, v: (b, l, kv, dh): this stream's; k_shared, v_shared: (b, l, kv, dh), the other
+    stream's keys and values at the same positions; key_valid: optional (b, l) bool (False at padding);
+    segments: optional (b, l) int (packed sequences). Differentiable. Returns (b, l, h, dv) in q's dtype.
+    """
+    fn = "shared_kv_attention"
+    b, l, h, dh, lk, kv = _check_qkv(fn, q, k, v)
+    if lk != l:
+        raise ValueError(f"{fn}: self-attention needs as many keys as queries; got {l} queries and {lk} keys")
+    check_array(fn, "k_shared", k_shared, k.shape)
+    check_array(fn, "v_shared", v_shared, v.shape)
+    slots = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    seg = dict(q_segments=segments, k_segments=segments) if segments is not None else {}
+    # the other stream's keys sit one slot later, so `key slot <= query slot` keeps exactly the earlier ones
+    earlier = attention_mask(slots, slots + 1, key_valid=key_valid, **seg)
+    own = jnp.broadcast_to(jnp.eye(l, dtype=bool), (b, l, l))
+    if key_valid is not None:
+        own = own & key_valid.astype(bool)[:, None, :]
+    return dot_product_attention(q, jnp.concatenate([k_shared, k], axis=1), jnp.concatenate([v_shared, v], axis=1),
+                                 jnp.concatenate([earlier, own], axis=2), scale)
 
 
 def attention_mask(q_slots, k_slots, *, key_valid=None, q_segments=None, k_segments=None):

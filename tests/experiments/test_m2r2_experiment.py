@@ -19,6 +19,7 @@ def test_smoke_run_writes_results(tmp_path):
         r = json.load(f)
     c = preset_config("smoke")
     assert r["fast"]["base_unchanged"] is True
+    assert r["config"]["shared_kv"] is True and any("KV cache is shared" in d for d in r["deviations"])
     # adapters only: per fast layer an RMSNorm (d) and a d×r, r×d pair
     assert r["fast"]["adapter_params"] == c.n_fast * (c.d_model + 2 * c.d_model * c.adapter_rank)
     e = r["early_exit"]
@@ -115,5 +116,6 @@ def test_the_teacher_of_an_m1_run_as_the_base(tmp_path):
         r = json.load(f)
     assert "m1 run" in r["base"]["description"] and r["base"]["n_layer"] == m1.n_layer
     assert r["fast"]["base_unchanged"] is True
+    assert r["config"]["shared_kv"] is True and any("KV cache is shared" in d for d in r["deviations"])
     assert all(d["same_tokens"] is True for name, d in r["speculative"]["T=0"].items() if name != "plain decoding")
     assert r["experts"] is None and not os.path.exists(os.path.join(out, "expert_hit_rate.png"))

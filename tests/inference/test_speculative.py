@@ -211,20 +211,22 @@ def test_bad_speculative_arguments():
         tm.apply({"params": tp}, PROMPT, step_caches=True, method="forward")
 
 
-def test_self_speculative_sampling_matches_the_targets_distribution():
-    """The same end-to-end check with M2R2's fast stream as the draft (the target's first layer at rate 2 with
-    non-zero adapters, sharing the target's embeddings and head): lossless sampling, chi-square p > 1e-4."""
+@pytest.mark.parametrize("share_kv", [False, True])
+def test_self_speculative_sampling_matches_the_targets_distribution(share_kv):
+    """The same end-to-end check with M2R2's fast stream as the draft (the target's first 2 of 3 layers at
+    rate 1.5 with non-zero adapters, sharing the target's embeddings and head), with its own caches and
+    drafting over the target's KV caches: lossless sampling, chi-square p > 1e-4."""
     from mamba_jax.models.m2r2 import adapter_params, fast_stream, fast_stream_params
 
-    target = TransformerLM(TransformerConfig(vocab_size=4, d_model=8, n_layer=2, n_heads=2, d_intermediate=16))
+    target = TransformerLM(TransformerConfig(vocab_size=4, d_model=8, n_layer=3, n_heads=2, d_intermediate=16))
     tp = trained_scale(init_params(target, jax.random.PRNGKey(0)), seed=3)
-    draft = fast_stream(target, 1, rank=2)
+    draft = fast_stream(target, 2, rank=2)
     dp = fast_stream_params(draft, tp, jax.random.PRNGKey(1))
     dp = {**dp, **trained_scale(adapter_params(dp), seed=4)}
     prompt = jnp.array([[2, 1]], jnp.int32)
     n_rows = 6000
     out, stats = speculative_generate(target, tp, draft, dp, jnp.repeat(prompt, n_rows, 0), 3, num_draft=2,
-                                      temperature=1.0, rng=jax.random.PRNGKey(8))
+                                      temperature=1.0, rng=jax.random.PRNGKey(8), share_kv=share_kv)
     assert 0.05 < stats.acceptance_rate < 0.95
     seqs = np.array(list(itertools.product(range(4), repeat=3)))
     logp = jax.nn.log_softmax(target.apply({"params": tp}, jnp.concatenate(

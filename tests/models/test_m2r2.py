@@ -7,6 +7,8 @@ import optax
 import pytest
 
 from mamba_jax.inference import generate, speculative_generate
+from mamba_jax.layers.attention import KVCache
+from mamba_jax.models.lm import ModelCache, init_cache
 from mamba_jax.models.m2r2 import (adapter_params, fast_stream, fast_stream_params, m2r2_loss, make_m2r2_train_step,
                                    truncated_config)
 from tests.invariants.families import D_MODEL, model_and_params, tokens
@@ -89,6 +91,80 @@ def test_self_speculative_greedy_equals_the_base_model(name, n_fast):
     out, stats = speculative_generate(base, params, fast, fp, prompt, 10, num_draft=3, prompt_mask=mask)
     np.testing.assert_array_equal(out, generate(base, params, prompt, 10, temperature=0.0, prompt_mask=mask))
     assert stats.target_calls <= 10
+
+
+def _nonzero_fast_stream(base, params, n_fast, rate=None):
+    fast = fast_stream(base, n_fast, rank=4, rate=rate)
+    fp = fast_stream_params(fast, params, jax.random.PRNGKey(2))
+    return fast, {**fp, **jax.tree_util.tree_map(lambda a: a + 0.1, adapter_params(fp))}
+
+
+@pytest.mark.parametrize("name,n_fast", [("A[rope,gqa]", 2), ("A[learned]", 2), ("M A M2 E", 3)])
+def test_shared_kv_forward_equals_decoding_over_the_slow_streams_cache(name, n_fast):
+    """The parallel shared-KV forward (`shared_kv_states`) at position t equals a decode step of the fast
+    stream over the KV caches the base wrote for tokens < t (its recurrent layers carrying their own state
+    step to step). The fast stream with its own keys differs (the check can fail)."""
+    base, params = model_and_params(name)
+    fast, fp = _nonzero_fast_stream(base, params, n_fast, rate=1.5)
+    x = tokens(3, 2, 9)
+    fwd = jax.jit(lambda model, p, ids, mask=None, shared=None: model.apply(
+        {"params": p}, ids, mask=mask, shared_kv_states=shared, return_hidden_states=True, method="forward"),
+        static_argnums=0)
+    step = jax.jit(lambda model, p, ids, cache: model.apply({"params": p}, ids, cache=cache, method="forward"),
+                   static_argnums=0)
+    slow = fwd(base, params, x)
+    shared = fwd(fast, fp, x, shared=slow.hidden_states).logits
+    own = fwd(fast, fp, x).logits
+    base_cache, fast_cache, steps = init_cache(base.config, 2, 9), init_cache(fast.config, 2, 9), []
+    for t in range(9):
+        fast_cache = ModelCache(tuple(s if isinstance(s, KVCache) else f for s, f in
+                                      zip(base_cache.layers, fast_cache.layers)), base_cache.positions)
+        out = step(fast, fp, x[:, t:t + 1], fast_cache)
+        steps.append(out.logits[:, 0])
+        fast_cache = out.cache
+        base_cache = step(base, params, x[:, t:t + 1], base_cache).cache
+    steps = jnp.stack(steps, 1)
+    np.testing.assert_allclose(shared, steps, rtol=2e-5, atol=2e-5)
+    assert float(jnp.max(jnp.abs(own - steps))) > 0.1
+    # left padding: a padded row gives what the row gives alone
+    mask = jnp.array([[0, 0, 0] + [1] * 6], jnp.int32)
+    row = jnp.concatenate([tokens(5, 1, 3), x[:1, 3:]], 1)
+    pad, alone = fwd(base, params, row, mask), fwd(base, params, x[:1, 3:])
+    np.testing.assert_allclose(fwd(fast, fp, row, mask, pad.hidden_states).logits[:, 3:],
+                               fwd(fast, fp, x[:1, 3:], None, alone.hidden_states).logits, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["A[rope,gqa]", "A[learned]"])
+def test_self_speculative_over_the_shared_kv_cache_equals_the_base(name):
+    base, params = model_and_params(name)
+    fast, fp = _nonzero_fast_stream(base, params, 2, rate=1.5)
+    prompt = tokens(7, 2, 6)
+    mask = jnp.array([[1] * 6, [0, 0, 1, 1, 1, 1]], jnp.int32)
+    out, stats = speculative_generate(base, params, fast, fp, prompt, 10, num_draft=3, prompt_mask=mask,
+                                      share_kv=True)
+    np.testing.assert_array_equal(out, generate(base, params, prompt, 10, temperature=0.0, prompt_mask=mask))
+    assert stats.target_calls <= 10 and 0 < stats.acceptance_rate
+
+
+def test_shared_kv_errors_name_what_cannot_be_shared():
+    base, params = model_and_params("M A M2 E")
+    fast, fp = _nonzero_fast_stream(base, params, 2)
+    prompt = tokens(7, 2, 6)
+    with pytest.raises(ValueError, match="recurrent layers"):
+        speculative_generate(base, params, fast, fp, prompt, 4, share_kv=True)
+    other, op = model_and_params("A[learned]")
+    t, tp = model_and_params("A[rope,gqa]")
+    with pytest.raises(ValueError, match=r"KV cache \(kv_heads, head_dim, dtype\)"):
+        speculative_generate(t, tp, other, op, prompt, 4, share_kv=True)
+    mamba, mp = model_and_params("M[reference]")
+    with pytest.raises(ValueError, match="first layers"):
+        speculative_generate(t, tp, mamba, mp, prompt, 4, share_kv=True)
+    x = tokens(1, 2, 5)
+    with pytest.raises(ValueError, match="`shared_kv_states` must be a sequence of at least n_layer=2"):
+        t.apply({"params": tp}, x, shared_kv_states=(jnp.zeros((2, 5, D_MODEL)),))
+    with pytest.raises(ValueError, match="uncached form"):
+        t.apply({"params": tp}, x, cache=init_cache(t.config, 2, 8), shared_kv_states=(jnp.zeros((2, 5, D_MODEL)),) * 2,
+                method="forward")
 
 
 def test_early_exit_by_hand():
