@@ -16,7 +16,7 @@ import json
 import os
 import statistics
 import time
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Collection, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
