@@ -103,8 +103,9 @@ def time_speculative(target, target_params, drafts: Dict[str, Tuple[Any, Any]], 
     kw = dict(temperature=temperature, rng=jax.random.PRNGKey(seed))
     runs = {None: lambda: generate(target, target_params, prompt, new_tokens, **kw)}
     for name, (model, params) in drafts.items():
-        runs[name] = (lambda m=model, p=params: speculative_generate(
-            target, target_params, m, p, prompt, new_tokens, num_draft=num_draft, share_kv=name in share_kv, **kw))
+        # every name bound now: a lambda reading the loop's `name` later would share (or not) by the last draft's
+        runs[name] = (lambda m=model, p=params, s=name in share_kv: speculative_generate(
+            target, target_params, m, p, prompt, new_tokens, num_draft=num_draft, share_kv=s, **kw))
     outputs = {name: fn() for name, fn in runs.items()}                        # compiles
     times = {name: [] for name in runs}
     for _ in tqdm(range(repeats), desc=desc, disable=desc is None):

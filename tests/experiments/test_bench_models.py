@@ -109,3 +109,28 @@ def test_bench_speculative_tiny(tmp_path, capsys):
     sampled = results["modes"]["T=1"]["drafts"]["mamba"]
     assert sampled["same_tokens"] is None and 0 <= sampled["acceptance_rate"] <= 1
     assert "| draft | draft params |" in capsys.readouterr().out
+
+
+def test_time_speculative_shares_kv_for_the_named_drafts_only(monkeypatch):
+    """Every call of a draft — the compiling one whose stats are reported and the timed ones — shares the KV
+    cache exactly when the draft is named in `share_kv`. (A lambda reading the loop variable late ran every
+    compiling call with the last draft's setting, and timed a recompilation.)"""
+    import jax.numpy as jnp
+
+    import mamba_jax.inference as inference
+    from experiments.bench_models.speculative import time_speculative
+    from mamba_jax.inference.speculative import SpeculativeStats
+
+    calls = []
+    tokens = jnp.zeros((1, 4), jnp.int32)
+
+    def fake_speculative(target, target_params, draft, draft_params, prompt, new_tokens, *, share_kv, **kw):
+        calls.append((draft, share_kv))
+        return tokens, SpeculativeStats(acceptance_rate=0.5, mean_accepted_length=2.0, target_calls=2, draft_calls=8)
+
+    monkeypatch.setattr(inference, "speculative_generate", fake_speculative)
+    monkeypatch.setattr(inference, "generate", lambda *a, **k: tokens)
+    drafts = {"shared": ("draft A", None), "own": ("draft B", None), "shared too": ("draft C", None)}
+    time_speculative("target", None, drafts, jnp.zeros((1, 2), jnp.int32), 4, num_draft=3, temperature=0.0, seed=0,
+                     repeats=2, share_kv=("shared", "shared too"))
+    assert sorted(calls) == sorted([("draft A", True), ("draft B", False), ("draft C", True)] * 3)
