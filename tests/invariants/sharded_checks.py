@@ -1,5 +1,5 @@
 """Sharded == unsharded for every model family, on 8 fake CPU devices; run as a script (the device count
-must be set before jax is imported): ``python tests/invariants/sharded_checks.py``.
+must be set before jax is imported): ``python tests/invariants/sharded_checks.py [FAMILY ...]`` (default: all).
 
 For one family per layer kind (trained-scale parameters), one SGD train step — in training mode, so the
 MoE capacity binds — on packed rows (seq_idx), under fsdp (data=2, fsdp=4) and tensor (data=2, tensor=4)
@@ -147,11 +147,13 @@ def planted_fused_projection(model, b):
         jax.clear_caches()
 
 
-def main():
+def main(names=NAMES):
     t0 = time.time()
     assert len(jax.devices()) == 8, jax.devices()
+    unknown = sorted(set(names) - set(NAMES))
+    assert not unknown, f"unknown families {unknown}; choose from {NAMES}"
     b = batch()
-    for name in NAMES:
+    for name in names:
         model, params = model_and_params(name)
         tx = optax.sgd(0.1)
         ref_state, ref_metrics = make_train_step(donate=False)(create_train_state(model.apply, params, tx), b)
@@ -178,4 +180,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(tuple(sys.argv[1:]) or NAMES)
