@@ -264,7 +264,13 @@ def _speculative(target, target_params, draft, draft_params, prompt_ids, prompt_
             d_cache = ModelCache(t_cache.layers[:n_draft_layers], t_cache.positions)
         draft_tokens, q, d_end, d_steps = draft_round(d_cache, last, draft_key)
         chunk = jnp.concatenate([last[:, None], draft_tokens], axis=1)                        # (b, K+1)
-        verified = target.apply({"params": target_params}, chunk, cache=t_cache, method="forward", step_caches=True)
+        v_cache = t_cache
+        if share_kv:   # verify over the caches the draft wrote: its K+1 slots are the chunk's, all overwritten,
+            # and the target's own copies are dead, so XLA need not copy the shared layers every round
+            shared = tuple(None if d is None else d._replace(index=t.index)
+                           for d, t in zip(d_end.layers, t_cache.layers))
+            v_cache = ModelCache(shared + t_cache.layers[n_draft_layers:], t_cache.positions)
+        verified = target.apply({"params": target_params}, chunk, cache=v_cache, method="forward", step_caches=True)
         if temperature == 0.0:
             n, nxt = greedy_verify(verified.logits, draft_tokens)
         else:
