@@ -44,6 +44,12 @@ def topology_devices(topology: str):
     # a notebook beside a script); on a CPU host no TPU is opened, so sharing is safe.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # libtpu parses XLA_FLAGS itself and aborts the process on a flag it does not know; the XLA:CPU compiler's
+    # own options (`--xla_cpu_*`, e.g. the test suite's) are such flags. A CPU backend already started has read
+    # them, so dropping them here only keeps libtpu alive.
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    if any(f.startswith("--xla_cpu_") for f in flags):
+        os.environ["XLA_FLAGS"] = " ".join(f for f in flags if not f.startswith("--xla_cpu_"))
     try:
         import libtpu  # noqa: F401
     except ImportError as error:

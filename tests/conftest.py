@@ -5,12 +5,35 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The suite compiles thousands of small programs and runs most of them once or twice, so compile time
-# dominates: LLVM without optimisation passes cuts it by up to half (measured: the hypothesis scan-equivalence test
-# 151 s -> 79 s, the ICL / PKD smoke runs and notebooks 314 s -> 234 s, one core). Fast-math stays off; the
-# last bits may differ from optimised code, as with any change of fusion, and tolerances already allow for
-# that. Subprocesses inherit the flag; a level the caller already set wins.
-if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+# dominates (measured: backend compilation is ~70% of the CPU time of the model tests). Two XLA CPU options cut it:
+# - LLVM without optimisation passes: the hypothesis scan-equivalence test 151 s -> 79 s, the ICL / PKD smoke runs
+#   and notebooks 314 s -> 234 s (one core);
+# - the classic loop emitters instead of the MLIR fusion emitters, and one codegen thread per program (two test
+#   workers already fill two cores): tests/inference/test_speculative.py 121 s -> 57 s on two workers, its
+#   backend compile time 166 s -> 53 s.
+# Fast-math stays off; the last bits may differ from optimised code, as with any change of fusion, and
+# tolerances already allow for that. Subprocesses and notebook kernels inherit the flags; flags the caller
+# already set win. An XLA that does not know a flag aborts the process, so the second set is probed first.
+_FAST_COMPILE = ("--xla_cpu_use_fusion_emitters=false", "--xla_cpu_parallel_codegen_split_count=1")
+
+
+def _add_xla_flags(*flags):
+    present = os.environ.get("XLA_FLAGS", "")
+    new = [f for f in flags if f.split("=")[0] not in present]
+    os.environ["XLA_FLAGS"] = " ".join([present, *new]).strip()
+
+
+def _xla_knows(*flags):
+    import subprocess
+    import sys
+    env = dict(os.environ, XLA_FLAGS=" ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip())
+    probe = "import jax.numpy as jnp; jnp.ones(2).sum().block_until_ready()"
+    return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True).returncode == 0
+
+
+_add_xla_flags("--xla_backend_optimization_level=0")
+if not all(f.split("=")[0] in os.environ["XLA_FLAGS"] for f in _FAST_COMPILE) and _xla_knows(*_FAST_COMPILE):
+    _add_xla_flags(*_FAST_COMPILE)
 
 from hypothesis import settings  # noqa: E402
 
@@ -31,3 +54,12 @@ def _release_compiled_programs():
     Modules rarely share compiled programs, so this costs almost no recompilation."""
     yield
     jax.clear_caches()
+
+
+@pytest.fixture(autouse=True)
+def _restore_xla_flags():
+    """`aot.topology_devices` drops the `--xla_cpu_*` flags for libtpu; later subprocesses get them back."""
+    flags = os.environ.get("XLA_FLAGS")
+    yield
+    if flags is not None:
+        os.environ["XLA_FLAGS"] = flags

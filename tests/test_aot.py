@@ -2,6 +2,7 @@
 compiled program's numbers are consistent with the model (parameter count, FLOPs ≈ 6·N·tokens,
 sharded strategies hold fewer bytes per chip than data parallelism)."""
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,15 @@ def test_parse_mesh_and_bad_topologies():
         aot.parse_mesh("data=two")
     with pytest.raises(ValueError, match="--topology"):
         aot.topology_devices("h100:8")
+
+
+def test_topology_devices_drops_the_cpu_compilers_flags_that_would_abort_libtpu(monkeypatch):
+    """libtpu aborts the process on an XLA flag it does not know, such as XLA:CPU's `--xla_cpu_*` options
+    (which `tests/conftest.py` sets); the others stay."""
+    pytest.importorskip("libtpu", reason="needs the optional dependency libtpu (the tpu-aot / test extra)")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false")
+    assert len(aot.topology_devices("v5e:2x2")) == 4
+    assert os.environ["XLA_FLAGS"] == "--xla_backend_optimization_level=0"
 
 
 @pytest.fixture(scope="module")

@@ -221,12 +221,11 @@ def test_aot_compiles_mosaic_kernels_for_a_tpu_chip():
     chip from this CPU host: the compiled program holds the two Mosaic kernels (fwd, bwd), picked at
     lowering time by `platform_dependent`."""
     pytest.importorskip("libtpu", reason="needs the optional dependency libtpu (the tpu-aot extra)")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    from jax.experimental import topologies
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:1x1").devices
+    from mamba_jax.aot import topology_devices
+
+    devices = topology_devices("v5e:1x1")
     replicated = NamedSharding(Mesh(np.array(devices[:1]), ("x",)), PartitionSpec())
     b, l, d, n, g = 2, 300, 512, 16, 2
 
