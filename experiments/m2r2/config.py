@@ -35,8 +35,9 @@ class M2R2Config:
         "M E": MoE-Mamba), a model of `moe_n_layer` layers trained `moe_steps`, and its fast stream
         (`moe_n_fast` layers, `moe_adapter_steps`), for the expert-prediction hit rates.
     Evaluation on `eval_batches` × `batch_size` held-out rows: early exit (quality vs mean layers), skip
-    decoding, self-speculative decoding of `new_tokens` after `prompt_len`-token held-out prompts at each of
-    `temperatures` (median of `repeats` timed runs), expert hit rates and the offload cost model.
+    decoding, self-speculative decoding of `new_tokens` after each of `n_prompts` held-out prompts of
+    `prompt_len` tokens at each of `temperatures` (median of `repeats` timed runs), expert hit rates and the
+    offload cost model.
     """
 
     preset: str = "cpu"
@@ -73,6 +74,7 @@ class M2R2Config:
     skip_warmup_layers: int = 1       # SkipDecode: lowest layers every token runs
     # -- self-speculative decoding --
     prompt_len: int = 64
+    n_prompts: int = 8                # held-out prompts, each decoded alone (batch 1); τ and tokens/s pool them
     new_tokens: int = 128
     num_draft: int = 4
     temperatures: str = "0,1"
@@ -96,8 +98,8 @@ class M2R2Config:
         if self.preset not in PRESETS:
             raise ValueError(f"M2R2Config: `preset` must be one of {PRESETS}; got {self.preset!r}")
         for name in ("text_max_files", "seq_len", "batch_size", "eval_batches", "d_model", "n_layer", "n_heads",
-                     "n_kv_heads", "n_fast", "exit_thresholds", "prompt_len", "new_tokens", "num_draft", "repeats",
-                     "moe_d_model", "moe_n_layer", "n_experts", "moe_n_fast", "log_every"):
+                     "n_kv_heads", "n_fast", "exit_thresholds", "prompt_len", "n_prompts", "new_tokens", "num_draft",
+                     "repeats", "moe_d_model", "moe_n_layer", "n_experts", "moe_n_fast", "log_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"M2R2Config: `{name}` must be a positive int; got {value!r}")
@@ -157,7 +159,7 @@ def preset_config(preset: str = "cpu") -> M2R2Config:
         return M2R2Config(preset="smoke", text_max_files=40, seq_len=48, bpe_vocab_size=300, batch_size=8,
                           eval_batches=1, d_model=32, n_layer=4, n_heads=2, n_kv_heads=1, d_intermediate=64,
                           base_steps=30, n_fast=2, adapter_rank=4, adapter_steps=20, exit_thresholds=6, prompt_len=16,
-                          new_tokens=12, num_draft=3, temperatures="0", repeats=1, moe_patterns="A E", moe_d_model=32, moe_n_layer=4,
+                          n_prompts=2, new_tokens=12, num_draft=3, temperatures="0", repeats=1, moe_patterns="A E", moe_d_model=32, moe_n_layer=4,
                           n_experts=4, moe_steps=20, moe_n_fast=2, moe_adapter_steps=10, warmup_steps=3, log_every=10,
                           progress=False)
     if preset == "paper":

@@ -138,7 +138,8 @@ class TextCorpus:
         return self.data.eval_batches
 
     def prompts(self, n: int, length: int) -> np.ndarray:
-        """(n, length) held-out prompts: row starts that lie inside one document."""
+        """(n, length) held-out prompts: row starts that lie inside one document (n distinct rows where the
+        held-out data has them)."""
         rows = []
         for b in self.eval_batches:
             for ids, seq, keep in zip(b["inputs"], b["seq_idx"], b["loss_mask"]):
@@ -170,10 +171,11 @@ class ReasoningCorpus:
     def batch(self, step: int):
         return self.data.batch(step)
 
-    def prompts(self, n: int, length: int) -> np.ndarray:
-        """(n, L): the first held-out problem's prompt (BOS + statement) repeated; `length` is unused."""
-        ids, mask = self.data.prompts(self.data.eval[:1])
-        return np.stack([ids[0][mask[0] == 1]] * n).astype(np.int32)
+    def prompts(self, n: int, length: int) -> List[np.ndarray]:
+        """The prompts (BOS + statement, (L_i,), lengths differ) of the first n held-out problems (cycled);
+        `length` is unused."""
+        ids, mask = self.data.prompts([self.data.eval[i % len(self.data.eval)] for i in range(n)])
+        return [ids[i][mask[i] == 1].astype(np.int32) for i in range(n)]
 
 
 def load_m1_teacher(folder: str):
@@ -382,25 +384,51 @@ def early_exit_sweep(base, base_params, fast, fast_params, batches, config: M2R2
 
 
 # ------------------------------------------------------------------------------------------------ speculative
-def speculative_comparison(base, base_params, drafts: Dict[str, Tuple[Any, Any]], prompts: np.ndarray,
+def pool_prompt_timings(per_prompt: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """`time_speculative` results of several prompts (each decoded alone) pooled into one: tokens/s = all
+    tokens / all seconds; τ and acceptance weighted by target calls (each call proposes the same number of
+    drafts); target calls summed; greedy tokens equal only if equal for every prompt; τ per prompt kept."""
+    def total(key, runs):
+        return sum(r[key] for r in runs)
+
+    plains = [t["plain"] for t in per_prompt]
+    plain_s = total("seconds", plains)
+    tokens = sum(r["tokens_per_s"] * r["seconds"] for r in plains)
+    drafts = {}
+    for name in per_prompt[0]["drafts"]:
+        runs = [t["drafts"][name] for t in per_prompt]
+        seconds, calls = total("seconds", runs), total("target_calls", runs)
+        same = [r["same_tokens"] for r in runs]
+        drafts[name] = dict(
+            tokens_per_s=tokens / seconds, seconds=seconds, speedup=plain_s / seconds, target_calls=calls,
+            tau=sum(r["tau"] * r["target_calls"] for r in runs) / calls,
+            acceptance_rate=sum(r["acceptance_rate"] * r["target_calls"] for r in runs) / calls,
+            same_tokens=None if None in same else all(same), tau_per_prompt=[r["tau"] for r in runs])
+    return dict(plain=dict(tokens_per_s=tokens / plain_s, seconds=plain_s), drafts=drafts)
+
+
+def speculative_comparison(base, base_params, drafts: Dict[str, Tuple[Any, Any]], prompts: Sequence[np.ndarray],
                            config: M2R2Config, new_tokens: Optional[int] = None,
                            share_kv: Sequence[str] = ()) -> Dict[str, Any]:
-    """Plain decoding of the base against speculative decoding with each draft, per temperature: tokens/s
-    (compile excluded; runs interleaved; median of `repeats`: `bench speculative`'s `time_speculative`),
-    acceptance, τ, greedy tokens == plain. The drafts named in `share_kv` draft over the base's KV caches."""
+    """Plain decoding of the base against speculative decoding with each draft, per temperature, over the
+    prompts ((n, l) or n of (l_i,)), each decoded alone (batch 1) and pooled by `pool_prompt_timings`: tokens/s (compile
+    excluded; runs interleaved; median of `repeats`: `bench speculative`'s `time_speculative`), acceptance,
+    τ (and τ per prompt), greedy tokens == plain. The drafts named in `share_kv` draft over the base's KV
+    caches."""
     import jax.numpy as jnp
 
     from experiments.bench_models.speculative import time_speculative
 
     modes = {}
     for temperature in config.temperature_list:
-        timed = time_speculative(base, base_params, drafts, jnp.asarray(prompts), new_tokens or config.new_tokens,
-                                 num_draft=config.num_draft, temperature=temperature, seed=config.seed,
-                                 repeats=config.repeats, share_kv=share_kv)
+        timed = pool_prompt_timings([
+            time_speculative(base, base_params, drafts, jnp.asarray(prompts[i])[None], new_tokens or config.new_tokens,
+                             num_draft=config.num_draft, temperature=temperature, seed=config.seed + i,
+                             repeats=config.repeats, share_kv=share_kv) for i in range(len(prompts))])
         rows = {"plain decoding": dict(tokens_per_s=timed["plain"]["tokens_per_s"], speedup=1.0)}
         for name, d in timed["drafts"].items():
-            rows[name] = {k: d[k] for k in ("tokens_per_s", "speedup", "acceptance_rate", "tau", "target_calls",
-                                            "same_tokens")}
+            rows[name] = {k: d[k] for k in ("tokens_per_s", "speedup", "acceptance_rate", "tau", "tau_per_prompt",
+                                            "target_calls", "same_tokens")}
         modes[f"T={temperature:g}"] = rows
     return modes
 
@@ -485,7 +513,7 @@ def experts_stage(out: str, data: TextCorpus, vocab: int, config: M2R2Config) ->
                              chance=1.0 / config.n_experts, params=count_params(params), **info,
                              hit_rate={s: {str(d): v for d, v in r.items()} for s, r in rates.items()},
                              offloaded_decode=offloaded_decode_check(model, params,
-                                                                     data.prompts(1, config.prompt_len)))
+                                                                     np.asarray(data.prompts(1, config.prompt_len))))
     first = next(iter(results.values()))
     best = {int(d): max(first["hit_rate"]["fast"].get(d, 0.0), first["hit_rate"]["slow"][d])
             for d in first["hit_rate"]["slow"]}
@@ -546,10 +574,12 @@ def results_markdown(r: Dict[str, Any]) -> str:
     rows = []
     for mode, per in r["speculative"].items():
         for name, d in per.items():
+            per_prompt = d.get("tau_per_prompt")
             rows.append([mode, name, d["tokens_per_s"], d["speedup"], d.get("acceptance_rate", "—"),
-                         d.get("tau", "—"), "n/a" if d.get("same_tokens") is None else d["same_tokens"]])
+                         d.get("tau", "—"), f"{min(per_prompt):.2f}–{max(per_prompt):.2f}" if per_prompt else "—",
+                         "n/a" if d.get("same_tokens") is None else d["same_tokens"]])
     lines += [markdown_table(["temperature", "method", "tokens / s", "speed-up", "acceptance", "τ",
-                              "tokens == plain"], rows), ""]
+                              "τ per prompt", "tokens == plain"], rows), ""]
     x = r["experts"]
     if x is None:
         lines += ["## Expert prediction", "", "(skipped: `moe_patterns` is empty)", ""]
@@ -695,7 +725,7 @@ def run(config: M2R2Config, out: str) -> Dict[str, Any]:
     print("early exit sweep ...", flush=True)
     early = early_exit_sweep(base, base_params, fast, fast_params, data.eval_batches, config)
     print("speculative decoding ...", flush=True)
-    prompts = data.prompts(1, config.prompt_len)
+    prompts = data.prompts(config.n_prompts, config.prompt_len)
     spec = speculative_comparison(base, base_params, {
         "M2R2 self-speculative (fast stream)": (fast, fast_params),
         "LayerSkip-style (first layers, no adapters)": (layerskip, layerskip_params),

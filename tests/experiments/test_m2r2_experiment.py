@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from experiments.m2r2.config import M2R2Config, preset_config
-from experiments.m2r2.run import claims_of, quality_at
+from experiments.m2r2.run import claims_of, pool_prompt_timings, quality_at
 from mamba_jax.cli import main as cli_main
 
 
@@ -42,6 +42,8 @@ def test_smoke_run_writes_results(tmp_path):
         assert d["tokens_per_s"] > 0
         if name != "plain decoding":
             assert d["same_tokens"] is True and 1.0 <= d["tau"] <= c.num_draft + 1 and d["target_calls"] >= 1
+            assert len(d["tau_per_prompt"]) == c.n_prompts == 2
+            assert min(d["tau_per_prompt"]) <= d["tau"] <= max(d["tau_per_prompt"])
     m = r["experts"]["models"]["A E"]
     assert set(m["hit_rate"]["slow"]) == {"1", "2", "3"} and set(m["hit_rate"]["fast"]) == {"1", "2"}
     assert all(0.0 <= v <= 1.0 for s in m["hit_rate"].values() for v in s.values())
@@ -68,6 +70,26 @@ def test_quality_at_reads_the_upper_envelope_and_claims_compare_at_equal_layers(
                               "slow stream, distance-based": {"2": 3.1, "3": 2.95}}
     # tie in agreement at 3 layers: not above; NLL lower at both budgets; ≥ 2x; τ above LayerSkip-style
     assert [x["holds"] for x in claims_of(early, spec)] == [False, True, True, True]
+
+
+def test_prompts_pool_into_all_tokens_over_all_seconds_and_call_weighted_tau():
+    """Two prompts by hand: 128 tokens each; plain 2 s + 1 s; the draft 4 s (10 calls, τ 2, acceptance 0.25)
+    + 1 s (30 calls, τ 4, acceptance 0.75) -> 256 / 3 and 256 / 5 tokens/s, τ (2·10 + 4·30) / 40 = 3.5 (an
+    unweighted mean would say 3), acceptance 0.625; greedy tokens equal only where every prompt's are."""
+    def timing(plain_s, seconds, calls, tau, acceptance, same):
+        return dict(plain=dict(tokens_per_s=128 / plain_s, seconds=plain_s), drafts={"d": dict(
+            tokens_per_s=128 / seconds, seconds=seconds, speedup=plain_s / seconds, target_calls=calls, tau=tau,
+            acceptance_rate=acceptance, same_tokens=same)})
+
+    pooled = pool_prompt_timings([timing(2.0, 4.0, 10, 2.0, 0.25, True), timing(1.0, 1.0, 30, 4.0, 0.75, True)])
+    assert pooled["plain"]["tokens_per_s"] == pytest.approx(256 / 3)
+    d = pooled["drafts"]["d"]
+    assert d["tokens_per_s"] == pytest.approx(256 / 5) and d["speedup"] == pytest.approx(3 / 5)
+    assert d["target_calls"] == 40 and d["tau"] == pytest.approx(3.5) and d["acceptance_rate"] == pytest.approx(0.625)
+    assert d["same_tokens"] is True and d["tau_per_prompt"] == [2.0, 4.0]
+    assert pool_prompt_timings([timing(2.0, 4.0, 10, 2.0, 0.25, True),
+                                timing(1.0, 1.0, 30, 4.0, 0.75, False)])["drafts"]["d"]["same_tokens"] is False
+    assert pool_prompt_timings([timing(2.0, 4.0, 10, 2.0, 0.25, None)])["drafts"]["d"]["same_tokens"] is None
 
 
 def test_bad_config_values_name_the_field():
@@ -117,5 +139,6 @@ def test_the_teacher_of_an_m1_run_as_the_base(tmp_path):
     assert "m1 run" in r["base"]["description"] and r["base"]["n_layer"] == m1.n_layer
     assert r["fast"]["base_unchanged"] is True
     assert r["config"]["shared_kv"] is True and any("KV cache is shared" in d for d in r["deviations"])
-    assert all(d["same_tokens"] is True for name, d in r["speculative"]["T=0"].items() if name != "plain decoding")
+    drafts = {name: d for name, d in r["speculative"]["T=0"].items() if name != "plain decoding"}
+    assert all(d["same_tokens"] is True and len(d["tau_per_prompt"]) == 2 for d in drafts.values())
     assert r["experts"] is None and not os.path.exists(os.path.join(out, "expert_hit_rate.png"))
