@@ -159,9 +159,9 @@ def preset_config(preset: str = "cpu") -> M2R2Config:
         return M2R2Config(preset="smoke", text_max_files=40, seq_len=48, bpe_vocab_size=300, batch_size=8,
                           eval_batches=1, d_model=32, n_layer=4, n_heads=2, n_kv_heads=1, d_intermediate=64,
                           base_steps=30, n_fast=2, adapter_rank=4, adapter_steps=20, exit_thresholds=6, prompt_len=16,
-                          n_prompts=2, new_tokens=12, num_draft=3, temperatures="0", repeats=1, moe_patterns="A E", moe_d_model=32, moe_n_layer=4,
-                          n_experts=4, moe_steps=20, moe_n_fast=2, moe_adapter_steps=10, warmup_steps=3, log_every=10,
-                          progress=False)
+                          n_prompts=2, new_tokens=12, num_draft=3, temperatures="0", repeats=1, moe_patterns="A E",
+                          moe_d_model=32, moe_n_layer=4, n_experts=4, moe_steps=20, moe_n_fast=2, moe_adapter_steps=10,
+                          warmup_steps=3, log_every=10, progress=False)
     if preset == "paper":
         # the base is an HF Llama checkpoint (`base=<folder>`); the fast stream at a quarter of its depth
         return M2R2Config(preset="paper", text_max_files=100_000, seq_len=1024, bpe_vocab_size=32_000,
