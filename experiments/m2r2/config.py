@@ -84,9 +84,9 @@ class M2R2Config:
     moe_d_model: int = 128
     moe_n_layer: int = 8
     n_experts: int = 8
-    moe_steps: int = 600
+    moe_steps: int = 300
     moe_n_fast: int = 4
-    moe_adapter_steps: int = 200
+    moe_adapter_steps: int = 100
     # -- optimisation and loop --
     warmup_steps: int = 50
     weight_decay: float = 0.1

@@ -562,6 +562,8 @@ def results_markdown(r: Dict[str, Any]) -> str:
              f"rate {r['fast']['rate']:g}, {r['fast']['adapter_params']:,} adapter params "
              f"({100 * r['fast']['adapter_params'] / r['base']['params']:.2f} % of the base); base weights "
              f"bitwise unchanged: {r['fast']['base_unchanged']}.", "",
+             f"Wall clock: {r['elapsed_min']:.1f} min ("
+             + ", ".join(f"{k} {v:.1f}" for k, v in r.get("stage_minutes", {}).items()) + ").", "",
              "## Early exit: agreement with the full model's greedy token at a mean-layer budget", ""]
     header = ["method"] + [f"{L:g} layers" for L in e["budgets"]]
     rows = [[name] + ["—" if v is None else v for v in at.values()] for name, at in e["agreement_at_layers"].items()]
@@ -678,6 +680,11 @@ def run(config: M2R2Config, out: str) -> Dict[str, Any]:
     import jax
 
     t0 = time.perf_counter()
+    minutes: Dict[str, float] = {}   # wall-clock minutes per stage (a resumed stage: its loading only)
+
+    def lap(stage: str) -> None:
+        minutes[stage] = (time.perf_counter() - t0) / 60 - sum(minutes.values())
+
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config.to_dict(), f, indent=2)
@@ -710,20 +717,24 @@ def run(config: M2R2Config, out: str) -> Dict[str, Any]:
         data = TextCorpus(config, out, vocab)
         base_params = train_lm("base", out, base, data, config.base_steps, config.base_lr, config,
                                params=base_params, seed=config.seed)
+    lap("base")
     n_layer = base.config.n_layer
     if not config.n_fast < n_layer:
         raise ValueError(f"m2r2: `n_fast` ({config.n_fast}) must be < the base's {n_layer} layers")
     rate = config.rate or n_layer / config.n_fast
     fast, fast_params, info = train_fast_stream("fast", out, base, base_params, config.n_fast, rate, data,
                                                 config.adapter_steps, config)
+    lap("fast")
     layerskip = fast_stream(base, config.n_fast, rank=0, rate=1.0)
     layerskip_params = fast_stream_params(layerskip, base_params, jax.random.PRNGKey(0))
     draft = type(base)(truncated_config(base.config, config.n_fast))   # the base's shape, n_fast layers
     draft_params = train_lm("draft", out, draft, data, config.draft_steps or config.base_steps, config.base_lr,
                             config, seed=config.seed + 1)
+    lap("draft")
 
     print("early exit sweep ...", flush=True)
     early = early_exit_sweep(base, base_params, fast, fast_params, data.eval_batches, config)
+    lap("early exit")
     print("speculative decoding ...", flush=True)
     prompts = data.prompts(config.n_prompts, config.prompt_len)
     spec = speculative_comparison(base, base_params, {
@@ -733,8 +744,10 @@ def run(config: M2R2Config, out: str) -> Dict[str, Any]:
         # LayerSkip reuses the early layers' cache (exact: its layers are the target's on the same residual)
         share_kv=("M2R2 self-speculative (fast stream)",) * config.shared_kv
         + ("LayerSkip-style (first layers, no adapters)",))
+    lap("speculative")
     print("expert prediction ...", flush=True)
     experts = experts_stage(out, data, vocab, config) if config.moe_units else None
+    lap("experts")
 
     results = {
         "experiment": "m2r2", "preset": config.preset, "config": config.to_dict(),
@@ -743,7 +756,8 @@ def run(config: M2R2Config, out: str) -> Dict[str, Any]:
         "draft": dict(n_layer=config.n_fast, params=count_params(draft_params)),
         "early_exit": early, "speculative": spec, "experts": experts,
         "claims": claims_of(early, spec), "m2r2_reported": M2R2_REPORTED, "deviations": deviations(config),
-        "hardware": hardware_description(), "elapsed_min": (time.perf_counter() - t0) / 60,
+        "hardware": hardware_description(), "elapsed_min": sum(minutes.values()),
+        "stage_minutes": minutes,
     }
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)

@@ -52,6 +52,9 @@ def test_smoke_run_writes_results(tmp_path):
         assert chip["on_demand_ms"] > chip["all_in_hbm_ms"] > 0
     for name in ("results.md", "quality_vs_layers.png", "speculative.png", "expert_hit_rate.png", "config.json"):
         assert os.path.getsize(os.path.join(out, name)) > 0
+    minutes = r["stage_minutes"]
+    assert list(minutes) == ["base", "fast", "draft", "early exit", "speculative", "experts"]
+    assert all(v > 0 for v in minutes.values()) and r["elapsed_min"] == pytest.approx(sum(minutes.values()))
 
 
 def test_quality_at_reads_the_upper_envelope_and_claims_compare_at_equal_layers():
@@ -142,3 +145,44 @@ def test_the_teacher_of_an_m1_run_as_the_base(tmp_path):
     drafts = {name: d for name, d in r["speculative"]["T=0"].items() if name != "plain decoding"}
     assert all(d["same_tokens"] is True and len(d["tau_per_prompt"]) == 2 for d in drafts.values())
     assert r["experts"] is None and not os.path.exists(os.path.join(out, "expert_hit_rate.png"))
+
+
+def test_an_hf_llama_checkpoint_as_the_base(tmp_path):
+    """`base=<folder>` (the `paper` preset's base): a Llama checkpoint in the HF layout with its tokenizer.json,
+    used as is (`base_steps=0`): the run takes its shape and tokenizer, counts its parameters as the
+    safetensors file holds them, and leaves it bitwise unchanged; greedy self-speculation equals plain
+    decoding."""
+    import jax
+    from safetensors.numpy import load_file
+
+    from mamba_jax.data import read_documents, text_files, train_bpe_tokenizer
+    from mamba_jax.interop import save_hf
+    from mamba_jax.models import TransformerConfig, TransformerLM, init_params
+    from tests.invariants.families import trained_scale
+
+    bpe = train_bpe_tokenizer(read_documents(text_files(max_files=20)), vocab_size=320)
+    model = TransformerLM(TransformerConfig(vocab_size=bpe.vocab_size, d_model=32, n_layer=3, n_heads=2,
+                                            n_kv_heads=1, d_intermediate=48))
+    folder = tmp_path / "llama"
+    save_hf(model, trained_scale(init_params(model, jax.random.PRNGKey(0)), seed=3), str(folder))
+    bpe.save(str(folder))
+    raw = json.loads((folder / "config.json").read_text())
+    raw.update(bos_token_id=bpe.bos_id, eos_token_id=[bpe.eos_id])
+    (folder / "config.json").write_text(json.dumps(raw))
+    tensors = {}
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors"):
+            tensors.update(load_file(str(folder / name)))
+
+    out = str(tmp_path / "m2r2")
+    overrides = [f"base={folder}", "base_steps=0", "n_fast=1", "adapter_steps=4", "draft_steps=4",
+                 "moe_patterns=", "exit_thresholds=3"]
+    assert cli_main(["run", "m2r2", "--preset", "smoke", "--out", out, *overrides]) == 0
+    with open(os.path.join(out, "results.json")) as f:
+        r = json.load(f)
+    assert r["base"]["description"] == f"{folder} (3 layers, d 32)" and r["base"]["n_layer"] == 3
+    assert r["base"]["params"] == sum(t.size for t in tensors.values())
+    assert r["fast"]["base_unchanged"] is True
+    assert not os.path.exists(os.path.join(out, "tokenizer.json"))     # the checkpoint's own, no BPE trained
+    drafts = {name: d for name, d in r["speculative"]["T=0"].items() if name != "plain decoding"}
+    assert all(d["same_tokens"] is True and len(d["tau_per_prompt"]) == 2 for d in drafts.values())
