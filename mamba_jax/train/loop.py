@@ -144,8 +144,9 @@ def train_loop(state, train_step: Callable, get_batch: Optional[Callable[[int], 
             record["tokens_per_s"] = config.tokens_per_step * len(window) / max(now - t_window, 1e-9)
             record["elapsed_s"] = now - t_start
             emit(record)
-            postfix.update(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}",
-                           tok_s=f"{record['tokens_per_s']:.0f}")
+            postfix.update(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
+            if config.tokens_per_step:   # unknown (0): no rate shown rather than "tok_s=0"
+                postfix["tok_s"] = f"{record['tokens_per_s']:.0f}"
             bar.set_postfix(postfix)
             window, t_window = [], now
         t_aside = time.perf_counter()

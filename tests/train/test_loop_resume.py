@@ -174,3 +174,13 @@ def test_loop_with_a_data_iterator_saves_it_and_resumes_exactly(setup, tmp_path)
     with pytest.raises(ValueError, match="exactly one of `get_batch`"):
         train_loop(setup["fresh_state"](), setup["train_step"], setup["get_batch"], config,
                    data_iterator=text_iterator(dataset))
+
+
+@pytest.mark.parametrize("tokens_per_step", [0, 64])
+def test_progress_bar_shows_a_token_rate_only_when_tokens_per_step_is_known(setup, capsys, tokens_per_step):
+    config = LoopConfig(num_steps=4, log_every=2, eval_every=4, checkpoint_every=4, tokens_per_step=tokens_per_step,
+                        progress=True)
+    _, history = train_loop(setup["fresh_state"](), setup["train_step"], setup["get_batch"], config)
+    bar = capsys.readouterr().err
+    assert "loss=" in bar and ("tok_s=" in bar) == bool(tokens_per_step)
+    assert all((r["tokens_per_s"] > 0) == bool(tokens_per_step) for r in history if r["kind"] == "train")
