@@ -184,5 +184,6 @@ def test_an_hf_llama_checkpoint_as_the_base(tmp_path):
     assert r["base"]["params"] == sum(t.size for t in tensors.values())
     assert r["fast"]["base_unchanged"] is True
     assert not os.path.exists(os.path.join(out, "tokenizer.json"))     # the checkpoint's own, no BPE trained
+    assert not os.path.exists(os.path.join(out, "base"))               # base_steps=0: no training stage ran
     drafts = {name: d for name, d in r["speculative"]["T=0"].items() if name != "plain decoding"}
     assert all(d["same_tokens"] is True and len(d["tau_per_prompt"]) == 2 for d in drafts.values())
