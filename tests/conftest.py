@@ -35,6 +35,12 @@ _add_xla_flags("--xla_backend_optimization_level=0")
 if not all(f.split("=")[0] in os.environ["XLA_FLAGS"] for f in _FAST_COMPILE) and _xla_knows(*_FAST_COMPILE):
     _add_xla_flags(*_FAST_COMPILE)
 
+# Keep freed host memory for reuse (one malloc arena, no mmap, no trimming) in this process and, through
+# GLIBC_TUNABLES, in the subprocesses and notebook kernels: see `mamba_jax.cli.reuse_freed_host_memory`.
+from mamba_jax.cli import reuse_freed_host_memory  # noqa: E402
+
+reuse_freed_host_memory()
+
 from hypothesis import settings  # noqa: E402
 
 settings.register_profile("default", deadline=None, print_blob=True)
