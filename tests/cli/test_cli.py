@@ -43,7 +43,6 @@ def test_absent_tpu_is_skipped_only_without_accelerators_and_explicit_platforms(
     assert not cli.skip_absent_tpu(env, device_nodes=[]) and env == {"JAX_PLATFORMS": "tpu"}
 
 
-
 TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"
 
 
