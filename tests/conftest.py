@@ -5,15 +5,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The suite compiles thousands of small programs and runs most of them once or twice, so compile time
-# dominates (measured: backend compilation is ~70% of the CPU time of the model tests). Two XLA CPU options cut it:
-# - LLVM without optimisation passes: the hypothesis scan-equivalence test 151 s -> 79 s, the ICL / PKD smoke runs
-#   and notebooks 314 s -> 234 s (one core);
+# dominates (measured: backend compilation is ~70% of the CPU time of the model tests). Cheap code generation:
+# - JAX's `jax_disable_most_optimizations` (JAX_DISABLE_MOST_OPTIMIZATIONS=1): LLVM without optimisation passes
+#   (`xla_backend_optimization_level=0`: the hypothesis scan-equivalence test 151 s -> 79 s, the ICL / PKD smoke
+#   runs and notebooks 314 s -> 234 s, one core) and without its expensive passes (tests/models/test_mamba2.py
+#   103-106 s -> 90-96 s of CPU, two alternating pairs);
 # - the classic loop emitters instead of the MLIR fusion emitters, and one codegen thread per program (two test
 #   workers already fill two cores): tests/inference/test_speculative.py 121 s -> 57 s on two workers, its
 #   backend compile time 166 s -> 53 s.
+# A test that runs one program for hundreds of steps asks for the `optimized_xla` fixture instead (the ICL train
+# step: 83 ms a step unoptimised, 16 ms optimised; compilation 1.0 s vs 3.9 s).
 # Fast-math stays off; the last bits may differ from optimised code, as with any change of fusion, and
-# tolerances already allow for that. Subprocesses and notebook kernels inherit the flags; flags the caller
-# already set win. An XLA that does not know a flag aborts the process, so the second set is probed first.
+# tolerances already allow for that. Subprocesses and notebook kernels inherit the settings; settings the caller
+# already made win. An XLA that does not know a flag aborts the process, so the flags are probed first.
 _FAST_COMPILE = ("--xla_cpu_use_fusion_emitters=false", "--xla_cpu_parallel_codegen_split_count=1")
 
 
@@ -31,8 +35,9 @@ def _xla_knows(*flags):
     return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True).returncode == 0
 
 
-_add_xla_flags("--xla_backend_optimization_level=0")
-if not all(f.split("=")[0] in os.environ["XLA_FLAGS"] for f in _FAST_COMPILE) and _xla_knows(*_FAST_COMPILE):
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+if not all(f.split("=")[0] in os.environ.get("XLA_FLAGS", "") for f in _FAST_COMPILE) and _xla_knows(*_FAST_COMPILE):
     _add_xla_flags(*_FAST_COMPILE)
 
 # Keep freed host memory for reuse (one malloc arena, no mmap, no trimming) in this process and, through
@@ -60,6 +65,17 @@ def _release_compiled_programs():
     Modules rarely share compiled programs, so this costs almost no recompilation."""
     yield
     jax.clear_caches()
+
+
+@pytest.fixture
+def optimized_xla(monkeypatch):
+    """Compile with XLA's optimisations in this test (and its subprocesses): for tests whose time is spent
+    running a program many times, not compiling it."""
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", False)
+    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "0")
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
 
 
 @pytest.fixture(autouse=True)

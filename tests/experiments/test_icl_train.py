@@ -44,7 +44,7 @@ def test_loss_and_errors_against_numpy():
     np.testing.assert_allclose(errors, ((preds - np.asarray(ys)) ** 2).mean(0) / 4, rtol=1e-6)
 
 
-def test_training_learns_linear_regression_in_context():
+def test_training_learns_linear_regression_in_context(optimized_xla):
     """A tiny Mamba trained briefly on d = 4 linear regression beats predicting 0 — and the averaging
     estimator, whose error at position i is (d + 1) / i in closed form (≈ 0.53 over i = 8..11) — at
     late positions, where only the in-context examples can tell it the weights (a run here gave 0.35)."""
