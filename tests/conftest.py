@@ -9,7 +9,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # - JAX's `jax_disable_most_optimizations` (JAX_DISABLE_MOST_OPTIMIZATIONS=1): LLVM without optimisation passes
 #   (`xla_backend_optimization_level=0`: the hypothesis scan-equivalence test 151 s -> 79 s, the ICL / PKD smoke
 #   runs and notebooks 314 s -> 234 s, one core) and without its expensive passes (tests/models/test_mamba2.py
-#   103-106 s -> 90-96 s of CPU, two alternating pairs);
+#   103-106 s -> 89.6-96.4 s of CPU, alternating pairs);
 # - the classic loop emitters instead of the MLIR fusion emitters, and one codegen thread per program (two test
 #   workers already fill two cores): tests/inference/test_speculative.py 121 s -> 57 s on two workers, its
 #   backend compile time 166 s -> 53 s.
